@@ -1,0 +1,237 @@
+"""
+The state shared by every connection of one echo server, and the decision to
+accept each of them (the asyncore original's C{verify_request}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from time import monotonic
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, ServerFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from echotw.addresses import sourceKey
+from echotw.policy import AccessRules, Verifier, refusalReason
+from echotw.protocol import EchoProtocol
+
+
+def formatAddress(address: IAddress | None) -> str:
+    """
+    C{host:port}, C{[v6host]:port}, or a Unix socket's path, for log lines.
+    """
+    host, port = describeAddress(address)
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describeAddress(address: IAddress | None) -> tuple[str, int | None]:
+    """
+    C{(host, port)} for logs: the IP and port, or a Unix socket's path and
+    L{None}.
+    """
+    host = getattr(address, "host", None)
+    if isinstance(host, str):
+        return host, getattr(address, "port", None)
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return (name or "unix"), None
+
+
+class EchoFactory(ServerFactory):
+    """
+    Builds an L{EchoProtocol} for each accepted connection and keeps the
+    counts the limits need.
+
+    Verification happens in L{buildProtocol}, when the connection arrives: a
+    refused connection gets no protocol, so Twisted closes it at once.  The
+    order is the IP rules, then the connection limits, then each of
+    C{verifiers} (the pluggable hook: any C{(address, listener) -> Verdict}
+    callable, see L{echotw.policy}).
+
+    One factory may serve several listeners: L{forListener} gives each its
+    own small factory that names the listener in logs and to verifiers, while
+    the limits and counters stay shared.
+
+    @ivar openConnections: connections currently open.
+    @ivar perSource: open connections by source key (see L{sourceKey}).
+    @ivar connectionsTotal: connections accepted since start.
+    @ivar refusals: refused connections since start, by reason.
+    @ivar bytesEchoedTotal: bytes echoed by connections that have closed.
+    @ivar protocols: the open connections' protocols.
+    """
+
+    protocol = EchoProtocol  # type: ignore[assignment]
+    noisy = False
+    _log = Logger()
+
+    def __init__(
+        self,
+        rules: AccessRules | None = None,
+        verifiers: Iterable[Verifier] = (),
+        maxConnections: int = 0,
+        maxPerSource: int = 0,
+        ipv6Prefix: int = 64,
+    ) -> None:
+        self.rules = rules if rules is not None else AccessRules()
+        self.verifiers = list(verifiers)
+        self.maxConnections = maxConnections
+        self.maxPerSource = maxPerSource
+        self.ipv6Prefix = ipv6Prefix
+        self.openConnections = 0
+        self.perSource: dict[str, int] = {}
+        self.connectionsTotal = 0
+        self.refusals: dict[str, int] = {}
+        self.bytesEchoedTotal = 0
+        self.protocols: set[EchoProtocol] = set()
+
+    def forListener(self, listener: str) -> ListenerFactory:
+        """
+        A factory for one listener, sharing this one's rules and counts.
+        """
+        return ListenerFactory(self, listener)
+
+    def buildProtocol(self, addr: IAddress) -> EchoProtocol | None:  # type: ignore[override]
+        return self.buildProtocolFor(addr, "")
+
+    def buildProtocolFor(self, addr: IAddress, listener: str) -> EchoProtocol | None:
+        """
+        Verify a new connection; return its protocol, or L{None} to refuse it.
+        """
+        reason = self.rules(addr, listener) if self.rules else None
+        source = None
+        if reason is None and self.maxConnections:
+            if self.openConnections >= self.maxConnections:
+                reason = "max-connections"
+        if reason is None and self.maxPerSource:
+            source = sourceKey(addr, self.ipv6Prefix)
+            if source is not None and self.perSource.get(source, 0) >= self.maxPerSource:
+                reason = "max-per-ip"
+        if reason is None and self.verifiers:
+            reason = self._consultVerifiers(addr, listener)
+        if reason is not None:
+            self.refuse(addr, listener, reason)
+            return None
+        p = self.protocol()
+        p.factory = self
+        p.listener = listener
+        p.peer = addr
+        p.source = source
+        return p
+
+    def _consultVerifiers(self, addr: IAddress, listener: str) -> str | None:
+        for verifier in self.verifiers:
+            try:
+                reason = refusalReason(verifier(addr, listener), "verifier")
+            except Exception:
+                host, port = describeAddress(addr)
+                self._log.failure(
+                    "Verifier {verifier!r} failed for {client_host}:{client_port}",
+                    verifier=verifier,
+                    client_host=host,
+                    client_port=port,
+                    listener=listener,
+                )
+                return "verifier error"
+            if reason is not None:
+                return reason
+        return None
+
+    def refuse(self, addr: IAddress, listener: str, reason: str) -> None:
+        """
+        Count and log a refused connection.
+        """
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        host, port = describeAddress(addr)
+        self._log.info(
+            "Refused connection from {client_host}:{client_port} on {listener}: {reason}",
+            event="refused",
+            client_host=host,
+            client_port=port,
+            listener=listener,
+            reason=reason,
+        )
+
+    def connectionOpened(self, p: EchoProtocol) -> None:
+        """
+        Count a connection whose protocol has just been connected.
+        """
+        self.openConnections += 1
+        self.connectionsTotal += 1
+        self.protocols.add(p)
+        source = p.source
+        if source is not None:
+            self.perSource[source] = self.perSource.get(source, 0) + 1
+        host, port = describeAddress(p.peer)
+        self._log.info(
+            "Connection from {client_host}:{client_port} on {listener}",
+            event="connected",
+            client_host=host,
+            client_port=port,
+            listener=p.listener,
+        )
+
+    def connectionClosed(self, p: EchoProtocol, why: Failure) -> None:
+        """
+        Release a closed connection's counts and log how it ended.
+        """
+        if p not in self.protocols:
+            return
+        self.protocols.discard(p)
+        self.openConnections -= 1
+        source = p.source
+        if source is not None:
+            left = self.perSource[source] - 1
+            if left:
+                self.perSource[source] = left
+            else:
+                del self.perSource[source]
+        self.bytesEchoedTotal += p.bytesEchoed
+        reason = p.closeReason or closeReason(why)
+        host, port = describeAddress(p.peer)
+        self._log.info(
+            "Connection from {client_host}:{client_port} on {listener} closed "
+            "({reason}) after {bytes} bytes in {duration:.3f}s",
+            event="closed",
+            client_host=host,
+            client_port=port,
+            listener=p.listener,
+            bytes=p.bytesEchoed,
+            duration=monotonic() - p.startedAt,
+            reason=reason,
+        )
+
+
+def closeReason(why: Failure) -> str:
+    """
+    The close reason for a connection the server did not end itself.
+    """
+    if why.check(ConnectionDone):
+        return "client closed"
+    if why.check(ConnectionLost):
+        return "client reset"
+    return "error"
+
+
+class ListenerFactory(Factory):
+    """
+    One listener's view of an L{EchoFactory}: names the listener, shares
+    everything else.
+    """
+
+    noisy = False
+
+    def __init__(self, echo: EchoFactory, listener: str) -> None:
+        self.echo = echo
+        self.listener = listener
+
+    def logPrefix(self) -> str:
+        return "echotw"
+
+    def buildProtocol(self, addr: IAddress) -> EchoProtocol | None:  # type: ignore[override]
+        return self.echo.buildProtocolFor(addr, self.listener)

@@ -1,0 +1,63 @@
+"""
+Connection verification: the asyncore original's C{verify_request}, as data.
+
+A verifier is any callable C{(address, listener) -> Verdict}: it sees the
+client's address (an L{IAddress}) and the name of the listener it arrived on,
+and returns L{None} (or C{True}) to accept, or a short reason string (or
+C{False}) to refuse.  L{AccessRules} is the built-in one behind C{--allow} and
+C{--deny}; L{echotw.factory.EchoFactory} takes more through its C{verifiers}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Union
+
+from twisted.internet.interfaces import IAddress
+
+from echotw.addresses import IPNetwork, NetworkSet, clientIP
+
+Verdict = Union[None, bool, str]  # noqa: UP007 (a runtime alias on 3.10)
+"""C{None}/C{True}: accept; a string: refuse with that reason; C{False}: refuse."""
+
+Verifier = Callable[[IAddress, str], Verdict]
+
+
+class AccessRules:
+    """
+    Allow and deny lists of IP networks.
+
+    A deny match always refuses; if any allow rule exists, only matching
+    clients are accepted.  Clients without an IP address (Unix sockets) are
+    not subject to IP rules: file permissions govern who reaches them.
+    """
+
+    def __init__(self, allow: Iterable[IPNetwork] = (), deny: Iterable[IPNetwork] = ()) -> None:
+        self.allow = NetworkSet(allow)
+        self.deny = NetworkSet(deny)
+
+    def __bool__(self) -> bool:
+        return bool(self.allow) or bool(self.deny)
+
+    def __call__(self, address: IAddress, listener: str = "") -> str | None:
+        if not self:
+            return None
+        ip = clientIP(address)
+        if ip is None:
+            return None
+        if self.deny and ip in self.deny:
+            return "denied"
+        if self.allow and ip not in self.allow:
+            return "not allowed"
+        return None
+
+
+def refusalReason(verdict: Verdict, default: str = "refused") -> str | None:
+    """
+    Normalise a verifier's answer: L{None} to accept, else a reason string.
+    """
+    if verdict is None or verdict is True:
+        return None
+    if verdict is False or verdict == "":
+        return default
+    return str(verdict)

@@ -1,0 +1,98 @@
+"""
+The echo handler: one L{EchoProtocol} per connection.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from echotw.factory import EchoFactory
+
+
+@implementer(IHalfCloseableProtocol)
+class EchoProtocol(Protocol):
+    """
+    Write back every byte received, in order, with bounded memory.
+
+    The transport is registered as its own streaming producer: when its write
+    buffer fills (a client that sends but does not read) it pauses reading,
+    and resumes once the buffer drains, so at most about one buffer's worth
+    (64 KiB) is held per connection.  When the client half-closes, whatever is
+    still queued is sent before the connection closes.
+
+    @ivar bytesEchoed: bytes received and queued to be sent back.
+    @ivar peer: the client address the connection was verified with.
+    @ivar source: the key this connection counts under for per-source limits.
+    @ivar closeReason: why the server ended the connection, if it did.
+    """
+
+    factory: EchoFactory
+    listener = ""
+    peer: IAddress | None = None
+    source: str | None = None
+    bytesEchoed = 0
+    closeReason: str | None = None
+    startedAt = 0.0
+
+    def connectionMade(self) -> None:
+        self.startedAt = monotonic()
+        transport = self.transport
+        assert transport is not None
+        IConsumer(transport).registerProducer(IPushProducer(transport), True)
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        self.factory.connectionOpened(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesEchoed += len(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        """
+        The client shut down its sending side: finish echoing, then close.
+        """
+        transport = self.transport
+        assert transport is not None
+        IConsumer(transport).unregisterProducer()
+        transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Nothing can be sent any more, so there is nothing left to echo.
+        """
+        self.abort("error")
+
+    def finish(self, reason: str) -> None:
+        """
+        Close after echoing whatever is already queued.
+        """
+        if self.closeReason is None:
+            self.closeReason = reason
+        transport = self.transport
+        assert transport is not None
+        IConsumer(transport).unregisterProducer()
+        transport.loseConnection()
+
+    def abort(self, reason: str) -> None:
+        """
+        Close at once, dropping anything queued: for peers that stopped reading.
+        """
+        if self.closeReason is None:
+            self.closeReason = reason
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.connectionClosed(self, reason)

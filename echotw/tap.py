@@ -1,0 +1,216 @@
+"""
+The C{twistd echo} subcommand: its options and the service they build.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from echotw.addresses import IPNetwork, parseNetwork
+from echotw.endpoints import DEFAULT_BACKLOG, listenerDescription
+from echotw.factory import EchoFactory
+from echotw.policy import AccessRules
+from echotw.service import EchoService, ListenerService
+
+DEFAULT_PORT = "8080"
+
+
+def count(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise ValueError("must not be negative")
+    return n
+
+
+count.coerceDoc = "A whole number; 0 means no limit."  # type: ignore[attr-defined]
+
+
+def positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise ValueError("must be at least 1")
+    return n
+
+
+positive.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+
+
+def seconds(value: str) -> float:
+    s = float(value)
+    if not s >= 0 or s == float("inf"):
+        raise ValueError("must be a finite number of seconds, 0 or more")
+    return s
+
+
+seconds.coerceDoc = "Seconds (decimals allowed)."  # type: ignore[attr-defined]
+
+
+def prefixLength(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 128:
+        raise ValueError("must be between 1 and 128")
+    return n
+
+
+prefixLength.coerceDoc = "Prefix length, 1-128."  # type: ignore[attr-defined]
+
+
+class EchoOptions(usage.Options):
+    """
+    Run a byte-exact TCP echo server (RFC 862).
+
+    IP rules (--allow, --deny) and --max-per-ip apply to clients with an IP
+    address; clients of Unix-socket listeners have none and are accepted by
+    them (file permissions govern who reaches the socket), while
+    --max-connections counts them like any other.
+    """
+
+    synopsis = "[options]"
+    longdesc = inspect.cleandoc(__doc__)
+
+    optParameters = [
+        [
+            "interface",
+            "i",
+            "",
+            "Interface address for bare-number --port values; empty means all IPv4 addresses.",
+        ],
+        [
+            "backlog",
+            "b",
+            DEFAULT_BACKLOG,
+            "Listen queue length for TCP listeners that do not set backlog= "
+            "themselves (the kernel caps it at net.core.somaxconn).",
+            positive,
+        ],
+        [
+            "max-connections",
+            None,
+            0,
+            "Most connections open at once, over all listeners.",
+            count,
+        ],
+        [
+            "max-per-ip",
+            None,
+            0,
+            "Most connections open at once from one source (an IPv4 address, "
+            "or an IPv6 prefix of --ipv6-prefix bits).",
+            count,
+        ],
+        [
+            "ipv6-prefix",
+            None,
+            64,
+            "IPv6 clients count as one source per prefix of this length.",
+            prefixLength,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            10.0,
+            "On SIGTERM/SIGINT, how long open connections may take to finish "
+            "before they are aborted.",
+            seconds,
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, handler in list(self._dispatch.items()):
+            if isinstance(handler, usage.CoerceParameter):
+                self._dispatch[name] = self._namingErrors(handler)
+        self["port"] = []
+        self["allow"] = []
+        self["deny"] = []
+
+    def opt_port(self, value: str) -> None:
+        """Listen here (repeatable). A bare number is TCP on that port; anything else is a Twisted endpoint string: tcp:, tcp6:, unix:, ssl:, systemd:, haproxy: ... [default: 8080]"""
+        self["port"].append(value)
+
+    opt_p = opt_port
+
+    def opt_allow(self, value: str) -> None:
+        """Accept only clients in this address or CIDR network (repeatable, IPv4 or IPv6) [default: everyone]."""
+        self["allow"].append(self._network("--allow", value))
+
+    def opt_deny(self, value: str) -> None:
+        """Refuse clients in this address or CIDR network (repeatable, IPv4 or IPv6); a deny match always wins over --allow."""
+        self["deny"].append(self._network("--deny", value))
+
+    def _namingErrors(self, handler: usage.CoerceParameter) -> Any:
+        """
+        Make a bad value's error name its option (Twisted's does not).
+        """
+
+        def coerce(name: str, value: str) -> None:
+            try:
+                self.opts[name] = handler.coerce(value)
+            except ValueError as e:
+                raise usage.UsageError(f"--{name}: invalid value {value!r}: {e}") from None
+
+        return coerce
+
+    @staticmethod
+    def _network(option: str, value: str) -> IPNetwork:
+        try:
+            return parseNetwork(value)
+        except ValueError as e:
+            raise usage.UsageError(f"{option}: {e}") from None
+
+    def postOptions(self) -> None:
+        ports = self["port"] or [DEFAULT_PORT]
+        listeners = []
+        for port in ports:
+            try:
+                listeners.append(listenerDescription(port, self["interface"], self["backlog"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--port: {e}") from None
+        self["listeners"] = listeners
+
+
+class Options(EchoOptions):
+    """
+    L{EchoOptions} for the command line: a bad value ends the command with one
+    line naming the option, not a page of usage text.
+    """
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"echo: error: {e} (see --help)") from None
+
+
+def makeFactory(options: EchoOptions) -> EchoFactory:
+    """
+    The factory all of C{options}' listeners share.
+    """
+    return EchoFactory(
+        rules=AccessRules(options["allow"], options["deny"]),
+        maxConnections=options["max-connections"],
+        maxPerSource=options["max-per-ip"],
+        ipv6Prefix=options["ipv6-prefix"],
+    )
+
+
+def makeService(options: EchoOptions, reactor: Any = None) -> IService:
+    """
+    Build the service tree without touching the network: an L{EchoService}
+    with one L{ListenerService} child per listener.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    factory = makeFactory(options)
+    top = EchoService(factory, reactor, options["shutdown-timeout"])
+    for name, description in options["listeners"]:
+        endpoint = serverFromString(reactor, description)
+        ListenerService(name, endpoint, factory.forListener(name)).setServiceParent(top)
+    return top
