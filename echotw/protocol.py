@@ -45,6 +45,7 @@ class EchoProtocol(Protocol):
     source: str | None = None
     bytesEchoed = 0
     closeReason: str | None = None
+    finishing = False
     startedAt = 0.0
 
     def connectionMade(self) -> None:
@@ -64,10 +65,7 @@ class EchoProtocol(Protocol):
         """
         The client shut down its sending side: finish echoing, then close.
         """
-        transport = self.transport
-        assert transport is not None
-        IConsumer(transport).unregisterProducer()
-        transport.loseConnection()
+        self._closeAfterEchoing()
 
     def writeConnectionLost(self) -> None:
         """
@@ -81,6 +79,13 @@ class EchoProtocol(Protocol):
         """
         if self.closeReason is None:
             self.closeReason = reason
+        self._closeAfterEchoing()
+
+    def _closeAfterEchoing(self) -> None:
+        # A registered producer would keep loseConnection from ever finishing.
+        if self.finishing:
+            return
+        self.finishing = True
         transport = self.transport
         assert transport is not None
         IConsumer(transport).unregisterProducer()

@@ -38,7 +38,6 @@ class ListenerService(Service):
     _log = Logger()
 
     def __init__(self, description: str, endpoint: IStreamServerEndpoint, factory: Factory):
-        self.setName(description)
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
@@ -139,6 +138,8 @@ class EchoService(MultiService):
             for p in list(factory.protocols):
                 if late:
                     p.abort("server shutdown")
+                elif p.finishing:
+                    continue
                 elif seen.get(p) == p.bytesEchoed:
                     p.finish("server shutdown")
                 else:

@@ -1,0 +1,210 @@
+"""
+Run a real C{twistd -n echo ...} process for end-to-end tests, and plain
+blocking-socket clients to talk to it.  Every wait here has a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LISTENING = re.compile(r"Listening on (?P<listener>\S+) at (?P<address>\S+)")
+START_TIMEOUT = 20.0
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+
+
+def twistdCommand(*args: str, runner: str = "twistd") -> list[str]:
+    """
+    The command line for C{twistd -n echo ARGS} (or C{twist echo ARGS}) from
+    this interpreter's environment.
+    """
+    if runner == "twist":
+        return [sys.executable, "-m", "twisted", "--log-format=text", "echo", *args]
+    return [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", "echo", *args]
+
+
+def run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """
+    Run C{twistd -n echo ARGS} to completion (for start-up errors).
+    """
+    return subprocess.run(
+        twistdCommand(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tempfile.gettempdir(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+class EchoServer:
+    """
+    A running echotw process whose log goes to a file we can read.
+    """
+
+    def __init__(self, *args: str, runner: str = "twistd", listeners: int = 1) -> None:
+        self.logPath = Path(tempfile.mkstemp(prefix="echotw-", suffix=".log")[1])
+        self._log = self.logPath.open("wb")
+        self.process = subprocess.Popen(
+            twistdCommand(*args, runner=runner),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=tempfile.gettempdir(),
+        )
+        self.addresses = self._waitListening(listeners)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.addresses[0].rsplit(":", 1)[1])
+
+    def output(self) -> str:
+        return self.logPath.read_text(errors="replace")
+
+    def _waitListening(self, count: int) -> list[str]:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            found = [m["address"] for m in LISTENING.finditer(self.output())]
+            if len(found) >= count:
+                return found
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.stop(signal.SIGKILL)
+        raise AssertionError(f"echotw did not start:\n{self.output()}")
+
+    def waitFor(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """
+        Wait until the log matches C{pattern}.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            time.sleep(0.02)
+        raise AssertionError(f"{pattern!r} not logged within {timeout}s:\n{self.output()}")
+
+    def rssKiB(self) -> int:
+        """
+        The server's resident set size, from /proc.
+        """
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """
+        Signal the process (only ours, by PID) and wait for it to exit.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+                raise AssertionError(f"echotw ignored signal {sig}:\n{self.output()}") from None
+        self._log.close()
+        return self.process.returncode
+
+    def wait(self, timeout: float = 20.0) -> int:
+        """
+        Wait for the process to exit by itself.
+        """
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"echotw did not exit within {timeout}s:\n{self.output()}"
+            ) from None
+
+    def close(self) -> None:
+        """
+        Clean-up: kill if still running and remove the log.
+        """
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+        self._log.close()
+        self.logPath.unlink(missing_ok=True)
+
+
+def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def echo(sock: socket.socket, payload: bytes, timeout: float = 30.0) -> bytes:
+    """
+    Send C{payload} and half-close while reading; return everything received
+    until the server's EOF.
+    """
+    sock.setblocking(False)
+    view = memoryview(payload)
+    sent = 0
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    shut = False
+    while True:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"echo timed out: sent {sent}, received {len(received)}")
+        if sent == len(payload) and not shut:
+            sock.shutdown(socket.SHUT_WR)
+            shut = True
+        wants = [sock] if not shut else []
+        readable, writable, _ = select.select([sock], wants, [], 1.0)
+        if writable:
+            try:
+                sent += sock.send(view[sent : sent + 262144])
+            except BlockingIOError:
+                pass
+        if readable:
+            try:
+                chunk = sock.recv(262144)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                return bytes(received)
+            if not chunk:
+                return bytes(received)
+            received += chunk
+
+
+def isClosedByServer(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """
+    True if the server closes C{sock} (EOF or reset) without sending data.
+    """
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def environmentWithRoot() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env

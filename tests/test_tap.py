@@ -1,0 +1,263 @@
+"""
+Tests for the C{twistd echo} options and the service tree they build.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.application.service import IServiceCollection
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import fail, succeed
+from twisted.internet.error import CannotListenError, ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from echotw.endpoints import listenerDescription
+from echotw.factory import EchoFactory
+from echotw.service import EchoService, ListenerService, ListenFailed
+from echotw.tap import EchoOptions, Options, makeService
+
+
+def parse(*args: str) -> EchoOptions:
+    options = EchoOptions()
+    options.parseOptions(list(args))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """With no options: TCP 8080 on all interfaces, no limits, no rules,
+        a backlog that absorbs bursts."""
+        options = parse()
+        self.assertEqual(
+            options["listeners"], [("tcp:8080", f"tcp:8080:backlog={socket.SOMAXCONN}")]
+        )
+        self.assertEqual(options["allow"], [])
+        self.assertEqual(options["deny"], [])
+        self.assertEqual(options["max-connections"], 0)
+        self.assertEqual(options["max-per-ip"], 0)
+        self.assertEqual(options["ipv6-prefix"], 64)
+        self.assertEqual(options["shutdown-timeout"], 10.0)
+        self.assertGreaterEqual(options["backlog"], 1024)
+
+    def test_repeatablePorts(self) -> None:
+        """--port and -p add listeners; bare numbers get --interface and
+        --backlog, endpoint strings keep their own settings."""
+        options = parse(
+            "-p", "7", "--port", "tcp:9:backlog=5", "-p", "unix:/tmp/x.sock",
+            "--interface", "127.0.0.1", "--backlog", "100",
+        )  # fmt: skip
+        self.assertEqual(
+            options["listeners"],
+            [
+                ("tcp:7:interface=127.0.0.1", "tcp:7:interface=127.0.0.1:backlog=100"),
+                ("tcp:9:backlog=5", "tcp:9:backlog=5"),
+                ("unix:/tmp/x.sock", "unix:/tmp/x.sock"),
+            ],
+        )
+
+    def test_ipv6Interface(self) -> None:
+        """An IPv6 interface makes bare ports tcp6 with escaped colons."""
+        options = parse("-p", "7", "-i", "::1")
+        self.assertEqual(options["listeners"][0].name, "tcp6:7:interface=\\:\\:1")
+
+    def test_rules(self) -> None:
+        """--allow and --deny repeat and take both families."""
+        options = parse("--allow", "10.0.0.0/8", "--allow", "2001:db8::/32", "--deny", "10.1.1.1")
+        self.assertEqual([str(n) for n in options["allow"]], ["10.0.0.0/8", "2001:db8::/32"])
+        self.assertEqual([str(n) for n in options["deny"]], ["10.1.1.1/32"])
+
+    def test_limits(self) -> None:
+        """Numeric options are coerced."""
+        options = parse(
+            "--max-connections", "5", "--max-per-ip", "2", "--ipv6-prefix", "56",
+            "--shutdown-timeout", "1.5",
+        )  # fmt: skip
+        self.assertEqual(
+            (options["max-connections"], options["max-per-ip"], options["ipv6-prefix"]),
+            (5, 2, 56),
+        )
+        self.assertEqual(options["shutdown-timeout"], 1.5)
+
+    def test_badValuesNameTheOption(self) -> None:
+        """Every bad value is a UsageError that names its option."""
+        cases = [
+            (["--allow", "10.1.2.3/8"], "--allow"),
+            (["--deny", "nonsense"], "--deny"),
+            (["--max-connections", "-1"], "--max-connections"),
+            (["--max-per-ip", "many"], "--max-per-ip"),
+            (["--backlog", "0"], "--backlog"),
+            (["--ipv6-prefix", "129"], "--ipv6-prefix"),
+            (["--shutdown-timeout", "-2"], "--shutdown-timeout"),
+            (["--shutdown-timeout", "nan"], "--shutdown-timeout"),
+            (["--port", "foo:1"], "--port"),
+            (["--port", "tcp:notaport"], "--port"),
+            (["--port", "tcp:80:bogus=1"], "--port"),
+            (["--port", "70000"], "--port"),
+            (["--port", "tcp6:99999"], "--port"),
+            (["--port", ""], "--port"),
+        ]
+        for args, option in cases:
+            with self.assertRaises(UsageError, msg=args) as ctx:
+                parse(*args)
+            self.assertIn(option, str(ctx.exception))
+            self.assertNotIn("\n", str(ctx.exception))
+
+    def test_commandLineErrorIsOneLine(self) -> None:
+        """The twistd-facing Options end with a one-line message, not a page
+        of usage text."""
+        with self.assertRaises(SystemExit) as ctx:
+            Options().parseOptions(["--max-per-ip", "-3"])
+        message = str(ctx.exception.code)
+        self.assertIn("--max-per-ip", message)
+        self.assertNotIn("\n", message)
+
+    def test_listenerDescriptionKeepsExplicitBacklog(self) -> None:
+        """A backlog given in the endpoint string is left alone."""
+        self.assertEqual(
+            listenerDescription("tcp:1:backlog=3", "", 99).description, "tcp:1:backlog=3"
+        )
+        self.assertEqual(
+            listenerDescription("haproxy:tcp:1", "", 99).description, "haproxy:tcp:1:backlog=99"
+        )
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_serviceTree(self) -> None:
+        """One ListenerService per listener under an EchoService, sharing one
+        factory; nothing listens until started."""
+        reactor = MemoryReactor()
+        options = parse("-p", "tcp:7001:interface=127.0.0.1", "-p", "7002", "--max-per-ip", "3")
+        top = makeService(options, reactor)
+        self.assertIsInstance(top, EchoService)
+        children = list(IServiceCollection(top))
+        self.assertEqual(
+            [c.description for c in children], ["tcp:7001:interface=127.0.0.1", "tcp:7002"]
+        )
+        self.assertEqual(reactor.tcpServers, [])
+        factories = [c.factory for c in children]
+        self.assertIs(factories[0].echo, factories[1].echo)
+        self.assertEqual(factories[0].echo.maxPerSource, 3)
+
+        top.privilegedStartService()
+        top.startService()
+        ports = [(port, backlog, interface) for port, _, backlog, interface in reactor.tcpServers]
+        self.assertEqual(
+            ports, [(7001, socket.SOMAXCONN, "127.0.0.1"), (7002, socket.SOMAXCONN, "")]
+        )
+
+    def test_listenerNamesInConnections(self) -> None:
+        """Connections built by a listener's factory carry its name."""
+        reactor = MemoryReactor()
+        top = makeService(parse("-p", "tcp:7001"), reactor)
+        top.privilegedStartService()
+        factory = reactor.tcpServers[0][1]
+        p = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
+        self.assertEqual(p.listener, "tcp:7001")
+
+
+class FakeEndpoint:
+    def __init__(self, result: object) -> None:
+        self.result = result
+
+    def listen(self, factory: object) -> object:
+        return self.result
+
+
+class FakePort:
+    stopped = False
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 43210)
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class ListenerServiceTests(SynchronousTestCase):
+    def test_logsBoundAddress(self) -> None:
+        """The address actually bound is logged (tcp:0 reports its port)."""
+        svc = ListenerService("tcp:0", FakeEndpoint(succeed(FakePort())), EchoFactory())  # type: ignore[arg-type]
+        with capturedLogs() as events:
+            svc.privilegedStartService()
+        [event] = events
+        self.assertEqual(
+            (event["event"], event["port"], event["listener"]), ("listening", 43210, "tcp:0")
+        )
+        self.assertEqual(event["address"], "127.0.0.1:43210")
+
+    def test_failureIsOneLineExit(self) -> None:
+        """A listener that cannot bind stops start-up with a one-line message
+        naming it."""
+        why = CannotListenError("127.0.0.1", 7, OSError(98, "Address already in use"))
+        svc = ListenerService("tcp:7", FakeEndpoint(fail(why)), EchoFactory())  # type: ignore[arg-type]
+        with self.assertRaises(ListenFailed) as ctx:
+            svc.privilegedStartService()
+        self.assertIsInstance(ctx.exception, SystemExit)
+        message = str(ctx.exception.code)
+        self.assertIn("tcp:7", message)
+        self.assertIn("Address already in use", message)
+        self.assertNotIn("\n", message)
+
+    def test_stopStopsListening(self) -> None:
+        """Stopping the service closes the port."""
+        port = FakePort()
+        svc = ListenerService("tcp:0", FakeEndpoint(succeed(port)), EchoFactory())  # type: ignore[arg-type]
+        svc.startService()
+        self.successResultOf(svc.stopService())
+        self.assertTrue(port.stopped)
+
+
+class AbortRecordingTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class DrainTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.factory = EchoFactory()
+        self.service = EchoService(self.factory, self.clock, shutdownTimeout=2.0)
+
+    def connect(self) -> tuple[object, AbortRecordingTransport]:
+        p = self.factory.buildProtocolFor(IPv4Address("TCP", "10.0.0.1", 1), "l")
+        assert p is not None
+        t = AbortRecordingTransport()
+        p.makeConnection(t)
+        return p, t
+
+    def test_noConnections(self) -> None:
+        """With nothing open, stopping is immediate."""
+        self.successResultOf(self.service.stopService())
+
+    def test_quietConnectionsFinishBusyOnesLater(self) -> None:
+        """Quiet connections close gracefully at once; one still receiving
+        data is left to echo it; at the deadline the rest are aborted."""
+        quiet, quietT = self.connect()
+        busy, busyT = self.connect()
+        d = self.service.stopService()
+        self.assertNoResult(d)
+        for _ in range(5):
+            busy.dataReceived(b"more")  # type: ignore[attr-defined]
+            self.clock.advance(0.1)
+        self.assertTrue(quietT.disconnecting)
+        self.assertEqual(quiet.closeReason, "server shutdown")  # type: ignore[attr-defined]
+        self.assertFalse(busyT.disconnecting)
+        quiet.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        for _ in range(20):
+            busy.dataReceived(b"more")  # type: ignore[attr-defined]
+            self.clock.advance(0.1)
+        self.assertTrue(busyT.aborted)
+        busy.connectionLost(Failure(ConnectionDone()))  # type: ignore[attr-defined]
+        self.clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertEqual(busyT.value(), b"more" * 25)
