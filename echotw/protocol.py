@@ -18,6 +18,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from echotw.fastpath import canWriteDirectly, writeDirectly
+
 if TYPE_CHECKING:
     from echotw.factory import EchoFactory
 
@@ -37,6 +39,7 @@ class EchoProtocol(Protocol):
     @ivar peer: the client address the connection was verified with.
     @ivar source: the key this connection counts under for per-source limits.
     @ivar closeReason: why the server ended the connection, if it did.
+    @ivar direct: whether echoes are sent at once (L{echotw.fastpath}).
     """
 
     factory: EchoFactory
@@ -46,6 +49,7 @@ class EchoProtocol(Protocol):
     bytesEchoed = 0
     closeReason: str | None = None
     finishing = False
+    direct = False
     startedAt = 0.0
 
     def connectionMade(self) -> None:
@@ -55,11 +59,16 @@ class EchoProtocol(Protocol):
         IConsumer(transport).registerProducer(IPushProducer(transport), True)
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
+        if canWriteDirectly(transport):
+            self.direct = True
         self.factory.connectionOpened(self)
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesEchoed += len(data)
-        self.transport.write(data)  # type: ignore[union-attr]
+        if self.direct:
+            writeDirectly(self.transport, data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def readConnectionLost(self) -> None:
         """

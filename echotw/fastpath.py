@@ -1,0 +1,60 @@
+"""
+Send echoed bytes at once instead of on the reactor's next turn.
+
+C{transport.write} only buffers: the bytes go out when the reactor next finds
+the socket writable, which costs an extra epoll registration, loop iteration
+and deregistration for every chunk echoed.  When nothing is queued, sending
+straight away is equivalent and about twice as fast; whatever the kernel does
+not take goes through C{transport.write} as usual, so ordering, backpressure
+and error handling stay Twisted's.
+
+This reads private state of L{twisted.internet.tcp.Connection} (its socket
+and write buffers), so it is confined to this module, checked once per
+connection by L{canWriteDirectly}, and anything unexpected (TLS, Unix
+sockets, another reactor's transports, a Twisted whose internals moved) just
+takes the ordinary path.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import tcp
+
+_BUFFER_ATTRIBUTES = ("dataBuffer", "_tempDataLen", "disconnecting", "connected", "socket")
+
+
+def canWriteDirectly(transport: Any) -> bool:
+    """
+    Whether L{writeDirectly} may be used on C{transport}: a plain TCP
+    connection whose internals look as this module expects.
+    """
+    if not isinstance(transport, tcp.Connection):
+        return False
+    if not all(hasattr(transport, name) for name in _BUFFER_ATTRIBUTES):
+        return False
+    return isinstance(transport.socket, socket.socket) and isinstance(transport.dataBuffer, bytes)
+
+
+def writeDirectly(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to a transport that passed L{canWriteDirectly}: send what
+    the kernel takes now if nothing is queued, queue the rest.
+    """
+    if transport.dataBuffer or transport._tempDataLen or not transport.connected:
+        transport.write(data)
+        return
+    if transport.disconnecting:
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        # Let Twisted meet the error on its own write and close properly.
+        transport.write(data)
+        return
+    if sent < len(data):
+        transport.write(data[sent:])

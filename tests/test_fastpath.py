@@ -1,0 +1,93 @@
+"""
+Direct tests of L{echotw.fastpath} against a real L{tcp.Connection} on a
+socket pair, so that a Twisted whose internals moved fails here first.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from echotw.fastpath import canWriteDirectly, writeDirectly
+
+
+class FastPathTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.near, self.far = socket.socketpair()
+        self.addCleanup(self.near.close)
+        self.addCleanup(self.far.close)
+        self.near.setblocking(False)
+        self.far.settimeout(5)
+        self.transport = tcp.Connection(self.near, Protocol(), MemoryReactor())
+        self.transport.connected = True
+        self.transport.startWriting = lambda: None  # type: ignore[method-assign]
+
+    def read(self, n: int) -> bytes:
+        got = b""
+        while len(got) < n:
+            got += self.far.recv(n - len(got))
+        return got
+
+    def test_recognisesPlainTCP(self) -> None:
+        """A plain TCP connection qualifies; other transports do not."""
+        self.assertTrue(canWriteDirectly(self.transport))
+        self.assertFalse(canWriteDirectly(StringTransport()))
+        self.assertFalse(canWriteDirectly(object()))
+
+    def test_sendsAtOnceWhenNothingQueued(self) -> None:
+        """With an empty buffer the bytes reach the socket immediately."""
+        writeDirectly(self.transport, b"hello")
+        self.assertEqual(self.read(5), b"hello")
+        self.assertEqual((self.transport.dataBuffer, self.transport._tempDataLen), (b"", 0))
+
+    def test_queuesBehindPendingData(self) -> None:
+        """If anything is queued, new bytes queue behind it (order kept)."""
+        self.transport.write(b"first")
+        writeDirectly(self.transport, b"second")
+        self.assertEqual(self.transport._tempDataBuffer, [b"first", b"second"])
+        self.transport.doWrite()
+        self.assertEqual(self.read(11), b"firstsecond")
+
+    def test_remainderQueuedWhenKernelFull(self) -> None:
+        """What the kernel does not take is queued, and pauses a streaming
+        producer like any other write."""
+        paused = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                paused.append(True)
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        self.transport.registerProducer(Producer(), True)
+        payload = bytes(range(256)) * 40_000
+        writeDirectly(self.transport, payload)
+        queued = self.transport._tempDataLen
+        self.assertGreater(queued, 0)
+        self.assertLess(queued, len(payload))
+        self.assertEqual(paused, [True])
+        received = b""
+        while len(received) < len(payload):
+            received += self.far.recv(1 << 20)
+            self.transport.doWrite()
+        self.assertEqual(received, payload)
+
+    def test_disconnectingUsesOrdinaryPath(self) -> None:
+        """Once loseConnection was called, writes go through Twisted."""
+        self.transport.disconnecting = True
+        writeDirectly(self.transport, b"late")
+        self.assertEqual(self.transport._tempDataBuffer, [b"late"])
+
+    def test_socketErrorLeftToTwisted(self) -> None:
+        """A send error is not raised; Twisted meets it on its own write."""
+        self.far.close()
+        writeDirectly(self.transport, b"x" * 10)
+        self.assertEqual(self.transport._tempDataLen, 10)
