@@ -5,6 +5,7 @@ accept each of them (the asyncore original's C{verify_request}).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable
 from time import monotonic
 
@@ -17,6 +18,9 @@ from twisted.python.failure import Failure
 from echotw.addresses import sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
+
+DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
+"""Upper bounds (seconds) of the connection duration histogram."""
 
 
 def formatAddress(address: IAddress | None) -> str:
@@ -64,6 +68,11 @@ class EchoFactory(ServerFactory):
     @ivar refusals: refused connections since start, by reason.
     @ivar bytesEchoedTotal: bytes echoed by connections that have closed.
     @ivar protocols: the open connections' protocols.
+    @ivar openByListener: open connections per listener name.
+    @ivar totalByListener: accepted connections per listener name.
+    @ivar durationCounts: closed connections per L{DURATION_BUCKETS} bucket
+        (one more for longer ones); with C{durationSum}, a histogram that
+        metrics can read without costing anything per connection.
     """
 
     protocol = EchoProtocol  # type: ignore[assignment]
@@ -89,6 +98,10 @@ class EchoFactory(ServerFactory):
         self.refusals: dict[str, int] = {}
         self.bytesEchoedTotal = 0
         self.protocols: set[EchoProtocol] = set()
+        self.openByListener: dict[str, int] = {}
+        self.totalByListener: dict[str, int] = {}
+        self.durationCounts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.durationSum = 0.0
 
     def forListener(self, listener: str) -> ListenerFactory:
         """
@@ -123,6 +136,24 @@ class EchoFactory(ServerFactory):
         p.peer = addr
         p.source = source
         return p
+
+    def checkAddress(self, addr: IAddress, listener: str) -> str | None:
+        """
+        The IP rules and the verifiers, without the connection limits: what
+        applies to a UDP datagram.
+        """
+        reason = self.rules(addr, listener) if self.rules else None
+        if reason is None and self.verifiers:
+            reason = self._consultVerifiers(addr, listener)
+        return reason
+
+    def addressCheck(self) -> AddressCheck:
+        """
+        L{checkAddress} as a verifier that is false while there is nothing to
+        check, so per-datagram callers can skip it; it follows later changes
+        to the rules (a reload).
+        """
+        return AddressCheck(self)
 
     def _consultVerifiers(self, addr: IAddress, listener: str) -> str | None:
         for verifier in self.verifiers:
@@ -164,6 +195,9 @@ class EchoFactory(ServerFactory):
         self.openConnections += 1
         self.connectionsTotal += 1
         self.protocols.add(p)
+        listener = p.listener
+        self.openByListener[listener] = self.openByListener.get(listener, 0) + 1
+        self.totalByListener[listener] = self.totalByListener.get(listener, 0) + 1
         source = p.source
         if source is not None:
             self.perSource[source] = self.perSource.get(source, 0) + 1
@@ -184,6 +218,7 @@ class EchoFactory(ServerFactory):
             return
         self.protocols.discard(p)
         self.openConnections -= 1
+        self.openByListener[p.listener] -= 1
         source = p.source
         if source is not None:
             left = self.perSource[source] - 1
@@ -193,6 +228,9 @@ class EchoFactory(ServerFactory):
                 del self.perSource[source]
         self.bytesEchoedTotal += p.bytesEchoed
         reason = p.closeReason or closeReason(why)
+        duration = monotonic() - p.startedAt
+        self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.durationSum += duration
         host, port = describeAddress(p.peer)
         self._log.info(
             "Connection from {client_host}:{client_port} on {listener} closed "
@@ -202,7 +240,7 @@ class EchoFactory(ServerFactory):
             client_port=port,
             listener=p.listener,
             bytes=p.bytesEchoed,
-            duration=monotonic() - p.startedAt,
+            duration=duration,
             reason=reason,
         )
 
@@ -216,6 +254,21 @@ def closeReason(why: Failure) -> str:
     if why.check(ConnectionLost):
         return "client reset"
     return "error"
+
+
+class AddressCheck:
+    """
+    See L{EchoFactory.addressCheck}.
+    """
+
+    def __init__(self, factory: EchoFactory) -> None:
+        self.factory = factory
+
+    def __bool__(self) -> bool:
+        return bool(self.factory.rules) or bool(self.factory.verifiers)
+
+    def __call__(self, addr: IAddress, listener: str) -> str | None:
+        return self.factory.checkAddress(addr, listener)
 
 
 class ListenerFactory(Factory):

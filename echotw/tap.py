@@ -9,13 +9,23 @@ from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
 from echotw.addresses import IPNetwork, parseNetwork
 from echotw.endpoints import DEFAULT_BACKLOG, listenerDescription
 from echotw.factory import EchoFactory
 from echotw.policy import AccessRules
+from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT, ProxyProtocolEndpoint
 from echotw.service import EchoService, ListenerService
+from echotw.udp import (
+    DEFAULT_BURST,
+    DEFAULT_RATE,
+    ReplyRateLimiter,
+    UDPEchoProtocol,
+    UDPListenerService,
+    parseUDPListener,
+)
 
 DEFAULT_PORT = "8080"
 
@@ -50,6 +60,36 @@ def seconds(value: str) -> float:
 seconds.coerceDoc = "Seconds (decimals allowed)."  # type: ignore[attr-defined]
 
 
+def positiveSeconds(value: str) -> float:
+    s = seconds(value)
+    if s == 0:
+        raise ValueError("must be more than 0")
+    return s
+
+
+positiveSeconds.coerceDoc = "Seconds (decimals allowed), more than 0."  # type: ignore[attr-defined]
+
+
+def rate(value: str) -> float:
+    r = float(value.removesuffix("/s"))
+    if not 0 <= r < float("inf"):
+        raise ValueError("must be a finite number, 0 or more")
+    return r
+
+
+rate.coerceDoc = "Per second (N or N/s); 0 means no limit."  # type: ignore[attr-defined]
+
+
+def positiveRate(value: str) -> float:
+    r = rate(value)
+    if r < 1:
+        raise ValueError("must be at least 1")
+    return r
+
+
+positiveRate.coerceDoc = "A number, at least 1."  # type: ignore[attr-defined]
+
+
 def prefixLength(value: str) -> int:
     n = int(value)
     if not 1 <= n <= 128:
@@ -58,6 +98,20 @@ def prefixLength(value: str) -> int:
 
 
 prefixLength.coerceDoc = "Prefix length, 1-128."  # type: ignore[attr-defined]
+
+
+class NamingCoerceParameter(usage.CoerceParameter):
+    """
+    Make a bad value's error name its option (Twisted's does not).
+    """
+
+    def dispatch(self, parameterName: str, value: str) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName}: invalid value {value!r}: {e}") from None
 
 
 class EchoOptions(usage.Options):
@@ -111,6 +165,28 @@ class EchoOptions(usage.Options):
             prefixLength,
         ],
         [
+            "udp-rate",
+            None,
+            DEFAULT_RATE,
+            "UDP replies per second to one source (0: no limit); protects third "
+            "parties from reflection and breaks echo loops.",
+            rate,
+        ],
+        [
+            "udp-burst",
+            None,
+            DEFAULT_BURST,
+            "UDP replies one source may get at once before --udp-rate applies.",
+            positiveRate,
+        ],
+        [
+            "proxy-timeout",
+            None,
+            DEFAULT_HEADER_TIMEOUT,
+            "Seconds a haproxy: listener waits for the PROXY header before aborting.",
+            positiveSeconds,
+        ],
+        [
             "shutdown-timeout",
             None,
             10.0,
@@ -124,16 +200,26 @@ class EchoOptions(usage.Options):
         super().__init__()
         for name, handler in list(self._dispatch.items()):
             if isinstance(handler, usage.CoerceParameter):
-                self._dispatch[name] = self._namingErrors(handler)
+                self._dispatch[name] = NamingCoerceParameter(self, handler.coerce)
         self["port"] = []
+        self["udp"] = []
         self["allow"] = []
         self["deny"] = []
+        self["trusted-proxy"] = []
 
     def opt_port(self, value: str) -> None:
         """Listen here (repeatable). A bare number is TCP on that port; anything else is a Twisted endpoint string: tcp:, tcp6:, unix:, ssl:, systemd:, haproxy: ... [default: 8080]"""
         self["port"].append(value)
 
     opt_p = opt_port
+
+    def opt_udp(self, value: str) -> None:
+        """Echo UDP datagrams here (repeatable): udp:PORT[:interface=ADDR], udp6:PORT[:interface=ADDR], or a bare port number (with --interface) [default: none]."""
+        self["udp"].append(value)
+
+    def opt_trusted_proxy(self, value: str) -> None:
+        """Accept PROXY headers on haproxy: listeners only from this balancer address or network (repeatable) [default: loopback only]."""
+        self["trusted-proxy"].append(self._network("--trusted-proxy", value))
 
     def opt_allow(self, value: str) -> None:
         """Accept only clients in this address or CIDR network (repeatable, IPv4 or IPv6) [default: everyone]."""
@@ -142,19 +228,6 @@ class EchoOptions(usage.Options):
     def opt_deny(self, value: str) -> None:
         """Refuse clients in this address or CIDR network (repeatable, IPv4 or IPv6); a deny match always wins over --allow."""
         self["deny"].append(self._network("--deny", value))
-
-    def _namingErrors(self, handler: usage.CoerceParameter) -> Any:
-        """
-        Make a bad value's error name its option (Twisted's does not).
-        """
-
-        def coerce(name: str, value: str) -> None:
-            try:
-                self.opts[name] = handler.coerce(value)
-            except ValueError as e:
-                raise usage.UsageError(f"--{name}: invalid value {value!r}: {e}") from None
-
-        return coerce
 
     @staticmethod
     def _network(option: str, value: str) -> IPNetwork:
@@ -172,6 +245,13 @@ class EchoOptions(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--port: {e}") from None
         self["listeners"] = listeners
+        udp = []
+        for value in self["udp"]:
+            try:
+                udp.append(parseUDPListener(value, self["interface"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--udp: {e}") from None
+        self["udp-listeners"] = udp
 
 
 class Options(EchoOptions):
@@ -199,6 +279,22 @@ def makeFactory(options: EchoOptions) -> EchoFactory:
     )
 
 
+def makeEndpoint(description: str, options: EchoOptions, reactor: Any) -> IStreamServerEndpoint:
+    """
+    The endpoint for one listener; C{haproxy:} listeners use echotw's own
+    PROXY protocol support (see L{echotw.proxyprotocol}), not Twisted's.
+    """
+    kind, _, inner = description.partition(":")
+    if kind == "haproxy":
+        return ProxyProtocolEndpoint(
+            serverFromString(reactor, inner),
+            trusted=options["trusted-proxy"],
+            timeout=options["proxy-timeout"],
+            clock=reactor,
+        )
+    return serverFromString(reactor, description)
+
+
 def makeService(options: EchoOptions, reactor: Any = None) -> IService:
     """
     Build the service tree without touching the network: an L{EchoService}
@@ -211,6 +307,18 @@ def makeService(options: EchoOptions, reactor: Any = None) -> IService:
     factory = makeFactory(options)
     top = EchoService(factory, reactor, options["shutdown-timeout"])
     for name, description in options["listeners"]:
-        endpoint = serverFromString(reactor, description)
-        ListenerService(name, endpoint, factory.forListener(name)).setServiceParent(top)
+        ListenerService(
+            name, makeEndpoint(description, options, reactor), factory.forListener(name)
+        ).setServiceParent(top)
+    if options["udp-listeners"]:
+        limiter = ReplyRateLimiter(options["udp-rate"], options["udp-burst"], clock=reactor)
+    for udp in options["udp-listeners"]:
+        protocol = UDPEchoProtocol(
+            rules=factory.addressCheck(),
+            listener=udp.name,
+            clock=reactor,
+            rateLimiter=limiter,
+            ipv6Prefix=options["ipv6-prefix"],
+        )
+        UDPListenerService(udp, protocol, reactor).setServiceParent(top)
     return top

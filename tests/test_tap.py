@@ -11,7 +11,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail, succeed
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock as MemoryReactor
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
@@ -19,8 +20,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.endpoints import listenerDescription
 from echotw.factory import EchoFactory
+from echotw.proxyprotocol import ProxyProtocolEndpoint, ProxyProtocolFactory
 from echotw.service import EchoService, ListenerService, ListenFailed
 from echotw.tap import EchoOptions, Options, makeService
+from echotw.udp import UDPListenerService
 
 
 def parse(*args: str) -> EchoOptions:
@@ -101,12 +104,35 @@ class OptionsTests(SynchronousTestCase):
             (["--port", "70000"], "--port"),
             (["--port", "tcp6:99999"], "--port"),
             (["--port", ""], "--port"),
+            (["--udp", "udp:notaport"], "--udp"),
+            (["--udp", "tcp:7"], "--udp"),
+            (["--udp", "udp:7:bogus=1"], "--udp"),
+            (["--udp-rate", "-1"], "--udp-rate"),
+            (["--udp-burst", "0"], "--udp-burst"),
+            (["--trusted-proxy", "10.0.0.1/8"], "--trusted-proxy"),
+            (["--proxy-timeout", "0"], "--proxy-timeout"),
         ]
         for args, option in cases:
             with self.assertRaises(UsageError, msg=args) as ctx:
                 parse(*args)
             self.assertIn(option, str(ctx.exception))
             self.assertNotIn("\n", str(ctx.exception))
+
+    def test_udpAndProxyOptions(self) -> None:
+        """UDP listeners take --interface for bare numbers; PROXY settings
+        are parsed."""
+        options = parse(
+            "--udp", "7", "--udp", "udp6:9:interface=\\:\\:1", "-i", "127.0.0.1",
+            "--udp-rate", "5/s", "--udp-burst", "10",
+            "--trusted-proxy", "10.0.0.0/8", "--proxy-timeout", "2.5",
+        )  # fmt: skip
+        self.assertEqual(
+            [(u.port, u.interface, u.ipv6) for u in options["udp-listeners"]],
+            [(7, "127.0.0.1", False), (9, "::1", True)],
+        )
+        self.assertEqual((options["udp-rate"], options["udp-burst"]), (5.0, 10.0))
+        self.assertEqual([str(n) for n in options["trusted-proxy"]], ["10.0.0.0/8"])
+        self.assertEqual(options["proxy-timeout"], 2.5)
 
     def test_commandLineErrorIsOneLine(self) -> None:
         """The twistd-facing Options end with a one-line message, not a page
@@ -150,6 +176,28 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(
             ports, [(7001, socket.SOMAXCONN, "127.0.0.1"), (7002, socket.SOMAXCONN, "")]
         )
+
+    def test_udpAndProxyListeners(self) -> None:
+        """--udp adds UDP listener services; haproxy: listeners use echotw's
+        PROXY protocol wrapper with the trusted networks and timeout."""
+        reactor = MemoryReactor()
+        options = parse(
+            "-p", "haproxy:tcp:7001", "--udp", "udp:7002:interface=127.0.0.1",
+            "--trusted-proxy", "192.0.2.0/24", "--proxy-timeout", "3",
+        )  # fmt: skip
+        top = makeService(options, reactor)
+        children = list(IServiceCollection(top))
+        self.assertIsInstance(children[0].endpoint, ProxyProtocolEndpoint)
+        self.assertEqual(children[0].endpoint.timeout, 3.0)
+        self.assertIsInstance(children[1], UDPListenerService)
+        children[0].privilegedStartService()
+        [(port, proxyFactory, _, _)] = reactor.tcpServers
+        self.assertEqual(port, 7001)
+        self.assertIsInstance(proxyFactory, ProxyProtocolFactory)
+        self.assertFalse(proxyFactory.isTrusted(IPv4Address("TCP", "127.0.0.1", 1)))
+        self.assertTrue(proxyFactory.isTrusted(IPv4Address("TCP", "192.0.2.9", 1)))
+        self.assertEqual(children[1].listener[:2], (7002, "127.0.0.1"))
+        self.assertEqual(children[1].protocol.rateLimiter.rate, 100.0)
 
     def test_listenerNamesInConnections(self) -> None:
         """Connections built by a listener's factory carry its name."""
