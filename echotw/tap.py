@@ -17,11 +17,11 @@ from echotw.endpoints import DEFAULT_BACKLOG, listenerDescription
 from echotw.factory import EchoFactory
 from echotw.policy import AccessRules
 from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT, ProxyProtocolEndpoint
+from echotw.ratelimit import TokenBuckets
 from echotw.service import EchoService, ListenerService
 from echotw.udp import (
     DEFAULT_BURST,
     DEFAULT_RATE,
-    ReplyRateLimiter,
     UDPEchoProtocol,
     UDPListenerService,
     parseUDPListener,
@@ -311,7 +311,7 @@ def makeService(options: EchoOptions, reactor: Any = None) -> IService:
             name, makeEndpoint(description, options, reactor), factory.forListener(name)
         ).setServiceParent(top)
     if options["udp-listeners"]:
-        limiter = ReplyRateLimiter(options["udp-rate"], options["udp-burst"], clock=reactor)
+        limiter = TokenBuckets(options["udp-rate"], options["udp-burst"], clock=reactor)
     for udp in options["udp-listeners"]:
         protocol = UDPEchoProtocol(
             rules=factory.addressCheck(),

@@ -15,7 +15,7 @@ of a loop or a reflection, in the spirit of OpenBSD inetd's C{dg_badinput}
     client's ephemeral port;
   - datagrams from sources that are not one unicast host (multicast,
     limited broadcast, the unspecified address) are dropped;
-  - replies to each source are capped by a token bucket (L{ReplyRateLimiter}),
+  - replies to each source are capped by a token bucket (L{TokenBuckets}),
     which also breaks loops with echo servers on unlisted ports: a loop
     spends the bucket, then a datagram is dropped and the loop is over;
   - a reply is the request itself, so never larger than it.
@@ -45,6 +45,7 @@ from echotw.addresses import ipFromText
 from echotw.endpoints import escape, splitDescription
 from echotw.factory import describeAddress, formatAddress
 from echotw.policy import Verifier, refusalReason
+from echotw.ratelimit import TokenBuckets, defaultClock
 from echotw.service import ListenFailed
 
 MAX_DATAGRAM = 65535
@@ -220,100 +221,6 @@ def _listener(ipv6: bool, port: int, iface: str) -> UDPListener:
     return UDPListener(port, iface or ("::" if ipv6 else ""), ipv6, name)
 
 
-class _Bucket:
-    __slots__ = ("tokens", "updated")
-
-    def __init__(self, tokens: float, updated: float) -> None:
-        self.tokens = tokens
-        self.updated = updated
-
-
-class ReplyRateLimiter:
-    """
-    A token bucket per source: up to C{burst} replies at once, refilled at
-    C{rate} per second.  A C{rate} of 0 means no limit.
-
-    Memory is bounded whatever a flood of forged addresses does: a bucket
-    that has refilled is the same as no bucket, so those are pruned (at most
-    once per C{pruneInterval} seconds, keeping a datagram's cost constant),
-    and at most C{maxSources} buckets exist.  A new source arriving when the
-    table is full is refused until pruning makes room: failing closed keeps
-    the limit for sources already tracked (a forged flood cannot evict the
-    victim's bucket and so reset it).
-
-    Share one limiter between listeners to make C{rate} hold per source for
-    the whole server.
-    """
-
-    def __init__(
-        self,
-        rate: float = DEFAULT_RATE,
-        burst: float = DEFAULT_BURST,
-        clock: IReactorTime | None = None,
-        maxSources: int = DEFAULT_MAX_SOURCES,
-        pruneInterval: float = 1.0,
-    ) -> None:
-        if rate < 0 or (rate and burst < 1):
-            raise ValueError("rate must be 0 or more and burst at least 1")
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock if clock is not None else _defaultClock()
-        self.maxSources = maxSources
-        self.pruneInterval = pruneInterval
-        self._buckets: dict[Any, _Bucket] = {}
-        self._lastPrune = self.clock.seconds()
-
-    def __len__(self) -> int:
-        """Sources currently tracked."""
-        return len(self._buckets)
-
-    def allow(self, source: Any) -> bool:
-        """
-        Spend one of C{source}'s tokens; C{False} if it has none left.
-        """
-        if not self.rate:
-            return True
-        now = self.clock.seconds()
-        if now - self._lastPrune >= self.pruneInterval:
-            self.prune(now)
-        bucket = self._buckets.get(source)
-        if bucket is None:
-            if len(self._buckets) >= self.maxSources:
-                return False
-            bucket = self._buckets[source] = _Bucket(self.burst, now)
-        else:
-            tokens = bucket.tokens + (now - bucket.updated) * self.rate
-            bucket.tokens = tokens if tokens < self.burst else self.burst
-            bucket.updated = now
-        if bucket.tokens < 1:
-            return False
-        bucket.tokens -= 1
-        return True
-
-    def prune(self, now: float | None = None) -> None:
-        """
-        Forget the sources whose buckets have refilled.
-        """
-        if now is None:
-            now = self.clock.seconds()
-        self._lastPrune = now
-        rate, burst = self.rate, self.burst
-        full = [
-            source
-            for source, bucket in self._buckets.items()
-            if bucket.tokens + (now - bucket.updated) * rate >= burst
-        ]
-        for source in full:
-            del self._buckets[source]
-
-
-def _defaultClock() -> IReactorTime:
-    from twisted.internet import reactor
-
-    clock: IReactorTime = reactor
-    return clock
-
-
 def isUnicastSource(ip: tuple[int, int]) -> bool:
     """
     Whether C{(version, integer)} (see L{ipFromText}) can be one host that
@@ -382,7 +289,7 @@ class UDPEchoProtocol(DatagramProtocol):
         rate: float = DEFAULT_RATE,
         burst: float = DEFAULT_BURST,
         clock: IReactorTime | None = None,
-        rateLimiter: ReplyRateLimiter | None = None,
+        rateLimiter: TokenBuckets | None = None,
         loopPorts: Collection[int] = LOOP_PORTS,
         ipv6Prefix: int = 64,
         logInterval: float = DEFAULT_LOG_INTERVAL,
@@ -390,9 +297,9 @@ class UDPEchoProtocol(DatagramProtocol):
     ) -> None:
         self.rules = rules
         self.listener = listener
-        self.clock = clock if clock is not None else _defaultClock()
+        self.clock = clock if clock is not None else defaultClock()
         if rateLimiter is None:
-            rateLimiter = ReplyRateLimiter(rate, burst, self.clock, maxSources)
+            rateLimiter = TokenBuckets(rate, burst, self.clock, maxSources)
         self.rateLimiter = rateLimiter
         self.loopPorts = frozenset(loopPorts)
         self.ipv6Shift = 128 - ipv6Prefix

@@ -22,10 +22,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from echotw.addresses import ipFromText, parseNetwork
 from echotw.policy import AccessRules
+from echotw.ratelimit import TokenBuckets
 from echotw.udp import (
     LOOP_PORTS,
     MAX_DATAGRAM,
-    ReplyRateLimiter,
     UDPEchoProtocol,
     UDPListener,
     UDPListenerService,
@@ -393,7 +393,7 @@ class UDPEchoProtocolTests(SynchronousTestCase):
     def test_sharedLimiter(self) -> None:
         """Two listeners sharing a limiter give one source one budget."""
         clock = Clock()
-        limiter = ReplyRateLimiter(rate=1, burst=2, clock=clock)
+        limiter = TokenBuckets(rate=1, burst=2, clock=clock)
         one, t1, _ = echoProtocol(clock, rateLimiter=limiter)
         two, t2, _ = echoProtocol(clock, rateLimiter=limiter)
         for proto in (one, two, one, two):
@@ -494,51 +494,6 @@ class UDPEchoProtocolTests(SynchronousTestCase):
         self.assertEqual(event["bytes"], 3)
         self.assertEqual(event["dropped_loop_port"], 1)
         self.assertEqual(event["dropped_total"], 1)
-
-
-class ReplyRateLimiterTests(SynchronousTestCase):
-    """
-    L{ReplyRateLimiter} is a token bucket per source with bounded memory.
-    """
-
-    def test_refill(self) -> None:
-        """Tokens come back at C{rate} per second, up to C{burst}."""
-        clock = Clock()
-        limiter = ReplyRateLimiter(rate=2, burst=3, clock=clock)
-        self.assertEqual([limiter.allow("s") for _ in range(4)], [True, True, True, False])
-        clock.advance(0.5)
-        self.assertEqual([limiter.allow("s") for _ in range(2)], [True, False])
-        clock.advance(100)
-        self.assertEqual([limiter.allow("s") for _ in range(4)], [True, True, True, False])
-
-    def test_idleBucketsPruned(self) -> None:
-        """Buckets that have refilled are forgotten; spent ones are kept."""
-        clock = Clock()
-        limiter = ReplyRateLimiter(rate=1, burst=2, clock=clock, pruneInterval=1)
-        limiter.allow("idle")
-        limiter.allow("busy")
-        limiter.allow("busy")
-        clock.advance(1)
-        limiter.allow("new")
-        self.assertEqual(set(limiter._buckets), {"busy", "new"})
-
-    def test_fullTableFailsClosed(self) -> None:
-        """When C{maxSources} sources are tracked, new ones are refused until pruning frees room."""
-        clock = Clock()
-        limiter = ReplyRateLimiter(rate=1, burst=5, clock=clock, maxSources=3, pruneInterval=1)
-        for source in "abc":
-            self.assertTrue(limiter.allow(source))
-        self.assertFalse(limiter.allow("d"))
-        self.assertTrue(limiter.allow("a"))
-        self.assertEqual(len(limiter), 3)
-        clock.advance(10)
-        self.assertTrue(limiter.allow("d"))
-        self.assertEqual(len(limiter), 1)
-
-    def test_badArguments(self) -> None:
-        """A negative rate or a burst below one is refused."""
-        self.assertRaises(ValueError, ReplyRateLimiter, rate=-1, clock=Clock())
-        self.assertRaises(ValueError, ReplyRateLimiter, rate=1, burst=0.5, clock=Clock())
 
 
 class FakeUDPPort:

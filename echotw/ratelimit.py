@@ -1,0 +1,151 @@
+"""
+Per-source limits over time: token buckets for rates, and a throttle that
+keeps a flood from flooding the log.  Both keep bounded memory whatever a
+flood of (possibly forged) source addresses does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+
+
+def defaultClock() -> IReactorTime:
+    from twisted.internet import reactor
+
+    clock: IReactorTime = reactor
+    return clock
+
+
+class _Bucket:
+    __slots__ = ("tokens", "updated")
+
+    def __init__(self, tokens: float, updated: float) -> None:
+        self.tokens = tokens
+        self.updated = updated
+
+
+class TokenBuckets:
+    """
+    A token bucket per source: up to C{burst} events (UDP replies, new
+    connections) at once, refilled at C{rate} per second.  A C{rate} of 0
+    means no limit.
+
+    Memory is bounded whatever a flood of forged addresses does: a bucket
+    that has refilled is the same as no bucket, so those are pruned (at most
+    once per C{pruneInterval} seconds, keeping a datagram's cost constant),
+    and at most C{maxSources} buckets exist.  A new source arriving when the
+    table is full is refused until pruning makes room: failing closed keeps
+    the limit for sources already tracked (a forged flood cannot evict the
+    victim's bucket and so reset it).
+
+    Share one between listeners to make C{rate} hold per source for the
+    whole server.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        clock: IReactorTime | None = None,
+        maxSources: int = 65536,
+        pruneInterval: float = 1.0,
+    ) -> None:
+        if rate < 0 or (rate and burst < 1):
+            raise ValueError("rate must be 0 or more and burst at least 1")
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock if clock is not None else defaultClock()
+        self.maxSources = maxSources
+        self.pruneInterval = pruneInterval
+        self._buckets: dict[Any, _Bucket] = {}
+        self._lastPrune = self.clock.seconds()
+
+    def __len__(self) -> int:
+        """Sources currently tracked."""
+        return len(self._buckets)
+
+    def allow(self, source: Any) -> bool:
+        """
+        Spend one of C{source}'s tokens; C{False} if it has none left.
+        """
+        if not self.rate:
+            return True
+        now = self.clock.seconds()
+        if now - self._lastPrune >= self.pruneInterval:
+            self.prune(now)
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            if len(self._buckets) >= self.maxSources:
+                return False
+            bucket = self._buckets[source] = _Bucket(self.burst, now)
+        else:
+            tokens = bucket.tokens + (now - bucket.updated) * self.rate
+            bucket.tokens = tokens if tokens < self.burst else self.burst
+            bucket.updated = now
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
+    def prune(self, now: float | None = None) -> None:
+        """
+        Forget the sources whose buckets have refilled.
+        """
+        if now is None:
+            now = self.clock.seconds()
+        self._lastPrune = now
+        rate, burst = self.rate, self.burst
+        full = [
+            source
+            for source, bucket in self._buckets.items()
+            if bucket.tokens + (now - bucket.updated) * rate >= burst
+        ]
+        for source in full:
+            del self._buckets[source]
+
+
+class LogThrottle:
+    """
+    At most one log line per key (a source) per C{interval} seconds; what is
+    held back is counted and reported with that key's next line.
+
+    Keys not logged for an interval and with nothing held back are
+    forgotten, at most once per interval; at most C{maxKeys} are tracked,
+    and past that new keys are not logged at all (their events are still
+    counted by their callers).
+    """
+
+    def __init__(self, interval: float, clock: IReactorTime, maxKeys: int = 65536) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.maxKeys = maxKeys
+        self._last: dict[Any, list[float]] = {}
+        self._lastPrune = clock.seconds()
+
+    def admit(self, key: Any) -> int | None:
+        """
+        L{None} if C{key} was logged less than an interval ago (this event is
+        counted instead); otherwise the number of its events held back since
+        its last line, and the caller should log now.
+        """
+        now = self.clock.seconds()
+        if now - self._lastPrune >= self.interval:
+            self._lastPrune = now
+            cutoff = now - self.interval
+            # Keys with held-back events stay, to report them on their next line.
+            for stale in [k for k, (at, held) in self._last.items() if at <= cutoff and not held]:
+                del self._last[stale]
+        state = self._last.get(key)
+        if state is None:
+            if len(self._last) >= self.maxKeys:
+                return None
+            self._last[key] = [now, 0]
+            return 0
+        if now - state[0] < self.interval:
+            state[1] += 1
+            return None
+        held = int(state[1])
+        state[0], state[1] = now, 0
+        return held
