@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from time import monotonic
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from echotw.addresses import sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
+from echotw.ratelimit import LogThrottle, TokenBuckets, defaultClock
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
@@ -86,12 +87,21 @@ class EchoFactory(ServerFactory):
         maxConnections: int = 0,
         maxPerSource: int = 0,
         ipv6Prefix: int = 64,
+        connectionRate: TokenBuckets | None = None,
+        maxSessionBytes: int = 0,
+        maxSessionSeconds: float = 0,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.rules = rules if rules is not None else AccessRules()
         self.verifiers = list(verifiers)
         self.maxConnections = maxConnections
         self.maxPerSource = maxPerSource
         self.ipv6Prefix = ipv6Prefix
+        self.connectionRate = connectionRate
+        self.maxSessionBytes = maxSessionBytes
+        self.maxSessionSeconds = maxSessionSeconds
+        self.clock = clock if clock is not None else defaultClock()
+        self.refusalLog = LogThrottle(1.0, self.clock)
         self.openConnections = 0
         self.perSource: dict[str, int] = {}
         self.connectionsTotal = 0
@@ -118,23 +128,31 @@ class EchoFactory(ServerFactory):
         """
         reason = self.rules(addr, listener) if self.rules else None
         source = None
+        rate = self.connectionRate
+        if reason is None and (self.maxPerSource or rate is not None):
+            source = sourceKey(addr, self.ipv6Prefix)
+        if reason is None and source is not None and rate is not None:
+            if not rate.allow(source):
+                reason = "rate"
         if reason is None and self.maxConnections:
             if self.openConnections >= self.maxConnections:
                 reason = "max-connections"
-        if reason is None and self.maxPerSource:
-            source = sourceKey(addr, self.ipv6Prefix)
-            if source is not None and self.perSource.get(source, 0) >= self.maxPerSource:
+        if reason is None and self.maxPerSource and source is not None:
+            if self.perSource.get(source, 0) >= self.maxPerSource:
                 reason = "max-per-ip"
         if reason is None and self.verifiers:
             reason = self._consultVerifiers(addr, listener)
         if reason is not None:
-            self.refuse(addr, listener, reason)
+            self.refuse(addr, listener, reason, source)
             return None
         p = self.protocol()
         p.factory = self
         p.listener = listener
         p.peer = addr
-        p.source = source
+        if self.maxPerSource:
+            p.source = source
+        if self.maxSessionBytes:
+            p.byteLimit = self.maxSessionBytes
         return p
 
     def checkAddress(self, addr: IAddress, listener: str) -> str | None:
@@ -173,19 +191,26 @@ class EchoFactory(ServerFactory):
                 return reason
         return None
 
-    def refuse(self, addr: IAddress, listener: str, reason: str) -> None:
+    def refuse(self, addr: IAddress, listener: str, reason: str, source: str | None = None) -> None:
         """
-        Count and log a refused connection.
+        Count and log a refused connection; from one source, at most one line
+        a second (a flood must not flood the log), with the count of those
+        not logged.
         """
         self.refusals[reason] = self.refusals.get(reason, 0) + 1
         host, port = describeAddress(addr)
+        held = self.refusalLog.admit(source or host)
+        if held is None:
+            return
         self._log.info(
-            "Refused connection from {client_host}:{client_port} on {listener}: {reason}",
+            "Refused connection from {client_host}:{client_port} on {listener}: {reason}"
+            " ({unlogged} more from this source not logged)",
             event="refused",
             client_host=host,
             client_port=port,
             listener=listener,
             reason=reason,
+            unlogged=held,
         )
 
     def connectionOpened(self, p: EchoProtocol) -> None:
@@ -198,6 +223,10 @@ class EchoFactory(ServerFactory):
         listener = p.listener
         self.openByListener[listener] = self.openByListener.get(listener, 0) + 1
         self.totalByListener[listener] = self.totalByListener.get(listener, 0) + 1
+        if self.maxSessionSeconds:
+            p.sessionTimer = self.clock.callLater(
+                self.maxSessionSeconds, p.finish, "max-session-seconds"
+            )
         source = p.source
         if source is not None:
             self.perSource[source] = self.perSource.get(source, 0) + 1
@@ -218,6 +247,8 @@ class EchoFactory(ServerFactory):
             return
         self.protocols.discard(p)
         self.openConnections -= 1
+        if p.sessionTimer is not None and p.sessionTimer.active():
+            p.sessionTimer.cancel()
         self.openByListener[p.listener] -= 1
         source = p.source
         if source is not None:

@@ -27,17 +27,25 @@ class AccessRules:
     """
     Allow and deny lists of IP networks.
 
-    A deny match always refuses; if any allow rule exists, only matching
-    clients are accepted.  Clients without an IP address (Unix sockets) are
-    not subject to IP rules: file permissions govern who reaches them.
+    A deny match always refuses; if any allow rule exists (or C{restrict}
+    is set: an allow file that is empty for now still means "only those
+    listed"), only matching clients are accepted.  Clients without an IP
+    address (Unix sockets) are not subject to IP rules: file permissions
+    govern who reaches them.
     """
 
-    def __init__(self, allow: Iterable[IPNetwork] = (), deny: Iterable[IPNetwork] = ()) -> None:
+    def __init__(
+        self,
+        allow: Iterable[IPNetwork] = (),
+        deny: Iterable[IPNetwork] = (),
+        restrict: bool = False,
+    ) -> None:
         self.allow = NetworkSet(allow)
         self.deny = NetworkSet(deny)
+        self.restrict = restrict or bool(self.allow)
 
     def __bool__(self) -> bool:
-        return bool(self.allow) or bool(self.deny)
+        return self.restrict or bool(self.deny)
 
     def __call__(self, address: IAddress, listener: str = "") -> str | None:
         if not self:
@@ -47,7 +55,7 @@ class AccessRules:
             return None
         if self.deny and ip in self.deny:
             return "denied"
-        if self.allow and ip not in self.allow:
+        if self.restrict and ip not in self.allow:
             return "not allowed"
         return None
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
     ITCPTransport,
@@ -40,6 +41,9 @@ class EchoProtocol(Protocol):
     @ivar source: the key this connection counts under for per-source limits.
     @ivar closeReason: why the server ended the connection, if it did.
     @ivar direct: whether echoes are sent at once (L{echotw.fastpath}).
+    @ivar byteLimit: close (after echoing) once this many bytes were echoed.
+    @ivar idleMark: C{bytesEchoed} when the idle sweep last saw it change,
+        at C{idleSince} (see L{echotw.service.EchoService}).
     """
 
     factory: EchoFactory
@@ -50,6 +54,10 @@ class EchoProtocol(Protocol):
     closeReason: str | None = None
     finishing = False
     direct = False
+    byteLimit = 0
+    sessionTimer: IDelayedCall | None = None
+    idleMark = -1
+    idleSince = 0.0
     startedAt = 0.0
 
     def connectionMade(self) -> None:
@@ -69,6 +77,8 @@ class EchoProtocol(Protocol):
             writeDirectly(self.transport, data)
         else:
             self.transport.write(data)  # type: ignore[union-attr]
+        if self.byteLimit and self.bytesEchoed >= self.byteLimit:
+            self.finish("max-session-bytes")
 
     def readConnectionLost(self) -> None:
         """

@@ -6,6 +6,7 @@ L{EchoService} that drains open connections on shutdown.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -17,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw.factory import EchoFactory, describeAddress, formatAddress
+from echotw.rulefiles import RuleFileError, RuleSource
 
 
 class ListenFailed(SystemExit):
@@ -91,7 +93,19 @@ class ListenerService(Service):
 
 class EchoService(MultiService):
     """
-    All of one server's listeners, sharing one L{EchoFactory}.
+    All of one server's listeners, sharing one L{EchoFactory}, and the
+    housekeeping that spans connections.
+
+    Idle connections: one sweep every C{idleTimeout / 4} seconds (5 at most)
+    aborts connections whose byte count has not moved for C{idleTimeout}
+    seconds, so a connection costs no timer of its own and a read costs
+    nothing extra; the timeout is honoured to within one sweep.  Abort, not
+    a graceful close: a peer that stopped reading would hold that open.
+
+    Rules: L{reload} (on SIGHUP) re-reads the rule files through
+    C{ruleSource}; a file that fails keeps the old rules in force, and open
+    connections that the new rules deny are closed after echoing what they
+    already received.
 
     Stopping it closes the listeners at once, then gives open connections up
     to C{shutdownTimeout} seconds: each is closed, after echoing what it
@@ -103,16 +117,114 @@ class EchoService(MultiService):
     _log = Logger()
     drainTick = 0.1
 
-    def __init__(self, factory: EchoFactory, clock: IReactorTime, shutdownTimeout: float):
+    def __init__(
+        self,
+        factory: EchoFactory,
+        clock: IReactorTime,
+        shutdownTimeout: float,
+        idleTimeout: float = 0,
+        statsInterval: float = 0,
+        ruleSource: RuleSource | None = None,
+        handleHangup: bool = False,
+    ) -> None:
         super().__init__()
         self.factory = factory
         self.clock = clock
         self.shutdownTimeout = shutdownTimeout
+        self.idleTimeout = idleTimeout
+        self.statsInterval = statsInterval
+        self.ruleSource = ruleSource
+        self.handleHangup = handleHangup
+        self._loops: list[LoopingCall] = []
+
+    def startService(self) -> None:
+        MultiService.startService(self)
+        if self.idleTimeout:
+            self._every(min(self.idleTimeout / 4, 5.0), self.sweepIdle)
+        if self.statsInterval:
+            self._every(self.statsInterval, self.logStats, now=False)
+        if self.handleHangup:
+            signal.signal(signal.SIGHUP, self._hangup)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        # Not in the middle of whatever the reactor was doing: on its next turn.
+        self.clock.callFromThread(self.reload)  # type: ignore[attr-defined]
+
+    def _every(self, interval: float, f: Any, now: bool = True) -> None:
+        loop = LoopingCall(f)
+        loop.clock = self.clock
+        loop.start(interval, now=now)
+        self._loops.append(loop)
 
     def stopService(self) -> Deferred[None]:
+        for loop in self._loops:
+            loop.stop()
+        self._loops = []
         d: Deferred[Any] = MultiService.stopService(self)
         d.addCallback(lambda _: self.drain())
         return d
+
+    def sweepIdle(self) -> None:
+        """
+        Abort connections idle for C{idleTimeout} seconds.
+        """
+        now = self.clock.seconds()
+        timeout = self.idleTimeout
+        for p in list(self.factory.protocols):
+            echoed = p.bytesEchoed
+            if echoed != p.idleMark:
+                p.idleMark = echoed
+                p.idleSince = now
+            elif now - p.idleSince >= timeout:
+                p.abort("timeout")
+
+    def logStats(self) -> None:
+        """
+        One summary line: what the server has done so far.
+        """
+        factory = self.factory
+        self._log.info(
+            "Stats: {open} open, {total} accepted, {refused} refused, {bytes} bytes echoed",
+            event="stats",
+            open=factory.openConnections,
+            total=factory.connectionsTotal,
+            refused=sum(factory.refusals.values()),
+            bytes=factory.bytesEchoedTotal + sum(p.bytesEchoed for p in factory.protocols),
+            refusals=dict(factory.refusals),
+        )
+
+    def reload(self) -> bool:
+        """
+        Re-read the rule files; return whether the new rules are in force.
+        """
+        if self.ruleSource is None or not self.ruleSource.hasFiles:
+            self._log.info("SIGHUP: no rule files to reload", event="reload-skipped")
+            return False
+        try:
+            rules = self.ruleSource.load()
+        except RuleFileError as e:
+            self._log.error(
+                "Rules not reloaded, the previous ones stay in force: {error}",
+                event="reload-failed",
+                error=str(e),
+            )
+            return False
+        factory = self.factory
+        factory.rules = rules
+        closed = 0
+        for p in list(factory.protocols):
+            if p.peer is not None and rules(p.peer, p.listener) is not None:
+                p.finish("denied by reload")
+                closed += 1
+        self._log.info(
+            "Rules reloaded: {allow} allow and {deny} deny networks; "
+            "closed {closed} connections they deny",
+            event="reloaded",
+            allow=len(rules.allow),
+            deny=len(rules.deny),
+            closed=closed,
+        )
+        return True
 
     def drain(self) -> Deferred[None]:
         """

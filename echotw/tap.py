@@ -4,6 +4,7 @@ The C{twistd echo} subcommand: its options and the service they build.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any
 
@@ -15,9 +16,10 @@ from twisted.python import usage
 from echotw.addresses import IPNetwork, parseNetwork
 from echotw.endpoints import DEFAULT_BACKLOG, listenerDescription
 from echotw.factory import EchoFactory
-from echotw.policy import AccessRules
+from echotw.policy import Verifier
 from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT, ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
+from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.service import EchoService, ListenerService
 from echotw.udp import (
     DEFAULT_BURST,
@@ -100,6 +102,35 @@ def prefixLength(value: str) -> int:
 prefixLength.coerceDoc = "Prefix length, 1-128."  # type: ignore[attr-defined]
 
 
+def loadVerifier(name: str) -> Verifier:
+    """
+    Import C{package.module:callable} (or C{package.module.callable}); a
+    class is instantiated with no arguments.
+
+    @raise ValueError: with a one-line reason.
+    """
+    moduleName, colon, attribute = name.partition(":")
+    if not colon:
+        moduleName, _, attribute = name.rpartition(".")
+    if not moduleName or not attribute:
+        raise ValueError(f"{name!r} is not package.module:callable")
+    try:
+        target: Any = importlib.import_module(moduleName)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except Exception as e:
+        raise ValueError(f"cannot import {name!r}: {type(e).__name__}: {e}") from None
+    if isinstance(target, type):
+        try:
+            target = target()
+        except Exception as e:
+            raise ValueError(f"cannot instantiate {name!r}: {type(e).__name__}: {e}") from None
+    if not callable(target):
+        raise ValueError(f"{name!r} is not callable")
+    verifier: Verifier = target
+    return verifier
+
+
 class NamingCoerceParameter(usage.CoerceParameter):
     """
     Make a bad value's error name its option (Twisted's does not).
@@ -165,6 +196,59 @@ class EchoOptions(usage.Options):
             prefixLength,
         ],
         [
+            "rate",
+            None,
+            0.0,
+            "New connections per second from one source (N or N/s), beyond "
+            "--burst; connections over the rate are refused.",
+            rate,
+        ],
+        [
+            "burst",
+            None,
+            10.0,
+            "New connections one source may open at once before --rate applies.",
+            positiveRate,
+        ],
+        [
+            "idle-timeout",
+            None,
+            300.0,
+            "Abort a connection with no traffic for this long (0: never).",
+            seconds,
+        ],
+        [
+            "max-session-bytes",
+            None,
+            0,
+            "Close a connection once it has echoed this many bytes (the last "
+            "chunk received is still echoed whole).",
+            count,
+        ],
+        [
+            "max-session-seconds",
+            None,
+            0.0,
+            "Close a connection this long after it opened, after echoing what "
+            "it received (0: no limit).",
+            seconds,
+        ],
+        [
+            "verifier",
+            None,
+            None,
+            "A callable package.module:name consulted after the built-in rules "
+            "with (address, listener): None/True accepts, a string or False "
+            "refuses (a class is instantiated first).",
+        ],
+        [
+            "stats-interval",
+            None,
+            0.0,
+            "Log a one-line summary every this many seconds (0: never).",
+            seconds,
+        ],
+        [
             "udp-rate",
             None,
             DEFAULT_RATE,
@@ -206,6 +290,8 @@ class EchoOptions(usage.Options):
         self["allow"] = []
         self["deny"] = []
         self["trusted-proxy"] = []
+        self["allow-file"] = []
+        self["deny-file"] = []
 
     def opt_port(self, value: str) -> None:
         """Listen here (repeatable). A bare number is TCP on that port; anything else is a Twisted endpoint string: tcp:, tcp6:, unix:, ssl:, systemd:, haproxy: ... [default: 8080]"""
@@ -220,6 +306,14 @@ class EchoOptions(usage.Options):
     def opt_trusted_proxy(self, value: str) -> None:
         """Accept PROXY headers on haproxy: listeners only from this balancer address or network (repeatable) [default: loopback only]."""
         self["trusted-proxy"].append(self._network("--trusted-proxy", value))
+
+    def opt_allow_file(self, path: str) -> None:
+        """Like --allow for every address or CIDR in this file, one per line, # comments (repeatable; re-read on SIGHUP). An empty file still means only those listed."""
+        self["allow-file"].append(path)
+
+    def opt_deny_file(self, path: str) -> None:
+        """Like --deny for every address or CIDR in this file, one per line, # comments (repeatable; re-read on SIGHUP)."""
+        self["deny-file"].append(path)
 
     def opt_allow(self, value: str) -> None:
         """Accept only clients in this address or CIDR network (repeatable, IPv4 or IPv6) [default: everyone]."""
@@ -252,6 +346,19 @@ class EchoOptions(usage.Options):
             except ValueError as e:
                 raise usage.UsageError(f"--udp: {e}") from None
         self["udp-listeners"] = udp
+        source = RuleSource(self["allow"], self["deny"], self["allow-file"], self["deny-file"])
+        try:
+            self["rules"] = source.load()
+        except RuleFileError as e:
+            kind = "--allow-file" if e.path in self["allow-file"] else "--deny-file"
+            raise usage.UsageError(f"{kind}: {e}") from None
+        self["rule-source"] = source
+        self["verifiers"] = []
+        if self["verifier"]:
+            try:
+                self["verifiers"].append(loadVerifier(self["verifier"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--verifier: {e}") from None
 
 
 class Options(EchoOptions):
@@ -267,15 +374,24 @@ class Options(EchoOptions):
             raise SystemExit(f"echo: error: {e} (see --help)") from None
 
 
-def makeFactory(options: EchoOptions) -> EchoFactory:
+def makeFactory(options: EchoOptions, reactor: Any) -> EchoFactory:
     """
     The factory all of C{options}' listeners share.
     """
     return EchoFactory(
-        rules=AccessRules(options["allow"], options["deny"]),
+        rules=options["rules"],
+        verifiers=options["verifiers"],
         maxConnections=options["max-connections"],
         maxPerSource=options["max-per-ip"],
         ipv6Prefix=options["ipv6-prefix"],
+        connectionRate=(
+            TokenBuckets(options["rate"], options["burst"], clock=reactor)
+            if options["rate"]
+            else None
+        ),
+        maxSessionBytes=options["max-session-bytes"],
+        maxSessionSeconds=options["max-session-seconds"],
+        clock=reactor,
     )
 
 
@@ -304,8 +420,16 @@ def makeService(options: EchoOptions, reactor: Any = None) -> IService:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
-    factory = makeFactory(options)
-    top = EchoService(factory, reactor, options["shutdown-timeout"])
+    factory = makeFactory(options, reactor)
+    top = EchoService(
+        factory,
+        reactor,
+        options["shutdown-timeout"],
+        idleTimeout=options["idle-timeout"],
+        statsInterval=options["stats-interval"],
+        ruleSource=options["rule-source"],
+        handleHangup=True,
+    )
     for name, description in options["listeners"]:
         ListenerService(
             name, makeEndpoint(description, options, reactor), factory.forListener(name)
