@@ -52,7 +52,13 @@ class EchoServer:
     A running echotw process whose log goes to a file we can read.
     """
 
-    def __init__(self, *args: str, runner: str = "twistd", listeners: int = 1) -> None:
+    def __init__(
+        self,
+        *args: str,
+        runner: str = "twistd",
+        listeners: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.logPath = Path(tempfile.mkstemp(prefix="echotw-", suffix=".log")[1])
         self._log = self.logPath.open("wb")
         self.process = subprocess.Popen(
@@ -61,6 +67,7 @@ class EchoServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=tempfile.gettempdir(),
+            env=env,
         )
         self.addresses = self._waitListening(listeners)
 

@@ -1,0 +1,206 @@
+"""
+End-to-end tests of the operator's controls against a real C{twistd -n echo}
+process: reloads on SIGHUP, graceful drain, idle timeout, rates, session
+limits, a custom verifier and the stats line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.process import EchoServer, connect, echo, isClosedByServer, run
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+class OperationsEndToEndTests(SynchronousTestCase):
+    def start(self, *args: str, **kw: object) -> EchoServer:
+        server = EchoServer(*args, **kw)  # type: ignore[arg-type]
+        self.addCleanup(server.close)
+        return server
+
+    def served(self, server: EchoServer) -> bool:
+        with connect(server.port) as sock:
+            return echo(sock, b"ping", timeout=10) == b"ping"
+
+    def test_sighupReload(self) -> None:
+        """SIGHUP re-reads the deny file: allowed, then denied (an open
+        connection of the denied address is closed), then a broken file
+        keeps the deny in force, then allowed again."""
+        deny = Path(tempfile.mkdtemp()) / "deny.rules"
+        deny.write_text("# nobody denied yet\n")
+        server = self.start("--port", LOOPBACK, "--deny-file", str(deny))
+        self.assertTrue(self.served(server))
+        held = connect(server.port)
+        self.assertEqual(echo_once(held, b"before"), b"before")
+
+        deny.write_text("127.0.0.0/8\n")
+        os.kill(server.pid, signal.SIGHUP)
+        server.waitFor(r"Rules reloaded: 0 allow and 1 deny networks; closed 1 connections")
+        self.assertTrue(isClosedByServer(held))
+        held.close()
+        self.assertFalse(self.served(server))
+
+        deny.write_text("127.0.0.0/8\nthis is not an address\n")
+        os.kill(server.pid, signal.SIGHUP)
+        server.waitFor(rf"Rules not reloaded.*{deny.name}:2:")
+        self.assertFalse(self.served(server))
+
+        deny.write_text("")
+        os.kill(server.pid, signal.SIGHUP)
+        server.waitFor(r"(Rules reloaded[^\n]*\n(.|\n)*){2}")
+        self.assertTrue(self.served(server))
+
+    def test_badRuleFileAtStart(self) -> None:
+        """A bad rule file at start-up is one line naming file and line, and
+        a non-zero exit."""
+        bad = Path(tempfile.mkdtemp()) / "allow.rules"
+        bad.write_text("10.0.0.0/8\n10.0.0.1/8\n")
+        result = run("--allow-file", str(bad))
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(f"{bad}:2:", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1)
+
+    def test_drainDeadlineBeatsStalledPeer(self) -> None:
+        """A peer that never reads cannot hold the process past
+        --shutdown-timeout: it is aborted and the process exits."""
+        server = self.start("--port", LOOPBACK, "--shutdown-timeout", "1")
+        stalled = connect(server.port)
+        stalled.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                sent += stalled.send(b"z" * 65536)
+            except BlockingIOError:
+                break
+        server.waitFor(r"Connection from")
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.wait(timeout=15), -signal.SIGTERM)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn("closed (server shutdown)", server.output())
+        stalled.close()
+
+    def test_idleTimeout(self) -> None:
+        """A silent connection is closed after --idle-timeout, reason
+        timeout; a chatty one stays."""
+        server = self.start("--port", LOOPBACK, "--idle-timeout", "1")
+        silent = connect(server.port)
+        chatty = connect(server.port)
+        for _ in range(12):
+            self.assertEqual(echo_once(chatty, b"k"), b"k")
+            time.sleep(0.2)
+        self.assertTrue(isClosedByServer(silent, timeout=5))
+        server.waitFor(r"closed \(timeout\) after 0 bytes")
+        self.assertEqual(echo_once(chatty, b"still"), b"still")
+        silent.close()
+        chatty.close()
+
+    def test_connectionRate(self) -> None:
+        """Past --burst, a fast source is refused at accept time, with the
+        reason logged."""
+        server = self.start("--port", LOOPBACK, "--rate", "0.5", "--burst", "2")
+        self.assertTrue(self.served(server))
+        self.assertTrue(self.served(server))
+        with connect(server.port) as third:
+            self.assertTrue(isClosedByServer(third))
+        server.waitFor(r"Refused connection from 127\.0\.0\.1:\d+ on \S+: rate")
+
+    def test_sessionLimits(self) -> None:
+        """--max-session-bytes closes after echoing; --max-session-seconds
+        closes an open session on time."""
+        server = self.start(
+            "--port", LOOPBACK, "--max-session-bytes", "1000", "--max-session-seconds", "1"
+        )
+        with connect(server.port) as sock:
+            sock.sendall(b"a" * 1500)
+            received = read_until_eof(sock)
+        self.assertEqual(received, b"a" * len(received))
+        self.assertGreaterEqual(len(received), 1000)
+        server.waitFor(r"closed \(max-session-bytes\)")
+        with connect(server.port) as sock:
+            self.assertEqual(echo_once(sock, b"t"), b"t")
+            self.assertTrue(isClosedByServer(sock, timeout=5))
+        server.waitFor(r"closed \(max-session-seconds\)")
+
+    def test_customVerifier(self) -> None:
+        """--verifier consults a user's callable: its refusal reason is
+        logged; a verifier that raises refuses without crashing."""
+        directory = Path(tempfile.mkdtemp())
+        (directory / "site_rules.py").write_text(
+            textwrap.dedent(
+                """
+                calls = []
+
+                def verify(address, listener):
+                    calls.append(address)
+                    if len(calls) == 2:
+                        raise RuntimeError("verifier bug")
+                    return None if len(calls) == 1 else "third strike"
+                """
+            )
+        )
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(directory), os.environ.get("PYTHONPATH", "")]),
+        )
+        server = self.start("--port", LOOPBACK, "--verifier", "site_rules:verify", env=env)
+        self.assertTrue(self.served(server))
+        self.assertFalse(self.served(server))
+        self.assertFalse(self.served(server))
+        server.waitFor(r"Refused connection from 127\.0\.0\.1:\d+ on \S+: verifier error")
+        server.waitFor(r"RuntimeError: verifier bug")
+        self.assertEqual(server.process.poll(), None)
+
+    def test_verifierImportError(self) -> None:
+        """An unimportable verifier is a one-line start-up error."""
+        result = run("--verifier", "no_such_module_here:verify")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("--verifier", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1)
+
+    def test_statsLine(self) -> None:
+        """--stats-interval logs a summary line periodically."""
+        server = self.start("--port", LOOPBACK, "--stats-interval", "0.5", "--deny", "127.0.0.2")
+        self.assertTrue(self.served(server))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.2", 0))
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", server.port))
+            isClosedByServer(sock)
+        server.waitFor(r"Stats: 0 open, 1 accepted, 1 refused, 4 bytes echoed")
+
+
+def echo_once(sock: socket.socket, data: bytes) -> bytes:
+    """Send C{data} on an open connection and read the same length back."""
+    sock.settimeout(10)
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(len(data) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def read_until_eof(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    got = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
