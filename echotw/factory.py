@@ -265,13 +265,13 @@ class EchoFactory(ServerFactory):
         host, port = describeAddress(p.peer)
         self._log.info(
             "Connection from {client_host}:{client_port} on {listener} closed "
-            "({reason}) after {bytes} bytes in {duration:.3f}s",
+            "({reason}) after {bytes} bytes in {duration}s",
             event="closed",
             client_host=host,
             client_port=port,
             listener=p.listener,
             bytes=p.bytesEchoed,
-            duration=duration,
+            duration=round(duration, 6),
             reason=reason,
         )
 

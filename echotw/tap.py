@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
 from echotw.addresses import IPNetwork, parseNetwork
-from echotw.endpoints import DEFAULT_BACKLOG, listenerDescription
+from echotw.endpoints import DEFAULT_BACKLOG, listenerDescription, splitDescription
 from echotw.factory import EchoFactory
 from echotw.policy import Verifier
 from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT, ProxyProtocolEndpoint
@@ -28,8 +29,11 @@ from echotw.udp import (
     UDPListenerService,
     parseUDPListener,
 )
+from echotw.workers import SharedListeners, WorkerPool
 
 DEFAULT_PORT = "8080"
+SHAREABLE = {"tcp", "tcp6", "unix"}
+"""Listener types several worker processes can share."""
 
 
 def count(value: str) -> int:
@@ -90,6 +94,16 @@ def positiveRate(value: str) -> float:
 
 
 positiveRate.coerceDoc = "A number, at least 1."  # type: ignore[attr-defined]
+
+
+def workerCount(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 64:
+        raise ValueError("must be between 1 and 64")
+    return n
+
+
+workerCount.coerceDoc = "1-64."  # type: ignore[attr-defined]
 
 
 def prefixLength(value: str) -> int:
@@ -249,6 +263,14 @@ class EchoOptions(usage.Options):
             seconds,
         ],
         [
+            "workers",
+            None,
+            1,
+            "Processes serving the same listeners (TCP, Unix and haproxy: ones); "
+            "see README for what limits mean then.",
+            workerCount,
+        ],
+        [
             "udp-rate",
             None,
             DEFAULT_RATE,
@@ -279,6 +301,11 @@ class EchoOptions(usage.Options):
             seconds,
         ],
     ]
+
+    def parseOptions(self, options: Any = None) -> None:
+        # Kept for worker processes, which parse the same arguments.
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def __init__(self) -> None:
         super().__init__()
@@ -353,6 +380,14 @@ class EchoOptions(usage.Options):
             kind = "--allow-file" if e.path in self["allow-file"] else "--deny-file"
             raise usage.UsageError(f"{kind}: {e}") from None
         self["rule-source"] = source
+        if self["workers"] > 1:
+            for name, description in listeners:
+                kind = splitDescription(description.removeprefix("haproxy:"))[0]
+                if kind not in SHAREABLE:
+                    raise usage.UsageError(
+                        f"--workers: {name!r} cannot be shared between workers "
+                        "(only tcp:, tcp6:, unix: and haproxy: over those can)"
+                    )
         self["verifiers"] = []
         if self["verifier"]:
             try:
@@ -395,26 +430,43 @@ def makeFactory(options: EchoOptions, reactor: Any) -> EchoFactory:
     )
 
 
-def makeEndpoint(description: str, options: EchoOptions, reactor: Any) -> IStreamServerEndpoint:
+def makeEndpoint(
+    description: str,
+    options: EchoOptions,
+    reactor: Any,
+    inherited: tuple[int, int] | None = None,
+    wrap: bool = True,
+) -> IStreamServerEndpoint:
     """
     The endpoint for one listener; C{haproxy:} listeners use echotw's own
     PROXY protocol support (see L{echotw.proxyprotocol}), not Twisted's.
+    A worker listens on the socket it C{inherited} (fd, family) instead;
+    the supervisor binds without the PROXY wrapper (C{wrap=False}).
     """
     kind, _, inner = description.partition(":")
-    if kind == "haproxy":
+    proxied = kind == "haproxy"
+    if inherited is not None:
+        endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, *inherited)
+    else:
+        endpoint = serverFromString(reactor, inner if proxied else description)
+    if proxied and wrap:
         return ProxyProtocolEndpoint(
-            serverFromString(reactor, inner),
+            endpoint,
             trusted=options["trusted-proxy"],
             timeout=options["proxy-timeout"],
             clock=reactor,
         )
-    return serverFromString(reactor, description)
+    return endpoint
 
 
-def makeService(options: EchoOptions, reactor: Any = None) -> IService:
+def makeService(
+    options: EchoOptions, reactor: Any = None, inherited: list[tuple[int, int]] | None = None
+) -> IService:
     """
     Build the service tree without touching the network: an L{EchoService}
-    with one L{ListenerService} child per listener.
+    with one L{ListenerService} child per listener (or, with several
+    workers, the supervisor's shared listeners and worker pool; a worker
+    passes the sockets it C{inherited}).
     """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
@@ -430,10 +482,29 @@ def makeService(options: EchoOptions, reactor: Any = None) -> IService:
         ruleSource=options["rule-source"],
         handleHangup=True,
     )
-    for name, description in options["listeners"]:
-        ListenerService(
-            name, makeEndpoint(description, options, reactor), factory.forListener(name)
+    if options["workers"] > 1:
+        shared = SharedListeners(
+            [
+                (name, makeEndpoint(description, options, reactor, wrap=False))
+                for name, description in options["listeners"]
+            ]
+        )
+        shared.setServiceParent(top)
+        WorkerPool(
+            reactor,
+            shared,
+            options["workers"],
+            options.arguments,
+            options["max-connections"],
+            options["shutdown-timeout"],
         ).setServiceParent(top)
+        top.handleHangup = False
+    else:
+        for i, (name, description) in enumerate(options["listeners"]):
+            endpoint = makeEndpoint(
+                description, options, reactor, inherited[i] if inherited else None
+            )
+            ListenerService(name, endpoint, factory.forListener(name)).setServiceParent(top)
     if options["udp-listeners"]:
         limiter = TokenBuckets(options["udp-rate"], options["udp-burst"], clock=reactor)
     for udp in options["udp-listeners"]:
