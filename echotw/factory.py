@@ -12,9 +12,10 @@ from time import monotonic
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from echotw import loglevel
 from echotw.addresses import sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
@@ -78,7 +79,7 @@ class EchoFactory(ServerFactory):
 
     protocol = EchoProtocol  # type: ignore[assignment]
     noisy = False
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
 
     def __init__(
         self,
@@ -231,7 +232,8 @@ class EchoFactory(ServerFactory):
         if source is not None:
             self.perSource[source] = self.perSource.get(source, 0) + 1
         host, port = describeAddress(p.peer)
-        self._log.info(
+        self._log.emit(
+            LogLevel.debug if p.healthCheck else LogLevel.info,
             "Connection from {client_host}:{client_port} on {listener}",
             event="connected",
             client_host=host,
@@ -263,7 +265,8 @@ class EchoFactory(ServerFactory):
         self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.durationSum += duration
         host, port = describeAddress(p.peer)
-        self._log.info(
+        self._log.emit(
+            LogLevel.debug if p.healthCheck else LogLevel.info,
             "Connection from {client_host}:{client_port} on {listener} closed "
             "({reason}) after {bytes} bytes in {duration}s",
             event="closed",

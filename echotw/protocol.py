@@ -42,6 +42,8 @@ class EchoProtocol(Protocol):
     @ivar closeReason: why the server ended the connection, if it did.
     @ivar direct: whether echoes are sent at once (L{echotw.fastpath}).
     @ivar byteLimit: close (after echoing) once this many bytes were echoed.
+    @ivar healthCheck: a balancer's own connection (a PROXY C{LOCAL}
+        header): logged at debug level only.
     @ivar idleMark: C{bytesEchoed} when the idle sweep last saw it change,
         at C{idleSince} (see L{echotw.service.EchoService}).
     """
@@ -55,6 +57,7 @@ class EchoProtocol(Protocol):
     finishing = False
     direct = False
     byteLimit = 0
+    healthCheck = False
     sessionTimer: IDelayedCall | None = None
     idleMark = -1
     idleSince = 0.0

@@ -63,6 +63,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from echotw import loglevel
 from echotw.addresses import IPNetwork, NetworkSet, clientIP
 from echotw.factory import describeAddress
 
@@ -367,7 +368,7 @@ class ProxyProtocolWrapper(Protocol):
         wrapped protocol took it, if it did.
     """
 
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
 
     def __init__(self, proxyFactory: ProxyProtocolFactory) -> None:
         self.proxyFactory = proxyFactory
@@ -432,6 +433,11 @@ class ProxyProtocolWrapper(Protocol):
             _abort(transport)
             return
         self.wrapped = wrapped
+        if client is balancer or (describeAddress(client) == describeAddress(balancer)):
+            # The balancer's own connection, not a relayed client: a LOCAL
+            # (v2) or UNKNOWN (v1) header, or one naming the very connection
+            # it arrived on (HAProxy's v1 checks).  A health check.
+            wrapped.healthCheck = True  # type: ignore[attr-defined]
         wrapped.makeConnection(transport)
         if rest and not self._lost:
             wrapped.dataReceived(rest)
@@ -554,7 +560,7 @@ class ProxyProtocolFactory(Factory):
     """
 
     noisy = False
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
 
     def __init__(
         self,

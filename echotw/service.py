@@ -17,6 +17,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from echotw import loglevel
 from echotw.factory import EchoFactory, describeAddress, formatAddress
 from echotw.rulefiles import RuleFileError, RuleSource
 
@@ -37,7 +38,7 @@ class ListenerService(Service):
     reports its port), and stop the whole process if listening fails.
     """
 
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
 
     def __init__(self, description: str, endpoint: IStreamServerEndpoint, factory: Factory):
         self.description = description
@@ -114,7 +115,7 @@ class EchoService(MultiService):
     otherwise hold a graceful close open for ever).
     """
 
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
     drainTick = 0.1
 
     def __init__(

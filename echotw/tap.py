@@ -17,6 +17,7 @@ from twisted.python import usage
 from echotw.addresses import IPNetwork, parseNetwork
 from echotw.endpoints import DEFAULT_BACKLOG, listenerDescription, splitDescription
 from echotw.factory import EchoFactory
+from echotw.loglevel import LEVELS, setLogLevel
 from echotw.policy import Verifier
 from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT, ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
@@ -104,6 +105,15 @@ def workerCount(value: str) -> int:
 
 
 workerCount.coerceDoc = "1-64."  # type: ignore[attr-defined]
+
+
+def logLevel(value: str) -> str:
+    if value not in LEVELS:
+        raise ValueError(f"must be one of {', '.join(LEVELS)}")
+    return value
+
+
+logLevel.coerceDoc = f"One of {', '.join(LEVELS)}."  # type: ignore[attr-defined]
 
 
 def prefixLength(value: str) -> int:
@@ -269,6 +279,14 @@ class EchoOptions(usage.Options):
             "Processes serving the same listeners (TCP, Unix and haproxy: ones); "
             "see README for what limits mean then.",
             workerCount,
+        ],
+        [
+            "log-level",
+            None,
+            "info",
+            "Least important echotw events to log: debug (adds health checks), "
+            "info (every connection), warn, error or critical.",
+            logLevel,
         ],
         [
             "udp-rate",
@@ -472,6 +490,7 @@ def makeService(
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
+    setLogLevel(options["log-level"])
     factory = makeFactory(options, reactor)
     top = EchoService(
         factory,

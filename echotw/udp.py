@@ -41,6 +41,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from echotw import loglevel
 from echotw.addresses import ipFromText
 from echotw.endpoints import escape, splitDescription
 from echotw.factory import describeAddress, formatAddress
@@ -280,7 +281,7 @@ class UDPEchoProtocol(DatagramProtocol):
     """
 
     noisy = False
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
 
     def __init__(
         self,
@@ -448,7 +449,7 @@ class UDPListenerService(Service):
     if binding fails.
     """
 
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
 
     def __init__(
         self, listener: UDPListener, protocol: DatagramProtocol, reactor: IReactorUDP

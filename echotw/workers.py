@@ -39,6 +39,8 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from echotw import loglevel
+
 WORKER_FDS = "ECHOTW_WORKER_FDS"
 WORKER_INDEX = "ECHOTW_WORKER_INDEX"
 WORKER_MAX_CONNECTIONS = "ECHOTW_WORKER_MAX_CONNECTIONS"
@@ -77,7 +79,7 @@ class SharedListeners(Service):
     for the workers to inherit.
     """
 
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
 
     def __init__(self, listeners: list[tuple[str, Any]]) -> None:
         self.listeners = listeners
@@ -172,7 +174,7 @@ class WorkerPool(Service):
     Start, watch and stop the worker processes.
     """
 
-    _log = Logger()
+    _log = Logger(observer=loglevel.observer)
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from echotw.addresses import IPNetwork, NetworkSet, parseNetwork
 from echotw.factory import EchoFactory
+from echotw.loglevel import setLogLevel
 from echotw.policy import AccessRules
 from echotw.protocol import EchoProtocol
 from echotw.proxyprotocol import (
@@ -353,6 +354,22 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         self.assertEqual([p.peer for p in self.echo.protocols], [BALANCER])
         self.assertEqual(transport.value(), b"ping")
 
+    def test_balancersOwnConnectionsAreHealthChecks(self) -> None:
+        """LOCAL headers and v1 headers naming the connection itself (how
+        HAProxy's checks look) mark the connection as a health check, whose
+        events are logged at debug level; relayed clients are not marked."""
+        own = b"PROXY TCP4 127.0.0.1 127.0.0.1 40000 7\r\n"
+        for header, expected in [(V2_LOCAL, True), (own, True), (V1_IPV4, False)]:
+            wrapper, transport = connect(self.factory)
+            with capturedLogs() as events:
+                wrapper.dataReceived(header)
+                transport.loseConnection()
+            [p] = [w for w in [wrapper.wrapped] if w is not None]
+            self.assertEqual(p.healthCheck, expected, header)
+            levels = {e["log_level"] for e in events if e.get("event") in ("connected", "closed")}
+            # Debug events are dropped at the default --log-level of info.
+            self.assertEqual(levels, set() if expected else {LogLevel.info})
+
     def test_unknownFallsBackToRealPeer(self) -> None:
         """A v1 UNKNOWN header gets the connection's real peer as client."""
         wrapper, transport = connect(self.factory)
@@ -528,7 +545,14 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         self.assertEqual(self.echo.openConnections, 0)
 
     def test_silentCloseLoggedAtDebug(self) -> None:
-        """A connection closed with nothing sent (a health check) is logged at debug."""
+        """A connection closed with nothing sent (a health check) is logged
+        at debug, hidden at the default --log-level."""
+        _, transport = connect(self.factory)
+        with capturedLogs() as events:
+            transport.loseConnection()
+        self.assertEqual(eventsNamed(events, "proxy-closed-early"), [])
+        setLogLevel("debug")
+        self.addCleanup(setLogLevel, "info")
         _, transport = connect(self.factory)
         with capturedLogs() as events:
             transport.loseConnection()

@@ -111,6 +111,8 @@ class OptionsTests(SynchronousTestCase):
             (["--udp-burst", "0"], "--udp-burst"),
             (["--trusted-proxy", "10.0.0.1/8"], "--trusted-proxy"),
             (["--proxy-timeout", "0"], "--proxy-timeout"),
+            (["--log-level", "loud"], "--log-level"),
+            (["--workers", "65"], "--workers"),
         ]
         for args, option in cases:
             with self.assertRaises(UsageError, msg=args) as ctx:

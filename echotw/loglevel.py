@@ -1,0 +1,38 @@
+"""
+One log level for everything echotw logs (C{--log-level}).
+
+twistd shows every event its observers receive, debug ones included, and a
+plugin cannot filter those observers.  So echotw's loggers publish through
+L{observer}, which drops events below the chosen level before they reach
+twistd's log: health checks and other per-connection detail at debug level
+cost almost nothing unless asked for.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
+
+LEVELS = ["debug", "info", "warn", "error", "critical"]
+
+_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+observer = FilteringLogObserver(globalLogPublisher, [_predicate])
+"""Give this to every echotw C{Logger}: C{Logger(observer=observer)}."""
+
+
+def setLogLevel(name: str) -> None:
+    """
+    Show echotw's events at level C{name} and above.
+    """
+    _predicate.setLogLevelForNamespace("", LogLevel.levelWithName(name))
+
+
+def isEnabled(level: LogLevel) -> bool:
+    """
+    Whether events at C{level} are shown: lets hot paths skip building them.
+    """
+    return LEVELS.index(level.name) >= LEVELS.index(_predicate.logLevelForNamespace("").name)
