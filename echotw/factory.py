@@ -123,6 +123,18 @@ class EchoFactory(ServerFactory):
     def buildProtocol(self, addr: IAddress) -> EchoProtocol | None:  # type: ignore[override]
         return self.buildProtocolFor(addr, "")
 
+    def buildHealthCheckProtocol(self, addr: IAddress, listener: str) -> EchoProtocol:
+        """
+        A protocol for a trusted balancer's health check: not subject to the
+        client rules and limits, counted as a connection, logged at debug.
+        """
+        p = self.protocol()
+        p.factory = self
+        p.listener = listener
+        p.peer = addr
+        p.healthCheck = True
+        return p
+
     def buildProtocolFor(self, addr: IAddress, listener: str) -> EchoProtocol | None:
         """
         Verify a new connection; return its protocol, or L{None} to refuse it.
@@ -322,3 +334,6 @@ class ListenerFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> EchoProtocol | None:  # type: ignore[override]
         return self.echo.buildProtocolFor(addr, self.listener)
+
+    def buildHealthCheckProtocol(self, addr: IAddress) -> EchoProtocol:
+        return self.echo.buildHealthCheckProtocol(addr, self.listener)

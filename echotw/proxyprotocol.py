@@ -426,18 +426,24 @@ class ProxyProtocolWrapper(Protocol):
             listener=self.proxyFactory.listener,
             proxied=header.source is not None,
         )
-        wrapped = self.proxyFactory.wrappedFactory.buildProtocol(client)
+        wrappedFactory = self.proxyFactory.wrappedFactory
+        healthCheck = getattr(wrappedFactory, "buildHealthCheckProtocol", None)
+        if healthCheck is not None and (
+            client is balancer or describeAddress(client) == describeAddress(balancer)
+        ):
+            # The (trusted) balancer's own connection, not a relayed client:
+            # a LOCAL (v2) or UNKNOWN (v1) header, or one naming the very
+            # connection it arrived on (HAProxy's v1 checks).  A health
+            # check: client rules are not meant for it.
+            wrapped = healthCheck(client)
+        else:
+            wrapped = wrappedFactory.buildProtocol(client)
         if wrapped is None:
             # The wrapped factory refused the client and logged why.
             self.rejectedBecause = "refused by the wrapped factory"
             _abort(transport)
             return
         self.wrapped = wrapped
-        if client is balancer or (describeAddress(client) == describeAddress(balancer)):
-            # The balancer's own connection, not a relayed client: a LOCAL
-            # (v2) or UNKNOWN (v1) header, or one naming the very connection
-            # it arrived on (HAProxy's v1 checks).  A health check.
-            wrapped.healthCheck = True  # type: ignore[attr-defined]
         wrapped.makeConnection(transport)
         if rest and not self._lost:
             wrapped.dataReceived(rest)

@@ -370,6 +370,22 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
             # Debug events are dropped at the default --log-level of info.
             self.assertEqual(levels, set() if expected else {LogLevel.info})
 
+    def test_healthChecksBypassClientRules(self) -> None:
+        """A trusted balancer's health check is served even when the allow
+        rules (meant for clients) leave the balancer out, and nothing is
+        refused or logged at info level."""
+        echo = EchoFactory(rules=AccessRules(allow=[parseNetwork("10.0.0.0/8")]))
+        factory = ProxyProtocolFactory(echo.forListener("x"), [], TIMEOUT, self.clock)
+        wrapper, transport = connect(factory)
+        with capturedLogs() as events:
+            wrapper.dataReceived(V2_LOCAL + b"ok?")
+        self.assertEqual(transport.value(), b"ok?")
+        self.assertEqual(echo.refusals, {})
+        self.assertEqual([e for e in events if e["log_level"] != LogLevel.debug], [])
+        wrapper2, transport2 = connect(factory)
+        wrapper2.dataReceived(V1_IPV4.replace(b"10.1.2.3", b"192.0.2.1"))
+        self.assertEqual(echo.refusals, {"not allowed": 1})
+
     def test_unknownFallsBackToRealPeer(self) -> None:
         """A v1 UNKNOWN header gets the connection's real peer as client."""
         wrapper, transport = connect(self.factory)
