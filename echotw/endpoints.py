@@ -107,7 +107,7 @@ def checkDescription(description: str) -> None:
         ) from None
     except IndexError:
         raise ValueError(
-            "no inherited socket at that index (not started by systemd socket activation?)"
+            "no inherited socket at that index (not started by systemd socket activation, or without LISTEN_FDNAMES?)"
         ) from None
     except Exception as e:
         raise ValueError(str(e) or type(e).__name__) from None
