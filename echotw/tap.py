@@ -15,7 +15,12 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
 from echotw.addresses import IPNetwork, parseNetwork
-from echotw.endpoints import DEFAULT_BACKLOG, listenerDescription, splitDescription
+from echotw.endpoints import (
+    DEFAULT_BACKLOG,
+    checkDescription,
+    listenerDescription,
+    splitDescription,
+)
 from echotw.factory import EchoFactory
 from echotw.loglevel import LEVELS, setLogLevel
 from echotw.policy import Verifier
@@ -266,6 +271,13 @@ class EchoOptions(usage.Options):
             "refuses (a class is instantiated first).",
         ],
         [
+            "metrics",
+            None,
+            None,
+            "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
+            "tcp:9100:interface=127.0.0.1 [default: off].",
+        ],
+        [
             "stats-interval",
             None,
             0.0,
@@ -406,6 +418,15 @@ class EchoOptions(usage.Options):
                         f"--workers: {name!r} cannot be shared between workers "
                         "(only tcp:, tcp6:, unix: and haproxy: over those can)"
                     )
+        if self["metrics"] is not None:
+            try:
+                checkDescription(self["metrics"])
+            except ValueError as e:
+                raise usage.UsageError(f"--metrics: {self['metrics']!r}: {e}") from None
+            if self["workers"] > 1:
+                raise usage.UsageError(
+                    "--metrics: not available with --workers yet (each worker counts apart)"
+                )
         self["verifiers"] = []
         if self["verifier"]:
             try:
@@ -524,6 +545,7 @@ def makeService(
                 description, options, reactor, inherited[i] if inherited else None
             )
             ListenerService(name, endpoint, factory.forListener(name)).setServiceParent(top)
+    udpProtocols = []
     if options["udp-listeners"]:
         limiter = TokenBuckets(options["udp-rate"], options["udp-burst"], clock=reactor)
     for udp in options["udp-listeners"]:
@@ -534,5 +556,10 @@ def makeService(
             rateLimiter=limiter,
             ipv6Prefix=options["ipv6-prefix"],
         )
+        udpProtocols.append(protocol)
         UDPListenerService(udp, protocol, reactor).setServiceParent(top)
+    if options["metrics"] is not None:
+        from echotw.metrics import MetricsService
+
+        MetricsService(options["metrics"], factory, udpProtocols, reactor).setServiceParent(top)
     return top

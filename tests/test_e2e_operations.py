@@ -12,8 +12,10 @@ import socket
 import tempfile
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.process import EchoServer, connect, echo, isClosedByServer, run
@@ -167,6 +169,43 @@ class OperationsEndToEndTests(SynchronousTestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("--verifier", result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1)
+
+    def test_metricsScrape(self) -> None:
+        """--metrics serves Prometheus text that the client library parses;
+        counters move as connections are made and refused."""
+        server = self.start(
+            "--port", LOOPBACK, "--metrics", LOOPBACK, "--deny", "127.0.0.2"
+        )  # fmt: skip
+        address = server.waitFor(r"Serving metrics on \S+ at (127\.0\.0\.1:\d+)").group(1)
+
+        def scrape() -> dict[str, float]:
+            url = f"http://{address}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                text = response.read().decode()
+            samples = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    samples[f"{sample.name}{{{labels}}}"] = sample.value
+            return samples
+
+        before = scrape()
+        self.assertIn("process_resident_memory_bytes{}", before)
+        self.assertTrue(self.served(server))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.2", 0))
+            sock.settimeout(5)
+            sock.connect(("127.0.0.1", server.port))
+            isClosedByServer(sock)
+        server.waitFor("Refused connection")
+        server.waitFor(r"closed \(client closed\) after 4 bytes")
+        after = scrape()
+        listener = "listener=tcp:0:interface=127.0.0.1"
+        self.assertEqual(after[f"echotw_connections_total{{{listener}}}"], 1)
+        self.assertEqual(after[f"echotw_connections_open{{{listener}}}"], 0)
+        self.assertEqual(after["echotw_connections_refused_total{reason=denied}"], 1)
+        self.assertEqual(after["echotw_bytes_echoed_total{}"], 4)
+        self.assertEqual(after["echotw_connection_duration_seconds_count{}"], 1)
 
     def test_statsLine(self) -> None:
         """--stats-interval logs a summary line periodically."""

@@ -382,7 +382,7 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"ok?")
         self.assertEqual(echo.refusals, {})
         self.assertEqual([e for e in events if e["log_level"] != LogLevel.debug], [])
-        wrapper2, transport2 = connect(factory)
+        wrapper2, _ = connect(factory)
         wrapper2.dataReceived(V1_IPV4.replace(b"10.1.2.3", b"192.0.2.1"))
         self.assertEqual(echo.refusals, {"not allowed": 1})
 

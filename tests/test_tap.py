@@ -112,6 +112,8 @@ class OptionsTests(SynchronousTestCase):
             (["--trusted-proxy", "10.0.0.1/8"], "--trusted-proxy"),
             (["--proxy-timeout", "0"], "--proxy-timeout"),
             (["--log-level", "loud"], "--log-level"),
+            (["--metrics", "nonsense:1"], "--metrics"),
+            (["--metrics", "tcp:0", "--workers", "2"], "--metrics"),
             (["--workers", "65"], "--workers"),
         ]
         for args, option in cases:

@@ -1,0 +1,310 @@
+"""
+Prometheus metrics for C{--metrics ENDPOINT}: an HTTP listener serving the
+text exposition format at C{/metrics}.
+
+Nothing here runs per connection.  L{EchoFactory} and L{UDPEchoProtocol}
+already keep plain integer counters (they need them for limits and logs);
+L{EchoCollector} reads those counters when Prometheus scrapes, so turning
+metrics on adds no work to the echo path, and turning them off costs nothing.
+
+The scrape is rendered in the reactor thread (L{MetricsResource}), not in a
+thread pool as C{prometheus_client.twisted.MetricsResource} does: the
+counters are ordinary dicts and sets that the reactor thread mutates, and
+iterating them from another thread can fail with "changed size during
+iteration".  A scrape reads a few dozen numbers and C{/proc/self}, well
+under a millisecond, so it does not stall the echo connections.
+
+Metrics (all prefixed C{echotw_}):
+
+  - C{connections_open{listener}}: gauge, TCP connections open now;
+  - C{connections_total{listener}}: counter, TCP connections accepted;
+  - C{connections_refused_total{reason}}: counter, TCP connections refused
+    at accept time (access rules, limits, verifiers);
+  - C{bytes_echoed_total}: counter, bytes echoed over TCP, including what
+    open connections have echoed so far;
+  - C{connection_duration_seconds}: histogram of closed TCP connections'
+    lifetimes, buckets L{echotw.factory.DURATION_BUCKETS};
+  - C{udp_datagrams_echoed_total{listener}},
+    C{udp_bytes_echoed_total{listener}}: counters, UDP replies sent;
+  - C{udp_dropped_total{listener, reason}}: counter, datagrams not answered
+    (reasons in L{echotw.udp.DROP_REASONS});
+
+plus C{process_*}, C{python_info} and C{python_gc_*} from
+C{prometheus_client}'s own collectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import floatToGoString
+from twisted.internet.endpoints import serverFromString
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from echotw.factory import DURATION_BUCKETS, EchoFactory, describeAddress, formatAddress
+from echotw.service import ListenerService
+from echotw.udp import UDPEchoProtocol
+
+__all__ = [
+    "EchoCollector",
+    "MetricsResource",
+    "MetricsService",
+    "metricsRegistry",
+    "metricsSite",
+]
+
+
+class EchoCollector:
+    """
+    A C{prometheus_client} collector reading an L{EchoFactory}'s and UDP
+    echo protocols' counters at scrape time.
+
+    @param factory: the TCP echo factory shared by every TCP listener.
+    @param udp: the UDP echo protocols, one per C{--udp} listener.  It is
+        read at every scrape, not copied, so a list filled in after the
+        collector is made is fine.
+    """
+
+    def __init__(self, factory: EchoFactory, udp: Sequence[UDPEchoProtocol] = ()) -> None:
+        self.factory = factory
+        self.udp = udp
+
+    def describe(self) -> list[Metric]:
+        """
+        The families this collector yields, for the registry's name index
+        (duplicate checks, and C{?name[]=} filtering).  Collecting once to
+        find them is harmless: L{collect} only reads counters.
+        """
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        factory = self.factory
+
+        # Counters with no label values yet are still yielded (without
+        # samples) so that their HELP/TYPE lines tell dashboards they exist.
+        open_ = GaugeMetricFamily(
+            "echotw_connections_open", "TCP connections open now.", labels=["listener"]
+        )
+        for listener, count in sorted(factory.openByListener.items()):
+            open_.add_metric([listener], count)
+        yield open_
+
+        total = CounterMetricFamily(
+            "echotw_connections_total", "TCP connections accepted.", labels=["listener"]
+        )
+        for listener, count in sorted(factory.totalByListener.items()):
+            total.add_metric([listener], count)
+        yield total
+
+        refused = CounterMetricFamily(
+            "echotw_connections_refused_total",
+            "TCP connections refused when they arrived, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(factory.refusals.items()):
+            refused.add_metric([reason], count)
+        yield refused
+
+        openBytes = sum(p.bytesEchoed for p in list(factory.protocols))
+        yield CounterMetricFamily(
+            "echotw_bytes_echoed_total",
+            "Bytes echoed over TCP, by closed and open connections.",
+            value=factory.bytesEchoedTotal + openBytes,
+        )
+
+        yield durationHistogram(factory)
+
+        datagrams: dict[str, int] = {}
+        udpBytes: dict[str, int] = {}
+        dropped: dict[tuple[str, str], int] = {}
+        for protocol in list(self.udp):
+            name = protocol.listener
+            datagrams[name] = datagrams.get(name, 0) + protocol.datagramsEchoed
+            udpBytes[name] = udpBytes.get(name, 0) + protocol.bytesEchoed
+            for reason, count in list(protocol.dropped.items()):
+                dropped[name, reason] = dropped.get((name, reason), 0) + count
+
+        family = CounterMetricFamily(
+            "echotw_udp_datagrams_echoed_total", "UDP datagrams echoed.", labels=["listener"]
+        )
+        for name, count in sorted(datagrams.items()):
+            family.add_metric([name], count)
+        yield family
+
+        family = CounterMetricFamily(
+            "echotw_udp_bytes_echoed_total", "Bytes echoed over UDP.", labels=["listener"]
+        )
+        for name, count in sorted(udpBytes.items()):
+            family.add_metric([name], count)
+        yield family
+
+        family = CounterMetricFamily(
+            "echotw_udp_dropped_total",
+            "UDP datagrams not answered, by reason.",
+            labels=["listener", "reason"],
+        )
+        for (name, reason), count in sorted(dropped.items()):
+            family.add_metric([name, reason], count)
+        yield family
+
+
+def durationHistogram(factory: EchoFactory) -> HistogramMetricFamily:
+    """
+    The factory's per-bucket duration counts as a Prometheus histogram,
+    whose buckets are cumulative (each counts everything at or below its
+    bound) and end with C{+Inf}, the count of all closed connections.
+    """
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    counts = list(factory.durationCounts)
+    for bound, count in zip(DURATION_BUCKETS, counts, strict=False):
+        cumulative += count
+        buckets.append((floatToGoString(bound), cumulative))
+    cumulative = sum(counts)
+    buckets.append(("+Inf", cumulative))
+    return HistogramMetricFamily(
+        "echotw_connection_duration_seconds",
+        "How long closed TCP connections lasted.",
+        buckets=buckets,
+        sum_value=factory.durationSum,
+    )
+
+
+def metricsRegistry(factory: EchoFactory, udp: Sequence[UDPEchoProtocol] = ()) -> CollectorRegistry:
+    """
+    A registry of its own (not C{prometheus_client.REGISTRY}, so two servers
+    in one process, or tests, never collide) with L{EchoCollector} and the
+    client library's process, platform and garbage-collector metrics.
+    """
+    registry = CollectorRegistry()
+    registry.register(EchoCollector(factory, udp))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+class MetricsResource(Resource):
+    """
+    Renders a registry in the reactor thread, in the format the scraper
+    asks for (Prometheus text, or OpenMetrics if its C{Accept} header says
+    so).  C{?name[]=...} restricts the output to those metric names, as
+    C{prometheus_client}'s own servers allow.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+        encoder, contentType = choose_encoder(accept)
+        registry: Any = self.registry
+        names = (request.args or {}).get(b"name[]")
+        if names:
+            registry = registry.restricted_registry([n.decode("utf-8", "replace") for n in names])
+        output: bytes = encoder(registry)
+        request.setHeader(b"content-type", contentType.encode("ascii"))
+        return output
+
+
+class _QuietSite(Site):
+    """
+    A L{Site} that keeps no access log: a scrape every few seconds would
+    otherwise put a line in the server's log for each one.
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+
+class _Root(Resource):
+    """
+    The site's root: C{/metrics}, and a plain 404 for anything else.
+    """
+
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        return notFound()
+
+
+def metricsSite(registry: CollectorRegistry) -> Site:
+    """
+    A web site serving C{registry} at C{/metrics} (and nothing elsewhere).
+    """
+    root = _Root()
+    root.putChild(b"metrics", MetricsResource(registry))
+    return _QuietSite(root)
+
+
+class MetricsService(ListenerService):
+    """
+    Serve metrics over HTTP at C{/metrics} on one endpoint.
+
+    Like the echo listeners, it listens in C{privilegedStartService} (so a
+    port below 1024 works before twistd drops privileges), logs the address
+    actually bound, and stops the process with a one-line
+    L{echotw.service.ListenFailed} if it cannot listen.
+
+    @param description: a Twisted server endpoint string, such as
+        C{tcp:9100:interface=127.0.0.1}.  A malformed one raises
+        L{ValueError} here, before anything starts.
+    @param factory: the echo factory whose counters are served.
+    @param udp: the UDP echo protocols whose counters are served (read at
+        each scrape, see L{EchoCollector}).
+    @param reactor: the reactor to listen with; the global one if L{None}.
+    """
+
+    def __init__(
+        self,
+        description: str,
+        factory: EchoFactory,
+        udp: Sequence[UDPEchoProtocol] = (),
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = globalReactor
+        self.registry = metricsRegistry(factory, udp)
+        endpoint = serverFromString(reactor, description)
+        site = metricsSite(self.registry)
+        # Site's Factory parameter is typed loosely in Twisted's stubs.
+        super().__init__(description, endpoint, site)  # type: ignore[arg-type]
+
+    def _listening(self, port: Any) -> Any:
+        if isinstance(port, Failure):
+            return super()._listening(port)
+        self.port = port
+        address = port.getHost()
+        host, portNumber = describeAddress(address)
+        self._log.info(
+            "Serving metrics on {listener} at {address}",
+            event="metrics-listening",
+            listener=self.description,
+            address=formatAddress(address),
+            host=host,
+            port=portNumber,
+        )
+        return port
