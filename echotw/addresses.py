@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from bisect import bisect_right
 from collections.abc import Iterable
-from ipaddress import IPv4Network, IPv6Network, collapse_addresses, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from twisted.internet.interfaces import IAddress
 
@@ -114,14 +114,18 @@ class NetworkSet:
 
 
 def _ranges(networks: list[IPv4Network] | list[IPv6Network]) -> tuple[list[int], list[int]]:
+    # Sorting integer ranges and merging overlapping or adjacent ones is far
+    # quicker than ipaddress.collapse_addresses on 100,000 networks.
+    spans = sorted(
+        (int(net.network_address), int(net.network_address) + net.num_addresses - 1)
+        for net in networks
+    )
     starts: list[int] = []
     ends: list[int] = []
-    for net in collapse_addresses(networks):  # type: ignore[type-var]
-        assert isinstance(net, IPv4Network | IPv6Network)
-        first = int(net.network_address)
-        last = int(net.broadcast_address)
-        if ends and first == ends[-1] + 1:
-            ends[-1] = last
+    for first, last in spans:
+        if ends and first <= ends[-1] + 1:
+            if last > ends[-1]:
+                ends[-1] = last
         else:
             starts.append(first)
             ends.append(last)
