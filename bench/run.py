@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""
+echotw benchmark: run echotw (a real `twistd -n echo` process) and its peers
+one after another on 127.0.0.1 under the same C load client, and write a
+markdown table, raw JSON lines and a chart to bench/results/.
+
+    python3 bench/run.py                      # everything (see bench/README.md)
+    python3 bench/run.py --seconds 2 --rounds 1 --only echotw,uvloop_proto
+
+The first run creates bench/.venv (twisted, uvloop, matplotlib) and re-runs
+itself in it; loadgen.c is compiled into bench/build/.  The checkout is put on
+PYTHONPATH for the servers, so the working tree is what gets measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+VENV = HERE / ".venv"
+BUILD = HERE / "build"
+RESULTS = HERE / "results"
+REQUIREMENTS = ["twisted>=23.10", "uvloop", "matplotlib"]
+
+
+def ensureVenv() -> None:
+    """Create bench/.venv on first use and re-execute this script inside it."""
+    python = VENV / "bin" / "python"
+    if Path(sys.prefix).resolve() == VENV.resolve():
+        return
+    if not (VENV / ".complete").exists():
+        print(f"== creating {VENV} ({', '.join(REQUIREMENTS)})", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
+        pip = [str(python), "-m", "pip", "install", "-q", *REQUIREMENTS]
+        subprocess.run(pip, check=True, timeout=900)
+        (VENV / ".complete").write_text("ok\n")
+    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def buildLoadgen() -> Path:
+    """gcc -O2 loadgen.c into bench/build/ when the source is newer than the binary."""
+    src, out = HERE / "loadgen.c", BUILD / "loadgen"
+    BUILD.mkdir(exist_ok=True)
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)]
+        subprocess.run(cmd, check=True, timeout=120)
+    return out
+
+
+def parseArgs(argv: list[str]) -> argparse.Namespace:
+    from servers import ECHOTW, SPECS
+    from workloads import WORKLOADS
+
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--only",
+        help="servers to run, comma-separated names or globs: " + ",".join(s.name for s in SPECS),
+    )
+    ap.add_argument("--workloads", help="comma-separated: " + ",".join(w.name for w in WORKLOADS))
+    ap.add_argument(
+        "--seconds", type=float, default=5.0, help="measured seconds per cell (default 5)"
+    )
+    ap.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="repeat everything; the median round per cell is kept (default 3)",
+    )
+    ap.add_argument(
+        "--echotw",
+        default=ECHOTW,
+        metavar="TEMPLATE",
+        help="command for echotw, with {port} (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="NAME=TEMPLATE",
+        help="add or replace a server (a shell command with {port}, run in bench/peers/)",
+    )
+    ap.add_argument(
+        "--name",
+        default=time.strftime("%Y%m%d-%H%M"),
+        help="results file name under bench/results/ (default: date-time)",
+    )
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also run the reference harness for uvloop_proto and compare",
+    )
+    ap.add_argument(
+        "--reference-rounds",
+        type=int,
+        default=3,
+        help="turns each side takes in the reference check (default 3)",
+    )
+    ap.add_argument(
+        "--reference-dir", default="/work/shared/bench", help="where the reference harness is"
+    )
+    ap.add_argument("--no-rules", action="store_true", help="skip the access-rule micro-benchmark")
+    ap.add_argument(
+        "--block-client",
+        action="store_true",
+        help="loadgen sleeps in epoll_wait instead of polling",
+    )
+    ap.add_argument(
+        "--noise-limit",
+        type=float,
+        default=10.0,
+        help="flag a cell when other processes used more than this %% of a CPU",
+    )
+    args = ap.parse_args(argv)
+    if (
+        args.rounds < 1
+        or args.rounds > 20
+        or not 0 < args.seconds <= 600
+        or not 0 <= args.warmup <= 60
+    ):
+        ap.error("--rounds 1-20, --seconds up to 600, --warmup up to 60")
+    if not 1 <= args.reference_rounds <= 10:
+        ap.error("--reference-rounds 1-10")
+    if "{port}" not in args.echotw:
+        ap.error("--echotw needs {port}")
+    return args
+
+
+def selectServers(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
+    """The specs to run, and notes on those skipped (not installed)."""
+    from servers import SPECS, Spec, missing
+
+    specs = {s.name: s for s in SPECS}
+    specs["echotw"] = Spec("echotw", args.echotw)
+    for item in args.server:
+        name, sep, template = item.partition("=")
+        if not sep or "{port}" not in template:
+            sys.exit(f"--server wants NAME=TEMPLATE with {{port}}: {item!r}")
+        specs[name] = Spec(name, template)
+    if args.only:
+        patterns = args.only.split(",")
+        specs = {n: s for n, s in specs.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
+    chosen, notes = [], []
+    for spec in specs.values():
+        why = missing(spec)
+        if why:
+            notes.append(f"- {spec.name} skipped: {why}")
+        else:
+            chosen.append(spec)
+    return chosen, notes
+
+
+def selectWorkloads(args: argparse.Namespace) -> list[Any]:
+    from workloads import WORKLOADS
+
+    if not args.workloads:
+        return list(WORKLOADS)
+    names = args.workloads.split(",")
+    unknown = set(names) - {w.name for w in WORKLOADS}
+    if unknown:
+        sys.exit(f"unknown workloads: {', '.join(sorted(unknown))}")
+    return [w for w in WORKLOADS if w.name in names]
+
+
+def runServer(
+    spec: Any, wls: list[Any], loadgen: Path, args: argparse.Namespace, scratch: Path
+) -> list[dict[str, Any]]:
+    """All workloads on one server; idle10k (and any cell after a crash) on a fresh one."""
+    from servers import Server
+    from workloads import runCell, value
+
+    print(f"== {spec.name}: {spec.template}", file=sys.stderr, flush=True)
+    server, out = Server(spec, scratch / spec.name), []
+    err = server.start()
+    try:
+        for i, wl in enumerate(wls):
+            if err is None and (not server.alive() or (i and wl.mode == "hold")):
+                server.stop()
+                err = server.start()
+            res = (
+                {"fatal": f"server did not start: {err}"}
+                if err
+                else runCell(loadgen, server, wl, args)
+            )
+            if err is None and not server.alive() and "died" not in res.get("fatal", ""):
+                res["fatal"] = (
+                    res.get("fatal", "") + f" server died: {server.logTail(120)}"
+                ).strip()
+            res.update(server=spec.name, workload=wl.name, command=spec.template)
+            out.append(res)
+            v = value(res)
+            shown = "-" if v is None else f"{v:,.2f}"
+            print(
+                f"   {wl.name:11s} {shown:>12s}  errors={res.get('errors')} other_cpu={res.get('other_cpu_pct', '-')}% {res.get('fatal', '')}",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(0.3)  # forked children exit, TCP state settles
+    finally:
+        server.stop()
+    return out
+
+
+def runAll(
+    specs: list[Any], wls: list[Any], loadgen: Path, args: argparse.Namespace, jsonl: Path
+) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    scratch = Path(tempfile.mkdtemp(prefix="echotw-bench-"))
+    try:
+        with open(jsonl, "w") as f:
+            for rnd in range(args.rounds):
+                for spec in specs:
+                    for res in runServer(spec, wls, loadgen, args, scratch):
+                        res["round"] = rnd
+                        results.append(res)
+                        f.write(json.dumps(res) + "\n")
+                        f.flush()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def referenceCheck(
+    specs: list[Any], wls: list[Any], loadgen: Path, args: argparse.Namespace, prefix: Path
+) -> list[str]:
+    """Our uvloop_proto figures and the reference harness's, taking turns."""
+    import reference
+    from servers import SPECS
+
+    uvloop = next(s for s in SPECS if s.name == "uvloop_proto")
+    scratch = Path(tempfile.mkdtemp(prefix="echotw-check-"))
+    try:
+        check = reference.interleaved(
+            wls, args, prefix, lambda: runServer(uvloop, wls, loadgen, args, scratch)
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return reference.comparison(check, wls, args)
+
+
+def rulesMicro() -> dict[str, Any]:
+    """The access-rule micro-benchmark, in a child so its 100k networks leave no trace here."""
+    cmd = [sys.executable, str(HERE / "rules_micro.py")]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        return {"error": f"rules micro-benchmark failed: {e}"}
+
+
+def main(argv: list[str]) -> int:
+    ensureVenv()
+    sys.path.insert(0, str(HERE))
+    import report
+    from servers import raiseFdLimit
+
+    args = parseArgs(argv)
+    specs, notes = selectServers(args)
+    wls = selectWorkloads(args)
+    if not specs or not wls:
+        sys.exit("nothing selected")
+    nofile = raiseFdLimit()
+    if nofile < 10100 and any(w.name == "idle10k" for w in wls):
+        notes.append(f"- fd limit is {nofile}: idle10k needs more than 10,000")
+    loadgen = buildLoadgen()
+    RESULTS.mkdir(exist_ok=True)
+    prefix = RESULTS / args.name
+    info = report.machine(sys.executable)
+    results = runAll(specs, wls, loadgen, args, Path(f"{prefix}.jsonl"))
+    extra: list[str] = []
+    if args.reference:
+        extra += [*referenceCheck(specs, wls, loadgen, args, prefix), ""]
+    if not args.no_rules:
+        micro = rulesMicro()
+        extra += [*report.rulesSection(micro), ""]
+        (Path(f"{prefix}-rules.json")).write_text(json.dumps(micro) + "\n")
+    if notes:
+        extra += ["## Notes", "", *notes, ""]
+    names = [s.name for s in specs]
+    chartErr = report.chart(
+        results,
+        names,
+        [w for w in wls if w.mode != "hold"],
+        Path(f"{prefix}.png"),
+        f"echotw benchmark {info['date']}: ratio to uvloop_proto",
+    )
+    if chartErr is None:
+        shutil.copyfile(f"{prefix}.png", RESULTS / "latest.png")
+        extra += [f"![ratios to uvloop_proto]({args.name}.png)", ""]
+    else:
+        extra += [f"(no chart: {chartErr})", ""]
+    md = report.markdown(results, names, wls, info, args, extra)
+    Path(f"{prefix}.md").write_text(md)
+    print(md)
+    print(
+        f"wrote {prefix}.md, {prefix}.jsonl"
+        + ("" if chartErr else f", {prefix}.png, {RESULTS / 'latest.png'}"),
+        file=sys.stderr,
+    )
+    return 2 if any(r.get("mismatches") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
