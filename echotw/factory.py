@@ -19,7 +19,7 @@ from echotw import loglevel
 from echotw.addresses import sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
-from echotw.ratelimit import LogThrottle, TokenBuckets, defaultClock
+from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets, defaultClock
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
@@ -92,6 +92,7 @@ class EchoFactory(ServerFactory):
         maxSessionBytes: int = 0,
         maxSessionSeconds: float = 0,
         clock: IReactorTime | None = None,
+        logConnections: int = 100,
     ) -> None:
         self.rules = rules if rules is not None else AccessRules()
         self.verifiers = list(verifiers)
@@ -103,6 +104,7 @@ class EchoFactory(ServerFactory):
         self.maxSessionSeconds = maxSessionSeconds
         self.clock = clock if clock is not None else defaultClock()
         self.refusalLog = LogThrottle(1.0, self.clock)
+        self.connectionLog = PerSecondBudget(logConnections, self.clock)
         self.openConnections = 0
         self.perSource: dict[str, int] = {}
         self.connectionsTotal = 0
@@ -243,9 +245,24 @@ class EchoFactory(ServerFactory):
         source = p.source
         if source is not None:
             self.perSource[source] = self.perSource.get(source, 0) + 1
+        level = "debug" if p.healthCheck else "info"
+        if not loglevel.enabled[level]:
+            return
+        logged, unlogged = self.connectionLog.take()
+        if unlogged:
+            self._log.info(
+                "{unlogged} more connections in the last second were not logged "
+                "one by one (--log-connections {limit})",
+                event="connections-unlogged",
+                unlogged=unlogged,
+                limit=self.connectionLog.limit,
+            )
+        if not logged:
+            return
+        p.logged = True
         host, port = describeAddress(p.peer)
         self._log.emit(
-            LogLevel.debug if p.healthCheck else LogLevel.info,
+            LogLevel.levelWithName(level),
             "Connection from {client_host}:{client_port} on {listener}",
             event="connected",
             client_host=host,
@@ -276,6 +293,8 @@ class EchoFactory(ServerFactory):
         duration = monotonic() - p.startedAt
         self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.durationSum += duration
+        if not p.logged:
+            return
         host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.debug if p.healthCheck else LogLevel.info,
@@ -324,6 +343,7 @@ class ListenerFactory(Factory):
     """
 
     noisy = False
+    noDelayOnListener = False
 
     def __init__(self, echo: EchoFactory, listener: str) -> None:
         self.echo = echo
@@ -333,7 +353,10 @@ class ListenerFactory(Factory):
         return "echotw"
 
     def buildProtocol(self, addr: IAddress) -> EchoProtocol | None:  # type: ignore[override]
-        return self.echo.buildProtocolFor(addr, self.listener)
+        p = self.echo.buildProtocolFor(addr, self.listener)
+        if p is not None and self.noDelayOnListener:
+            p.noDelay = False
+        return p
 
     def buildHealthCheckProtocol(self, addr: IAddress) -> EchoProtocol:
         return self.echo.buildHealthCheckProtocol(addr, self.listener)

@@ -28,8 +28,20 @@ _BUFFER_ATTRIBUTES = ("dataBuffer", "_tempDataLen", "disconnecting", "connected"
 def canWriteDirectly(transport: Any) -> bool:
     """
     Whether L{writeDirectly} may be used on C{transport}: a plain TCP
-    connection whose internals look as this module expects.
+    connection whose internals look as this module expects.  Decided once
+    per transport class, since that is what fixes its internals.
     """
+    kind = type(transport)
+    verdict = _verdicts.get(kind)
+    if verdict is None:
+        verdict = _verdicts[kind] = _looksRight(transport)
+    return verdict
+
+
+_verdicts: dict[type, bool] = {}
+
+
+def _looksRight(transport: Any) -> bool:
     if not isinstance(transport, tcp.Connection):
         return False
     if not all(hasattr(transport, name) for name in _BUFFER_ATTRIBUTES):

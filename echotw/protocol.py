@@ -12,8 +12,6 @@ from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IHalfCloseableProtocol,
-    IPushProducer,
-    ITCPTransport,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -42,6 +40,10 @@ class EchoProtocol(Protocol):
     @ivar closeReason: why the server ended the connection, if it did.
     @ivar direct: whether echoes are sent at once (L{echotw.fastpath}).
     @ivar byteLimit: close (after echoing) once this many bytes were echoed.
+    @ivar noDelay: whether to set C{TCP_NODELAY} (not needed where the
+        listening socket has it: Linux copies it to accepted sockets).
+    @ivar logged: whether this connection's events are logged (see
+        C{--log-connections}).
     @ivar healthCheck: a balancer's own connection (a PROXY C{LOCAL}
         header): logged at debug level only.
     @ivar idleMark: C{bytesEchoed} when the idle sweep last saw it change,
@@ -58,6 +60,8 @@ class EchoProtocol(Protocol):
     direct = False
     byteLimit = 0
     healthCheck = False
+    logged = False
+    noDelay = True
     sessionTimer: IDelayedCall | None = None
     idleMark = -1
     idleSince = 0.0
@@ -67,9 +71,13 @@ class EchoProtocol(Protocol):
         self.startedAt = monotonic()
         transport = self.transport
         assert transport is not None
-        IConsumer(transport).registerProducer(IPushProducer(transport), True)
-        if ITCPTransport.providedBy(transport):
-            transport.setTcpNoDelay(True)
+        # The transport is its own producer; no interface adaptation here,
+        # it costs more than the call.
+        transport.registerProducer(transport, True)  # type: ignore[attr-defined]
+        if self.noDelay:
+            setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)
+            if setTcpNoDelay is not None:
+                setTcpNoDelay(True)
         if canWriteDirectly(transport):
             self.direct = True
         self.factory.connectionOpened(self)

@@ -149,3 +149,35 @@ class LogThrottle:
         held = int(state[1])
         state[0], state[1] = now, 0
         return held
+
+
+class PerSecondBudget:
+    """
+    Up to C{limit} events in each one-second window (0: no limit); the rest
+    are counted, and the count is handed back once, when the next window
+    begins.
+    """
+
+    def __init__(self, limit: int, clock: IReactorTime) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._windowEnd = 0.0
+        self._used = 0
+        self._over = 0
+
+    def take(self) -> tuple[bool, int]:
+        """
+        C{(allowed, overLastWindow)}: whether this event fits the budget, and
+        how many did not fit in the window that just ended (0 otherwise).
+        """
+        overLastWindow = 0
+        now = self.clock.seconds()
+        if now >= self._windowEnd:
+            overLastWindow, self._over = self._over, 0
+            self._windowEnd = now + 1.0
+            self._used = 0
+        if not self.limit or self._used < self.limit:
+            self._used += 1
+            return True, overLastWindow
+        self._over += 1
+        return False, overLastWindow

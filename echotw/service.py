@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -18,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.factory import EchoFactory, describeAddress, formatAddress
+from echotw.factory import EchoFactory, ListenerFactory, describeAddress, formatAddress
 from echotw.rulefiles import RuleFileError, RuleSource
 
 
@@ -66,6 +68,8 @@ class ListenerService(Service):
             self._log.critical("{message}", message=str(ListenFailed(self.description, port)))
             os._exit(1)
         self.port = port
+        if _noDelayOnListeningSocket(port) and isinstance(self.factory, ListenerFactory):
+            self.factory.noDelayOnListener = True
         address = port.getHost()
         host, portNumber = describeAddress(address)
         self._log.info(
@@ -90,6 +94,24 @@ class ListenerService(Service):
             return succeed(None)
         stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
         return stopped
+
+
+def _noDelayOnListeningSocket(port: Any) -> bool:
+    """
+    Set C{TCP_NODELAY} on a TCP listening socket, for the connections it
+    accepts to inherit (as Linux does): one system call per listener instead
+    of one per connection.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    sock = getattr(port, "socket", None)
+    if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
 
 
 class EchoService(MultiService):

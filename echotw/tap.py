@@ -278,6 +278,15 @@ class EchoOptions(usage.Options):
             "tcp:9100:interface=127.0.0.1 [default: off].",
         ],
         [
+            "log-connections",
+            None,
+            100,
+            "Log at most this many connections a second one by one (their "
+            "connected and closed events); the rest are counted in a summary "
+            "line, so a flood cannot flood the log (0: log every one).",
+            count,
+        ],
+        [
             "stats-interval",
             None,
             0.0,
@@ -466,6 +475,7 @@ def makeFactory(options: EchoOptions, reactor: Any) -> EchoFactory:
         maxSessionBytes=options["max-session-bytes"],
         maxSessionSeconds=options["max-session-seconds"],
         clock=reactor,
+        logConnections=options["log-connections"],
     )
 
 

@@ -10,6 +10,7 @@ import os
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
@@ -224,6 +225,24 @@ class EchoFactoryTests(SynchronousTestCase):
         self.assertEqual(factory.bytesEchoedTotal, 5)
         self.assertEqual(factory.connectionsTotal, 1)
         self.assertEqual(factory.openConnections, 0)
+
+    def test_connectionLogBudget(self) -> None:
+        """Past --log-connections a second, connections are not logged one by
+        one; the next window's first line says how many were not."""
+        clock = Clock()
+        factory = EchoFactory(logConnections=2, clock=clock)
+        with capturedLogs() as events:
+            for _ in range(5):
+                p, _ = connect(factory)
+                p.connectionLost(Failure(ConnectionDone()))
+            clock.advance(1)
+            connect(factory)
+        self.assertEqual(
+            [e["event"] for e in events],
+            ["connected", "closed", "connected", "closed", "connections-unlogged", "connected"],
+        )
+        self.assertEqual(events[4]["unlogged"], 3)
+        self.assertEqual(factory.connectionsTotal, 6)
 
     def test_closeReasons(self) -> None:
         """The close reason says who ended the connection and how."""

@@ -5,7 +5,7 @@ Tests for L{echotw.ratelimit}: per-source token buckets and the log throttle.
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.ratelimit import LogThrottle, TokenBuckets
+from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets
 
 
 class TokenBucketsTests(SynchronousTestCase):
@@ -77,3 +77,22 @@ class LogThrottleTests(SynchronousTestCase):
         clock.advance(1.5)
         self.assertEqual(throttle.admit(3), 0)
         self.assertEqual(len(throttle._last), 1)
+
+
+class PerSecondBudgetTests(SynchronousTestCase):
+    def test_budgetPerWindow(self) -> None:
+        """Up to the limit per second; the overflow is reported once, when
+        the next window starts."""
+        clock = Clock()
+        budget = PerSecondBudget(2, clock)
+        self.assertEqual(
+            [budget.take() for _ in range(5)], [(True, 0), (True, 0)] + [(False, 0)] * 3
+        )
+        clock.advance(1.0)
+        self.assertEqual(budget.take(), (True, 3))
+        self.assertEqual(budget.take(), (True, 0))
+
+    def test_unlimited(self) -> None:
+        """A limit of 0 allows everything."""
+        budget = PerSecondBudget(0, Clock())
+        self.assertEqual({budget.take() for _ in range(1000)}, {(True, 0)})

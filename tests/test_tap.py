@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from echotw.endpoints import listenerDescription
 from echotw.factory import EchoFactory
@@ -255,6 +255,22 @@ class ListenerServiceTests(SynchronousTestCase):
         self.assertIn("tcp:7", message)
         self.assertIn("Address already in use", message)
         self.assertNotIn("\n", message)
+
+    def test_noDelaySetOnListeningSocket(self) -> None:
+        """On Linux TCP_NODELAY is set once on the listening socket (accepted
+        sockets inherit it), so connections skip setting it themselves."""
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("Linux copies TCP_NODELAY to accepted sockets")
+        port = FakePort()
+        port.socket = socket.socket()  # type: ignore[attr-defined]
+        self.addCleanup(port.socket.close)  # type: ignore[attr-defined]
+        listener = EchoFactory().forListener("tcp:0")
+        ListenerService("tcp:0", FakeEndpoint(succeed(port)), listener).privilegedStartService()  # type: ignore[arg-type]
+        self.assertEqual(port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)  # type: ignore[attr-defined]
+        p = listener.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.assertFalse(p.noDelay)
 
     def test_stopStopsListening(self) -> None:
         """Stopping the service closes the port."""
