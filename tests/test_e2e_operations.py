@@ -170,6 +170,21 @@ class OperationsEndToEndTests(SynchronousTestCase):
         self.assertIn("--verifier", result.stderr)
         self.assertEqual(len(result.stderr.strip().splitlines()), 1)
 
+    def test_mappedAddressIsOneSource(self) -> None:
+        """127.0.0.1 and ::ffff:127.0.0.1 (an IPv4 client of a dual-stack
+        tcp6 listener) are one source for --max-per-ip."""
+        server = self.start(
+            "--port", LOOPBACK, "--port", "tcp6:0:interface=\\:\\:", "--max-per-ip", "1",
+            listeners=2,
+        )  # fmt: skip
+        v4, v6 = (int(a.rsplit(":", 1)[1]) for a in server.addresses[:2])
+        first = connect(v4)
+        self.assertEqual(echo_once(first, b"one"), b"one")
+        with connect(v6) as second:
+            self.assertTrue(isClosedByServer(second))
+        server.waitFor(r"Refused connection from ::ffff:127\.0\.0\.1:\d+ on tcp6:0\S*: max-per-ip")
+        first.close()
+
     def test_metricsScrape(self) -> None:
         """--metrics serves Prometheus text that the client library parses;
         counters move as connections are made and refused."""
