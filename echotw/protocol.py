@@ -77,7 +77,10 @@ class EchoProtocol(Protocol):
         if self.noDelay:
             setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)
             if setTcpNoDelay is not None:
-                setTcpNoDelay(True)
+                try:
+                    setTcpNoDelay(True)
+                except OSError:
+                    pass  # not TCP after all: older Twisteds give Unix sockets this too
         if canWriteDirectly(transport):
             self.direct = True
         self.factory.connectionOpened(self)

@@ -33,7 +33,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
@@ -120,7 +120,7 @@ class SharedListeners(Service):
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
         ports, self.ports = self.ports, []
-        return DeferredList([succeed(p.stopListening()) for p in ports])
+        return DeferredList([maybeDeferred(p.stopListening) for p in ports])
 
 
 def _formatHost(address: Any) -> str:
