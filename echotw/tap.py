@@ -176,12 +176,13 @@ class NamingCoerceParameter(usage.CoerceParameter):
 
 class EchoOptions(usage.Options):
     """
-    Run a byte-exact TCP echo server (RFC 862).
+    Run a byte-exact TCP and UDP echo server (RFC 862).
 
-    IP rules (--allow, --deny) and --max-per-ip apply to clients with an IP
-    address; clients of Unix-socket listeners have none and are accepted by
-    them (file permissions govern who reaches the socket), while
-    --max-connections counts them like any other.
+    IP rules (--allow, --deny and their files), --rate and --max-per-ip
+    apply to clients with an IP address; clients of Unix-socket listeners
+    have none and are accepted by them (file permissions govern who reaches
+    the socket), while --max-connections counts them like any other.
+    SIGHUP re-reads the rule files.  See README.md for the details.
     """
 
     synopsis = "[options]"
