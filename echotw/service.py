@@ -24,6 +24,22 @@ from echotw.factory import EchoFactory, ListenerFactory, describeAddress, format
 from echotw.rulefiles import RuleFileError, RuleSource
 
 
+def logListening(log: Logger, listener: str, address: Any, **more: Any) -> None:
+    """
+    Log the address a listener actually bound (so C{tcp:0} reports its port).
+    """
+    host, port = describeAddress(address)
+    log.info(
+        "Listening on {listener} at {address}",
+        event="listening",
+        listener=listener,
+        address=formatAddress(address),
+        host=host,
+        port=port,
+        **more,
+    )
+
+
 class ListenFailed(SystemExit):
     """
     A listener could not start: the process exits non-zero with this one-line
@@ -70,16 +86,7 @@ class ListenerService(Service):
         self.port = port
         if _noDelayOnListeningSocket(port) and isinstance(self.factory, ListenerFactory):
             self.factory.noDelayOnListener = True
-        address = port.getHost()
-        host, portNumber = describeAddress(address)
-        self._log.info(
-            "Listening on {listener} at {address}",
-            event="listening",
-            listener=self.description,
-            address=formatAddress(address),
-            host=host,
-            port=portNumber,
-        )
+        logListening(self._log, self.description, port.getHost())
         return port
 
     def startService(self) -> None:

@@ -44,10 +44,9 @@ from twisted.python.failure import Failure
 from echotw import loglevel
 from echotw.addresses import ipFromText
 from echotw.endpoints import escape, splitDescription
-from echotw.factory import describeAddress, formatAddress
 from echotw.policy import Verifier, refusalReason
 from echotw.ratelimit import TokenBuckets, defaultClock
-from echotw.service import ListenFailed
+from echotw.service import ListenFailed, logListening
 
 MAX_DATAGRAM = 65535
 """
@@ -474,17 +473,7 @@ class UDPListenerService(Service):
         except CannotListenError:
             raise ListenFailed(listener.name, Failure()) from None
         self.port = port
-        address = port.getHost()
-        host, portNumber = describeAddress(address)
-        self._log.info(
-            "Listening on {listener} at {address}",
-            event="listening",
-            listener=listener.name,
-            address=formatAddress(address),
-            host=host,
-            port=portNumber,
-            transport="udp",
-        )
+        logListening(self._log, listener.name, port.getHost(), transport="udp")
 
     def startService(self) -> None:
         Service.startService(self)

@@ -205,6 +205,18 @@ def isClosedByServer(sock: socket.socket, timeout: float = 5.0) -> bool:
         return False
 
 
+def refusedFrom(port: int, source: str) -> bool:
+    """
+    Connect from the loopback address C{source} (e.g. 127.0.0.2); True if
+    the server closes the connection without echoing anything.
+    """
+    with socket.socket() as sock:
+        sock.bind((source, 0))
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        return isClosedByServer(sock)
+
+
 def freePort() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.process import EchoServer, connect, echo, isClosedByServer, run
+from tests.process import EchoServer, connect, echo, isClosedByServer, refusedFrom, run
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -207,11 +207,7 @@ class OperationsEndToEndTests(SynchronousTestCase):
         before = scrape()
         self.assertIn("process_resident_memory_bytes{}", before)
         self.assertTrue(self.served(server))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.2", 0))
-            sock.settimeout(5)
-            sock.connect(("127.0.0.1", server.port))
-            isClosedByServer(sock)
+        self.assertTrue(refusedFrom(server.port, "127.0.0.2"))
         server.waitFor("Refused connection")
         server.waitFor(r"closed \(client closed\) after 4 bytes")
         after = scrape()
@@ -226,11 +222,7 @@ class OperationsEndToEndTests(SynchronousTestCase):
         """--stats-interval logs a summary line periodically."""
         server = self.start("--port", LOOPBACK, "--stats-interval", "0.5", "--deny", "127.0.0.2")
         self.assertTrue(self.served(server))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.2", 0))
-            sock.settimeout(5)
-            sock.connect(("127.0.0.1", server.port))
-            isClosedByServer(sock)
+        self.assertTrue(refusedFrom(server.port, "127.0.0.2"))
         server.waitFor(r"Stats: 0 open, 1 accepted, 1 refused, 4 bytes echoed")
 
 
