@@ -97,10 +97,17 @@ class ListenerService(Service):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
-        return stopped
+        return stopListening(port)
+
+
+def stopListening(port: IListeningPort | None) -> Deferred[None]:
+    """
+    Stop a listener's port, if it has one; fires when it has stopped.
+    """
+    if port is None:
+        return succeed(None)
+    stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
+    return stopped
 
 
 def _noDelayOnListeningSocket(port: Any) -> bool:

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, MessageLengthError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
@@ -46,7 +46,7 @@ from echotw.addresses import ipFromText
 from echotw.endpoints import escape, splitDescription
 from echotw.policy import Verifier, refusalReason
 from echotw.ratelimit import TokenBuckets, defaultClock
-from echotw.service import ListenFailed, logListening
+from echotw.service import ListenFailed, logListening, stopListening
 
 MAX_DATAGRAM = 65535
 """
@@ -483,7 +483,4 @@ class UDPListenerService(Service):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         port, self.port = self.port, None
-        if port is None:
-            return succeed(None)
-        stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
-        return stopped
+        return stopListening(port)
