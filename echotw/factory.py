@@ -130,11 +130,15 @@ class EchoFactory(ServerFactory):
         A protocol for a trusted balancer's health check: not subject to the
         client rules and limits, counted as a connection, logged at debug.
         """
+        p = self._newProtocol(addr, listener)
+        p.healthCheck = True
+        return p
+
+    def _newProtocol(self, addr: IAddress, listener: str) -> EchoProtocol:
         p = self.protocol()
         p.factory = self
         p.listener = listener
         p.peer = addr
-        p.healthCheck = True
         return p
 
     def buildProtocolFor(self, addr: IAddress, listener: str) -> EchoProtocol | None:
@@ -160,10 +164,7 @@ class EchoFactory(ServerFactory):
         if reason is not None:
             self.refuse(addr, listener, reason, source)
             return None
-        p = self.protocol()
-        p.factory = self
-        p.listener = listener
-        p.peer = addr
+        p = self._newProtocol(addr, listener)
         if self.maxPerSource:
             p.source = source
         if self.maxSessionBytes:
