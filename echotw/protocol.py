@@ -48,6 +48,9 @@ class EchoProtocol(Protocol):
         header): logged at debug level only.
     @ivar idleMark: C{bytesEchoed} when the idle sweep last saw it change,
         at C{idleSince} (see L{echotw.service.EchoService}).
+    @cvar dispatchWithoutLogContext: echotw logs with explicit fields, so
+        L{echotw.reactor.EchoReactor} may skip the legacy log context when
+        dispatching this connection's events.
     """
 
     factory: EchoFactory
@@ -66,6 +69,7 @@ class EchoProtocol(Protocol):
     idleMark = -1
     idleSince = 0.0
     startedAt = 0.0
+    dispatchWithoutLogContext = True
 
     def connectionMade(self) -> None:
         self.startedAt = monotonic()

@@ -26,6 +26,7 @@ from echotw.loglevel import LEVELS, setLogLevel
 from echotw.policy import Verifier
 from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT, ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
+from echotw.reactor import installIfUnchosen
 from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.service import EchoService, ListenerService
 from echotw.udp import (
@@ -519,6 +520,7 @@ def makeService(
     passes the sockets it C{inherited}).
     """
     if reactor is None:
+        installIfUnchosen()
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor

@@ -282,10 +282,15 @@ def main(argv: list[str] | None = None) -> None:
     """
     A worker: serve the inherited listeners with the supervisor's options.
     """
-    if os.environ.get(WORKER_REACTOR, "").endswith("asyncioreactor"):
+    chosen = os.environ.get(WORKER_REACTOR, "")
+    if chosen.endswith("asyncioreactor"):
         from twisted.internet import asyncioreactor
 
         asyncioreactor.install()
+    elif chosen == "echotw.reactor":
+        from echotw.reactor import installIfUnchosen
+
+        installIfUnchosen()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, jsonFileLogObserver
 

@@ -23,14 +23,15 @@ START_TIMEOUT = 20.0
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
-def twistdCommand(*args: str, runner: str = "twistd") -> list[str]:
+def twistdCommand(*args: str, runner: str = "twistd", reactor: str = "") -> list[str]:
     """
-    The command line for C{twistd -n echo ARGS} (or C{twist echo ARGS}) from
-    this interpreter's environment.
+    The command line for C{twistd -n [-r REACTOR] echo ARGS} (or C{twist echo
+    ARGS}) from this interpreter's environment.
     """
+    chosen = [f"--reactor={reactor}"] if reactor else []
     if runner == "twist":
-        return [sys.executable, "-m", "twisted", "--log-format=text", "echo", *args]
-    return [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", "echo", *args]
+        return [sys.executable, "-m", "twisted", *chosen, "--log-format=text", "echo", *args]
+    return [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", *chosen, "echo", *args]
 
 
 def run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
@@ -56,13 +57,14 @@ class EchoServer:
         self,
         *args: str,
         runner: str = "twistd",
+        reactor: str = "",
         listeners: int = 1,
         env: dict[str, str] | None = None,
     ) -> None:
         self.logPath = Path(tempfile.mkstemp(prefix="echotw-", suffix=".log")[1])
         self._log = self.logPath.open("wb")
         self.process = subprocess.Popen(
-            twistdCommand(*args, runner=runner),
+            twistdCommand(*args, runner=runner, reactor=reactor),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

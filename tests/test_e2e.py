@@ -203,6 +203,17 @@ class EchoEndToEndTests(ServerTestCase):
         self.assertIn("Server Shut Down", output)
         self.assertNotIn("Traceback", output)
 
+    def test_reactorChoice(self) -> None:
+        """twistd runs echotw's epoll reactor unless told otherwise; with
+        C{-r epoll} the stock one serves the same echo."""
+        payload = random.Random(11).randbytes(300_000)
+        for chosen, expected in [("", "echotw.reactor.EchoReactor"), ("epoll", "EPollReactor")]:
+            server = self.start("--port", LOOPBACK, reactor=chosen)
+            with connect(server.port) as sock:
+                self.assertEqual(echo(sock, payload), payload)
+            server.waitFor(r"reactor class: \S*" + expected.replace(".", r"\."))
+            server.stop()
+
     def test_twistRunner(self) -> None:
         """Twisted's newer runner, twist, runs the same plugin."""
         server = self.start("--port", LOOPBACK, runner="twist")

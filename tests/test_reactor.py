@@ -1,0 +1,200 @@
+"""
+Direct tests of L{echotw.reactor} on real descriptors: which events skip the
+log context, that dispatch keeps Twisted's semantics, the fallback for a
+Twisted without the internals it uses, and when it is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from twisted.internet import main
+from twisted.internet.protocol import Protocol
+from twisted.python import context, log
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from echotw import reactor as echoreactor
+from echotw.protocol import EchoProtocol
+from echotw.service import ListenerService
+from echotw.tap import EchoOptions, makeService
+
+
+class Reader:
+    """
+    A minimal read descriptor on one end of a socket pair that records the
+    log system each read ran under.
+    """
+
+    def __init__(self, sock: socket.socket, protocol: object | None) -> None:
+        self.sock = sock
+        if protocol is not None:
+            self.protocol = protocol
+        self.systems: list[str] = []
+        self.lost: list[Failure] = []
+        self.result: object = None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "reader-prefix"
+
+    def doRead(self) -> object:
+        self.systems.append(context.get(log.ILogContext)["system"])
+        self.sock.recv(100)
+        return self.result
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+def newReactor(test: SynchronousTestCase) -> Any:
+    if echoreactor.EPollReactor is None:
+        raise SkipTest("no epoll on this platform")
+    reactor = echoreactor.EchoReactor()
+
+    def close() -> None:
+        for reader in list(reactor._internalReaders):
+            reactor.removeReader(reader)
+            reader.connectionLost(None)
+        reactor.disconnectAll()
+        reactor._poller.close()
+
+    test.addCleanup(close)
+    return reactor
+
+
+class DispatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.near, self.far = socket.socketpair()
+        self.addCleanup(self.near.close)
+        self.addCleanup(self.far.close)
+        self.reactor = newReactor(self)
+
+    def readOnce(self, protocol: object | None) -> Reader:
+        reader = Reader(self.near, protocol)
+        self.reactor.addReader(reader)
+        self.far.send(b"x")
+        self.reactor.doIteration(1.0)
+        return reader
+
+    def test_echoConnectionsSkipTheLogContext(self) -> None:
+        """An echo connection's read runs without the per-event log context."""
+        self.assertTrue(self.reactor.quietDispatch)
+        self.assertEqual(self.readOnce(EchoProtocol()).systems, ["-"])
+
+    def test_otherDescriptorsKeepIt(self) -> None:
+        """Any other descriptor is dispatched as by Twisted: its log prefix is
+        the system of whatever it logs."""
+        withProtocol = self.readOnce(Protocol())
+        self.assertEqual(withProtocol.systems, ["reader-prefix"])
+        self.reactor.removeReader(withProtocol)
+        self.assertEqual(self.readOnce(None).systems, ["reader-prefix"])
+
+    def test_fallsBackWithoutTheInternals(self) -> None:
+        """Where Twisted's epoll reactor lacks what the fast loop uses, the
+        parent's loop runs, context and all."""
+        self.reactor.quietDispatch = False
+        self.assertEqual(self.readOnce(EchoProtocol()).systems, ["reader-prefix"])
+
+    def test_disconnectIsReported(self) -> None:
+        """A read that reports the connection done removes the descriptor and
+        tells it, as the stock reactor does."""
+        reader = Reader(self.near, EchoProtocol())
+        reader.result = main.CONNECTION_DONE
+        self.reactor.addReader(reader)
+        self.far.send(b"x")
+        self.reactor.doIteration(1.0)
+        self.assertEqual(len(reader.lost), 1)
+        self.assertNotIn(reader, self.reactor.getReaders())
+
+    def test_errorIsLoggedAndDisconnects(self) -> None:
+        """An exception from a quietly dispatched read is logged and ends
+        that connection, not the loop."""
+        reader = Reader(self.near, EchoProtocol())
+
+        def broken() -> object:
+            raise ZeroDivisionError()
+
+        reader.doRead = broken  # type: ignore[method-assign]
+        self.reactor.addReader(reader)
+        self.far.send(b"x")
+        self.reactor.doIteration(1.0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(reader.lost), 1)
+
+
+class EchoThroughEchoReactorTests(SynchronousTestCase):
+    def test_byteExactEchoAndClose(self) -> None:
+        """The whole service, run by an L{EchoReactor}, echoes 4 MiB of random
+        bytes exactly over real loopback TCP and closes after a half-close."""
+        reactor = newReactor(self)
+        options = EchoOptions()
+        options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--allow", "127.0.0.1"])
+        service = makeService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        [listener] = [child for child in service if isinstance(child, ListenerService)]
+        payload = random.Random(4).randbytes(4 * 1024 * 1024)
+        client = socket.create_connection(("127.0.0.1", listener.port.getHost().port), timeout=5)
+        self.addCleanup(client.close)
+        client.setblocking(False)
+        sent, received, deadline = 0, bytearray(), time.monotonic() + 30
+        halfClosed = closed = False
+        while not closed and time.monotonic() < deadline:
+            if sent < len(payload):
+                try:
+                    sent += client.send(payload[sent : sent + 65536])
+                except BlockingIOError:
+                    pass
+            elif not halfClosed:
+                client.shutdown(socket.SHUT_WR)
+                halfClosed = True
+            reactor.iterate(0.001)
+            try:
+                chunk = client.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            closed = not chunk
+            received += chunk
+        self.assertTrue(closed, "the server did not close after the half-close")
+        self.assertEqual(bytes(received), payload)
+
+
+class InstallTests(SynchronousTestCase):
+    def test_leavesAnInstalledReactorAlone(self) -> None:
+        """With a reactor already installed (here, the test runner's), nothing
+        is replaced."""
+        from twisted.internet import reactor
+
+        before = type(reactor)
+        self.assertFalse(echoreactor.installIfUnchosen())
+        self.assertIs(type(sys.modules["twisted.internet.reactor"]), before)
+
+    def run_python(self, code: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout.strip()
+
+    def test_installedWhenNoneWasChosen(self) -> None:
+        """In a fresh process it becomes the reactor, unless one was chosen."""
+        if echoreactor.EPollReactor is None:
+            raise SkipTest("no epoll on this platform")
+        report = "from twisted.internet import reactor; print(installed, type(reactor).__name__)"
+        fresh = "from echotw.reactor import installIfUnchosen; installed = installIfUnchosen(); "
+        self.assertEqual(self.run_python(fresh + report), "True EchoReactor")
+        chosen = "from twisted.internet import pollreactor; pollreactor.install(); " + fresh
+        self.assertEqual(self.run_python(chosen + report), "False PollReactor")

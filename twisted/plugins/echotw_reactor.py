@@ -1,0 +1,7 @@
+from twisted.application.reactors import Reactor
+
+echotw = Reactor(
+    "echotw",
+    "echotw.reactor",
+    "epoll, without the per-event log context for echo connections (Linux).",
+)
