@@ -314,10 +314,11 @@ class EchoFactory(ServerFactory):
 def closeReason(why: Failure) -> str:
     """
     The close reason for a connection the server did not end itself.
+    (C{isinstance}, not C{Failure.check}, which compares qualified names.)
     """
-    if why.check(ConnectionDone):
+    if isinstance(why.value, ConnectionDone):
         return "client closed"
-    if why.check(ConnectionLost):
+    if isinstance(why.value, ConnectionLost):
         return "client reset"
     return "error"
 
