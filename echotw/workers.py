@@ -38,6 +38,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.python.reflect import qual
 
 from echotw import loglevel
 
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         inherited.append((int(fd), _FAMILIES[family]))
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
     service = makeService(options, reactor, inherited=inherited)
+    Logger(observer=loglevel.observer).info(
+        "Worker running on {reactor}", event="worker-reactor", reactor=qual(type(reactor))
+    )
     parent = os.getppid()
 
     def orphaned() -> None:
