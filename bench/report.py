@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from servers import CLIENT_CPU, SERVER_CPU
+from servers import CLIENT_CPU, SERVER_CPU, SPECS
 from workloads import Workload, value
 
 BASELINES = ("uvloop_proto", "twisted_naive")
@@ -180,6 +180,42 @@ def cpuTable(cells: Cells, servers: list[str], wls: list[Workload]) -> list[str]
     return lines
 
 
+def serverCostTable(cells: Cells, servers: list[str], wls: list[Workload]) -> list[str]:
+    """
+    Server CPU per unit of work: where the client sets the pace (churn, and
+    ping-pong against the fastest servers) rates tie, and this still differs.
+    """
+    rate = [w for w in wls if w.mode != "hold"]
+    if not rate:
+        return []
+    units = {"stream": "per MB"}
+    lines = [
+        "Server CPU per unit of work, µs (the server's processes' CPU time over the loadgen "
+        "run ÷ the measured rate; per round trip, per MB streamed, per connection; lower is "
+        "better). It tells servers apart where the client, not the server, set the pace. "
+        "Forking servers are left out: their children's time is not all visible.",
+        "",
+        "| server | "
+        + " | ".join(f"{w.name} ({units.get(w.mode, 'per op')})" for w in rate)
+        + " |",
+        "|---" * (len(rate) + 1) + "|",
+    ]
+    forking = {spec.name for spec in SPECS if spec.forking}
+    for s in servers:
+        if s in forking:
+            continue
+        row = []
+        for w in rate:
+            r = cells.get((s, w.name))
+            v = value(r)
+            if not r or not v or "server_group_cpu_pct" not in r:
+                row.append("-")
+                continue
+            row.append(f"{r['server_group_cpu_pct'] / 100 / v * 1e6:.1f}")
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
+    return lines
+
+
 def idleTable(cells: Cells, servers: list[str]) -> list[str]:
     rows = [(s, cells[(s, "idle10k")]) for s in servers if (s, "idle10k") in cells]
     if not rows:
@@ -253,7 +289,12 @@ def markdown(
     cells = medianCells(results)
     parts = ["# echotw benchmark", "", *machineLines(info, args), ""]
     parts += [*mainTable(cells, servers, wls, args.noise_limit), ""]
-    for section in (ratioTable(cells, servers, wls), cpuTable(cells, servers, wls)):
+    sections = (
+        ratioTable(cells, servers, wls),
+        cpuTable(cells, servers, wls),
+        serverCostTable(cells, servers, wls),
+    )
+    for section in sections:
         if section:
             parts += [*section, ""]
     if any(w.mode == "hold" for w in wls):
