@@ -59,7 +59,9 @@ class WorkersEndToEndTests(SynchronousTestCase):
         started = server.waitFor(r"(Started worker \d \(pid \d+\)(.|\n)*){2}")
         pids = [int(p) for p in re.findall(r"Started worker \d \(pid (\d+)\)", started.group(0))]
         server.waitFor(r"(echotw worker \d\] Listening(.|\n)*){2}")
-        server.waitFor(r"(echotw worker \d\] Worker running on echotw\.reactor\.EchoReactor(.|\n)*){2}")
+        server.waitFor(
+            r"(echotw worker \d\] Worker running on echotw\.reactor\.EchoReactor(.|\n)*){2}"
+        )
         deadline = time.monotonic() + 20
         served = set()
         while len(served) < 2 and time.monotonic() < deadline:
