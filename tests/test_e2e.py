@@ -204,10 +204,16 @@ class EchoEndToEndTests(ServerTestCase):
         self.assertNotIn("Traceback", output)
 
     def test_reactorChoice(self) -> None:
-        """twistd runs echotw's epoll reactor unless told otherwise; with
-        C{-r epoll} the stock one serves the same echo."""
+        """twistd runs echotw's epoll reactor unless told otherwise (or when
+        told C{-r echotw}); with C{-r epoll} the stock one serves the same
+        echo."""
         payload = random.Random(11).randbytes(300_000)
-        for chosen, expected in [("", "echotw.reactor.EchoReactor"), ("epoll", "EPollReactor")]:
+        choices = [
+            ("", "echotw.reactor.EchoReactor"),
+            ("echotw", "echotw.reactor.EchoReactor"),
+            ("epoll", "EPollReactor"),
+        ]
+        for chosen, expected in choices:
             server = self.start("--port", LOOPBACK, reactor=chosen)
             with connect(server.port) as sock:
                 self.assertEqual(echo(sock, payload), payload)
