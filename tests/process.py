@@ -16,10 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from twisted.trial.unittest import SynchronousTestCase
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"Listening on (?P<listener>\S+) at (?P<address>\S+)")
 START_TIMEOUT = 20.0
+LOOPBACK = "tcp:0:interface=127.0.0.1"
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
@@ -229,3 +232,15 @@ def environmentWithRoot() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+class ServerTestCase(SynchronousTestCase):
+    """
+    A test case whose C{start} runs an L{EchoServer} that is killed and
+    cleaned up after the test, whatever happens.
+    """
+
+    def start(self, *args: str, **kw: object) -> EchoServer:
+        server = EchoServer(*args, **kw)  # type: ignore[arg-type]
+        self.addCleanup(server.close)
+        return server

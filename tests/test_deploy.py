@@ -28,8 +28,10 @@ from unittest import SkipTest
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.process import (
+    LOOPBACK,
     ROOT,
     EchoServer,
+    ServerTestCase,
     connect,
     echo,
     freePort,
@@ -37,7 +39,6 @@ from tests.process import (
     twistdCommand,
 )
 
-LOOPBACK = "tcp:0:interface=127.0.0.1"
 PROXY_LISTENER = "haproxy:tcp:0:interface=127.0.0.1"
 CONTRIB = ROOT / "contrib"
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
@@ -141,12 +142,7 @@ class LoggedProcess:
         return self.process.returncode
 
 
-class DeployTestCase(SynchronousTestCase):
-    def start(self, *args: str, **kw: object) -> EchoServer:
-        server = EchoServer(*args, **kw)  # type: ignore[arg-type]
-        self.addCleanup(server.close)
-        return server
-
+class DeployTestCase(ServerTestCase):
     def temporaryDirectory(self) -> Path:
         directory = Path(tempfile.mkdtemp(prefix="echotw-deploy-"))
         self.addCleanup(shutil.rmtree, directory, True)

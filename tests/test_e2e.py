@@ -20,16 +20,16 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.process import TWISTD, EchoServer, connect, echo, isClosedByServer, refusedFrom, run
-
-LOOPBACK = "tcp:0:interface=127.0.0.1"
-
-
-class ServerTestCase(SynchronousTestCase):
-    def start(self, *args: str, **kw: object) -> EchoServer:
-        server = EchoServer(*args, **kw)  # type: ignore[arg-type]
-        self.addCleanup(server.close)
-        return server
+from tests.process import (
+    LOOPBACK,
+    TWISTD,
+    ServerTestCase,
+    connect,
+    echo,
+    isClosedByServer,
+    refusedFrom,
+    run,
+)
 
 
 class EchoEndToEndTests(ServerTestCase):

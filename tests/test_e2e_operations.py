@@ -16,19 +16,20 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.trial.unittest import SynchronousTestCase
 
-from tests.process import EchoServer, connect, echo, isClosedByServer, refusedFrom, run
+from tests.process import (
+    LOOPBACK,
+    EchoServer,
+    ServerTestCase,
+    connect,
+    echo,
+    isClosedByServer,
+    refusedFrom,
+    run,
+)
 
-LOOPBACK = "tcp:0:interface=127.0.0.1"
 
-
-class OperationsEndToEndTests(SynchronousTestCase):
-    def start(self, *args: str, **kw: object) -> EchoServer:
-        server = EchoServer(*args, **kw)  # type: ignore[arg-type]
-        self.addCleanup(server.close)
-        return server
-
+class OperationsEndToEndTests(ServerTestCase):
     def served(self, server: EchoServer) -> bool:
         with connect(server.port) as sock:
             return echo(sock, b"ping", timeout=10) == b"ping"

@@ -34,9 +34,9 @@ from echotw.policy import AccessRules
 from echotw.protocol import EchoProtocol
 from echotw.service import ListenFailed
 from echotw.udp import UDPEchoProtocol
+from tests.process import LOOPBACK
 
 CLIENT = IPv4Address("TCP", "10.0.0.1", 1)
-LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -15,9 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.tap import EchoOptions
 from echotw.workers import shareOf
-from tests.process import EchoServer, connect, echo
-
-LOOPBACK = "tcp:0:interface=127.0.0.1"
+from tests.process import LOOPBACK, ServerTestCase, connect, echo
 
 
 def alive(pid: int) -> bool:
@@ -49,13 +47,12 @@ class ShareTests(SynchronousTestCase):
             EchoOptions().parseOptions(["--workers", "0"])
 
 
-class WorkersEndToEndTests(SynchronousTestCase):
+class WorkersEndToEndTests(ServerTestCase):
     def test_twoWorkersServeRestartAndStop(self) -> None:
         """Connections are served by two worker processes; killing one does
         not refuse new connections; SIGTERM stops every process, leaving no
         orphan."""
-        server = EchoServer("--workers", "2", "--port", LOOPBACK)
-        self.addCleanup(server.close)
+        server = self.start("--workers", "2", "--port", LOOPBACK)
         started = server.waitFor(r"(Started worker \d \(pid \d+\)(.|\n)*){2}")
         pids = [int(p) for p in re.findall(r"Started worker \d \(pid (\d+)\)", started.group(0))]
         server.waitFor(r"(echotw worker \d\] Listening(.|\n)*){2}")
