@@ -124,60 +124,67 @@ def ratio(cells: Cells, server: str, base: str, wl: Workload) -> float | None:
     return b / v if wl.mode == "hold" else v / b
 
 
+def table(columns: Iterable[str], rows: Iterable[tuple[str, Iterable[str]]]) -> list[str]:
+    """A markdown table with a server column first: its header and one line per row."""
+    names = list(columns)
+    return [
+        "| server | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+        *(f"| {server} | " + " | ".join(row) + " |" for server, row in rows),
+    ]
+
+
+def rateWorkloads(wls: list[Workload]) -> list[Workload]:
+    """The workloads measured as a rate (all but idle10k)."""
+    return [w for w in wls if w.mode != "hold"]
+
+
 def mainTable(cells: Cells, servers: list[str], wls: list[Workload], noise: float) -> list[str]:
-    lines = ["| server | " + " | ".join(w.title for w in wls) + " |", "|---" * (len(wls) + 1) + "|"]
-    for s in servers:
-        row = [cellText(cells.get((s, w.name)), noise) for w in wls]
-        lines.append(f"| {s} | " + " | ".join(row) + " |")
-    return lines
+    return table(
+        (w.title for w in wls),
+        ((s, [cellText(cells.get((s, w.name)), noise) for w in wls]) for s in servers),
+    )
 
 
 def ratioTable(cells: Cells, servers: list[str], wls: list[Workload]) -> list[str]:
     bases = [b for b in BASELINES if b in servers]
     if not bases:
         return []
-    lines = [
+
+    def ratios(s: str, w: Workload) -> str:
+        rs = [ratio(cells, s, b, w) for b in bases]
+        return " / ".join("-" if x is None else f"{x:.2f}" for x in rs)
+
+    return [
         f"Ratios: server / {' and server / '.join(bases)} (idle10k: baseline / server, "
         "so above 1 is better in every column)",
         "",
-        "| server | " + " | ".join(w.name for w in wls) + " |",
-        "|---" * (len(wls) + 1) + "|",
+        *table((w.name for w in wls), ((s, [ratios(s, w) for w in wls]) for s in servers)),
     ]
-    for s in servers:
-        row = []
-        for w in wls:
-            rs = [ratio(cells, s, b, w) for b in bases]
-            row.append(" / ".join("-" if x is None else f"{x:.2f}" for x in rs))
-        lines.append(f"| {s} | " + " | ".join(row) + " |")
-    return lines
 
 
 def cpuTable(cells: Cells, servers: list[str], wls: list[Workload]) -> list[str]:
-    rate = [w for w in wls if w.mode != "hold"]
+    rate = rateWorkloads(wls)
     if not rate:
         return []
-    lines = [
+
+    def busy(s: str, w: Workload) -> str:
+        r = cells.get((s, w.name))
+        if not r or "cpu_server_busy_pct" not in r:
+            return "-"
+        return (
+            f"{r['cpu_server_busy_pct']:.0f} / {r['cpu_client_busy_pct']:.0f} / "
+            f"{r.get('client_idle_pct', 0):.0f} / {r.get('other_cpu_pct', 0):.0f}"
+        )
+
+    return [
         f"CPU during each cell (whole loadgen run), %: CPU {SERVER_CPU} busy (the pinned "
         f"server) / CPU {CLIENT_CPU} busy (the client) / client idle share (empty polls, "
         "measured window) / other processes on the machine, % of one CPU. Client idle near "
         "0: the client set the pace, not the server.",
         "",
-        "| server | " + " | ".join(w.name for w in rate) + " |",
-        "|---" * (len(rate) + 1) + "|",
+        *table((w.name for w in rate), ((s, [busy(s, w) for w in rate]) for s in servers)),
     ]
-    for s in servers:
-        row = []
-        for w in rate:
-            r = cells.get((s, w.name))
-            if not r or "cpu_server_busy_pct" not in r:
-                row.append("-")
-                continue
-            row.append(
-                f"{r['cpu_server_busy_pct']:.0f} / {r['cpu_client_busy_pct']:.0f} / "
-                f"{r.get('client_idle_pct', 0):.0f} / {r.get('other_cpu_pct', 0):.0f}"
-            )
-        lines.append(f"| {s} | " + " | ".join(row) + " |")
-    return lines
 
 
 def serverCostTable(cells: Cells, servers: list[str], wls: list[Workload]) -> list[str]:
@@ -185,35 +192,30 @@ def serverCostTable(cells: Cells, servers: list[str], wls: list[Workload]) -> li
     Server CPU per unit of work: where the client sets the pace (churn, and
     ping-pong against the fastest servers) rates tie, and this still differs.
     """
-    rate = [w for w in wls if w.mode != "hold"]
+    rate = rateWorkloads(wls)
     if not rate:
         return []
     units = {"stream": "per MB"}
-    lines = [
+    forking = {spec.name for spec in SPECS if spec.forking}
+
+    def cost(s: str, w: Workload) -> str:
+        r = cells.get((s, w.name))
+        v = value(r)
+        if not r or not v or "server_group_cpu_pct" not in r:
+            return "-"
+        return f"{r['server_group_cpu_pct'] / 100 / v * 1e6:.1f}"
+
+    return [
         "Server CPU per unit of work, µs (the server's processes' CPU time over the loadgen "
         "run ÷ the measured rate; per round trip, per MB streamed, per connection; lower is "
         "better). It tells servers apart where the client, not the server, set the pace. "
         "Forking servers are left out: their children's time is not all visible.",
         "",
-        "| server | "
-        + " | ".join(f"{w.name} ({units.get(w.mode, 'per op')})" for w in rate)
-        + " |",
-        "|---" * (len(rate) + 1) + "|",
+        *table(
+            (f"{w.name} ({units.get(w.mode, 'per op')})" for w in rate),
+            ((s, [cost(s, w) for w in rate]) for s in servers if s not in forking),
+        ),
     ]
-    forking = {spec.name for spec in SPECS if spec.forking}
-    for s in servers:
-        if s in forking:
-            continue
-        row = []
-        for w in rate:
-            r = cells.get((s, w.name))
-            v = value(r)
-            if not r or not v or "server_group_cpu_pct" not in r:
-                row.append("-")
-                continue
-            row.append(f"{r['server_group_cpu_pct'] / 100 / v * 1e6:.1f}")
-        lines.append(f"| {s} | " + " | ".join(row) + " |")
-    return lines
 
 
 def idleTable(cells: Cells, servers: list[str]) -> list[str]:
