@@ -466,6 +466,17 @@ static void kick_all(uint64_t t) {
     }
 }
 
+/* warm-up -> measuring once warm_end passes -> stopping (draining) once *end passes */
+static void advance_phase(uint64_t t, uint64_t warm_end, uint64_t *end, uint64_t *drain_end) {
+    if (!measuring && t >= warm_end) {
+        start_measuring();
+        *end = t_measure + (uint64_t)(cfg.seconds * 1e9);
+    } else if (measuring && !stopping && t >= *end) {
+        stop_measuring();
+        *drain_end = t + (uint64_t)(DRAIN_S * 1e9);
+    }
+}
+
 static int run_load(void) {
     setup_all();
     if (!checked) { report("no connection completed its first echo"); return 1; }
@@ -473,13 +484,7 @@ static int run_load(void) {
     kick_all(t);
     for (;;) {
         t = now_ns();
-        if (!measuring && t >= warm_end) {
-            start_measuring();
-            end = t_measure + (uint64_t)(cfg.seconds * 1e9);
-        } else if (measuring && !stopping && t >= end) {
-            stop_measuring();
-            drain_end = t + (uint64_t)(DRAIN_S * 1e9);
-        }
+        advance_phase(t, warm_end, &end, &drain_end);
         if (stopping && (inflight() == 0 || t >= drain_end)) break;
         if (!checked) { if (measuring && !stopping) stop_measuring(); break; }
         poll_once(5);
@@ -504,13 +509,7 @@ static int run_churn(void) {
     uint64_t next_expiry = t;
     for (;;) {
         t = now_ns();
-        if (!measuring && t >= warm_end) {
-            start_measuring();
-            end = t_measure + (uint64_t)(cfg.seconds * 1e9);
-        } else if (measuring && !stopping && t >= end) {
-            stop_measuring();
-            drain_end = t + (uint64_t)(DRAIN_S * 1e9);
-        }
+        advance_phase(t, warm_end, &end, &drain_end);
         if (!stopping)
             for (int i = 0; i < cfg.conns; i++)
                 if (conn[i].state == FREE || conn[i].state == CLOSED) open_conn(&conn[i]);
