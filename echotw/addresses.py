@@ -20,6 +20,30 @@ _MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 IPNetwork = IPv4Network | IPv6Network
 
 
+def describeAddress(address: IAddress | None) -> tuple[str, int | None]:
+    """
+    C{(host, port)} for logs: the IP and port, or a Unix socket's path and
+    L{None}.
+    """
+    host = getattr(address, "host", None)
+    if isinstance(host, str):
+        return host, getattr(address, "port", None)
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return (name or "unix"), None
+
+
+def formatAddress(address: IAddress | None) -> str:
+    """
+    C{host:port}, C{[v6host]:port}, or a Unix socket's path, for log lines.
+    """
+    host, port = describeAddress(address)
+    if port is None:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parseNetwork(text: str) -> IPNetwork:
     """
     Parse an address or CIDR (C{10.0.0.0/8}, C{2001:db8::/32}, C{192.0.2.7}).

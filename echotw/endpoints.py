@@ -1,11 +1,14 @@
 """
-Listener descriptions: what C{--port} accepts, turned into Twisted endpoint
-strings and checked before anything listens.
+Listener descriptions: what C{--port} and C{--udp} accept, turned into
+Twisted endpoint strings (or, for UDP, which Twisted has no endpoint strings
+for, a L{UDPListener} in the same syntax) and checked before anything
+listens.
 """
 
 from __future__ import annotations
 
 import socket
+from ipaddress import ip_address
 from typing import NamedTuple
 
 from twisted.internet.endpoints import serverFromString
@@ -22,6 +25,21 @@ def escape(value: str) -> str:
     Escape C{:} and C{\\} for an endpoint string (IPv6 interface literals).
     """
     return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def unescape(value: str) -> str:
+    """
+    Undo L{escape}: drop each backslash, keeping the character after it.
+    """
+    out = []
+    escaped = False
+    for ch in value:
+        if escaped or ch != "\\":
+            out.append(ch)
+            escaped = False
+        else:
+            escaped = True
+    return "".join(out)
 
 
 def splitDescription(description: str) -> list[str]:
@@ -117,3 +135,107 @@ def checkDescription(description: str) -> None:
     if kind in ("tcp", "tcp6", "ssl") and len(parts) > 1 and "=" not in parts[1]:
         if not 0 <= int(parts[1]) <= 65535:
             raise ValueError(f"port {parts[1]} is out of range 0-65535")
+
+
+class UDPListener(NamedTuple):
+    """
+    One UDP listener: the port and interface to bind, whether it is IPv6,
+    and C{name}, the canonical description for logs and verifiers.
+    """
+
+    port: int
+    interface: str
+    ipv6: bool
+    name: str
+
+
+_UDP_TYPES = {"udp": False, "udp6": True}
+
+
+def parseUDPListener(value: str, interface: str = "") -> UDPListener:
+    """
+    The listener for one C{--udp} value.
+
+    C{udp:PORT[:interface=ADDR]} and C{udp6:PORT[:interface=ADDR]} as in
+    Twisted's endpoint strings (the port may also be given as C{port=PORT};
+    colons in an IPv6 literal are escaped: C{udp6:7:interface=\\:\\:1}).  A bare
+    number is UDP on that port on C{interface}, IPv6 when C{interface} is an
+    IPv6 literal.  The interface must be an IP address of the listener's
+    family: Twisted's UDP ports bind to addresses, not names.
+
+    @raise ValueError: with a one-line message naming the value and the problem.
+    """
+    text = value.strip()
+    try:
+        return _parseUDP(text, interface.strip())
+    except ValueError as e:
+        raise ValueError(f"{text!r}: {e}") from None
+
+
+def _parseUDP(text: str, defaultInterface: str) -> UDPListener:
+    if not text:
+        raise ValueError("empty UDP listener description")
+    if text.isdigit():
+        ipv6 = ":" in defaultInterface
+        return _udpListener(ipv6, _portNumber(text), defaultInterface)
+    parts = splitDescription(text)
+    kind = parts[0].strip().lower()
+    if kind not in _UDP_TYPES:
+        raise ValueError(f"unknown UDP listener type {parts[0]!r} (use udp:PORT or udp6:PORT)")
+    ipv6 = _UDP_TYPES[kind]
+    port: int | None = None
+    iface = ""
+    seen: set[str] = set()
+    previous = ""
+    for part in parts[1:]:
+        key, eq, raw = part.partition("=")
+        key = key.strip()
+        if not eq and previous == "interface":
+            raise ValueError(
+                "unescaped colon after interface= (write IPv6 addresses as interface=\\:\\:1)"
+            )
+        previous = key if eq else ""
+        if not part.strip():
+            raise ValueError("empty field (no port given?)")
+        if not eq:
+            if port is not None:
+                raise ValueError(f"unexpected {part!r} (only a port and interface= may follow)")
+            port = _portNumber(unescape(part).strip())
+            continue
+        if key in seen or (key == "port" and port is not None):
+            raise ValueError(f"{key}= given twice")
+        seen.add(key)
+        if key == "port":
+            port = _portNumber(unescape(raw).strip())
+        elif key == "interface":
+            iface = unescape(raw).strip()
+        else:
+            raise ValueError(f"unknown option {key!r} (only interface= is accepted)")
+    if port is None:
+        raise ValueError("no port given")
+    return _udpListener(ipv6, port, iface)
+
+
+def _portNumber(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"port {text!r} is not a number")
+    number = int(text)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range 0-65535")
+    return number
+
+
+def _udpListener(ipv6: bool, port: int, iface: str) -> UDPListener:
+    if iface:
+        try:
+            version = ip_address(iface).version
+        except ValueError:
+            raise ValueError(f"interface {iface!r} is not an IP address") from None
+        if version == 6 and not ipv6:
+            raise ValueError(f"interface {iface} is IPv6: use udp6:")
+        if version == 4 and ipv6:
+            raise ValueError(f"interface {iface} is IPv4: use udp:")
+    name = f"{'udp6' if ipv6 else 'udp'}:{port}"
+    if iface:
+        name += f":interface={escape(iface)}"
+    return UDPListener(port, iface or ("::" if ipv6 else ""), ipv6, name)

@@ -16,37 +16,13 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import sourceKey
+from echotw.addresses import describeAddress, sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
 from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets, defaultClock
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
-
-
-def formatAddress(address: IAddress | None) -> str:
-    """
-    C{host:port}, C{[v6host]:port}, or a Unix socket's path, for log lines.
-    """
-    host, port = describeAddress(address)
-    if port is None:
-        return host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def describeAddress(address: IAddress | None) -> tuple[str, int | None]:
-    """
-    C{(host, port)} for logs: the IP and port, or a Unix socket's path and
-    L{None}.
-    """
-    host = getattr(address, "host", None)
-    if isinstance(host, str):
-        return host, getattr(address, "port", None)
-    name = getattr(address, "name", None)
-    if isinstance(name, bytes):
-        name = name.decode("utf-8", "replace")
-    return (name or "unix"), None
 
 
 class EchoFactory(ServerFactory):
@@ -125,23 +101,20 @@ class EchoFactory(ServerFactory):
     def buildProtocol(self, addr: IAddress) -> EchoProtocol | None:  # type: ignore[override]
         return self.buildProtocolFor(addr, "")
 
-    def buildHealthCheckProtocol(self, addr: IAddress, listener: str) -> EchoProtocol:
+    def buildHealthCheckProtocol(
+        self, addr: IAddress, listener: str, noDelay: bool = True
+    ) -> EchoProtocol:
         """
         A protocol for a trusted balancer's health check: not subject to the
         client rules and limits, counted as a connection, logged at debug.
         """
-        p = self._newProtocol(addr, listener)
-        p.healthCheck = True
-        return p
-
-    def _newProtocol(self, addr: IAddress, listener: str) -> EchoProtocol:
         p = self.protocol()
-        p.factory = self
-        p.listener = listener
-        p.peer = addr
+        p.admit(self, listener, addr, healthCheck=True, noDelay=noDelay)
         return p
 
-    def buildProtocolFor(self, addr: IAddress, listener: str) -> EchoProtocol | None:
+    def buildProtocolFor(
+        self, addr: IAddress, listener: str, noDelay: bool = True
+    ) -> EchoProtocol | None:
         """
         Verify a new connection; return its protocol, or L{None} to refuse it.
         """
@@ -164,11 +137,15 @@ class EchoFactory(ServerFactory):
         if reason is not None:
             self.refuse(addr, listener, reason, source)
             return None
-        p = self._newProtocol(addr, listener)
-        if self.maxPerSource:
-            p.source = source
-        if self.maxSessionBytes:
-            p.byteLimit = self.maxSessionBytes
+        p = self.protocol()
+        p.admit(
+            self,
+            listener,
+            addr,
+            source=source if self.maxPerSource else None,
+            byteLimit=self.maxSessionBytes,
+            noDelay=noDelay,
+        )
         return p
 
     def checkAddress(self, addr: IAddress, listener: str) -> str | None:
@@ -240,9 +217,7 @@ class EchoFactory(ServerFactory):
         self.openByListener[listener] = self.openByListener.get(listener, 0) + 1
         self.totalByListener[listener] = self.totalByListener.get(listener, 0) + 1
         if self.maxSessionSeconds:
-            p.sessionTimer = self.clock.callLater(
-                self.maxSessionSeconds, p.finish, "max-session-seconds"
-            )
+            p.limitDuration(self.clock, self.maxSessionSeconds)
         source = p.source
         if source is not None:
             self.perSource[source] = self.perSource.get(source, 0) + 1
@@ -260,7 +235,7 @@ class EchoFactory(ServerFactory):
             )
         if not logged:
             return
-        p.logged = True
+        p.logEvents()
         host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.levelWithName(level),
@@ -279,8 +254,6 @@ class EchoFactory(ServerFactory):
             return
         self.protocols.discard(p)
         self.openConnections -= 1
-        if p.sessionTimer is not None and p.sessionTimer.active():
-            p.sessionTimer.cancel()
         self.openByListener[p.listener] -= 1
         source = p.source
         if source is not None:
@@ -354,11 +327,15 @@ class ListenerFactory(Factory):
     def logPrefix(self) -> str:
         return "echotw"
 
+    def acceptedInheritNoDelay(self) -> None:
+        """
+        The listening socket has C{TCP_NODELAY}, which Linux copies to each
+        accepted socket: connections need not set it again.
+        """
+        self.noDelayOnListener = True
+
     def buildProtocol(self, addr: IAddress) -> EchoProtocol | None:  # type: ignore[override]
-        p = self.echo.buildProtocolFor(addr, self.listener)
-        if p is not None and self.noDelayOnListener:
-            p.noDelay = False
-        return p
+        return self.echo.buildProtocolFor(addr, self.listener, not self.noDelayOnListener)
 
     def buildHealthCheckProtocol(self, addr: IAddress) -> EchoProtocol:
-        return self.echo.buildHealthCheckProtocol(addr, self.listener)
+        return self.echo.buildHealthCheckProtocol(addr, self.listener, not self.noDelayOnListener)

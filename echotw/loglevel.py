@@ -17,10 +17,11 @@ from twisted.logger import (
     globalLogPublisher,
 )
 
-LEVELS = ["debug", "info", "warn", "error", "critical"]
+LEVELS = [level.name for level in sorted(LogLevel.iterconstants())]
+"""Level names from least to most important, as L{LogLevel} orders them."""
 
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-enabled = {level: LEVELS.index(level) >= LEVELS.index("info") for level in LEVELS}
+enabled = {name: LogLevel.levelWithName(name) >= LogLevel.info for name in LEVELS}
 """Whether each level is shown now: a dict lookup, for hot paths."""
 observer = FilteringLogObserver(globalLogPublisher, [_predicate])
 """Give this to every echotw C{Logger}: C{Logger(observer=observer)}."""
@@ -30,6 +31,7 @@ def setLogLevel(name: str) -> None:
     """
     Show echotw's events at level C{name} and above.
     """
-    _predicate.setLogLevelForNamespace("", LogLevel.levelWithName(name))
+    chosen = LogLevel.levelWithName(name)
+    _predicate.setLogLevelForNamespace("", chosen)
     for level in LEVELS:
-        enabled[level] = LEVELS.index(level) >= LEVELS.index(name)
+        enabled[level] = LogLevel.levelWithName(level) >= chosen

@@ -36,7 +36,7 @@ C{prometheus_client}'s own collectors.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -51,6 +51,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IRequest
@@ -58,7 +59,8 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from echotw.factory import DURATION_BUCKETS, EchoFactory, describeAddress, formatAddress
+from echotw.addresses import describeAddress, formatAddress
+from echotw.factory import DURATION_BUCKETS, EchoFactory
 from echotw.service import ListenerService
 from echotw.udp import UDPEchoProtocol
 
@@ -281,12 +283,12 @@ class MetricsService(ListenerService):
         description: str,
         factory: EchoFactory,
         udp: Sequence[UDPEchoProtocol] = (),
-        reactor: Any = None,
+        reactor: IReactorCore | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as globalReactor
 
-            reactor = globalReactor
+            reactor = cast(IReactorCore, globalReactor)
         self.registry = metricsRegistry(factory, udp)
         endpoint = serverFromString(reactor, description)
         site = metricsSite(self.registry)

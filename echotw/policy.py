@@ -10,8 +10,9 @@ C{--deny}; L{echotw.factory.EchoFactory} takes more through its C{verifiers}.
 
 from __future__ import annotations
 
+import pkgutil
 from collections.abc import Callable, Iterable
-from typing import Union
+from typing import Any, Union
 
 from twisted.internet.interfaces import IAddress
 
@@ -69,3 +70,25 @@ def refusalReason(verdict: Verdict, default: str = "refused") -> str | None:
     if verdict is False or verdict == "":
         return default
     return str(verdict)
+
+
+def loadVerifier(name: str) -> Verifier:
+    """
+    The verifier C{--verifier} names: C{package.module:callable} (or
+    C{package.module.callable}); a class is instantiated with no arguments.
+
+    @raise ValueError: with a one-line reason.
+    """
+    try:
+        target: Any = pkgutil.resolve_name(name)
+    except Exception as e:
+        raise ValueError(f"cannot import {name!r}: {type(e).__name__}: {e}") from None
+    if isinstance(target, type):
+        try:
+            target = target()
+        except Exception as e:
+            raise ValueError(f"cannot instantiate {name!r}: {type(e).__name__}: {e}") from None
+    if not callable(target):
+        raise ValueError(f"{name!r} is not callable")
+    verifier: Verifier = target
+    return verifier

@@ -5,13 +5,14 @@ The echo handler: one L{EchoProtocol} per connection.
 from __future__ import annotations
 
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import (
     IAddress,
     IConsumer,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IReactorTime,
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -19,8 +20,34 @@ from zope.interface import implementer
 
 from echotw.fastpath import canWriteDirectly, writeDirectly
 
-if TYPE_CHECKING:
-    from echotw.factory import EchoFactory
+
+class ConnectionTracker(TypingProtocol):
+    """
+    What a connection needs from its factory: to be counted when it opens
+    and released when it closes (see L{echotw.factory.EchoFactory}).
+    """
+
+    def connectionOpened(self, connection: EchoProtocol) -> None: ...
+
+    def connectionClosed(self, connection: EchoProtocol, why: Failure) -> None: ...
+
+
+class Connection(TypingProtocol):
+    """
+    What the server's housekeeping (the idle sweep, reloads, the drain) needs
+    from an open connection.
+    """
+
+    listener: str
+    peer: IAddress | None
+    bytesEchoed: int
+    finishing: bool
+
+    def finish(self, reason: str) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+    def isIdle(self, now: float, timeout: float) -> bool: ...
 
 
 @implementer(IHalfCloseableProtocol)
@@ -34,6 +61,9 @@ class EchoProtocol(Protocol):
     (64 KiB) is held per connection.  When the client half-closes, whatever is
     still queued is sent before the connection closes.
 
+    The factory sets a connection up with L{admit} before it is connected,
+    and its own fields are changed only through its methods.
+
     @ivar bytesEchoed: bytes received and queued to be sent back.
     @ivar peer: the client address the connection was verified with.
     @ivar source: the key this connection counts under for per-source limits.
@@ -46,14 +76,12 @@ class EchoProtocol(Protocol):
         C{--log-connections}).
     @ivar healthCheck: a balancer's own connection (a PROXY C{LOCAL}
         header): logged at debug level only.
-    @ivar idleMark: C{bytesEchoed} when the idle sweep last saw it change,
-        at C{idleSince} (see L{echotw.service.EchoService}).
     @cvar dispatchWithoutLogContext: echotw logs with explicit fields, so
         L{echotw.reactor.EchoReactor} may skip the legacy log context when
         dispatching this connection's events.
     """
 
-    factory: EchoFactory
+    factory: ConnectionTracker
     listener = ""
     peer: IAddress | None = None
     source: str | None = None
@@ -65,11 +93,59 @@ class EchoProtocol(Protocol):
     healthCheck = False
     logged = False
     noDelay = True
-    sessionTimer: IDelayedCall | None = None
-    idleMark = -1
-    idleSince = 0.0
     startedAt = 0.0
+    _sessionTimer: IDelayedCall | None = None
+    _idleMark = -1
+    _idleSince = 0.0
     dispatchWithoutLogContext = True
+
+    def admit(
+        self,
+        factory: ConnectionTracker,
+        listener: str,
+        peer: IAddress,
+        *,
+        source: str | None = None,
+        byteLimit: int = 0,
+        healthCheck: bool = False,
+        noDelay: bool = True,
+    ) -> None:
+        """
+        Set up an accepted connection, before it is connected: who counts it,
+        where it came from, and its limits.
+        """
+        self.factory = factory
+        self.listener = listener
+        self.peer = peer
+        self.source = source
+        self.byteLimit = byteLimit
+        self.healthCheck = healthCheck
+        self.noDelay = noDelay
+
+    def limitDuration(self, clock: IReactorTime, seconds: float) -> None:
+        """
+        Close, after echoing, C{seconds} from now (C{--max-session-seconds}).
+        """
+        self._sessionTimer = clock.callLater(seconds, self.finish, "max-session-seconds")
+
+    def logEvents(self) -> None:
+        """
+        Log this connection's events (it fits the C{--log-connections} budget).
+        """
+        self.logged = True
+
+    def isIdle(self, now: float, timeout: float) -> bool:
+        """
+        Whether no byte has moved for C{timeout} seconds, as seen by periodic
+        calls (the server's idle sweep) at times C{now}: a connection costs
+        no timer of its own and a read costs nothing extra.
+        """
+        echoed = self.bytesEchoed
+        if echoed != self._idleMark:
+            self._idleMark = echoed
+            self._idleSince = now
+            return False
+        return now - self._idleSince >= timeout
 
     def connectionMade(self) -> None:
         self.startedAt = monotonic()
@@ -137,4 +213,7 @@ class EchoProtocol(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        timer = self._sessionTimer
+        if timer is not None and timer.active():
+            timer.cancel()
         self.factory.connectionClosed(self, reason)

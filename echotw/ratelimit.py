@@ -6,6 +6,7 @@ flood of (possibly forged) source addresses does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -111,44 +112,78 @@ class LogThrottle:
     At most one log line per key (a source) per C{interval} seconds; what is
     held back is counted and reported with that key's next line.
 
-    Keys not logged for an interval and with nothing held back are
-    forgotten, at most once per interval; at most C{maxKeys} are tracked,
-    and past that new keys are not logged at all (their events are still
-    counted by their callers).
+    Keys not logged for an interval are forgotten, at most once per
+    interval.  A key forgotten with events still held back is handed to
+    C{report} (with the count and the C{detail} of its latest event), so
+    the caller can log a closing line for it; without C{report} such keys
+    stay until their next line.  At most C{maxKeys} are tracked, and past
+    that new keys are not logged at all (their events are still counted by
+    their callers).  TCP refusals and UDP drops share this one mechanism.
     """
 
-    def __init__(self, interval: float, clock: IReactorTime, maxKeys: int = 65536) -> None:
+    def __init__(
+        self,
+        interval: float,
+        clock: IReactorTime,
+        maxKeys: int = 65536,
+        report: Callable[[Any, int, Any], None] | None = None,
+    ) -> None:
         self.interval = interval
         self.clock = clock
         self.maxKeys = maxKeys
-        self._last: dict[Any, list[float]] = {}
+        self.report = report
+        self._last: dict[Any, _Held] = {}
         self._lastPrune = clock.seconds()
 
-    def admit(self, key: Any) -> int | None:
+    def __len__(self) -> int:
+        """Keys currently tracked."""
+        return len(self._last)
+
+    def admit(self, key: Any, detail: Any = None) -> int | None:
         """
         L{None} if C{key} was logged less than an interval ago (this event is
-        counted instead); otherwise the number of its events held back since
-        its last line, and the caller should log now.
+        counted instead, and C{detail} kept as its latest); otherwise the
+        number of its events held back since its last line, and the caller
+        should log now.
         """
         now = self.clock.seconds()
         if now - self._lastPrune >= self.interval:
-            self._lastPrune = now
-            cutoff = now - self.interval
-            # Keys with held-back events stay, to report them on their next line.
-            for stale in [k for k, (at, held) in self._last.items() if at <= cutoff and not held]:
-                del self._last[stale]
+            self._prune(now, key)
         state = self._last.get(key)
         if state is None:
             if len(self._last) >= self.maxKeys:
                 return None
-            self._last[key] = [now, 0]
+            self._last[key] = _Held(now, detail)
             return 0
-        if now - state[0] < self.interval:
-            state[1] += 1
+        if now - state.at < self.interval:
+            state.held += 1
+            state.detail = detail
             return None
-        held = int(state[1])
-        state[0], state[1] = now, 0
+        held = state.held
+        state.at, state.held, state.detail = now, 0, detail
         return held
+
+    def _prune(self, now: float, current: Any) -> None:
+        # C{current} is about to be logged (or counted) anyway.
+        self._lastPrune = now
+        cutoff = now - self.interval
+        report = self.report
+        for key in [k for k, state in self._last.items() if state.at <= cutoff and k != current]:
+            state = self._last[key]
+            if not state.held:
+                del self._last[key]
+            elif report is not None:
+                del self._last[key]
+                report(key, state.held, state.detail)
+
+
+class _Held:
+    __slots__ = ("at", "detail", "held")
+
+    def __init__(self, at: float, detail: Any) -> None:
+        self.at = at
+        self.held = 0
+        self.detail = detail
 
 
 class PerSecondBudget:

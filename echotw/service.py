@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -20,34 +20,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.factory import EchoFactory, ListenerFactory, describeAddress, formatAddress
+from echotw.factory import EchoFactory, ListenerFactory
+from echotw.listening import ListenFailed, listenNow, logListening, stopListening
+from echotw.protocol import Connection
 from echotw.rulefiles import RuleFileError, RuleSource
-
-
-def logListening(log: Logger, listener: str, address: Any, **more: Any) -> None:
-    """
-    Log the address a listener actually bound (so C{tcp:0} reports its port).
-    """
-    host, port = describeAddress(address)
-    log.info(
-        "Listening on {listener} at {address}",
-        event="listening",
-        listener=listener,
-        address=formatAddress(address),
-        host=host,
-        port=port,
-        **more,
-    )
-
-
-class ListenFailed(SystemExit):
-    """
-    A listener could not start: the process exits non-zero with this one-line
-    message instead of a traceback, before anything serves.
-    """
-
-    def __init__(self, description: str, why: Failure) -> None:
-        super().__init__(f"echotw: cannot listen on {description}: {why.getErrorMessage()}")
 
 
 class ListenerService(Service):
@@ -67,17 +43,13 @@ class ListenerService(Service):
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        outcome: list[Any] = []
-        d = self.endpoint.listen(self.factory)
-        d.addBoth(outcome.append)
-        if not outcome:
+        port, pending = listenNow(self.description, self.endpoint, self.factory)
+        if pending is not None:
             # An endpoint that binds later (no built-in one does).
-            self._pending = d
-            d.addCallback(lambda _: self._listening(outcome[0]))
+            self._pending = pending
+            pending.addBoth(self._listening)
             return
-        if isinstance(outcome[0], Failure):
-            raise ListenFailed(self.description, outcome[0])
-        self._listening(outcome[0])
+        self._listening(port)
 
     def _listening(self, port: Any) -> Any:
         if isinstance(port, Failure):
@@ -85,7 +57,7 @@ class ListenerService(Service):
             os._exit(1)
         self.port = port
         if _noDelayOnListeningSocket(port) and isinstance(self.factory, ListenerFactory):
-            self.factory.noDelayOnListener = True
+            self.factory.acceptedInheritNoDelay()
         logListening(self._log, self.description, port.getHost())
         return port
 
@@ -98,16 +70,6 @@ class ListenerService(Service):
         Service.stopService(self)
         port, self.port = self.port, None
         return stopListening(port)
-
-
-def stopListening(port: IListeningPort | None) -> Deferred[None]:
-    """
-    Stop a listener's port, if it has one; fires when it has stopped.
-    """
-    if port is None:
-        return succeed(None)
-    stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
-    return stopped
 
 
 def _noDelayOnListeningSocket(port: Any) -> bool:
@@ -208,11 +170,7 @@ class EchoService(MultiService):
         now = self.clock.seconds()
         timeout = self.idleTimeout
         for p in list(self.factory.protocols):
-            echoed = p.bytesEchoed
-            if echoed != p.idleMark:
-                p.idleMark = echoed
-                p.idleSince = now
-            elif now - p.idleSince >= timeout:
+            if p.isIdle(now, timeout):
                 p.abort("timeout")
 
     def logStats(self) -> None:
@@ -277,7 +235,7 @@ class EchoService(MultiService):
             timeout=self.shutdownTimeout,
         )
         deadline = self.clock.seconds() + self.shutdownTimeout
-        seen: dict[Any, int] = {}
+        seen: dict[Connection, int] = {}
 
         def tick() -> None:
             if not factory.protocols:

@@ -20,17 +20,14 @@ of a loop or a reflection, in the spirit of OpenBSD inetd's C{dg_badinput}
     spends the bucket, then a datagram is dropped and the loop is over;
   - a reply is the request itself, so never larger than it.
 
-Twisted has no endpoint strings for datagram listeners, so L{parseUDPListener}
-reads C{udp:PORT[:interface=ADDR]} and C{udp6:PORT[:interface=ADDR]} in the
-same syntax as the TCP ones.
+C{--udp} values are parsed by L{echotw.endpoints.parseUDPListener}.
 """
 
 from __future__ import annotations
 
 import errno
 from collections.abc import Collection
-from ipaddress import ip_address
-from typing import Any, NamedTuple
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -43,10 +40,10 @@ from twisted.python.failure import Failure
 
 from echotw import loglevel
 from echotw.addresses import ipFromText
-from echotw.endpoints import escape, splitDescription
+from echotw.endpoints import UDPListener
+from echotw.listening import ListenFailed, logListening, stopListening
 from echotw.policy import Verifier, refusalReason
-from echotw.ratelimit import TokenBuckets, defaultClock
-from echotw.service import ListenFailed, logListening, stopListening
+from echotw.ratelimit import LogThrottle, TokenBuckets, defaultClock
 
 MAX_DATAGRAM = 65535
 """
@@ -105,122 +102,6 @@ kernel could not send the reply (for example a full socket buffer).
 """
 
 
-class UDPListener(NamedTuple):
-    """
-    One UDP listener: the port and interface to bind, whether it is IPv6,
-    and C{name}, the canonical description for logs and verifiers.
-    """
-
-    port: int
-    interface: str
-    ipv6: bool
-    name: str
-
-
-_UDP_TYPES = {"udp": False, "udp6": True}
-
-
-def parseUDPListener(value: str, interface: str = "") -> UDPListener:
-    """
-    The listener for one C{--udp} value.
-
-    C{udp:PORT[:interface=ADDR]} and C{udp6:PORT[:interface=ADDR]} as in
-    Twisted's endpoint strings (the port may also be given as C{port=PORT};
-    colons in an IPv6 literal are escaped: C{udp6:7:interface=\\:\\:1}).  A bare
-    number is UDP on that port on C{interface}, IPv6 when C{interface} is an
-    IPv6 literal.  The interface must be an IP address of the listener's
-    family: Twisted's UDP ports bind to addresses, not names.
-
-    @raise ValueError: with a one-line message naming the value and the problem.
-    """
-    text = value.strip()
-    try:
-        return _parse(text, interface.strip())
-    except ValueError as e:
-        raise ValueError(f"{text!r}: {e}") from None
-
-
-def _parse(text: str, defaultInterface: str) -> UDPListener:
-    if not text:
-        raise ValueError("empty UDP listener description")
-    if text.isdigit():
-        ipv6 = ":" in defaultInterface
-        return _listener(ipv6, _port(text), defaultInterface)
-    parts = splitDescription(text)
-    kind = parts[0].strip().lower()
-    if kind not in _UDP_TYPES:
-        raise ValueError(f"unknown UDP listener type {parts[0]!r} (use udp:PORT or udp6:PORT)")
-    ipv6 = _UDP_TYPES[kind]
-    port: int | None = None
-    iface = ""
-    seen: set[str] = set()
-    previous = ""
-    for part in parts[1:]:
-        key, eq, raw = part.partition("=")
-        key = key.strip()
-        if not eq and previous == "interface":
-            raise ValueError(
-                "unescaped colon after interface= (write IPv6 addresses as interface=\\:\\:1)"
-            )
-        previous = key if eq else ""
-        if not part.strip():
-            raise ValueError("empty field (no port given?)")
-        if not eq:
-            if port is not None:
-                raise ValueError(f"unexpected {part!r} (only a port and interface= may follow)")
-            port = _port(_unescape(part).strip())
-            continue
-        if key in seen or (key == "port" and port is not None):
-            raise ValueError(f"{key}= given twice")
-        seen.add(key)
-        if key == "port":
-            port = _port(_unescape(raw).strip())
-        elif key == "interface":
-            iface = _unescape(raw).strip()
-        else:
-            raise ValueError(f"unknown option {key!r} (only interface= is accepted)")
-    if port is None:
-        raise ValueError("no port given")
-    return _listener(ipv6, port, iface)
-
-
-def _port(text: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"port {text!r} is not a number")
-    number = int(text)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port {number} is out of range 0-65535")
-    return number
-
-
-def _unescape(text: str) -> str:
-    out = []
-    escaped = False
-    for ch in text:
-        if escaped or ch != "\\":
-            out.append(ch)
-            escaped = False
-        else:
-            escaped = True
-    return "".join(out)
-
-
-def _listener(ipv6: bool, port: int, iface: str) -> UDPListener:
-    if iface:
-        try:
-            version = ip_address(iface).version
-        except ValueError:
-            raise ValueError(f"interface {iface!r} is not an IP address") from None
-        if version == 6 and not ipv6:
-            raise ValueError(f"interface {iface} is IPv6: use udp6:")
-        if version == 4 and ipv6:
-            raise ValueError(f"interface {iface} is IPv4: use udp:")
-    name = f"{'udp6' if ipv6 else 'udp'}:{port}"
-    if iface:
-        name += f":interface={escape(iface)}"
-    return UDPListener(port, iface or ("::" if ipv6 else ""), ipv6, name)
-
-
 def isUnicastSource(ip: tuple[int, int]) -> bool:
     """
     Whether C{(version, integer)} (see L{ipFromText}) can be one host that
@@ -234,19 +115,6 @@ def isUnicastSource(ip: tuple[int, int]) -> bool:
     if version == 4:
         return value >> 24 != 0 and value >> 28 != 0xE and value != 0xFFFFFFFF
     return value >> 120 != 0xFF and value != 0
-
-
-class _LogState:
-    """When a source was last logged, and what was dropped from it since."""
-
-    __slots__ = ("at", "host", "port", "reason", "suppressed")
-
-    def __init__(self, at: float, host: str, port: int, reason: str) -> None:
-        self.at = at
-        self.host = host
-        self.port = port
-        self.reason = reason
-        self.suppressed = 0
 
 
 class UDPEchoProtocol(DatagramProtocol):
@@ -308,8 +176,7 @@ class UDPEchoProtocol(DatagramProtocol):
         self.datagramsEchoed = 0
         self.bytesEchoed = 0
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
-        self._logged: dict[Any, _LogState] = {}
-        self._lastLogPrune = self.clock.seconds()
+        self.dropLog = LogThrottle(logInterval, self.clock, maxSources, self._logUnloggedDrops)
 
     def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
         host, port = addr[0], addr[1]
@@ -365,26 +232,12 @@ class UDPEchoProtocol(DatagramProtocol):
         """
         Count a dropped datagram, and log it unless this source was logged
         less than C{logInterval} seconds ago (then it is only counted, and
-        the count reported with the source's next line).
+        the count reported with the source's next line, or in a line of its
+        own once the source has been quiet for an interval).
         """
         self.dropped[reason] += 1
-        if source is None:
-            source = host
-        now = self.clock.seconds()
-        if now - self._lastLogPrune >= self.logInterval:
-            self._pruneLogged(now, source)
-        state = self._logged.get(source)
-        if state is not None and now - state.at < self.logInterval:
-            state.suppressed += 1
-            state.host, state.port, state.reason = host, port, reason
-            return
-        if state is not None:
-            suppressed = state.suppressed
-            state.at, state.suppressed = now, 0
-        elif len(self._logged) < self.maxSources:
-            suppressed = 0
-            self._logged[source] = _LogState(now, host, port, reason)
-        else:
+        suppressed = self.dropLog.admit(host if source is None else source, (host, port, reason))
+        if suppressed is None:
             return
         self._log.info(
             "Dropped datagram from {client_host}:{client_port} on {listener}: {detail}"
@@ -399,33 +252,25 @@ class UDPEchoProtocol(DatagramProtocol):
             interval=self.logInterval,
         )
 
-    def _pruneLogged(self, now: float, current: Any) -> None:
+    def _logUnloggedDrops(self, source: Any, suppressed: int, last: tuple[str, int, str]) -> None:
         """
-        Forget sources not logged for C{logInterval} (except C{current},
-        about to be logged anyway), reporting the drops from them that were
-        counted but not logged yet.  This runs only when a datagram is
-        dropped, so such a report can come late; the counters are exact.
+        Report the drops from a source that were counted but not logged, once
+        it has not been logged for C{logInterval}.  This happens only when
+        some datagram is dropped, so such a report can come late; the
+        counters are exact.
         """
-        self._lastLogPrune = now
-        stale = [
-            s
-            for s, state in self._logged.items()
-            if now - state.at >= self.logInterval and s != current
-        ]
-        for source in stale:
-            state = self._logged.pop(source)
-            if state.suppressed:
-                self._log.info(
-                    "{suppressed} more datagrams dropped from {client_host} on {listener}"
-                    " in {interval}s (last: {reason})",
-                    event="udp-dropped-more",
-                    client_host=state.host,
-                    client_port=state.port,
-                    listener=self.listener,
-                    reason=state.reason,
-                    suppressed=state.suppressed,
-                    interval=self.logInterval,
-                )
+        host, port, reason = last
+        self._log.info(
+            "{suppressed} more datagrams dropped from {client_host} on {listener}"
+            " in {interval}s (last: {reason})",
+            event="udp-dropped-more",
+            client_host=host,
+            client_port=port,
+            listener=self.listener,
+            reason=reason,
+            suppressed=suppressed,
+            interval=self.logInterval,
+        )
 
     def stopProtocol(self) -> None:
         dropped = self.dropped

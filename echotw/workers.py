@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import Service
@@ -38,9 +39,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.python.reflect import qual
 
 from echotw import loglevel
+from echotw.addresses import formatAddress
+from echotw.interfaces import IServerReactor
+from echotw.listening import ListenFailed, listenNow
 
 WORKER_FDS = "ECHOTW_WORKER_FDS"
 WORKER_INDEX = "ECHOTW_WORKER_INDEX"
@@ -60,6 +63,18 @@ def shareOf(limit: int, workers: int, index: int) -> int:
     if not limit:
         return 0
     return max(1, limit // workers + (1 if index < limit % workers else 0))
+
+
+def inheritedSockets(environment: Mapping[str, str]) -> list[tuple[int, int]]:
+    """
+    The listening sockets a worker inherited, C{(fd, family)} in the order
+    of the listeners, as the supervisor described them in C{environment}.
+    """
+    inherited: list[tuple[int, int]] = []
+    for item in filter(None, environment.get(WORKER_FDS, "").split(",")):
+        fd, family = item.split(":")
+        inherited.append((int(fd), _FAMILIES[family]))
+    return inherited
 
 
 class _NoConnections(Factory):
@@ -87,24 +102,18 @@ class SharedListeners(Service):
         self.ports: list[IListeningPort] = []
 
     def privilegedStartService(self) -> None:
-        from echotw.service import ListenFailed
-
         Service.privilegedStartService(self)
         for name, endpoint in self.listeners:
-            outcome: list[Any] = []
-            endpoint.listen(_NoConnections()).addBoth(outcome.append)
-            if not outcome or isinstance(outcome[0], Failure):
-                why = outcome[0] if outcome else Failure(RuntimeError("did not bind at once"))
-                raise ListenFailed(name, why)
-            port = outcome[0]
-            port.stopReading()
+            port, _ = listenNow(name, endpoint, _NoConnections())
+            if port is None:
+                raise ListenFailed(name, Failure(RuntimeError("did not bind at once")))
+            port.stopReading()  # type: ignore[attr-defined]
             self.ports.append(port)
-            host = port.getHost()
             self._log.info(
                 "Listening on {listener} at {address} (shared with the workers)",
                 event="listening",
                 listener=name,
-                address=_formatHost(host),
+                address=formatAddress(port.getHost()),
             )
 
     def inherited(self) -> list[tuple[int, str]]:
@@ -122,12 +131,6 @@ class SharedListeners(Service):
         Service.stopService(self)
         ports, self.ports = self.ports, []
         return DeferredList([maybeDeferred(p.stopListening) for p in ports])
-
-
-def _formatHost(address: Any) -> str:
-    from echotw.factory import formatAddress
-
-    return formatAddress(address)
 
 
 class _Worker(ProcessProtocol):
@@ -179,7 +182,7 @@ class WorkerPool(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IServerReactor,
         shared: SharedListeners,
         workers: int,
         arguments: list[str],
@@ -227,7 +230,7 @@ class WorkerPool(Service):
         transport = self.reactor.spawnProcess(
             worker,
             sys.executable,
-            [sys.executable, "-m", "echotw.workers", *self.arguments],
+            [sys.executable, "-m", "echotw.workermain", *self.arguments],
             env=env,
             childFDs=childFDs,
         )
@@ -277,55 +280,3 @@ class WorkerPool(Service):
             return result
 
         return DeferredList(ended).addBoth(done)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """
-    A worker: serve the inherited listeners with the supervisor's options.
-    """
-    chosen = os.environ.get(WORKER_REACTOR, "")
-    if chosen.endswith("asyncioreactor"):
-        from twisted.internet import asyncioreactor
-
-        asyncioreactor.install()
-    elif chosen == "echotw.reactor":
-        from echotw.reactor import installIfUnchosen
-
-        installIfUnchosen()
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
-
-    from echotw.tap import EchoOptions, makeService
-
-    args = sys.argv[1:] if argv is None else argv
-    options = EchoOptions()
-    options.parseOptions(args)
-    options["workers"] = 1
-    options["max-connections"] = int(os.environ.get(WORKER_MAX_CONNECTIONS, "0"))
-    options["udp-listeners"] = []
-    inherited: list[tuple[int, int]] = []
-    for item in filter(None, os.environ.get(WORKER_FDS, "").split(",")):
-        fd, family = item.split(":")
-        inherited.append((int(fd), _FAMILIES[family]))
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = makeService(options, reactor, inherited=inherited)
-    Logger(observer=loglevel.observer).info(
-        "Worker running on {reactor}", event="worker-reactor", reactor=qual(type(reactor))
-    )
-    parent = os.getppid()
-
-    def orphaned() -> None:
-        if os.getppid() != parent:
-            reactor.stop()
-
-    from twisted.internet.task import LoopingCall
-
-    LoopingCall(orphaned).start(1.0, now=False)
-    service.privilegedStartService()
-    service.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.run()
-
-
-if __name__ == "__main__":
-    main()

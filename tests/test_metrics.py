@@ -29,10 +29,10 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from echotw.addresses import parseNetwork
 from echotw.factory import DURATION_BUCKETS, EchoFactory
+from echotw.listening import ListenFailed
 from echotw.metrics import EchoCollector, MetricsResource, MetricsService, metricsRegistry
 from echotw.policy import AccessRules
 from echotw.protocol import EchoProtocol
-from echotw.service import ListenFailed
 from echotw.udp import UDPEchoProtocol
 from tests.process import LOOPBACK
 

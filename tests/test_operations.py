@@ -21,11 +21,12 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.factory import EchoFactory
+from echotw.options import EchoOptions
+from echotw.policy import loadVerifier
 from echotw.protocol import EchoProtocol
 from echotw.ratelimit import TokenBuckets
 from echotw.rulefiles import RuleFileError, RuleSource, readRuleFile
 from echotw.service import EchoService
-from echotw.tap import EchoOptions, loadVerifier
 
 
 class AbortableTransport(StringTransport):
@@ -246,7 +247,7 @@ class RuleFileTests(SynchronousTestCase):
                 "10.7.7.7",
             ]
         )
-        rules = options["rules"]
+        rules = options.config.rules
         self.assertIsNone(rules(client("192.0.2.1"), "l"))
         self.assertIsNone(rules(client("10.1.1.1"), "l"))
         self.assertEqual(rules(client("10.6.1.1"), "l"), "denied")

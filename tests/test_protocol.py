@@ -16,8 +16,8 @@ from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.addresses import parseNetwork
-from echotw.factory import EchoFactory, formatAddress
+from echotw.addresses import formatAddress, parseNetwork
+from echotw.factory import EchoFactory
 from echotw.policy import AccessRules
 from echotw.protocol import EchoProtocol
 

@@ -21,9 +21,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from echotw import reactor as echoreactor
+from echotw.options import EchoOptions
 from echotw.protocol import EchoProtocol
 from echotw.service import ListenerService
-from echotw.tap import EchoOptions, makeService
+from echotw.tap import makeService
 
 
 class Reader:

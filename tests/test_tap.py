@@ -20,9 +20,11 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from echotw.endpoints import listenerDescription
 from echotw.factory import EchoFactory
+from echotw.listening import ListenFailed
+from echotw.options import EchoOptions
 from echotw.proxyprotocol import ProxyProtocolEndpoint, ProxyProtocolFactory
-from echotw.service import EchoService, ListenerService, ListenFailed
-from echotw.tap import EchoOptions, Options, makeService
+from echotw.service import EchoService, ListenerService
+from echotw.tap import Options, makeService
 from echotw.udp import UDPListenerService
 
 
@@ -38,7 +40,7 @@ class OptionsTests(SynchronousTestCase):
         a backlog that absorbs bursts."""
         options = parse()
         self.assertEqual(
-            options["listeners"], [("tcp:8080", f"tcp:8080:backlog={socket.SOMAXCONN}")]
+            list(options.config.listeners), [("tcp:8080", f"tcp:8080:backlog={socket.SOMAXCONN}")]
         )
         self.assertEqual(options["allow"], [])
         self.assertEqual(options["deny"], [])
@@ -56,7 +58,7 @@ class OptionsTests(SynchronousTestCase):
             "--interface", "127.0.0.1", "--backlog", "100",
         )  # fmt: skip
         self.assertEqual(
-            options["listeners"],
+            list(options.config.listeners),
             [
                 ("tcp:7:interface=127.0.0.1", "tcp:7:interface=127.0.0.1:backlog=100"),
                 ("tcp:9:backlog=5", "tcp:9:backlog=5"),
@@ -67,7 +69,7 @@ class OptionsTests(SynchronousTestCase):
     def test_ipv6Interface(self) -> None:
         """An IPv6 interface makes bare ports tcp6 with escaped colons."""
         options = parse("-p", "7", "-i", "::1")
-        self.assertEqual(options["listeners"][0].name, "tcp6:7:interface=\\:\\:1")
+        self.assertEqual(options.config.listeners[0].name, "tcp6:7:interface=\\:\\:1")
 
     def test_rules(self) -> None:
         """--allow and --deny repeat and take both families."""
@@ -131,7 +133,7 @@ class OptionsTests(SynchronousTestCase):
             "--trusted-proxy", "10.0.0.0/8", "--proxy-timeout", "2.5",
         )  # fmt: skip
         self.assertEqual(
-            [(u.port, u.interface, u.ipv6) for u in options["udp-listeners"]],
+            [(u.port, u.interface, u.ipv6) for u in options.config.udpListeners],
             [(7, "127.0.0.1", False), (9, "::1", True)],
         )
         self.assertEqual((options["udp-rate"], options["udp-burst"]), (5.0, 10.0))

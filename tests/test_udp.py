@@ -21,16 +21,15 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from echotw.addresses import ipFromText, parseNetwork
+from echotw.endpoints import UDPListener, parseUDPListener
 from echotw.policy import AccessRules
 from echotw.ratelimit import TokenBuckets
 from echotw.udp import (
     LOOP_PORTS,
     MAX_DATAGRAM,
     UDPEchoProtocol,
-    UDPListener,
     UDPListenerService,
     isUnicastSource,
-    parseUDPListener,
 )
 
 CLIENT = ("192.0.2.10", 40000)
@@ -479,7 +478,7 @@ class UDPEchoProtocolTests(SynchronousTestCase):
         self.assertEqual(proto.dropped["loop-port"], 100)
         clock.advance(10)
         proto.datagramReceived(b"x", ("198.51.100.1", 7))
-        self.assertEqual(len(proto._logged), 1)
+        self.assertEqual(len(proto.dropLog), 1)
 
     def test_stopLogsSummary(self) -> None:
         """Stopping logs the counters as named fields."""

@@ -13,7 +13,7 @@ import time
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.tap import EchoOptions
+from echotw.options import EchoOptions
 from echotw.workers import shareOf
 from tests.process import LOOPBACK, ServerTestCase, connect, echo
 

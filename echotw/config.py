@@ -1,0 +1,116 @@
+"""
+The configuration of one echo server, as typed, frozen values: what
+L{echotw.options.EchoOptions} produces once from the command line, and all
+that the builders in L{echotw.build} read.
+
+Nothing here touches the network or the reactor.  A variant (a worker
+process's view, a test's) is made with L{dataclasses.replace}, never by
+changing a configuration in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from echotw.addresses import IPNetwork
+from echotw.endpoints import DEFAULT_BACKLOG, Listener, UDPListener
+from echotw.policy import AccessRules, Verifier
+from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT
+from echotw.rulefiles import RuleSource
+from echotw.udp import DEFAULT_BURST, DEFAULT_RATE
+
+DEFAULT_PORT = "8080"
+"""The TCP port served when no listener is given."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    What one client, and all of them together, may do over TCP.
+
+    @ivar maxConnections: connections open at once over all listeners (0: no limit).
+    @ivar maxPerSource: connections open at once from one source (0: no limit).
+    @ivar ipv6Prefix: IPv6 clients count as one source per prefix of this length.
+    @ivar rate: new connections per second from one source (0: no limit).
+    @ivar burst: new connections one source may open at once before C{rate} applies.
+    @ivar maxSessionBytes: close a connection after echoing this many bytes (0: never).
+    @ivar maxSessionSeconds: close a connection this long after it opened (0: never).
+    @ivar idleTimeout: abort a connection with no traffic for this long (0: never).
+    """
+
+    maxConnections: int = 0
+    maxPerSource: int = 0
+    ipv6Prefix: int = 64
+    rate: float = 0.0
+    burst: float = 10.0
+    maxSessionBytes: int = 0
+    maxSessionSeconds: float = 0.0
+    idleTimeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class UDPLimits:
+    """
+    Replies one UDP source may get: C{burst} at once, then C{rate} a second.
+    """
+
+    rate: float = DEFAULT_RATE
+    burst: float = DEFAULT_BURST
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """
+    For C{haproxy:} listeners: the balancers trusted to send PROXY headers
+    (empty: loopback only) and how long a header may take.
+    """
+
+    trusted: tuple[IPNetwork, ...] = ()
+    timeout: float = DEFAULT_HEADER_TIMEOUT
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """
+    @ivar level: the least important echotw events logged.
+    @ivar connectionsPerSecond: connections logged one by one per second (0: all).
+    @ivar statsInterval: seconds between summary lines (0: none).
+    """
+
+    level: str = "info"
+    connectionsPerSecond: int = 100
+    statsInterval: float = 0.0
+
+
+@dataclass(frozen=True)
+class EchoConfig:
+    """
+    Everything one echo server is made of.
+
+    @ivar listeners: the TCP-based listeners (TCP, TLS, Unix, PROXY, systemd).
+    @ivar udpListeners: the UDP listeners.
+    @ivar ruleSource: where the access rules come from (re-read on SIGHUP).
+    @ivar rules: the access rules as first loaded from C{ruleSource}.
+    @ivar verifiers: the pluggable checks consulted after the rules and limits.
+    @ivar metrics: the endpoint serving Prometheus metrics, if any.
+    @ivar workers: processes serving the listeners.
+    @ivar shutdownTimeout: seconds open connections get to finish on SIGTERM.
+    @ivar commandLine: the arguments the server was started with, which a
+        worker process is started with too.
+    """
+
+    listeners: tuple[Listener, ...] = (
+        Listener(f"tcp:{DEFAULT_PORT}", f"tcp:{DEFAULT_PORT}:backlog={DEFAULT_BACKLOG}"),
+    )
+    udpListeners: tuple[UDPListener, ...] = ()
+    ruleSource: RuleSource = field(default_factory=RuleSource)
+    rules: AccessRules = field(default_factory=AccessRules)
+    verifiers: tuple[Verifier, ...] = ()
+    limits: Limits = Limits()
+    udp: UDPLimits = UDPLimits()
+    proxy: ProxySettings = ProxySettings()
+    logging: LogSettings = LogSettings()
+    metrics: str | None = None
+    workers: int = 1
+    shutdownTimeout: float = 10.0
+    commandLine: tuple[str, ...] = ()

@@ -1,0 +1,185 @@
+"""
+Tests of the package's shape: imports between echotw's modules go one way
+(no cycle, counting imports inside functions), modules stay small, and
+re-exported names are the very objects they re-export.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import FrozenInstanceError, replace
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+import echotw
+import echotw.proxyprotocol
+import echotw.proxyprotocol.parser
+import echotw.proxyprotocol.wrapper
+from echotw.config import EchoConfig, Limits
+from echotw.options import EchoOptions
+from echotw.workermain import workerConfig
+
+PACKAGE = Path(echotw.__file__).parent
+MAX_LINES = 450
+"""About 400 lines, with some room; a longer module must say why in its docstring."""
+
+
+def moduleName(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def echotwImports(path: Path) -> set[str]:
+    """
+    Every echotw module C{path} imports, anywhere in it (functions and
+    C{TYPE_CHECKING} blocks included).
+    """
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(name for name in names if name.startswith("echotw"))
+    return found
+
+
+def importGraph() -> dict[str, set[str]]:
+    modules = {moduleName(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        # "from echotw import loglevel" names the module echotw.loglevel.
+        graph[name] = {m for m in echotwImports(path) if m in modules and m != name}
+        if name.startswith("echotw.proxyprotocol."):
+            graph[name].discard("echotw.proxyprotocol")
+    return graph
+
+
+def findCycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return [*stack[stack.index(target) :], target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+class LayeringTests(SynchronousTestCase):
+    def test_noImportCycle(self) -> None:
+        """No echotw module imports, directly or not, one that imports it."""
+        self.assertIsNone(findCycle(importGraph()))
+
+    def test_cycleFinderFindsCycles(self) -> None:
+        """The check above can fail: it finds a cycle, even a long one."""
+        graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+        self.assertEqual(findCycle(graph), ["a", "b", "c", "a"])
+
+    def test_lowerLayersDoNotReachUp(self) -> None:
+        """The address, parsing and listening helpers import nothing above them."""
+        graph = importGraph()
+        for low, forbidden in [
+            ("echotw.addresses", {"echotw.factory", "echotw.service"}),
+            ("echotw.listening", {"echotw.factory", "echotw.service", "echotw.udp"}),
+            ("echotw.proxyprotocol.parser", {"echotw.proxyprotocol.wrapper", "echotw.factory"}),
+            ("echotw.proxyprotocol.wrapper", {"echotw.factory", "echotw.service"}),
+            ("echotw.udp", {"echotw.service", "echotw.factory"}),
+            ("echotw.workers", {"echotw.tap", "echotw.options", "echotw.build"}),
+            ("echotw.protocol", {"echotw.factory", "echotw.service"}),
+        ]:
+            self.assertFalse(graph[low] & forbidden, f"{low} imports {graph[low] & forbidden}")
+
+    def test_modulesAreSmall(self) -> None:
+        """No module is much over 400 lines unless its docstring says why."""
+        for path in PACKAGE.rglob("*.py"):
+            lines = len(path.read_text().splitlines())
+            if lines > MAX_LINES:
+                docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+                self.assertIn("long because", docstring, f"{path}: {lines} lines")
+
+
+class ExportTests(SynchronousTestCase):
+    def test_proxyProtocolExports(self) -> None:
+        """echotw.proxyprotocol re-exports its modules' public names, the same objects."""
+        package = echotw.proxyprotocol
+        self.assertEqual(len(package.__all__), len(set(package.__all__)))
+        for name in package.__all__:
+            origins = [
+                module
+                for module in (echotw.proxyprotocol.parser, echotw.proxyprotocol.wrapper)
+                if hasattr(module, name)
+            ]
+            self.assertTrue(origins, name)
+            self.assertIs(getattr(package, name), getattr(origins[0], name), name)
+
+
+class ConfigurationTests(SynchronousTestCase):
+    def test_frozen(self) -> None:
+        """A configuration cannot be changed in place; variants are copies."""
+        config = EchoConfig()
+        with self.assertRaises(FrozenInstanceError):
+            config.workers = 2  # type: ignore[misc]
+        self.assertEqual(replace(config, workers=2).workers, 2)
+        self.assertEqual(config.workers, 1)
+
+    def test_optionsProduceConfiguration(self) -> None:
+        """The options are turned into one configuration, their values in place."""
+        options = EchoOptions()
+        options.parseOptions(
+            ["--max-per-ip", "3", "--rate", "5/s", "--idle-timeout", "7", "--workers", "2"]
+        )
+        config = options.config
+        self.assertEqual(
+            config.limits, replace(Limits(), maxPerSource=3, rate=5.0, idleTimeout=7.0)
+        )
+        self.assertEqual(config.workers, 2)
+        self.assertEqual(
+            config.commandLine,
+            ("--max-per-ip", "3", "--rate", "5/s", "--idle-timeout", "7", "--workers", "2"),
+        )
+
+    def test_optionDefaultsAreTheConfiguration(self) -> None:
+        """With no options the configuration is the default one."""
+        options = EchoOptions()
+        options.parseOptions([])
+        config, default = options.config, EchoConfig()
+        for part in ("listeners", "limits", "udp", "proxy", "logging", "workers"):
+            self.assertEqual(getattr(config, part), getattr(default, part), part)
+        self.assertEqual(config.shutdownTimeout, default.shutdownTimeout)
+
+    def test_workerConfig(self) -> None:
+        """A worker serves no UDP, runs alone, and gets its share of the limit;
+        the supervisor's configuration is unchanged."""
+        options = EchoOptions()
+        options.parseOptions(
+            ["--workers", "3", "--max-connections", "10", "--udp", "7", "--max-per-ip", "2"]
+        )
+        supervisor = options.config
+        worker = workerConfig(supervisor, maxConnections=4)
+        self.assertEqual((worker.workers, worker.udpListeners), (1, ()))
+        self.assertEqual(worker.limits.maxConnections, 4)
+        self.assertEqual(worker.limits.maxPerSource, 2)
+        self.assertEqual(supervisor.workers, 3)
+        self.assertEqual(len(supervisor.udpListeners), 1)
+        self.assertEqual(supervisor.limits.maxConnections, 10)
