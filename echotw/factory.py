@@ -8,6 +8,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable
 from time import monotonic
+from typing import Protocol
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -23,6 +24,18 @@ from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets, default
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
+
+
+class ServerCount(Protocol):
+    """
+    Connections open over a whole server of several processes (see
+    L{echotw.sharedcount}): what C{--max-connections} is checked against
+    when the factory is given one.
+    """
+
+    def publish(self, openHere: int) -> None: ...
+
+    def total(self) -> int: ...
 
 
 class EchoFactory(ServerFactory):
@@ -51,6 +64,9 @@ class EchoFactory(ServerFactory):
     @ivar durationCounts: closed connections per L{DURATION_BUCKETS} bucket
         (one more for longer ones); with C{durationSum}, a histogram that
         metrics can read without costing anything per connection.
+    @ivar serverCount: where several processes serve one server, their
+        shared count: told of each change to C{openConnections}, and what
+        C{maxConnections} is checked against.
     """
 
     protocol = EchoProtocol  # type: ignore[assignment]
@@ -69,6 +85,7 @@ class EchoFactory(ServerFactory):
         maxSessionSeconds: float = 0,
         clock: IReactorTime | None = None,
         logConnections: int = 100,
+        serverCount: ServerCount | None = None,
     ) -> None:
         self.rules = rules if rules is not None else AccessRules()
         self.verifiers = list(verifiers)
@@ -91,6 +108,7 @@ class EchoFactory(ServerFactory):
         self.totalByListener: dict[str, int] = {}
         self.durationCounts = [0] * (len(DURATION_BUCKETS) + 1)
         self.durationSum = 0.0
+        self.serverCount = serverCount
 
     def forListener(self, listener: str) -> ListenerFactory:
         """
@@ -127,7 +145,9 @@ class EchoFactory(ServerFactory):
             if not rate.allow(source):
                 reason = "rate"
         if reason is None and self.maxConnections:
-            if self.openConnections >= self.maxConnections:
+            shared = self.serverCount
+            opened = self.openConnections if shared is None else shared.total()
+            if opened >= self.maxConnections:
                 reason = "max-connections"
         if reason is None and self.maxPerSource and source is not None:
             if self.perSource.get(source, 0) >= self.maxPerSource:
@@ -211,6 +231,8 @@ class EchoFactory(ServerFactory):
         Count a connection whose protocol has just been connected.
         """
         self.openConnections += 1
+        if self.serverCount is not None:
+            self.serverCount.publish(self.openConnections)
         self.connectionsTotal += 1
         self.protocols.add(p)
         listener = p.listener
@@ -254,6 +276,8 @@ class EchoFactory(ServerFactory):
             return
         self.protocols.discard(p)
         self.openConnections -= 1
+        if self.serverCount is not None:
+            self.serverCount.publish(self.openConnections)
         self.openByListener[p.listener] -= 1
         source = p.source
         if source is not None:
