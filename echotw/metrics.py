@@ -29,13 +29,23 @@ Metrics (all prefixed C{echotw_}):
   - C{udp_dropped_total{listener, reason}}: counter, datagrams not answered
     (reasons in L{echotw.udp.DROP_REASONS});
 
+with C{--workers}, served by the supervisor and summed over the workers
+(see L{echotw.counters}), and also per worker:
+
+  - C{worker_connections_open{worker}}: gauge, TCP connections open in
+    each worker;
+  - C{worker_connections_total{worker}}: counter, TCP connections each
+    worker accepted (whichever process held that worker's place);
+  - C{worker_restarts_total{worker}}: counter, times a worker died and
+    was started again;
+
 plus C{process_*}, C{python_info} and C{python_gc_*} from
 C{prometheus_client}'s own collectors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from prometheus_client.core import (
@@ -60,6 +70,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from echotw.addresses import describeAddress, formatAddress
+from echotw.counters import Counters, CounterSource, FactoryCounters, WorkerSummary
 from echotw.factory import DURATION_BUCKETS, EchoFactory
 from echotw.service import ListenerService
 from echotw.udp import UDPEchoProtocol
@@ -73,19 +84,28 @@ __all__ = [
 ]
 
 
+Source = EchoFactory | CounterSource
+"""Where TCP counters come from: one process's factory, or the workers' sum."""
+
+
+def counterSource(source: Source) -> CounterSource:
+    return FactoryCounters(source) if isinstance(source, EchoFactory) else source
+
+
 class EchoCollector:
     """
-    A C{prometheus_client} collector reading an L{EchoFactory}'s and UDP
-    echo protocols' counters at scrape time.
+    A C{prometheus_client} collector reading the TCP counters and UDP echo
+    protocols' counters at scrape time.
 
-    @param factory: the TCP echo factory shared by every TCP listener.
+    @param source: the TCP echo factory shared by every TCP listener, or,
+        in a supervisor, the sum of its workers' counters.
     @param udp: the UDP echo protocols, one per C{--udp} listener.  It is
         read at every scrape, not copied, so a list filled in after the
         collector is made is fine.
     """
 
-    def __init__(self, factory: EchoFactory, udp: Sequence[UDPEchoProtocol] = ()) -> None:
-        self.factory = factory
+    def __init__(self, source: Source, udp: Sequence[UDPEchoProtocol] = ()) -> None:
+        self.source = counterSource(source)
         self.udp = udp
 
     def describe(self) -> list[Metric]:
@@ -97,21 +117,21 @@ class EchoCollector:
         return list(self.collect())
 
     def collect(self) -> Iterator[Metric]:
-        factory = self.factory
+        counters = self.source.counters()
 
         # Counters with no label values yet are still yielded (without
         # samples) so that their HELP/TYPE lines tell dashboards they exist.
         open_ = GaugeMetricFamily(
             "echotw_connections_open", "TCP connections open now.", labels=["listener"]
         )
-        for listener, count in sorted(factory.openByListener.items()):
+        for listener, count in sorted(counters.openByListener.items()):
             open_.add_metric([listener], count)
         yield open_
 
         total = CounterMetricFamily(
             "echotw_connections_total", "TCP connections accepted.", labels=["listener"]
         )
-        for listener, count in sorted(factory.totalByListener.items()):
+        for listener, count in sorted(counters.totalByListener.items()):
             total.add_metric([listener], count)
         yield total
 
@@ -120,18 +140,21 @@ class EchoCollector:
             "TCP connections refused when they arrived, by reason.",
             labels=["reason"],
         )
-        for reason, count in sorted(factory.refusals.items()):
+        for reason, count in sorted(counters.refusals.items()):
             refused.add_metric([reason], count)
         yield refused
 
-        openBytes = sum(p.bytesEchoed for p in list(factory.protocols))
         yield CounterMetricFamily(
             "echotw_bytes_echoed_total",
             "Bytes echoed over TCP, by closed and open connections.",
-            value=factory.bytesEchoedTotal + openBytes,
+            value=counters.bytesEchoed,
         )
 
-        yield durationHistogram(factory)
+        yield durationHistogram(counters)
+
+        workers = self.source.workers()
+        if workers is not None:
+            yield from workerFamilies(workers)
 
         datagrams: dict[str, int] = {}
         udpBytes: dict[str, int] = {}
@@ -167,7 +190,33 @@ class EchoCollector:
         yield family
 
 
-def durationHistogram(factory: EchoFactory) -> HistogramMetricFamily:
+def workerFamilies(workers: Mapping[int, WorkerSummary]) -> Iterator[Metric]:
+    """
+    The per-worker families of a supervisor's metrics.
+    """
+    open_ = GaugeMetricFamily(
+        "echotw_worker_connections_open", "TCP connections open, per worker.", labels=["worker"]
+    )
+    total = CounterMetricFamily(
+        "echotw_worker_connections_total",
+        "TCP connections accepted, per worker.",
+        labels=["worker"],
+    )
+    restarts = CounterMetricFamily(
+        "echotw_worker_restarts_total",
+        "Times a worker died and was started again.",
+        labels=["worker"],
+    )
+    for index, summary in sorted(workers.items()):
+        open_.add_metric([str(index)], summary.open)
+        total.add_metric([str(index)], summary.total)
+        restarts.add_metric([str(index)], summary.restarts)
+    yield open_
+    yield total
+    yield restarts
+
+
+def durationHistogram(counters: Counters) -> HistogramMetricFamily:
     """
     The factory's per-bucket duration counts as a Prometheus histogram,
     whose buckets are cumulative (each counts everything at or below its
@@ -175,7 +224,7 @@ def durationHistogram(factory: EchoFactory) -> HistogramMetricFamily:
     """
     buckets: list[tuple[str, float]] = []
     cumulative = 0
-    counts = list(factory.durationCounts)
+    counts = list(counters.durationCounts)
     for bound, count in zip(DURATION_BUCKETS, counts, strict=False):
         cumulative += count
         buckets.append((floatToGoString(bound), cumulative))
@@ -185,18 +234,18 @@ def durationHistogram(factory: EchoFactory) -> HistogramMetricFamily:
         "echotw_connection_duration_seconds",
         "How long closed TCP connections lasted.",
         buckets=buckets,
-        sum_value=factory.durationSum,
+        sum_value=counters.durationSum,
     )
 
 
-def metricsRegistry(factory: EchoFactory, udp: Sequence[UDPEchoProtocol] = ()) -> CollectorRegistry:
+def metricsRegistry(source: Source, udp: Sequence[UDPEchoProtocol] = ()) -> CollectorRegistry:
     """
     A registry of its own (not C{prometheus_client.REGISTRY}, so two servers
     in one process, or tests, never collide) with L{EchoCollector} and the
     client library's process, platform and garbage-collector metrics.
     """
     registry = CollectorRegistry()
-    registry.register(EchoCollector(factory, udp))
+    registry.register(EchoCollector(source, udp))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -272,7 +321,8 @@ class MetricsService(ListenerService):
     @param description: a Twisted server endpoint string, such as
         C{tcp:9100:interface=127.0.0.1}.  A malformed one raises
         L{ValueError} here, before anything starts.
-    @param factory: the echo factory whose counters are served.
+    @param source: the echo factory whose counters are served, or the sum
+        of the workers' counters.
     @param udp: the UDP echo protocols whose counters are served (read at
         each scrape, see L{EchoCollector}).
     @param reactor: the reactor to listen with; the global one if L{None}.
@@ -281,7 +331,7 @@ class MetricsService(ListenerService):
     def __init__(
         self,
         description: str,
-        factory: EchoFactory,
+        source: Source,
         udp: Sequence[UDPEchoProtocol] = (),
         reactor: IReactorCore | None = None,
     ) -> None:
@@ -289,7 +339,7 @@ class MetricsService(ListenerService):
             from twisted.internet import reactor as globalReactor
 
             reactor = cast(IReactorCore, globalReactor)
-        self.registry = metricsRegistry(factory, udp)
+        self.registry = metricsRegistry(source, udp)
         endpoint = serverFromString(reactor, description)
         site = metricsSite(self.registry)
         # Site's Factory parameter is typed loosely in Twisted's stubs.

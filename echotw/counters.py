@@ -1,0 +1,233 @@
+"""
+The counters metrics report, as one value that can cross a process
+boundary, and their sum over the workers of C{--workers N}.
+
+A process's L{EchoFactory} keeps plain counters for its limits and logs;
+L{countersOf} reads them into a frozen L{Counters}.  A worker sends its
+L{Counters} to the supervisor as one line of JSON about once a second
+(L{Counters.toJSON}), and the supervisor's L{WorkerCounters} keeps the
+latest from each worker.  The sum it serves never goes backwards, which a
+Prometheus counter must not (a drop reads as a reset): when a worker dies,
+its last counts are kept as a base, and the worker started in its place
+counts on top of that base.  What a worker counted after its last report
+and before it died is lost: at most about a second of its counts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from echotw.factory import DURATION_BUCKETS, EchoFactory
+
+_BUCKETS = len(DURATION_BUCKETS) + 1
+
+
+def _add(a: Mapping[str, int], b: Mapping[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = out.get(key, 0) + value
+    return out
+
+
+@dataclass(frozen=True)
+class Counters:
+    """
+    What the metrics endpoint serves about TCP connections.
+
+    @ivar openByListener: connections open now, per listener (a gauge).
+    @ivar totalByListener: connections accepted, per listener.
+    @ivar refusals: connections refused, per reason.
+    @ivar bytesEchoed: bytes echoed by closed and open connections.
+    @ivar durationCounts: closed connections per duration bucket
+        (L{DURATION_BUCKETS}, and one more for longer ones).
+    @ivar durationSum: the closed connections' durations added up.
+    """
+
+    openByListener: Mapping[str, int] = field(default_factory=dict)
+    totalByListener: Mapping[str, int] = field(default_factory=dict)
+    refusals: Mapping[str, int] = field(default_factory=dict)
+    bytesEchoed: int = 0
+    durationCounts: tuple[int, ...] = (0,) * _BUCKETS
+    durationSum: float = 0.0
+
+    @property
+    def open(self) -> int:
+        return sum(self.openByListener.values())
+
+    @property
+    def total(self) -> int:
+        return sum(self.totalByListener.values())
+
+    def __add__(self, other: Counters) -> Counters:
+        return Counters(
+            openByListener=_add(self.openByListener, other.openByListener),
+            totalByListener=_add(self.totalByListener, other.totalByListener),
+            refusals=_add(self.refusals, other.refusals),
+            bytesEchoed=self.bytesEchoed + other.bytesEchoed,
+            durationCounts=tuple(
+                a + b for a, b in zip(self.durationCounts, other.durationCounts, strict=True)
+            ),
+            durationSum=self.durationSum + other.durationSum,
+        )
+
+    def closed(self) -> Counters:
+        """
+        These counters once their process has ended: nothing open.
+        """
+        return replace(self, openByListener={k: 0 for k in self.openByListener})
+
+    def toJSON(self) -> bytes:
+        """
+        One line of JSON, newline included.
+        """
+        record = {
+            "open": self.openByListener,
+            "total": self.totalByListener,
+            "refused": self.refusals,
+            "bytes": self.bytesEchoed,
+            "durations": self.durationCounts,
+            "durationSum": self.durationSum,
+        }
+        return json.dumps(record, separators=(",", ":")).encode("utf-8") + b"\n"
+
+    @classmethod
+    def fromJSON(cls, line: bytes) -> Counters:
+        """
+        Read L{toJSON}'s line back.
+
+        @raise ValueError: if it is not such a line.
+        """
+        try:
+            record: Any = json.loads(line)
+            counters = cls(
+                openByListener=_counts(record["open"]),
+                totalByListener=_counts(record["total"]),
+                refusals=_counts(record["refused"]),
+                bytesEchoed=int(record["bytes"]),
+                durationCounts=tuple(int(n) for n in record["durations"]),
+                durationSum=float(record["durationSum"]),
+            )
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a counters record: {e}") from None
+        if len(counters.durationCounts) != _BUCKETS:
+            raise ValueError("not a counters record: wrong number of duration buckets")
+        return counters
+
+
+def _counts(value: Any) -> dict[str, int]:
+    return {str(k): int(v) for k, v in value.items()}
+
+
+def countersOf(factory: EchoFactory) -> Counters:
+    """
+    A factory's counters now.  The open connections' bytes are read too, so
+    this costs a little per open connection: it is for scrapes and reports,
+    not for the echo path.
+    """
+    openBytes = sum(p.bytesEchoed for p in list(factory.protocols))
+    return Counters(
+        openByListener=dict(factory.openByListener),
+        totalByListener=dict(factory.totalByListener),
+        refusals=dict(factory.refusals),
+        bytesEchoed=factory.bytesEchoedTotal + openBytes,
+        durationCounts=tuple(factory.durationCounts),
+        durationSum=factory.durationSum,
+    )
+
+
+class CounterSource(Protocol):
+    """
+    Where the metrics endpoint reads its counters: one process's factory
+    (L{FactoryCounters}) or the sum over workers (L{WorkerCounters}).
+    """
+
+    def counters(self) -> Counters: ...
+
+    def workers(self) -> Mapping[int, WorkerSummary] | None: ...
+
+
+@dataclass(frozen=True)
+class WorkerSummary:
+    """
+    One worker's part, for metrics labelled by worker: connections open
+    now and accepted since the server started, and how often the worker
+    was restarted.
+    """
+
+    open: int = 0
+    total: int = 0
+    restarts: int = 0
+
+
+class FactoryCounters:
+    """
+    The counters of a server running in one process.
+    """
+
+    def __init__(self, factory: EchoFactory) -> None:
+        self.factory = factory
+
+    def counters(self) -> Counters:
+        return countersOf(self.factory)
+
+    def workers(self) -> None:
+        return None
+
+
+class WorkerCounters:
+    """
+    The supervisor's sum of its workers' reports (see the module docstring).
+    """
+
+    def __init__(self) -> None:
+        self._live: dict[int, Counters] = {}
+        self._base: dict[int, Counters] = {}
+        self._restarts: dict[int, int] = {}
+
+    def report(self, index: int, line: bytes) -> bool:
+        """
+        Take worker C{index}'s latest report; return whether it was one.
+        """
+        try:
+            self._live[index] = Counters.fromJSON(line)
+        except ValueError:
+            return False
+        return True
+
+    def ended(self, index: int, restarting: bool = True) -> None:
+        """
+        Worker C{index} has exited: its last report becomes part of the base
+        its successor counts on (C{restarting}: it is to be replaced).
+        """
+        last = self._live.pop(index, None)
+        if last is not None:
+            self._base[index] = self._base.get(index, Counters()) + last.closed()
+        if restarting:
+            self._restarts[index] = self._restarts.get(index, 0) + 1
+
+    def _byWorker(self) -> dict[int, Counters]:
+        out = dict(self._base)
+        for index, live in self._live.items():
+            out[index] = out[index] + live if index in out else live
+        return out
+
+    def counters(self) -> Counters:
+        total = Counters()
+        for counters in self._byWorker().values():
+            total = total + counters
+        return total
+
+    def workers(self) -> dict[int, WorkerSummary]:
+        byWorker = self._byWorker()
+        empty = Counters()
+        return {
+            index: WorkerSummary(
+                byWorker.get(index, empty).open,
+                byWorker.get(index, empty).total,
+                self._restarts.get(index, 0),
+            )
+            for index in sorted(byWorker.keys() | self._restarts.keys())
+        }
