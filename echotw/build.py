@@ -15,8 +15,9 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 
 from echotw.config import EchoConfig, ProxySettings
+from echotw.counters import WorkerCounters
 from echotw.endpoints import Listener
-from echotw.factory import EchoFactory
+from echotw.factory import EchoFactory, ServerCount
 from echotw.interfaces import IServerReactor
 from echotw.loglevel import setLogLevel
 from echotw.metrics import MetricsService
@@ -24,15 +25,19 @@ from echotw.proxyprotocol import ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
 from echotw.service import EchoService, ListenerService
 from echotw.udp import UDPEchoProtocol, UDPListenerService
+from echotw.workerlog import RELAY, LogOutput
 from echotw.workers import SharedListeners, WorkerPool
 
 Inherited = tuple[int, int]
 """A listening socket a worker inherited: C{(file descriptor, address family)}."""
 
 
-def makeFactory(config: EchoConfig, clock: IReactorTime) -> EchoFactory:
+def makeFactory(
+    config: EchoConfig, clock: IReactorTime, serverCount: ServerCount | None = None
+) -> EchoFactory:
     """
-    The factory all of the configuration's listeners share.
+    The factory all of the configuration's listeners share; a worker passes
+    the count of connections open over the whole server (C{serverCount}).
     """
     limits = config.limits
     return EchoFactory(
@@ -48,6 +53,7 @@ def makeFactory(config: EchoConfig, clock: IReactorTime) -> EchoFactory:
         maxSessionSeconds=limits.maxSessionSeconds,
         clock=clock,
         logConnections=config.logging.connectionsPerSecond,
+        serverCount=serverCount if limits.maxConnections else None,
     )
 
 
@@ -81,16 +87,19 @@ def makeService(
     config: EchoConfig,
     reactor: IServerReactor,
     inherited: Sequence[Inherited] = (),
+    serverCount: ServerCount | None = None,
+    workerLog: LogOutput = RELAY,
 ) -> EchoService:
     """
     Build the service tree: an L{EchoService} with one L{ListenerService}
     child per listener or, with several workers, the supervisor's shared
-    listeners and worker pool; then the UDP listeners and the metrics
-    service.  A worker passes the sockets it C{inherited}, in the order of
-    C{config.listeners}.
+    listeners and worker pool (whose workers log to C{workerLog}); then the
+    UDP listeners and the metrics service.  A worker passes the sockets it
+    C{inherited}, in the order of C{config.listeners}, and the whole
+    server's C{serverCount}.
     """
     setLogLevel(config.logging.level)
-    factory = makeFactory(config, reactor)
+    factory = makeFactory(config, reactor, serverCount)
     supervising = config.workers > 1
     top = EchoService(
         factory,
@@ -102,21 +111,33 @@ def makeService(
         # A supervisor passes SIGHUP on to its workers instead.
         handleHangup=not supervising,
     )
+    counters: WorkerCounters | None = None
     if supervising:
+        limits = config.limits
+        perSource = limits.maxPerSource or limits.rate
         shared = SharedListeners(
             [
-                (listener.name, makeEndpoint(listener, config.proxy, reactor, wrap=False))
+                (
+                    listener.name,
+                    listener.description,
+                    makeEndpoint(listener, config.proxy, reactor, wrap=False),
+                )
                 for listener in config.listeners
-            ]
+            ],
+            workers=config.workers,
+            steerPrefix=limits.ipv6Prefix if perSource else None,
         )
         shared.setServiceParent(top)
+        counters = WorkerCounters()
         WorkerPool(
             reactor,
             shared,
             config.workers,
             list(config.commandLine),
-            config.limits.maxConnections,
+            limits.maxConnections,
             config.shutdownTimeout,
+            logOutput=workerLog,
+            counters=counters,
         ).setServiceParent(top)
     else:
         for i, listener in enumerate(config.listeners):
@@ -128,7 +149,8 @@ def makeService(
             ).setServiceParent(top)
     udpProtocols = makeUDPServices(config, factory, reactor, top)
     if config.metrics is not None:
-        MetricsService(config.metrics, factory, udpProtocols, reactor).setServiceParent(top)
+        source = factory if counters is None else counters
+        MetricsService(config.metrics, source, udpProtocols, reactor).setServiceParent(top)
     return top
 
 

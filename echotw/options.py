@@ -166,8 +166,9 @@ class EchoOptions(usage.Options):
             "workers",
             None,
             DEFAULTS.workers,
-            "Processes serving the same listeners (TCP, Unix and haproxy: ones); "
-            "see README for what limits mean then.",
+            "Processes serving the same listeners (TCP, Unix and haproxy: ones), "
+            "each TCP listener a socket per worker where the kernel balances them; "
+            "limits and metrics hold for the whole server (see README).",
             workerCount,
         ],
         [
@@ -303,10 +304,6 @@ class EchoOptions(usage.Options):
                 checkDescription(self["metrics"])
             except ValueError as e:
                 raise usage.UsageError(f"--metrics: {self['metrics']!r}: {e}") from None
-            if self["workers"] > 1:
-                raise usage.UsageError(
-                    "--metrics: not available with --workers yet (each worker counts apart)"
-                )
         verifiers = []
         if self["verifier"]:
             try:

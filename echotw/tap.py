@@ -14,6 +14,7 @@ from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
 from echotw.reactor import installIfUnchosen
 from echotw.service import EchoService
+from echotw.workerlog import logOutputFor
 
 
 class Options(EchoOptions):
@@ -33,10 +34,13 @@ def makeService(options: EchoOptions, reactor: IServerReactor | None = None) -> 
     """
     The service tree for C{options} (see L{echotw.build.makeService}).  With
     no reactor given, echotw's own is installed unless one was chosen.
+    Workers write their log lines where the runner (C{twistd}, C{twist}:
+    the options' parent) sends its own, when they can.
     """
     if reactor is None:
         installIfUnchosen()
         from twisted.internet import reactor as globalReactor
 
         reactor = cast(IServerReactor, globalReactor)
-    return build.makeService(options.config, reactor)
+    runner = getattr(options, "parent", None)
+    return build.makeService(options.config, reactor, workerLog=logOutputFor(runner))

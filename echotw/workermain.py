@@ -2,42 +2,60 @@
 A worker process of C{--workers N} (C{python -m echotw.workermain ARGS}): it
 parses the supervisor's command line, derives its own configuration from it
 and serves the listening sockets it inherited (see L{echotw.workers}).
+
+What the supervisor hands it, besides the command line (the C{ECHOTW_WORKER_*}
+environment variables name the descriptors): its index; its listening
+sockets, one per listener (its own socket of each C{SO_REUSEPORT} group, or
+the socket all workers share); the shared connection count when
+C{--max-connections} is set, in which it writes its own slot; a pipe for
+its counter reports; and as its standard output either the supervisor's log
+stream, to write finished lines to, or a pipe to relay log events through
+(L{echotw.workerlog}).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import cast
 
-from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+from twisted.logger import Logger, globalLogBeginner
 from twisted.python.reflect import qual
 
 from echotw import loglevel
 from echotw.build import makeService
 from echotw.config import EchoConfig
+from echotw.counters import countersOf
+from echotw.factory import EchoFactory
 from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
 from echotw.reactor import installIfUnchosen
+from echotw.sharedcount import SharedCount
+from echotw.workerlog import LogOutput, workerObserver
 from echotw.workers import (
-    WORKER_MAX_CONNECTIONS,
+    WORKER_COUNT,
+    WORKER_COUNT_FD,
+    WORKER_INDEX,
+    WORKER_LOG,
     WORKER_REACTOR,
+    WORKER_REPORT_FD,
     inheritedSockets,
 )
 
+REPORT_INTERVAL = 1.0
+"""Seconds between a worker's counter reports to the supervisor."""
 
-def workerConfig(config: EchoConfig, maxConnections: int) -> EchoConfig:
+
+def workerConfig(config: EchoConfig) -> EchoConfig:
     """
-    A worker's view of the supervisor's configuration: one process, its
-    share of C{--max-connections}, and no UDP (the supervisor serves that).
+    A worker's view of the supervisor's configuration: one process, no UDP
+    and no metrics endpoint (the supervisor serves those).  The limits are
+    the whole server's: C{--max-connections} is checked against the count
+    all workers share.
     """
-    return replace(
-        config,
-        workers=1,
-        udpListeners=(),
-        limits=replace(config.limits, maxConnections=maxConnections),
-    )
+    return replace(config, workers=1, udpListeners=(), metrics=None)
 
 
 def installReactor(chosen: str) -> None:
@@ -52,21 +70,65 @@ def installReactor(chosen: str) -> None:
         installIfUnchosen()
 
 
+class Reporter:
+    """
+    Send the factory's counters to the supervisor, one JSON line to
+    C{fd}, when they changed; stop quietly once the supervisor is gone.
+    """
+
+    def __init__(self, factory: EchoFactory, fd: int) -> None:
+        self.factory = factory
+        self.fd = fd
+        self._last = b""
+
+    def report(self) -> None:
+        if self.fd < 0:
+            return
+        line = countersOf(self.factory).toJSON()
+        if line == self._last:
+            return
+        try:
+            os.write(self.fd, line)
+        except OSError:
+            self.fd = -1
+            return
+        self._last = line
+
+
+def serverCount(environment: Mapping[str, str], index: int) -> SharedCount | None:
+    """
+    The shared connection count the supervisor passed, if any.
+    """
+    fd = environment.get(WORKER_COUNT_FD)
+    if fd is None:
+        return None
+    count = SharedCount(int(fd), int(environment[WORKER_COUNT]), index)
+    os.close(int(fd))
+    return count
+
+
 def main(argv: list[str] | None = None) -> None:
     """
     Serve the inherited listeners with the supervisor's options until told
     to stop, or until the supervisor is gone.
     """
-    installReactor(os.environ.get(WORKER_REACTOR, ""))
+    environment = os.environ
+    installReactor(environment.get(WORKER_REACTOR, ""))
     from twisted.internet import reactor as globalReactor
     from twisted.internet.task import LoopingCall
 
     reactor = cast(IServerReactor, globalReactor)
     options = EchoOptions()
     options.parseOptions(sys.argv[1:] if argv is None else argv)
-    config = workerConfig(options.config, int(os.environ.get(WORKER_MAX_CONNECTIONS, "0")))
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = makeService(config, reactor, inherited=inheritedSockets(os.environ))
+    index = int(environment.get(WORKER_INDEX, "0"))
+    output = LogOutput.fromDescription(environment.get(WORKER_LOG, ""))
+    globalLogBeginner.beginLoggingTo([workerObserver(output, index)], redirectStandardIO=False)
+    service = makeService(
+        workerConfig(options.config),
+        reactor,
+        inherited=inheritedSockets(environment),
+        serverCount=serverCount(environment, index),
+    )
     Logger(observer=loglevel.observer).info(
         "Worker running on {reactor}", event="worker-reactor", reactor=qual(type(reactor))
     )
@@ -77,6 +139,10 @@ def main(argv: list[str] | None = None) -> None:
             reactor.stop()
 
     LoopingCall(orphaned).start(1.0, now=False)
+    if WORKER_REPORT_FD in environment:
+        reporter = Reporter(service.factory, int(environment[WORKER_REPORT_FD]))
+        LoopingCall(reporter.report).start(REPORT_INTERVAL, now=False)
+        reactor.addSystemEventTrigger("after", "shutdown", reporter.report)
     service.privilegedStartService()
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

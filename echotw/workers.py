@@ -1,27 +1,42 @@
 """
-Several processes serving the same listeners (C{--workers N}).
+The supervisor of C{--workers N}: the listening sockets, and the worker
+processes that serve them (L{echotw.workermain} is the worker's side).
 
-The supervisor (the C{twistd} process) binds every TCP and Unix listener
-itself, never accepts on them, and starts N worker processes that inherit
-the listening sockets and adopt them (C{adoptStreamPort}): the kernel hands
-each new connection to whichever worker accepts first, so a dead worker
-costs no refusals while the others run, and C{tcp:0} means one port for
-all.  Sockets shared this way were chosen over C{SO_REUSEPORT} because
-Twisted's endpoints cannot set that option, and because a port bound once
-by the supervisor outlives any one worker.
+Sockets.  The supervisor (the C{twistd} process) binds every listener itself
+and never accepts on it.  On Linux each TCP listener (C{tcp:}, C{tcp6:},
+and C{haproxy:} over them) becomes a group of N sockets on one port with
+C{SO_REUSEPORT} (L{echotw.reuseport}; C{tcp:0} is resolved once), and worker
+M adopts socket M of every group, so the kernel spreads connections over
+the workers instead of letting whichever worker wakes first take them all.
+The supervisor keeps holding every socket: when a worker dies, the
+connections the kernel hands its socket wait in that socket's backlog until
+the worker started in its place adopts the same socket, so nothing is
+refused.  Unix sockets, and TCP where C{SO_REUSEPORT} does not balance (not
+Linux), are one socket that all workers share, as before: the kernel gives
+each connection to whichever worker accepts first.
 
-The supervisor restarts a worker that dies (with a back-off), forwards
-SIGHUP (rule reloads) to the workers, and on SIGTERM/SIGINT closes its
-copies of the listeners, asks every worker to drain and waits for them;
-workers exit when the supervisor disappears, so none is left orphaned.
+Limits.  With C{--max-per-ip} or C{--rate}, the groups of plain TCP
+listeners are steered by source address (L{echotw.steering}): every
+connection of one client (an IPv4 address, or an IPv6 prefix of
+C{--ipv6-prefix} bits) reaches the same worker, which enforces those limits
+exactly, as one process would.  Where they cannot be steered, they hold per
+worker, so one source may get up to N times its limit: behind C{haproxy:}
+listeners (the kernel sees the balancer, not the client named in the
+header), on shared sockets, and where the kernel refuses the steering
+program (Linux before 4.5; a warning is logged).  C{--max-connections}
+holds for the whole server through a count the workers share
+(L{echotw.sharedcount}), to within N - 1 connections in a burst.  The idle
+and session limits are per connection and hold anywhere.
 
-Limits with several workers: C{--max-connections} is split between the
-workers (the shares add up to the limit, so it holds for the whole server,
-though one worker may refuse while another has room); C{--max-per-ip},
-C{--rate} and the idle and session limits hold per worker, so one source
-may hold up to N times C{--max-per-ip} connections: enforcing those across
-processes would need a shared store on every accept.  UDP listeners are
-served by the supervisor alone.
+Processes.  The supervisor restarts a worker that dies, after a delay that
+grows while it keeps dying and starts again from the shortest once it has
+run for L{HEALTHY_AFTER} seconds; it forwards SIGHUP (rule reloads) to the
+workers, and on SIGTERM/SIGINT closes its copies of the sockets, asks every
+worker to drain and waits for them.  Workers exit when the supervisor
+disappears, so none is left orphaned.  Workers send their counters about
+once a second for C{--metrics} (L{echotw.counters}) and write their log
+lines as L{echotw.workerlog} describes.  UDP listeners are served by the
+supervisor alone.
 """
 
 from __future__ import annotations
@@ -34,35 +49,38 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import formatAddress
+from echotw.addresses import describeAddress, formatAddress
+from echotw.counters import WorkerCounters
 from echotw.interfaces import IServerReactor
 from echotw.listening import ListenFailed, listenNow
+from echotw.reuseport import bindAddress, bindGroup, reusePortBalances
+from echotw.sharedcount import SharedCount, createSharedFile
+from echotw.steering import attachSteering, steeringProgram
+from echotw.workerlog import RELAY, LogOutput, relayRecords
 
 WORKER_FDS = "ECHOTW_WORKER_FDS"
 WORKER_INDEX = "ECHOTW_WORKER_INDEX"
-WORKER_MAX_CONNECTIONS = "ECHOTW_WORKER_MAX_CONNECTIONS"
+WORKER_COUNT = "ECHOTW_WORKER_COUNT"
+WORKER_COUNT_FD = "ECHOTW_WORKER_COUNT_FD"
+WORKER_REPORT_FD = "ECHOTW_WORKER_REPORT_FD"
+WORKER_LOG = "ECHOTW_WORKER_LOG"
 WORKER_REACTOR = "ECHOTW_WORKER_REACTOR"
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Seconds before restarting a worker that died, growing while it keeps dying."""
+HEALTHY_AFTER = 30.0
+"""A worker that ran this many seconds before dying is restarted after the shortest delay."""
 
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
-
-
-def shareOf(limit: int, workers: int, index: int) -> int:
-    """
-    Worker C{index}'s share of a limit split between C{workers}: the shares
-    add up to C{limit}, and 0 (no limit) stays 0.
-    """
-    if not limit:
-        return 0
-    return max(1, limit // workers + (1 if index < limit % workers else 0))
+_NAMES = {family: name for name, family in _FAMILIES.items()}
+_FIRST_FD = 3
 
 
 def inheritedSockets(environment: Mapping[str, str]) -> list[tuple[int, int]]:
@@ -77,6 +95,36 @@ def inheritedSockets(environment: Mapping[str, str]) -> list[tuple[int, int]]:
     return inherited
 
 
+class Backoff:
+    """
+    The restart delays of one worker's place: L{RESTART_DELAYS} in turn
+    while it keeps dying, from the first again once a worker ran
+    C{healthyAfter} seconds.
+    """
+
+    def __init__(
+        self, delays: tuple[float, ...] = RESTART_DELAYS, healthyAfter: float = HEALTHY_AFTER
+    ):
+        self.delays = delays
+        self.healthyAfter = healthyAfter
+        self.failures = 0
+        self.startedAt: float | None = None
+
+    def started(self, now: float) -> None:
+        self.startedAt = now
+
+    def died(self, now: float) -> float:
+        """
+        The worker died at C{now}: the seconds to wait before the next.
+        """
+        if self.startedAt is not None and now - self.startedAt >= self.healthyAfter:
+            self.failures = 0
+        self.startedAt = None
+        delay = self.delays[min(self.failures, len(self.delays) - 1)]
+        self.failures += 1
+        return delay
+
+
 class _NoConnections(Factory):
     """The supervisor's own listening ports never accept."""
 
@@ -89,93 +137,156 @@ class _NoConnections(Factory):
         return None
 
 
+def _address(sock: socket.socket) -> IPv4Address | IPv6Address:
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
+
+
 class SharedListeners(Service):
     """
-    Bind the listeners in the supervisor and keep them, without accepting,
-    for the workers to inherit.
+    Bind the listeners in the supervisor (before privileges are dropped) and
+    keep them, without accepting, for the workers to adopt: a C{SO_REUSEPORT}
+    group per TCP listener where that balances, else one shared socket.
+
+    @param listeners: C{(name, endpoint description, endpoint)} for each.
+    @param workers: how many workers, so how many sockets per group.
+    @param steerPrefix: with per-source limits, the IPv6 prefix length to
+        steer by (plain TCP groups are then steered by source); L{None}
+        leaves the spread to the kernel.
     """
 
     _log = Logger(observer=loglevel.observer)
 
-    def __init__(self, listeners: list[tuple[str, Any]]) -> None:
+    def __init__(
+        self,
+        listeners: list[tuple[str, str, Any]],
+        workers: int = 1,
+        steerPrefix: int | None = None,
+    ) -> None:
         self.listeners = listeners
+        self.workers = workers
+        self.steerPrefix = steerPrefix
         self.ports: list[IListeningPort] = []
+        self.groups: list[list[socket.socket] | IListeningPort] = []
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        for name, endpoint in self.listeners:
-            port, _ = listenNow(name, endpoint, _NoConnections())
-            if port is None:
-                raise ListenFailed(name, Failure(RuntimeError("did not bind at once")))
-            port.stopReading()  # type: ignore[attr-defined]
-            self.ports.append(port)
+        grouped = self.workers > 1 and reusePortBalances()
+        for name, description, endpoint in self.listeners:
+            address = bindAddress(description) if grouped else None
+            if address is None:
+                self.groups.append(self._shared(name, endpoint))
+                continue
+            try:
+                group = bindGroup(address, self.workers)
+            except OSError as e:
+                raise ListenFailed(name, Failure(e)) from None
+            self.groups.append(group)
+            steered = self.steerPrefix is not None and not description.startswith("haproxy:")
+            if steered:
+                steered = self._steer(name, group)
+            bound = _address(group[0])
+            host, port = describeAddress(bound)
             self._log.info(
-                "Listening on {listener} at {address} (shared with the workers)",
+                "Listening on {listener} at {address} ({count} sockets, one per worker, {spread})",
                 event="listening",
                 listener=name,
-                address=formatAddress(port.getHost()),
+                address=formatAddress(bound),
+                host=host,
+                port=port,
+                count=len(group),
+                spread="steered by source" if steered else "spread by the kernel",
+                steered=steered,
             )
 
-    def inherited(self) -> list[tuple[int, str]]:
+    def _steer(self, name: str, group: list[socket.socket]) -> bool:
+        assert self.steerPrefix is not None
+        try:
+            attachSteering(group[0], steeringProgram(len(group), self.steerPrefix))
+        except OSError as e:
+            self._log.warn(
+                "Cannot steer {listener} by source ({error}): --max-per-ip and --rate "
+                "hold per worker there",
+                event="steering-unavailable",
+                listener=name,
+                error=str(e),
+            )
+            return False
+        return True
+
+    def _shared(self, name: str, endpoint: Any) -> IListeningPort:
+        port, _ = listenNow(name, endpoint, _NoConnections())
+        if port is None:
+            raise ListenFailed(name, Failure(RuntimeError("did not bind at once")))
+        port.stopReading()  # type: ignore[attr-defined]
+        self.ports.append(port)
+        self._log.info(
+            "Listening on {listener} at {address} (shared with the workers)",
+            event="listening",
+            listener=name,
+            address=formatAddress(port.getHost()),
+        )
+        return port
+
+    def socketsFor(self, index: int) -> list[socket.socket]:
         """
-        C{(fd, family)} for each listener, in the order given.
+        Worker C{index}'s sockets, one per listener, in the order given.
         """
-        out = []
-        for port in self.ports:
-            sock = port.socket  # type: ignore[attr-defined]
-            family = {v: k for k, v in _FAMILIES.items()}[sock.family]
-            out.append((sock.fileno(), family))
-        return out
+        return [
+            group[index] if isinstance(group, list) else group.socket  # type: ignore[attr-defined]
+            for group in self.groups
+        ]
 
     def stopService(self) -> Deferred[Any]:
         Service.stopService(self)
+        groups, self.groups = self.groups, []
+        for group in groups:
+            if isinstance(group, list):
+                for sock in group:
+                    sock.close()
         ports, self.ports = self.ports, []
         return DeferredList([maybeDeferred(p.stopListening) for p in ports])
 
 
 class _Worker(ProcessProtocol):
     """
-    One worker process.  Its log events arrive as JSON records on its
-    standard output and are re-published here, so they go wherever the
-    supervisor's log goes (file, syslog, JSON), marked with the worker.
+    One worker process: relays its log records (when it does not write
+    them itself) and takes its counter reports.
     """
 
-    def __init__(self, pool: WorkerPool, index: int) -> None:
+    def __init__(self, pool: WorkerPool, index: int, reportFD: int) -> None:
         self.pool = pool
         self.index = index
+        self.reportFD = reportFD
         self.ended: Deferred[None] = Deferred()
-        self._buffer = b""
+        self._logs = b""
+        self._reports = b""
 
-    def outReceived(self, data: bytes) -> None:
-        records = (self._buffer + data).split(b"\x1e")
-        self._buffer = records.pop()
-        if self._buffer.endswith(b"\n"):
-            records.append(self._buffer)
-            self._buffer = b""
-        for record in records:
-            if record.strip():
-                self._publish(record)
-
-    def _publish(self, record: bytes) -> None:
-        try:
-            event = eventFromJSON(record.decode("utf-8"))
-        except ValueError:
-            return
-        event["worker"] = self.index
-        event["worker_pid"] = self.transport.pid if self.transport else None
-        event["log_system"] = f"echotw worker {self.index}"
-        globalLogPublisher(event)
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == self.reportFD:
+            *lines, self._reports = (self._reports + data).split(b"\n")
+            if lines:
+                self.pool.counters.report(self.index, lines[-1])
+        elif childFD == 1:
+            events, self._logs = relayRecords(self._logs, data)
+            for event in events:
+                globalLogPublisher(event)
 
     def processEnded(self, reason: Failure) -> None:
-        if self._buffer.strip():
-            self._publish(self._buffer)
+        events, _ = relayRecords(self._logs, b"\n")
+        for event in events:
+            globalLogPublisher(event)
         self.ended.callback(None)
         self.pool.workerEnded(self, reason)
 
 
 class WorkerPool(Service):
     """
-    Start, watch and stop the worker processes.
+    Start, watch, restart and stop the worker processes.
+
+    @ivar counters: the workers' counters summed, for metrics.
     """
 
     _log = Logger(observer=loglevel.observer)
@@ -188,6 +299,8 @@ class WorkerPool(Service):
         arguments: list[str],
         maxConnections: int,
         shutdownTimeout: float,
+        logOutput: LogOutput = RELAY,
+        counters: WorkerCounters | None = None,
     ) -> None:
         self.reactor = reactor
         self.shared = shared
@@ -195,13 +308,21 @@ class WorkerPool(Service):
         self.arguments = arguments
         self.maxConnections = maxConnections
         self.shutdownTimeout = shutdownTimeout
+        self.logOutput = logOutput
+        self.counters = counters if counters is not None else WorkerCounters()
         self.workers: dict[int, _Worker] = {}
-        self.failures: dict[int, int] = {}
+        self.backoff = {index: Backoff() for index in range(workers)}
+        self.restarts: dict[int, IDelayedCall] = {}
         self.stopping = False
+        self.countFD: int | None = None
+        self.serverCount: SharedCount | None = None
 
     def startService(self) -> None:
         Service.startService(self)
         self.stopping = False
+        if self.maxConnections:
+            self.countFD = createSharedFile(self.count)
+            self.serverCount = SharedCount(self.countFD, self.count)
         for index in range(self.count):
             self.spawn(index)
         signal.signal(signal.SIGHUP, self._hangup)
@@ -217,16 +338,33 @@ class WorkerPool(Service):
                 pass  # it has just exited
 
     def spawn(self, index: int) -> None:
-        inherited = self.shared.inherited()
+        """
+        Start worker C{index} on its sockets.
+        """
         env = dict(os.environ)
-        env[WORKER_FDS] = ",".join(f"{fd}:{family}" for fd, family in inherited)
+        childFDs: dict[int, Any] = {
+            0: "w",
+            1: "r" if self.logOutput.fd is None else self.logOutput.fd,
+            2: 2,
+        }
+        inherited: list[str] = []
+        for sock in self.shared.socketsFor(index):
+            fd = _FIRST_FD + len(inherited)
+            childFDs[fd] = sock.fileno()
+            inherited.append(f"{fd}:{_NAMES[sock.family]}")
+        nextFD = _FIRST_FD + len(inherited)
+        if self.countFD is not None:
+            childFDs[nextFD] = self.countFD
+            env[WORKER_COUNT_FD] = str(nextFD)
+            nextFD += 1
+        childFDs[nextFD] = "r"
+        env[WORKER_REPORT_FD] = str(nextFD)
+        env[WORKER_FDS] = ",".join(inherited)
         env[WORKER_INDEX] = str(index)
-        env[WORKER_MAX_CONNECTIONS] = str(shareOf(self.maxConnections, self.count, index))
+        env[WORKER_COUNT] = str(self.count)
+        env[WORKER_LOG] = self.logOutput.describe()
         env[WORKER_REACTOR] = type(self.reactor).__module__
-        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: 2}
-        for fd, _ in inherited:
-            childFDs[fd] = fd
-        worker = _Worker(self, index)
+        worker = _Worker(self, index, nextFD)
         transport = self.reactor.spawnProcess(
             worker,
             sys.executable,
@@ -235,6 +373,7 @@ class WorkerPool(Service):
             childFDs=childFDs,
         )
         self.workers[index] = worker
+        self.backoff[index].started(self.reactor.seconds())
         self._log.info(
             "Started worker {index} (pid {pid})",
             event="worker-started",
@@ -243,23 +382,26 @@ class WorkerPool(Service):
         )
 
     def workerEnded(self, worker: _Worker, reason: Failure) -> None:
-        if self.workers.get(worker.index) is worker:
-            del self.workers[worker.index]
+        index = worker.index
+        if self.workers.get(index) is worker:
+            del self.workers[index]
+        if self.serverCount is not None:
+            self.serverCount.clear(index)
+        self.counters.ended(index, restarting=not self.stopping)
         if self.stopping:
             return
-        failures = self.failures.get(worker.index, 0)
-        delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
-        self.failures[worker.index] = failures + 1
+        delay = self.backoff[index].died(self.reactor.seconds())
         self._log.warn(
             "Worker {index} ended ({why}); restarting in {delay}s",
             event="worker-died",
-            index=worker.index,
+            index=index,
             why=reason.getErrorMessage(),
             delay=delay,
         )
-        self.reactor.callLater(delay, self._respawn, worker.index)
+        self.restarts[index] = self.reactor.callLater(delay, self._respawn, index)
 
     def _respawn(self, index: int) -> None:
+        self.restarts.pop(index, None)
         if not self.stopping and index not in self.workers:
             self.spawn(index)
 
@@ -270,6 +412,10 @@ class WorkerPool(Service):
         """
         Service.stopService(self)
         self.stopping = True
+        for pending in self.restarts.values():
+            if pending.active():
+                pending.cancel()
+        self.restarts.clear()
         ended = [w.ended for w in self.workers.values()]
         self.signalAll(signal.SIGTERM)
         killer = self.reactor.callLater(self.shutdownTimeout + 5, self.signalAll, signal.SIGKILL)
@@ -277,6 +423,9 @@ class WorkerPool(Service):
         def done(result: Any) -> Any:
             if killer.active():
                 killer.cancel()
+            if self.countFD is not None:
+                os.close(self.countFD)
+                self.countFD = None
             return result
 
         return DeferredList(ended).addBoth(done)

@@ -169,17 +169,16 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(config.shutdownTimeout, default.shutdownTimeout)
 
     def test_workerConfig(self) -> None:
-        """A worker serves no UDP, runs alone, and gets its share of the limit;
-        the supervisor's configuration is unchanged."""
+        """A worker serves no UDP and no metrics endpoint, runs alone, and keeps
+        the whole server's limits; the supervisor's configuration is unchanged."""
         options = EchoOptions()
         options.parseOptions(
-            ["--workers", "3", "--max-connections", "10", "--udp", "7", "--max-per-ip", "2"]
+            "--workers 3 --max-connections 10 --udp 7 --max-per-ip 2 --metrics tcp:0".split()
         )
         supervisor = options.config
-        worker = workerConfig(supervisor, maxConnections=4)
-        self.assertEqual((worker.workers, worker.udpListeners), (1, ()))
-        self.assertEqual(worker.limits.maxConnections, 4)
-        self.assertEqual(worker.limits.maxPerSource, 2)
+        worker = workerConfig(supervisor)
+        self.assertEqual((worker.workers, worker.udpListeners, worker.metrics), (1, (), None))
+        self.assertEqual(worker.limits, supervisor.limits)
         self.assertEqual(supervisor.workers, 3)
         self.assertEqual(len(supervisor.udpListeners), 1)
-        self.assertEqual(supervisor.limits.maxConnections, 10)
+        self.assertEqual(supervisor.metrics, "tcp:0")

@@ -115,7 +115,6 @@ class OptionsTests(SynchronousTestCase):
             (["--proxy-timeout", "0"], "--proxy-timeout"),
             (["--log-level", "loud"], "--log-level"),
             (["--metrics", "nonsense:1"], "--metrics"),
-            (["--metrics", "tcp:0", "--workers", "2"], "--metrics"),
             (["--workers", "65"], "--workers"),
         ]
         for args, option in cases:

@@ -1,21 +1,33 @@
 """
-Tests for C{--workers}: the split of limits, and end to end with a real
-supervisor and worker processes.
+Tests for C{--workers}: the restart back-off, and end to end with a real
+supervisor and worker processes: how connections spread over the workers,
+limits that hold for the whole server, one metrics endpoint, restarts that
+refuse nothing, and a stop that leaves no process behind.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from echotw.addresses import ipFromText
 from echotw.options import EchoOptions
-from echotw.workers import shareOf
-from tests.process import LOOPBACK, ServerTestCase, connect, echo
+from echotw.steering import sourceIndex
+from echotw.workers import RESTART_DELAYS, Backoff
+from tests.process import LOOPBACK, TWISTD, EchoServer, ServerTestCase, connect, echo
+
+SERVED = re.compile(r"echotw worker (\d+)\] Connection from ([\d.]+):(\d+) on")
 
 
 def alive(pid: int) -> bool:
@@ -26,17 +38,84 @@ def alive(pid: int) -> bool:
     return True
 
 
-class ShareTests(SynchronousTestCase):
-    def test_sharesAddUp(self) -> None:
-        """Shares of --max-connections add up to the limit; 0 stays 0."""
-        for limit in [1, 2, 3, 10, 101]:
-            for workers in [1, 2, 3, 4]:
-                shares = [shareOf(limit, workers, i) for i in range(workers)]
-                if limit >= workers:
-                    self.assertEqual(sum(shares), limit)
-                self.assertTrue(all(s >= 1 for s in shares))
-        self.assertEqual(shareOf(0, 4, 2), 0)
+def servedBy(server: EchoServer) -> dict[tuple[str, int], int]:
+    """
+    Which worker logged each client C{(host, port)}'s connection.
+    """
+    return {(host, int(port)): int(w) for w, host, port in SERVED.findall(server.output())}
 
+
+def workerPids(server: EchoServer, count: int) -> list[int]:
+    """
+    Wait until C{count} workers listen; their pids in order of index.
+    """
+    server.waitFor(rf"(echotw worker \d+\] Listening(.|\n)*){{{count}}}", timeout=30)
+    started = re.findall(r"Started worker (\d+) \(pid (\d+)\)", server.output())
+    return [int(pid) for _, pid in sorted(started)[:count]]
+
+
+def openFrom(port: int, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket()
+    sock.bind((source, 0))
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def echoes(sock: socket.socket, payload: bytes = b"ping", timeout: float = 20.0) -> bool:
+    """
+    Whether C{sock} echoes C{payload}: False if the server closes it.
+    """
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = sock.recv(len(payload) - len(received))
+            if not chunk:
+                return False
+            received += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return False
+    return received == payload
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode("utf-8")
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("echotw_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+class BackoffTests(SynchronousTestCase):
+    def test_growsWhileDying(self) -> None:
+        """A worker that keeps dying at once waits longer each time, up to the last delay."""
+        backoff = Backoff()
+        delays = []
+        for n in range(len(RESTART_DELAYS) + 2):
+            backoff.started(float(n))
+            delays.append(backoff.died(n + 0.5))
+        self.assertEqual(delays, [*RESTART_DELAYS, RESTART_DELAYS[-1], RESTART_DELAYS[-1]])
+
+    def test_resetsAfterHealthyRun(self) -> None:
+        """A worker that ran healthily for a while is restarted after the shortest delay again."""
+        backoff = Backoff(healthyAfter=30)
+        for n in range(6):
+            backoff.started(n)
+            backoff.died(n + 0.1)
+        backoff.started(100)
+        self.assertEqual(backoff.died(129), RESTART_DELAYS[-1])
+        backoff.started(200)
+        self.assertEqual(backoff.died(230), RESTART_DELAYS[0])
+        backoff.started(231)
+        self.assertEqual(backoff.died(231.5), RESTART_DELAYS[1])
+
+
+class OptionsTests(SynchronousTestCase):
     def test_unshareableListenersRefused(self) -> None:
         """Listeners that cannot be shared are a usage error with --workers."""
         for port in ["ssl:443", "systemd:domain=INET:index=0"]:
@@ -46,35 +125,157 @@ class ShareTests(SynchronousTestCase):
         with self.assertRaises(UsageError):
             EchoOptions().parseOptions(["--workers", "0"])
 
+    def test_metricsWithWorkers(self) -> None:
+        """--metrics is accepted with --workers."""
+        options = EchoOptions()
+        options.parseOptions(["--workers", "2", "--metrics", "tcp:0"])
+        self.assertEqual(options.config.metrics, "tcp:0")
+
 
 class WorkersEndToEndTests(ServerTestCase):
-    def test_twoWorkersServeRestartAndStop(self) -> None:
-        """Connections are served by two worker processes; killing one does
-        not refuse new connections; SIGTERM stops every process, leaving no
-        orphan."""
+    def test_longConnectionsSpread(self) -> None:
+        """24 long connections from one client land at least 5 on each of 2
+        workers (each has its own socket; the kernel spreads them)."""
         server = self.start("--workers", "2", "--port", LOOPBACK)
-        started = server.waitFor(r"(Started worker \d \(pid \d+\)(.|\n)*){2}")
-        pids = [int(p) for p in re.findall(r"Started worker \d \(pid (\d+)\)", started.group(0))]
-        server.waitFor(r"(echotw worker \d\] Listening(.|\n)*){2}")
-        server.waitFor(
-            r"(echotw worker \d\] Worker running on echotw\.reactor\.EchoReactor(.|\n)*){2}"
-        )
-        deadline = time.monotonic() + 20
-        served = set()
-        while len(served) < 2 and time.monotonic() < deadline:
-            with connect(server.port) as sock:
-                self.assertEqual(echo(sock, b"which worker?"), b"which worker?")
-            served = set(re.findall(r"echotw worker (\d)\] Connection from", server.output()))
-        self.assertEqual(served, {"0", "1"})
+        workerPids(server, 2)
+        socks = [openFrom(server.port) for _ in range(24)]
+        for sock in socks:
+            self.addCleanup(sock.close)
+            self.assertTrue(echoes(sock))
+        ports = {sock.getsockname()[1] for sock in socks}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            served = {p: w for (_, p), w in servedBy(server).items() if p in ports}
+            if len(served) == 24:
+                break
+            time.sleep(0.05)
+        counts = [list(served.values()).count(w) for w in (0, 1)]
+        self.assertEqual(sum(counts), 24, server.output())
+        self.assertGreaterEqual(min(counts), 5, counts)
 
-        os.kill(pids[0], signal.SIGKILL)
-        for _ in range(30):
+    def _maxPerIP(self, workers: int) -> None:
+        server = self.start("--workers", str(workers), "--port", LOOPBACK, "--max-per-ip", "3")
+        workerPids(server, workers)
+        socks = [openFrom(server.port) for _ in range(9)]
+        for sock in socks:
+            self.addCleanup(sock.close)
+        admitted = [echoes(sock, timeout=5) for sock in socks]
+        self.assertEqual(admitted.count(True), 3, server.output())
+
+    def test_maxPerIPTwoWorkers(self) -> None:
+        """--max-per-ip 3 admits exactly 3 of 9 concurrent connections from
+        one address with 2 workers."""
+        self._maxPerIP(2)
+
+    def test_maxPerIPThreeWorkers(self) -> None:
+        """... and with 3 workers."""
+        self._maxPerIP(3)
+
+    def test_rateForTheWholeServer(self) -> None:
+        """--rate 1/s --burst 4 admits 4 of 12 quick connections from one
+        address (and one more per second they took), with 2 workers."""
+        server = self.start(
+            "--workers", "2", "--port", LOOPBACK, "--rate", "1/s", "--burst", "4"
+        )  # fmt: skip
+        workerPids(server, 2)
+        started = time.monotonic()
+        admitted = 0
+        for _ in range(12):
+            with openFrom(server.port) as sock:
+                admitted += echoes(sock, timeout=5)
+        allowed = 4 + int(time.monotonic() - started)
+        self.assertGreaterEqual(admitted, 4)
+        self.assertLessEqual(admitted, allowed, server.output())
+
+    def test_steeringBySource(self) -> None:
+        """With a per-source limit, all connections from one address reach
+        one worker, the one the steering program names, whichever of 12
+        loopback addresses they come from; a Unix listener is shared."""
+        path = Path(self.mktemp()).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        server = self.start(
+            "--workers", "3", "--port", LOOPBACK, "--port", f"unix:{path}",
+            "--max-per-ip", "100",
+        )  # fmt: skip
+        workerPids(server, 3)
+        self.assertIn("steered by source", server.output())
+        sources = [f"127.0.0.{n}" for n in range(2, 14)]
+        for source in sources:
+            for _ in range(3):
+                with openFrom(server.port, source) as sock:
+                    self.assertTrue(echoes(sock))
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            self.assertTrue(echoes(sock))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            served = servedBy(server)
+            if sum(host in sources for host, _ in served) == 3 * len(sources):
+                break
+            time.sleep(0.05)
+        workersOf: dict[str, set[int]] = {}
+        for (host, _), worker in served.items():
+            workersOf.setdefault(host, set()).add(worker)
+        for source in sources:
+            version, value = ipFromText(source) or (0, 0)
+            self.assertEqual(workersOf.get(source), {sourceIndex(version, value, 3)}, source)
+        self.assertGreater(len(set.union(*workersOf.values())), 1)
+
+    def test_metricsSumTheWorkers(self) -> None:
+        """--metrics with 2 workers is served by the supervisor and counts
+        every connection of both workers."""
+        server = self.start(
+            "--workers", "2", "--port", LOOPBACK, "--metrics", LOOPBACK
+        )  # fmt: skip
+        workerPids(server, 2)
+        metricsPort = int(server.waitFor(r"Serving metrics on \S+ at [\d.]+:(\d+)").group(1))
+        for _ in range(20):
             with connect(server.port) as sock:
-                self.assertEqual(echo(sock, b"still here"), b"still here")
+                self.assertEqual(echo(sock, b"count me"), b"count me")
+        listener = f'listener="{LOOPBACK}"'
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            samples = scrape(metricsPort)
+            if samples.get(f"echotw_connections_total{{{listener}}}") == 20:
+                break
+            time.sleep(0.2)
+        self.assertEqual(samples.get(f"echotw_connections_total{{{listener}}}"), 20, samples)
+        self.assertEqual(samples["echotw_bytes_echoed_total"], 20 * len(b"count me"))
+        perWorker = [samples[f'echotw_worker_connections_total{{worker="{w}"}}'] for w in (0, 1)]
+        self.assertEqual(sum(perWorker), 20)
+        self.assertGreater(min(perWorker), 0)
+
+    def test_killedWorkerRefusesNothingAndStopLeavesNoOrphan(self) -> None:
+        """A SIGKILLed worker refuses nothing: 30 connections opened in the
+        next 2 seconds all echo, those the kernel gave its socket once the
+        worker in its place adopts it; SIGTERM stops every process."""
+        server = self.start("--workers", "2", "--port", LOOPBACK)
+        pids = workerPids(server, 2)
+        os.kill(pids[0], signal.SIGKILL)
+        killedAt = time.monotonic()
+        socks = []
+        for _ in range(30):
+            sock = openFrom(server.port)
+            self.addCleanup(sock.close)
+            sock.sendall(b"still here")
+            socks.append(sock)
+        self.assertLess(time.monotonic() - killedAt, 2.0)
+        for sock in socks:
+            sock.settimeout(20)
+            received = b""
+            while len(received) < len(b"still here"):
+                chunk = sock.recv(64)
+                self.assertTrue(chunk, "a connection was closed without its echo")
+                received += chunk
+            self.assertEqual(received, b"still here")
         server.waitFor(r"Worker 0 ended .*restarting")
-        server.waitFor(r"(Started worker 0 \(pid \d+\)(.|\n)*){2}")
         newPid = int(re.findall(r"Started worker 0 \(pid (\d+)\)", server.output())[-1])
         self.assertNotEqual(newPid, pids[0])
+        ports = {sock.getsockname()[1] for sock in socks}
+        server.waitFor(r"echotw worker 0\] Connection from")
+        servedByNew = [p for (_, p), w in servedBy(server).items() if p in ports and w == 0]
+        self.assertTrue(servedByNew, "no connection waited for the restarted worker")
 
         server.process.send_signal(signal.SIGTERM)
         self.assertEqual(server.wait(timeout=30), -signal.SIGTERM)
@@ -83,3 +284,84 @@ class WorkersEndToEndTests(ServerTestCase):
             time.sleep(0.05)
         self.assertFalse(alive(pids[1]) or alive(newPid), "a worker outlived the supervisor")
         self.assertNotIn("Traceback", server.output())
+
+
+WORKERS2 = ("--workers", "2", "--port", LOOPBACK)
+
+
+class WorkerLogTests(SynchronousTestCase):
+    """
+    Workers' log lines, written by the workers themselves to the
+    supervisor's standard output, or relayed by the supervisor to its log file.
+    """
+
+    def twistd(self, *runner: str) -> tuple[subprocess.Popen[bytes], Path]:
+        workdir = Path(self.mktemp()).resolve()
+        workdir.mkdir(parents=True)
+        stdoutPath = workdir / "stdout.log"
+        with stdoutPath.open("wb") as stdout:
+            process = subprocess.Popen(
+                [sys.executable, "-c", TWISTD, "--pidfile=", *runner, "echo", *WORKERS2],
+                cwd=workdir,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(5)
+
+        self.addCleanup(stop)
+        return process, workdir
+
+    def waitFor(self, path: Path, pattern: str, timeout: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = path.read_text(errors="replace") if path.exists() else ""
+            match = re.search(pattern, text)
+            if match:
+                return match
+            time.sleep(0.05)
+        self.fail(f"{pattern!r} not in {path}:\n{text}")
+
+    def connectTwice(self, port: int) -> set[int]:
+        ports = set()
+        for _ in range(2):
+            with connect(port) as sock:
+                ports.add(sock.getsockname()[1])
+                self.assertEqual(echo(sock, b"log me"), b"log me")
+        return ports
+
+    def test_jsonLinesFromWorkers(self) -> None:
+        """With twistd's --logger echotw.logs.jsonObserver, every line is a
+        JSON object, the workers' carrying their index and pid."""
+        process, workdir = self.twistd("--nodaemon", "--logger", "echotw.logs.jsonObserver")
+        out = workdir / "stdout.log"
+        port = int(self.waitFor(out, r'"event": "listening".*"port": (\d+)').group(1))
+        self.waitFor(out, r'("event": "listening".*"worker": \d, "worker_pid": \d+(.|\n)*){2}')
+        clientPorts = self.connectTwice(port)
+        self.waitFor(out, r'("event": "closed"(.|\n)*){2}')
+        records = [json.loads(line) for line in out.read_text().splitlines()]
+        closed = [r for r in records if r.get("event") == "closed"]
+        self.assertEqual({r["client_port"] for r in closed}, clientPorts)
+        for record in closed:
+            self.assertIn(record["worker"], (0, 1))
+            self.assertIsInstance(record["worker_pid"], int)
+            self.assertNotEqual(record["worker_pid"], process.pid)
+
+    def test_relayedToLogFile(self) -> None:
+        """With a log file (which twistd rotates), the supervisor writes the
+        workers' lines, each naming its worker."""
+        _, workdir = self.twistd("--nodaemon", "--logfile", "echo.log")
+        log = workdir / "echo.log"
+        port = int(self.waitFor(log, r"Listening on \S+ at 127.0.0.1:(\d+)").group(1))
+        self.waitFor(log, r"(echotw worker \d\] Listening(.|\n)*){2}")
+        for clientPort in self.connectTwice(port):
+            self.waitFor(log, rf"\[echotw worker \d\] Connection from 127.0.0.1:{clientPort} on")
+        self.assertEqual((workdir / "stdout.log").read_text(), "")
