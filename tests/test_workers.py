@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +30,15 @@ from echotw.workers import RESTART_DELAYS, Backoff
 from tests.process import LOOPBACK, TWISTD, EchoServer, ServerTestCase, connect, echo
 
 SERVED = re.compile(r"echotw worker (\d+)\] Connection from ([\d.]+):(\d+) on")
+
+
+def scratch(case: SynchronousTestCase) -> Path:
+    """
+    A directory removed after the test.
+    """
+    path = Path(tempfile.mkdtemp(prefix="echotw-workers-"))
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def alive(pid: int) -> bool:
@@ -191,8 +202,7 @@ class WorkersEndToEndTests(ServerTestCase):
         """With a per-source limit, all connections from one address reach
         one worker, the one the steering program names, whichever of 12
         loopback addresses they come from; a Unix listener is shared."""
-        path = Path(self.mktemp()).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = scratch(self) / "echo.sock"
         server = self.start(
             "--workers", "3", "--port", LOOPBACK, "--port", f"unix:{path}",
             "--max-per-ip", "100",
@@ -296,8 +306,7 @@ class WorkerLogTests(SynchronousTestCase):
     """
 
     def twistd(self, *runner: str) -> tuple[subprocess.Popen[bytes], Path]:
-        workdir = Path(self.mktemp()).resolve()
-        workdir.mkdir(parents=True)
+        workdir = scratch(self)
         stdoutPath = workdir / "stdout.log"
         with stdoutPath.open("wb") as stdout:
             process = subprocess.Popen(
