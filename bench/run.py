@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv"
 BUILD = HERE / "build"
 RESULTS = HERE / "results"
-REQUIREMENTS = ["twisted>=23.10", "uvloop", "matplotlib"]
+REQUIREMENTS = ["twisted>=23.10", "prometheus_client", "uvloop", "matplotlib"]
 
 
 def ensureVenv() -> None:

@@ -9,6 +9,7 @@ once.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
@@ -19,6 +20,7 @@ from echotw.counters import WorkerCounters
 from echotw.endpoints import Listener
 from echotw.factory import EchoFactory, ServerCount
 from echotw.interfaces import IServerReactor
+from echotw.listening import AdoptedUNIXEndpoint
 from echotw.loglevel import setLogLevel
 from echotw.metrics import MetricsService
 from echotw.proxyprotocol import ProxyProtocolEndpoint
@@ -72,8 +74,12 @@ def makeEndpoint(
     """
     kind, _, inner = listener.description.partition(":")
     proxied = kind == "haproxy"
-    if inherited is not None:
-        endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, *inherited)
+    endpoint: IStreamServerEndpoint
+    if inherited is not None and inherited[1] == socket.AF_UNIX:
+        # The supervisor removes the socket file, not each worker.
+        endpoint = AdoptedUNIXEndpoint(reactor, inherited[0])
+    elif inherited is not None:
+        endpoint = AdoptedStreamServerEndpoint(reactor, *inherited)
     else:
         endpoint = serverFromString(reactor, inner if proxied else listener.description)
     if proxied and wrap:

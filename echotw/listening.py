@@ -6,12 +6,25 @@ once or exit with one line, log the address actually bound.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet import tcp
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorSocket,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+try:
+    from twisted.internet.unix import Port as UNIXPort
+except ImportError:  # no Unix sockets on this platform
+    UNIXPort = None  # type: ignore[assignment,misc]
 
 from echotw.addresses import describeAddress, formatAddress
 
@@ -69,3 +82,38 @@ def stopListening(port: IListeningPort | None) -> Deferred[None]:
         return succeed(None)
     stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
     return stopped
+
+
+if UNIXPort is not None:
+
+    class SharedUNIXPort(UNIXPort):
+        """
+        A Unix listening socket adopted from the process that bound it and
+        shared with others: stopping it leaves the socket file in place.
+        Twisted's own port removes the file, from under the processes still
+        listening, or fails with a traceback when another removed it first.
+        """
+
+        def connectionLost(self, reason: Failure) -> None:
+            tcp.Port.connectionLost(self, reason)
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedUNIXEndpoint:
+    """
+    Listen on an inherited Unix listening socket (file descriptor C{fd},
+    closed once adopted) with a L{SharedUNIXPort}.
+    """
+
+    def __init__(self, reactor: IReactorSocket, fd: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        try:
+            port = SharedUNIXPort._fromListeningDescriptor(self.reactor, self.fd, factory)
+            port.startListening()
+            os.close(self.fd)
+        except Exception:
+            return fail()
+        return succeed(port)

@@ -41,6 +41,7 @@ from echotw.workers import (
     WORKER_LOG,
     WORKER_REACTOR,
     WORKER_REPORT_FD,
+    WORKER_SUPERVISOR,
     inheritedSockets,
 )
 
@@ -95,6 +96,35 @@ class Reporter:
         self._last = line
 
 
+class Orphan:
+    """
+    A worker whose supervisor is gone stops as if told to (draining its
+    connections), and exits at once if that takes much longer than the
+    drain may.
+    """
+
+    def __init__(self, supervisor: int, reactor: IServerReactor, shutdownTimeout: float) -> None:
+        self.supervisor = supervisor
+        self.reactor = reactor
+        self.deadline = shutdownTimeout + 5
+        self.since: float | None = None
+
+    def check(self) -> bool:
+        """
+        Whether the supervisor is still this process's parent.
+        """
+        if os.getppid() == self.supervisor:
+            return True
+        now = self.reactor.seconds()
+        if self.since is None:
+            self.since = now
+            if self.reactor.running:
+                self.reactor.stop()
+        elif now - self.since > self.deadline:
+            os._exit(1)
+        return False
+
+
 def serverCount(environment: Mapping[str, str], index: int) -> SharedCount | None:
     """
     The shared connection count the supervisor passed, if any.
@@ -123,8 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     index = int(environment.get(WORKER_INDEX, "0"))
     output = LogOutput.fromDescription(environment.get(WORKER_LOG, ""))
     globalLogBeginner.beginLoggingTo([workerObserver(output, index)], redirectStandardIO=False)
+    config = workerConfig(options.config)
     service = makeService(
-        workerConfig(options.config),
+        config,
         reactor,
         inherited=inheritedSockets(environment),
         serverCount=serverCount(environment, index),
@@ -132,13 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     Logger(observer=loglevel.observer).info(
         "Worker running on {reactor}", event="worker-reactor", reactor=qual(type(reactor))
     )
-    parent = os.getppid()
-
-    def orphaned() -> None:
-        if os.getppid() != parent:
-            reactor.stop()
-
-    LoopingCall(orphaned).start(1.0, now=False)
+    supervisor = int(environment.get(WORKER_SUPERVISOR, os.getppid()))
+    orphan = Orphan(supervisor, reactor, config.shutdownTimeout)
+    if not orphan.check():
+        return
+    LoopingCall(orphan.check).start(1.0, now=False)
     if WORKER_REPORT_FD in environment:
         reporter = Reporter(service.factory, int(environment[WORKER_REPORT_FD]))
         LoopingCall(reporter.report).start(REPORT_INTERVAL, now=False)

@@ -73,6 +73,7 @@ WORKER_COUNT_FD = "ECHOTW_WORKER_COUNT_FD"
 WORKER_REPORT_FD = "ECHOTW_WORKER_REPORT_FD"
 WORKER_LOG = "ECHOTW_WORKER_LOG"
 WORKER_REACTOR = "ECHOTW_WORKER_REACTOR"
+WORKER_SUPERVISOR = "ECHOTW_WORKER_SUPERVISOR"
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Seconds before restarting a worker that died, growing while it keeps dying."""
 HEALTHY_AFTER = 30.0
@@ -364,6 +365,7 @@ class WorkerPool(Service):
         env[WORKER_COUNT] = str(self.count)
         env[WORKER_LOG] = self.logOutput.describe()
         env[WORKER_REACTOR] = type(self.reactor).__module__
+        env[WORKER_SUPERVISOR] = str(os.getpid())
         worker = _Worker(self, index, nextFD)
         transport = self.reactor.spawnProcess(
             worker,

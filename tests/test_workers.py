@@ -20,12 +20,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+from twisted.internet.task import Clock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from echotw import workermain
 from echotw.addresses import ipFromText
 from echotw.options import EchoOptions
 from echotw.steering import sourceIndex
+from echotw.workermain import Orphan
 from echotw.workers import RESTART_DELAYS, Backoff
 from tests.process import LOOPBACK, TWISTD, EchoServer, ServerTestCase, connect, echo
 
@@ -56,11 +59,19 @@ def servedBy(server: EchoServer) -> dict[tuple[str, int], int]:
     return {(host, int(port)): int(w) for w, host, port in SERVED.findall(server.output())}
 
 
-def workerPids(server: EchoServer, count: int) -> list[int]:
+def workerPids(server: EchoServer, count: int, listeners: int = 1) -> list[int]:
     """
-    Wait until C{count} workers listen; their pids in order of index.
+    Wait until C{count} workers listen on all their C{listeners}; their pids
+    in order of index.
     """
-    server.waitFor(rf"(echotw worker \d+\] Listening(.|\n)*){{{count}}}", timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = re.findall(r"echotw worker (\d+)\] Listening", server.output())
+        if all(found.count(str(w)) >= listeners for w in range(count)):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"{count} workers did not listen:\n{server.output()}")
     started = re.findall(r"Started worker (\d+) \(pid (\d+)\)", server.output())
     return [int(pid) for _, pid in sorted(started)[:count]]
 
@@ -124,6 +135,37 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(backoff.died(230), RESTART_DELAYS[0])
         backoff.started(231)
         self.assertEqual(backoff.died(231.5), RESTART_DELAYS[1])
+
+
+class FakeReactor(Clock):
+    running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+
+class OrphanTests(SynchronousTestCase):
+    def test_supervisorPresent(self) -> None:
+        """While the supervisor is the parent, nothing happens."""
+        reactor = FakeReactor()
+        self.assertTrue(Orphan(os.getppid(), reactor, 10).check())
+        self.assertTrue(reactor.running)
+
+    def test_orphanStopsThenExits(self) -> None:
+        """A worker whose supervisor is gone stops its reactor (a drain), and
+        exits outright if that is not over well after the drain's deadline."""
+        exits: list[int] = []
+        self.patch(workermain.os, "_exit", exits.append)
+        reactor = FakeReactor()
+        orphan = Orphan(-1, reactor, 10)
+        self.assertFalse(orphan.check())
+        self.assertFalse(reactor.running)
+        reactor.advance(14)
+        orphan.check()
+        self.assertEqual(exits, [])
+        reactor.advance(2)
+        orphan.check()
+        self.assertEqual(exits, [1])
 
 
 class OptionsTests(SynchronousTestCase):
@@ -207,7 +249,7 @@ class WorkersEndToEndTests(ServerTestCase):
             "--workers", "3", "--port", LOOPBACK, "--port", f"unix:{path}",
             "--max-per-ip", "100",
         )  # fmt: skip
-        workerPids(server, 3)
+        workerPids(server, 3, listeners=2)
         self.assertIn("steered by source", server.output())
         sources = [f"127.0.0.{n}" for n in range(2, 14)]
         for source in sources:
@@ -231,6 +273,24 @@ class WorkersEndToEndTests(ServerTestCase):
             version, value = ipFromText(source) or (0, 0)
             self.assertEqual(workersOf.get(source), {sourceIndex(version, value, 3)}, source)
         self.assertGreater(len(set.union(*workersOf.values())), 1)
+        self.assertEqual(server.stop(), -signal.SIGTERM)
+        self.assertFalse(path.exists())
+        self.assertNotIn("Traceback", server.output())
+
+    def test_orphanedWorkersExit(self) -> None:
+        """Workers whose supervisor was killed exit by themselves, leaving
+        the Unix socket file to the supervisor that bound it."""
+        path = scratch(self) / "echo.sock"
+        server = self.start("--workers", "2", "--port", LOOPBACK, "--port", f"unix:{path}")
+        pids = workerPids(server, 2, listeners=2)
+        server.process.kill()
+        server.process.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.05)
+        self.assertFalse(any(alive(p) for p in pids), "a worker outlived its supervisor")
+        self.assertTrue(path.exists())
+        self.assertNotIn("Traceback", server.output())
 
     def test_metricsSumTheWorkers(self) -> None:
         """--metrics with 2 workers is served by the supervisor and counts
