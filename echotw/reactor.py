@@ -12,9 +12,12 @@ measured with 50 connections x 1 KiB), and echotw logs through
 C{twisted.logger} with explicit fields, so the context tags nothing.
 
 L{EchoReactor} skips it only for connections whose protocol sets
-C{dispatchWithoutLogContext}; every other descriptor (listening ports, TLS
-and PROXY-protocol connections, the metrics server, UDP) is dispatched
-exactly as Twisted does.  The subclass overrides one method and uses the
+C{dispatchWithoutLogContext}, and for listening ports that set it
+themselves (L{echotw.tcpport.EchoPort}); every other descriptor (TLS and
+PROXY-protocol connections, the metrics server's connections, UDP) is
+dispatched exactly as Twisted does.  Its TCP listening ports, bound or
+adopted, are L{echotw.tcpport.EchoPort}s, which accept with less Python
+per connection.  The subclass overrides one method and uses the
 reactor's own C{_poller}, C{_selectables} and C{_doReadOrWrite}; if a
 Twisted release lacks them it falls back to its parent's loop.  When the
 user picked a reactor (C{twistd -r NAME}), that reactor runs unchanged.
@@ -22,9 +25,14 @@ user picked a reactor (C{twistd -r NAME}), that reactor runs unchanged.
 
 from __future__ import annotations
 
+import socket
 import sys
+from typing import Any
 
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.python import log
+
+from echotw.tcpport import EchoPort
 
 try:
     from twisted.internet.epollreactor import EPollReactor
@@ -63,13 +71,44 @@ if EPollReactor is not None:
                 selectable = selectables.get(fd)
                 if selectable is None:
                     continue
-                protocol = getattr(selectable, "protocol", None)
-                if getattr(protocol, "dispatchWithoutLogContext", False):
+                # A connection's protocol, or the listening port itself.
+                owner = getattr(selectable, "protocol", selectable)
+                if getattr(owner, "dispatchWithoutLogContext", False):
                     dispatch(selectable, fd, event)
                 else:
                     log.callWithLogger(selectable, dispatch, selectable, fd, event)
 
         doIteration = doPoll
+
+        def listenTCP(
+            self,
+            port: int,
+            factory: IProtocolFactory,
+            backlog: int = 50,
+            interface: str = "",
+        ) -> IListeningPort:
+            """
+            Listen on a TCP port with an L{EchoPort}.
+            """
+            p = EchoPort(port, factory, backlog, interface, self)
+            p.startListening()
+            return p
+
+        def adoptStreamPort(
+            self, fileDescriptor: int, addressFamily: Any, factory: IProtocolFactory
+        ) -> IListeningPort:
+            """
+            Listen on an inherited TCP socket with an L{EchoPort} (other
+            kinds of socket as Twisted does).
+            """
+            if addressFamily not in (socket.AF_INET, socket.AF_INET6):
+                port: IListeningPort = super().adoptStreamPort(
+                    fileDescriptor, addressFamily, factory
+                )
+                return port
+            p = EchoPort._fromListeningDescriptor(self, fileDescriptor, addressFamily, factory)
+            p.startListening()
+            return p
 
 
 def install() -> None:
