@@ -13,8 +13,11 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactor
 from twisted.python import context, log
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from echotw.tcpport import EchoPort, EchoServer
@@ -175,3 +178,32 @@ class EchoPortTests(SynchronousTestCase):
             )
             self.addCleanup(port.stopListening)
             self.assertNotIsInstance(port, EchoPort)
+
+
+class EchoServerTests(SynchronousTestCase):
+    def test_sameAttributesAsTwisteds(self) -> None:
+        """The transport's constructor sets what Twisted's tcp.Server's does
+        (but the two strings it makes on demand), to the same values: a
+        Twisted that sets more fails here rather than in production."""
+        made = []
+        for cls in (tcp.Server, EchoServer):
+            near, far = socket.socketpair()
+            self.addCleanup(near.close)
+            self.addCleanup(far.close)
+            reactor = MemoryReactor()
+            transport = cls(near, Recorder(), ("10.0.0.1", 5), None, 7, reactor)
+            self.assertEqual(reactor.readers, {transport})  # type: ignore[attr-defined]
+            made.append(vars(transport))
+        theirs, ours = made
+        self.assertEqual(set(theirs) - {"logstr", "repstr"}, set(ours))
+        for name in ("client", "sessionno", "hostname", "connected", "disconnected"):
+            self.assertEqual(theirs.get(name), ours.get(name), name)
+
+    def test_stringsAfterClose(self) -> None:
+        """The log prefix and repr still read once the protocol is gone."""
+        near, far = socket.socketpair()
+        self.addCleanup(far.close)
+        transport = EchoServer(near, Recorder(), ("10.0.0.1", 5), None, 7, MemoryReactor())
+        transport.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(transport.logstr, "NoneType,7,10.0.0.1")
+        self.assertEqual(repr(transport), "<NoneType #7 on None>")
