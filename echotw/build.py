@@ -112,7 +112,8 @@ def makeService(
         reactor,
         config.shutdownTimeout,
         idleTimeout=config.limits.idleTimeout,
-        statsInterval=config.logging.statsInterval,
+        # Each worker logs its own summary; the supervisor counts nothing itself.
+        statsInterval=0 if supervising else config.logging.statsInterval,
         ruleSource=config.ruleSource,
         # A supervisor passes SIGHUP on to its workers instead.
         handleHangup=not supervising,

@@ -107,8 +107,16 @@ class LayeringTests(SynchronousTestCase):
             ("echotw.udp", {"echotw.service", "echotw.factory"}),
             ("echotw.workers", {"echotw.tap", "echotw.options", "echotw.build"}),
             ("echotw.protocol", {"echotw.factory", "echotw.service"}),
+            ("echotw.counters", {"echotw.metrics", "echotw.service", "echotw.workers"}),
+            ("echotw.workerlog", {"echotw.workers", "echotw.factory", "echotw.build"}),
         ]:
             self.assertFalse(graph[low] & forbidden, f"{low} imports {graph[low] & forbidden}")
+
+    def test_selfContainedHelpers(self) -> None:
+        """The socket, steering and shared-count helpers import no echotw module."""
+        graph = importGraph()
+        for leaf in ("echotw.steering", "echotw.reuseport", "echotw.sharedcount", "echotw.tcpport"):
+            self.assertEqual(graph[leaf], set(), leaf)
 
     def test_modulesAreSmall(self) -> None:
         """No module is much over 400 lines unless its docstring says why."""
