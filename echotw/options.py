@@ -144,7 +144,15 @@ class EchoOptions(usage.Options):
             None,
             None,
             "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
-            "tcp:9100:interface=127.0.0.1 [default: off].",
+            "tcp:9100:interface=127.0.0.1, with /healthz and /readyz beside them "
+            "[default: off].",
+        ],
+        [
+            "health",
+            None,
+            None,
+            "Serve /healthz and /readyz alone on this endpoint (when --metrics "
+            "is off) [default: off].",
         ],
         [
             "log-connections",
@@ -206,6 +214,15 @@ class EchoOptions(usage.Options):
             DEFAULTS.shutdownTimeout,
             "On SIGTERM/SIGINT, how long open connections may take to finish "
             "before they are aborted.",
+            seconds,
+        ],
+        [
+            "drain-delay",
+            None,
+            DEFAULTS.drainDelay,
+            "On SIGTERM, how long to keep accepting connections while /readyz "
+            "already answers 503, before the listeners close and the drain "
+            "begins.",
             seconds,
         ],
     ]
@@ -307,6 +324,15 @@ class EchoOptions(usage.Options):
                 raise usage.UsageError(
                     "--metrics: not available with --workers yet (each worker counts apart)"
                 )
+        if self["health"] is not None:
+            if self["metrics"] is not None:
+                raise usage.UsageError(
+                    "--health: /healthz and /readyz are served by --metrics already"
+                )
+            try:
+                checkDescription(self["health"])
+            except ValueError as e:
+                raise usage.UsageError(f"--health: {self['health']!r}: {e}") from None
         verifiers = []
         if self["verifier"]:
             try:
@@ -339,7 +365,9 @@ class EchoOptions(usage.Options):
                 statsInterval=self["stats-interval"],
             ),
             metrics=self["metrics"],
+            health=self["health"],
             workers=self["workers"],
             shutdownTimeout=self["shutdown-timeout"],
+            drainDelay=self["drain-delay"],
             commandLine=tuple(self.arguments),
         )

@@ -19,7 +19,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,11 +142,6 @@ class LoggedProcess:
 
 
 class DeployTestCase(ServerTestCase):
-    def temporaryDirectory(self) -> Path:
-        directory = Path(tempfile.mkdtemp(prefix="echotw-deploy-"))
-        self.addCleanup(shutil.rmtree, directory, True)
-        return directory
-
     def runProgram(self, args: list[str]) -> LoggedProcess:
         """
         Start a system program in the foreground, stopped at clean-up.
@@ -507,30 +501,30 @@ class HAProxyConfigTests(SynchronousTestCase):
 
 
 class SocketActivationTests(DeployTestCase):
-    def activate(self, *args: str) -> tuple[LoggedProcess, int]:
+    def activate(self, *args: str, fdname: bool = True) -> tuple[LoggedProcess, int]:
         """
         Run C{systemd-socket-activate} on a free loopback port, to start
-        C{twistd -n echo ARGS} on the first connection.
+        C{twistd -n echo ARGS} on the first connection; with C{fdname}, the
+        socket is named as systemd itself always names them
+        (C{LISTEN_FDNAMES}), else only C{LISTEN_FDS} is set, as by
+        C{systemd-socket-activate} without C{--fdname}, C{systemfd} or
+        C{watchexec --socket}.
         """
         activate = program("systemd-socket-activate")
         port = freePort()
-        # systemd itself always sets LISTEN_FDNAMES, and Twisted ignores the
-        # inherited sockets without it; systemd-socket-activate sets it only
-        # when asked to.
+        named = ["--fdname=echo"] if fdname else []
         process = self.runProgram(
-            [activate, "--listen", f"127.0.0.1:{port}", "--fdname=echo", *twistdCommand(*args)]
+            [activate, "--listen", f"127.0.0.1:{port}", *named, *twistdCommand(*args)]
         )
         process.waitFor(rf"Listening on 127\.0\.0\.1:{port} as \d+\.")
         return process, port
 
-    def test_inheritedSocket(self) -> None:
-        """twistd started by socket activation echoes on the inherited socket
-        (the first connection included) and logs its listener."""
-        process, port = self.activate("--port", "systemd:domain=INET:index=0")
+    def checkInheritedSocket(self, listener: str, fdname: bool) -> None:
+        process, port = self.activate("--port", listener, fdname=fdname)
         payload = random.Random(5).randbytes(2 * 1024 * 1024)
         with connect(port) as first:
             self.assertEqual(echo(first, payload), payload)
-        process.waitFor(rf"Listening on systemd:domain=INET:index=0 at 127\.0\.0\.1:{port}\n")
+        process.waitFor(rf"Listening on {re.escape(listener)} at 127\.0\.0\.1:{port}\n")
         with connect(port) as second:
             self.assertEqual(echo(second, b"again"), b"again")
         process.waitFor(r"closed \(client closed\) after 5 bytes")
@@ -538,27 +532,55 @@ class SocketActivationTests(DeployTestCase):
         self.assertIn("Server Shut Down", process.output())
         self.assertNotIn("Traceback", process.output())
 
-    def test_noInheritedSocket(self) -> None:
-        """Without the socket names that systemd passes, the systemd: listener
-        is a one-line start-up error, not a traceback."""
+    def test_inheritedSocket(self) -> None:
+        """twistd started by socket activation echoes on the inherited socket
+        (the first connection included) and logs its listener."""
+        self.checkInheritedSocket("systemd:domain=INET:index=0", fdname=True)
+
+    def test_inheritedSocketByName(self) -> None:
+        """A named inherited socket is found by its name."""
+        self.checkInheritedSocket("systemd:domain=INET:name=echo", fdname=True)
+
+    def test_inheritedSocketWithoutNames(self) -> None:
+        """Without LISTEN_FDNAMES (only LISTEN_FDS, which Twisted's own
+        systemd: endpoint ignores) the socket is still found by index."""
+        self.checkInheritedSocket("systemd:domain=INET:index=0", fdname=False)
+
+    def checkNotInherited(self, listener: str, fdname: bool, error: str) -> None:
         activate = program("systemd-socket-activate")
         port = freePort()
+        named = ["--fdname=echo"] if fdname else []
         process = self.runProgram(
             [
                 activate,
                 "--listen",
                 f"127.0.0.1:{port}",
-                *twistdCommand("--port", "systemd:domain=INET:index=0"),
+                *named,
+                *twistdCommand("--port", listener),
             ]
         )
         process.waitFor(rf"Listening on 127\.0\.0\.1:{port} as \d+\.")
         with connect(port) as sock:
             self.assertTrue(isClosedByServer(sock, timeout=20))
         process.process.wait(20)
-        self.assertNotEqual(process.process.returncode, 0)
+        self.assertEqual(process.process.returncode, 1)
         output = process.output()
         self.assertNotIn("Traceback", output)
-        self.assertRegex(output, r"error: --port: 'systemd:domain=INET:index=0'")
+        self.assertRegex(output, rf"error: --port: '{re.escape(listener)}': {error}")
+
+    def test_noInheritedSocket(self) -> None:
+        """An index or a name that was not inherited is a one-line start-up
+        error naming the listener, not a traceback."""
+        self.checkNotInherited(
+            "systemd:domain=INET:index=1", False, r"no inherited socket at index 1"
+        )
+
+    def test_nameNeedsNames(self) -> None:
+        """Without LISTEN_FDNAMES every socket is unnamed (systemd's
+        "unknown"), so a name= listener is a one-line start-up error."""
+        self.checkNotInherited(
+            "systemd:domain=INET:name=echo", False, r"no inherited socket named 'echo'"
+        )
 
 
 class SystemdUnitTests(DeployTestCase):
