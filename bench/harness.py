@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,18 @@ def ensureInterpreter(argv: list[str]) -> None:
         (VENV / ".complete").write_text("ok\n")
     script = Path(sys.argv[0]).resolve()
     os.execv(str(python), [str(python), str(script), *argv])
+
+
+def exitOnSigterm() -> None:
+    """
+    SIGTERM (a timeout, a CI job cancelled) unwinds like an exception, so the
+    servers started so far are stopped by the finally blocks around them.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def loadgenBinary(path: str | None) -> Path:

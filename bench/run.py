@@ -208,6 +208,7 @@ def rulesMicro() -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     harness.ensureInterpreter(argv)
+    harness.exitOnSigterm()
     import report
     from servers import raiseFdLimit
 

@@ -233,25 +233,13 @@ def _shares(
     return out
 
 
-def measure(loadgen: Path, server: Any, wl: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """One cell: every client process at once, the server's processes read from /proc."""
-    from servers import (
-        foreignCpu,
-        foreignDelta,
-        lastCpu,
-        pinnedTo,
-        processCpuSeconds,
-        socketCount,
-    )
-    from workloads import lastJson, rateCommand, rateLimit
+def startClients(loadgen: Path, server: Any, wl: Any, args: argparse.Namespace) -> list[Any]:
+    """One loadgen per client CPU, pinned to it, all at once."""
+    from servers import pinnedTo
+    from workloads import rateCommand
 
-    plan: Plan = args.plan
-    supervisor, workers = roles(server)
-    tree = ([supervisor] if supervisor else []) + workers
-    baseSockets = {pid: socketCount(pid) for pid in workers}
-    cpu0 = {pid: processCpuSeconds(pid) for pid in tree}
-    foreign0, usage0, t0 = foreignCpu(server.pgid), _childCpu(), time.monotonic()
-    procs = [
+    cpus = args.plan.clientCpus
+    return [
         subprocess.Popen(
             rateCommand(loadgen, server, wl, conns, args),
             stdout=subprocess.PIPE,
@@ -259,22 +247,40 @@ def measure(loadgen: Path, server: Any, wl: Any, args: argparse.Namespace) -> di
             text=True,
             preexec_fn=pinnedTo([cpu]),
         )
-        for cpu, conns in zip(plan.clientCpus, splitConns(wl, len(plan.clientCpus)), strict=False)
+        for cpu, conns in zip(cpus, splitConns(wl, len(cpus)), strict=False)
     ]
+
+
+def watchClients(
+    procs: list[Any], base: dict[int, int], tree: list[int], wl: Any, deadline: float
+) -> tuple[dict[int, int], set[int], set[int]]:
+    """
+    While the clients run: the connections each worker holds at the peak
+    (sockets beyond BASE, those it held before), and the CPUs server and
+    clients were seen on.
+    """
+    from servers import lastCpu, socketCount
+
+    workers = list(base)
     peak = {pid: 0 for pid in workers}
     seenServer: set[int] = set()
     seenClient: set[int] = set()
-    deadline = t0 + rateLimit(args)
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
         if wl.mode != "churn":
-            conns = {pid: socketCount(pid) - baseSockets[pid] for pid in workers}
+            conns = {pid: socketCount(pid) - base[pid] for pid in workers}
             if sum(conns.values()) > sum(peak.values()):
                 peak = conns
         seenServer.update(c for c in map(lastCpu, tree) if c is not None)
-        seenClient.update(
-            c for c in (lastCpu(p.pid) for p in procs if p.poll() is None) if c is not None
-        )
+        running = [p.pid for p in procs if p.poll() is None]
+        seenClient.update(c for c in map(lastCpu, running) if c is not None)
         time.sleep(SAMPLE_EVERY_S)
+    return peak, seenServer, seenClient
+
+
+def collectClients(procs: list[Any], deadline: float) -> list[dict[str, Any]]:
+    """Each client's JSON line (or why there is none)."""
+    from workloads import lastJson
+
     parts = []
     for i, proc in enumerate(procs):
         try:
@@ -287,9 +293,32 @@ def measure(loadgen: Path, server: Any, wl: Any, args: argparse.Namespace) -> di
         }
         if err.strip():
             part.setdefault("stderr", err.strip()[-200:])
-        parts.append(part)
         if part.get("mismatches"):
             print(f"   client {i}: {err.strip()[-300:]}", file=sys.stderr)
+        parts.append(part)
+    return parts
+
+
+def measure(loadgen: Path, server: Any, wl: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One cell: every client process at once, the server's processes read from /proc."""
+    from servers import foreignCpu, foreignDelta, processCpuSeconds, socketCount
+    from workloads import rateLimit
+
+    supervisor, workers = roles(server)
+    tree = ([supervisor] if supervisor else []) + workers
+    sockets = {pid: socketCount(pid) for pid in workers}
+    cpu0 = {pid: processCpuSeconds(pid) for pid in tree}
+    foreign0, usage0, t0 = foreignCpu(server.pgid), _childCpu(), time.monotonic()
+    deadline = t0 + rateLimit(args)
+    procs = startClients(loadgen, server, wl, args)
+    try:
+        peak, seenServer, seenClient = watchClients(procs, sockets, tree, wl, deadline)
+        parts = collectClients(procs, deadline)
+    finally:
+        for proc in procs:  # only if interrupted: our own children, by pid
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
     wall = max(time.monotonic() - t0, 1e-6)
     cpu1 = {pid: processCpuSeconds(pid) for pid in tree}
     other, top = foreignDelta(foreign0, foreignCpu(server.pgid))
@@ -386,6 +415,7 @@ def runAll(loadgen: Path, args: argparse.Namespace, jsonl: Path) -> list[dict[st
 
 def main(argv: list[str]) -> int:
     harness.ensureInterpreter(argv)
+    harness.exitOnSigterm()
     import report
     import scaling_report
     from servers import raiseFdLimit
