@@ -21,13 +21,17 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv"
@@ -194,3 +198,30 @@ def outputPrefix(args: argparse.Namespace) -> Path:
         folder, name = (Path(args.out) if args.out else LOCAL_RESULTS), args.name
     folder.mkdir(parents=True, exist_ok=True)
     return folder / name
+
+
+Cells = list[dict[str, Any]]
+
+
+def runRounds(
+    jsonl: Path, rounds: int, label: str, servers: Callable[[Path], Iterable[Cells]]
+) -> Cells:
+    """
+    ROUNDS times over SERVERS (given a scratch folder, each server's cells in
+    turn), every cell marked with its round and written to JSONL as it comes,
+    so an interrupted run keeps what it measured.
+    """
+    results: Cells = []
+    scratch = Path(tempfile.mkdtemp(prefix=f"echotw-{label}-"))
+    try:
+        with open(jsonl, "w") as f:
+            for rnd in range(rounds):
+                for cells in servers(scratch):
+                    for res in cells:
+                        res["round"] = rnd
+                        results.append(res)
+                        f.write(json.dumps(res) + "\n")
+                        f.flush()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results

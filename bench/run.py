@@ -162,20 +162,13 @@ def runServer(
 def runAll(
     specs: list[Any], wls: list[Any], loadgen: Path, args: argparse.Namespace, jsonl: Path
 ) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    scratch = Path(tempfile.mkdtemp(prefix="echotw-bench-"))
-    try:
-        with open(jsonl, "w") as f:
-            for rnd in range(args.rounds):
-                for spec in specs:
-                    for res in runServer(spec, wls, loadgen, args, scratch):
-                        res["round"] = rnd
-                        results.append(res)
-                        f.write(json.dumps(res) + "\n")
-                        f.flush()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return results
+    """Every server in turn, round after round."""
+    return harness.runRounds(
+        jsonl,
+        args.rounds,
+        "bench",
+        lambda scratch: (runServer(spec, wls, loadgen, args, scratch) for spec in specs),
+    )
 
 
 def referenceCheck(

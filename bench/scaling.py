@@ -17,13 +17,11 @@ JSON lines and a chart, in bench/results/local/ unless --publish or --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +118,10 @@ def cpuPlan(args: argparse.Namespace) -> Plan:
     if args.server_cpus or args.client_cpus:
         if not (args.server_cpus and args.client_cpus):
             raise ValueError("--server-cpus and --client-cpus go together")
-        server, client = parseCpus(args.server_cpus), parseCpus(args.client_cpus)
+        try:
+            server, client = parseCpus(args.server_cpus), parseCpus(args.client_cpus)
+        except ValueError:
+            raise ValueError("--server-cpus/--client-cpus: lists such as 0-7 or 0,2,4") from None
         if set(server) & set(client):
             raise ValueError("--server-cpus and --client-cpus overlap")
         if not set(server + client) <= set(allowed):
@@ -131,7 +132,10 @@ def cpuPlan(args: argparse.Namespace) -> Plan:
         half = len(allowed) // 2
         server, client = allowed[:half], allowed[half:]
     if args.workers:
-        workers = [int(w) for w in args.workers.split(",")]
+        try:
+            workers = [int(w) for w in args.workers.split(",")]
+        except ValueError:
+            raise ValueError(f"--workers: comma-separated counts, not {args.workers!r}") from None
     else:
         workers = defaultWorkers(len(server))
     if not all(1 <= w <= 256 for w in workers):
@@ -396,21 +400,16 @@ def runServer(
 
 def runAll(loadgen: Path, args: argparse.Namespace, jsonl: Path) -> list[dict[str, Any]]:
     """echotw and uvloop take turns at each process count, round after round."""
-    results: list[dict[str, Any]] = []
-    scratch = Path(tempfile.mkdtemp(prefix="echotw-scaling-"))
-    try:
-        with open(jsonl, "w") as f:
-            for rnd in range(args.rounds):
-                for workers in args.plan.workers:
-                    for kind in args.kinds:
-                        for res in runServer(kind, workers, loadgen, args, scratch):
-                            res["round"] = rnd
-                            results.append(res)
-                            f.write(json.dumps(res) + "\n")
-                            f.flush()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return results
+    return harness.runRounds(
+        jsonl,
+        args.rounds,
+        "scaling",
+        lambda scratch: (
+            runServer(kind, workers, loadgen, args, scratch)
+            for workers in args.plan.workers
+            for kind in args.kinds
+        ),
+    )
 
 
 def main(argv: list[str]) -> int:
