@@ -178,7 +178,7 @@ def waitSettled(server: Any, workers: int) -> str | None:
     """
     from servers import processCpuSeconds
 
-    expected = workers if workers > 1 else 1
+    expected = workers  # with one, the lone process serves
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     last: dict[int, float | None] = {}
     found: list[int] = []
@@ -204,7 +204,10 @@ def waitSettled(server: Any, workers: int) -> str | None:
 def combine(parts: list[dict[str, Any]], wl: Any) -> dict[str, Any]:
     """The clients' JSON lines as one cell: rates added up, the worst latency kept."""
     fatal = [f"client {i}: {p['fatal']}" for i, p in enumerate(parts) if p.get("fatal")]
-    total = lambda key: sum(p.get(key) or 0 for p in parts)  # noqa: E731
+
+    def total(key: str) -> float:
+        return sum(p.get(key) or 0 for p in parts)
+
     perS = [p.get("per_s") or [] for p in parts]
     res: dict[str, Any] = {
         "mode": wl.mode,
@@ -373,7 +376,7 @@ def runServer(
             if err is None and not server.alive():
                 server.stop()
                 err = server.start() or waitSettled(server, workers)
-            res = (
+            res: dict[str, Any] = (
                 {"fatal": f"server did not start: {err}"}
                 if err
                 else measure(loadgen, server, wl, args)
