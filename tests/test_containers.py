@@ -325,26 +325,34 @@ class DockerHealthCheckServerTests(ServerTestCase):
             time.sleep(0.1)
 
 
-def validatePodMonitor(document: dict[str, Any]) -> None:
+def podMonitorModel() -> Any:
     """
-    Validate a PodMonitor against the Prometheus Operator's resource
-    definition, as generated into typed models by the
-    C{cloudcoil.models.prometheus_operator} package: types, patterns,
-    enumerations and required fields; and, what those models would silently
-    drop, any field the definition does not have.  Raises C{ValueError}.
+    The Prometheus Operator's PodMonitor as a typed model, generated from its
+    resource definition by the C{cloudcoil.models.prometheus_operator}
+    package; skip the test if that is not installed.
     """
     try:
         from cloudcoil.models.prometheus_operator.v1 import PodMonitor
-        from pydantic import ValidationError
     except ImportError:
         raise SkipTest(
             "cloudcoil.models.prometheus_operator is not installed (pip install -e '.[ci]')"
         ) from None
+    return PodMonitor
+
+
+def validatePodMonitor(model: Any, document: dict[str, Any]) -> None:
+    """
+    Validate a PodMonitor against L{podMonitorModel}: types, patterns,
+    enumerations and required fields; and, what the model would silently
+    drop, any field the definition does not have.  Raises C{ValueError}.
+    """
+    from pydantic import ValidationError
+
     try:
-        model = PodMonitor.model_validate(document, strict=True)
+        validated = model.model_validate(document, strict=True)
     except ValidationError as e:
         raise ValueError(str(e)) from None
-    known = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    known = validated.model_dump(mode="json", by_alias=True, exclude_unset=True)
     unknown = unknownFields(document, known)
     if unknown:
         raise ValueError(f"fields the PodMonitor definition does not have: {unknown}")
@@ -431,11 +439,12 @@ class KubernetesTests(SynchronousTestCase):
         one, with no field it lacks."""
         [document] = loadYAML(PODMONITOR.read_text())
         self.assertEqual(document["apiVersion"], "monitoring.coreos.com/v1")
-        validatePodMonitor(document)
+        validatePodMonitor(podMonitorModel(), document)
 
     def test_podMonitorValidationFails(self) -> None:
         """The PodMonitor check can fail: a misspelt field, a malformed
         interval and a missing selector are each refused."""
+        model = podMonitorModel()
         [document] = loadYAML(PODMONITOR.read_text())
         misspelt = copy.deepcopy(document)
         endpoint = misspelt["spec"]["podMetricsEndpoints"][0]
@@ -450,7 +459,7 @@ class KubernetesTests(SynchronousTestCase):
             (noSelector, "selector"),
         ]:
             with self.assertRaises(ValueError) as raised:
-                validatePodMonitor(broken)
+                validatePodMonitor(model, broken)
             self.assertIn(message, str(raised.exception))
 
 
