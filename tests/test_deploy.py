@@ -24,8 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from unittest import SkipTest
 
-from twisted.trial.unittest import SynchronousTestCase
-
 from tests.process import (
     LOOPBACK,
     ROOT,
@@ -473,31 +471,131 @@ class HAProxyV2Tests(HAProxyTestsMixin):
 del HAProxyTestsMixin
 
 
-class HAProxyConfigTests(SynchronousTestCase):
-    def test_exampleConfigValid(self) -> None:
-        """HAProxy accepts contrib/haproxy.cfg."""
-        haproxy = program("haproxy")
-        result = subprocess.run(
-            [haproxy, "-c", "-f", str(CONTRIB / "haproxy.cfg")],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("Configuration file is valid", result.stdout + result.stderr)
+class HAProxyExampleTests(DeployTestCase):
+    """
+    contrib/haproxy.cfg (several echotw hosts) and contrib/haproxy-local.cfg
+    (HAProxy and echotw on one host): valid, and able to start with few
+    descriptors, without privileges and without syslog.
+    """
 
-    def test_exampleConfigUsesProxyProtocol(self) -> None:
-        """Every server in the example sends PROXY headers and is checked."""
-        servers = [
-            line.split()
-            for line in (CONTRIB / "haproxy.cfg").read_text().splitlines()
-            if line.split()[:1] == ["server"]
-        ]
-        self.assertGreaterEqual(len(servers), 2)
-        for server in servers:
-            self.assertIn("send-proxy-v2", server)
-            self.assertIn("check", server)
+    examples = [CONTRIB / "haproxy.cfg", CONTRIB / "haproxy-local.cfg"]
+    # A common soft limit (ulimit -n), and a hard one HAProxy cannot raise.
+    descriptors = 1024
+
+    def setUp(self) -> None:
+        self.haproxyPath = program("haproxy")
+
+    def runLimited(self, config: str) -> LoggedProcess:
+        """
+        Run HAProxy in the foreground on C{config} with at most
+        C{descriptors} file descriptors.
+        """
+        path = self.temporaryDirectory() / "haproxy.cfg"
+        path.write_text(config)
+        limit = f"--nofile={self.descriptors}:{self.descriptors}"
+        return self.runProgram(
+            [program("prlimit"), limit, self.haproxyPath, "-db", "-f", str(path)]
+        )
+
+    def onLoopback(self, frontend: int) -> str:
+        """
+        contrib/haproxy.cfg with its frontend on loopback port C{frontend}
+        and its servers on closed loopback ports (their health checks fail
+        quietly, and nothing leaves this machine).
+        """
+        config = (CONTRIB / "haproxy.cfg").read_text()
+        config, binds = re.subn(r"(?m)^(\s+bind) :7007$", rf"\1 127.0.0.1:{frontend}", config)
+        config, binds6 = re.subn(r"(?m)^\s+bind :::7007 v6only\n", "", config)
+        config, servers = re.subn(
+            r"10\.0\.0\.\d+:7007", lambda _: f"127.0.0.1:{freePort()}", config
+        )
+        self.assertEqual((binds, binds6, servers), (1, 1, 3))
+        self.assertNotRegex(re.sub(r"#.*", "", config), r"\b10\.\d+\.\d+\.\d+")
+        if os.geteuid() != 0:
+            # Only root can switch to the haproxy user, as the file says.
+            config = re.sub(r"(?m)^\s+(user|group) haproxy\n", "", config)
+        return config
+
+    def test_examplesValid(self) -> None:
+        """HAProxy accepts both example configurations."""
+        for path in self.examples:
+            result = subprocess.run(
+                [self.haproxyPath, "-c", "-f", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+            )
+            self.assertEqual(result.returncode, 0, f"{path.name}: {result.stdout + result.stderr}")
+            self.assertIn("Configuration file is valid", result.stdout + result.stderr)
+
+    def test_examplesUseProxyProtocol(self) -> None:
+        """Every server in the examples sends PROXY headers and is checked;
+        every frontend binds an unprivileged port; logs go to stdout."""
+        for path in self.examples:
+            lines = [line.split() for line in path.read_text().splitlines()]
+            servers = [line for line in lines if line[:1] == ["server"]]
+            self.assertGreaterEqual(len(servers), 1, path.name)
+            for server in servers:
+                self.assertIn("send-proxy-v2", server)
+                self.assertIn("check", server)
+            binds = [line[1] for line in lines if line[:1] == ["bind"]]
+            self.assertTrue(binds, path.name)
+            for bind in binds:
+                self.assertGreaterEqual(int(bind.rsplit(":", 1)[1]), 1024, bind)
+            self.assertIn(["log", "stdout", "format", "raw", "local0"], lines, path.name)
+
+    def test_startsWithFewDescriptors(self) -> None:
+        """contrib/haproxy.cfg (on loopback) starts and listens with 1,024
+        descriptors: it asks for no more than it finds."""
+        frontend = freePort()
+        haproxy = self.runLimited(self.onLoopback(frontend))
+        waitUntil(
+            lambda: isListening(frontend) or haproxy.process.poll() is not None,
+            "HAProxy did not listen",
+        )
+        self.assertIsNone(haproxy.process.poll(), haproxy.output())
+        self.assertNotIn("ALERT", haproxy.output())
+
+    def test_fixedMaxconnNeedsDescriptors(self) -> None:
+        """The limit is real: the same configuration with a maxconn that
+        needs more descriptors than it may have does not start."""
+        config = self.onLoopback(freePort()).replace("global\n", "global\n    maxconn 1000000\n", 1)
+        haproxy = self.runLimited(config)
+        haproxy.process.wait(30)
+        self.assertNotEqual(haproxy.process.returncode, 0)
+        self.assertIn("Cannot raise FD limit", haproxy.output())
+
+    def test_localExampleEndToEnd(self) -> None:
+        """contrib/haproxy-local.cfg and the twistd command in its comments,
+        on free loopback ports: bytes sent to HAProxy come back, echotw logs
+        the client's own address from the PROXY header, and HAProxy logs
+        the connection on its standard output."""
+        text = (CONTRIB / "haproxy-local.cfg").read_text()
+        [command] = re.findall(r"(?m)^#\s+twistd -n --pidfile= echo (.*)$", text)
+        frontend, backend = freePort(), freePort()
+        args = command.replace(":7008:", f":{backend}:").split()
+        self.assertEqual(args, ["--port", f"haproxy:tcp:{backend}:interface=127.0.0.1"])
+        config = text
+        for documented, port in [(7007, frontend), (7008, backend)]:
+            config, count = re.subn(
+                rf"(?m)^(\s+\S+.*)127\.0\.0\.1:{documented}\b", rf"\g<1>127.0.0.1:{port}", config
+            )
+            self.assertEqual(count, 1, documented)
+        server = self.start(*args)
+        haproxy = self.runLimited(config)
+        waitUntil(
+            lambda: isListening(frontend) or haproxy.process.poll() is not None,
+            "HAProxy did not listen",
+        )
+        payload = random.Random(7007).randbytes(256 * 1024)
+        with connectFrom("127.0.0.2", frontend) as sock:
+            client = "{}:{}".format(*sock.getsockname())
+            self.assertEqual(echo(sock, payload), payload)
+        server.waitFor(
+            rf"Connection from {re.escape(client)} on \S+ closed \(client closed\) after 262144 bytes"
+        )
+        haproxy.waitFor(rf"{re.escape(client)} .*echo echotw/echo1 ")
 
 
 class SocketActivationTests(DeployTestCase):
