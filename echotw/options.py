@@ -34,6 +34,7 @@ from echotw.endpoints import (
 )
 from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
+from echotw.version import __version__
 
 DEFAULTS = EchoConfig()
 """Each option's default is the configuration's."""
@@ -247,6 +248,13 @@ class EchoOptions(usage.Options):
         self["trusted-proxy"] = []
         self["allow-file"] = []
         self["deny-file"] = []
+
+    def opt_version(self) -> None:
+        """Show echotw's version (and Twisted's) and exit."""
+        import twisted
+
+        print(f"echotw {__version__} (Twisted {twisted.__version__})")
+        raise SystemExit(0)
 
     def opt_port(self, value: str) -> None:
         """Listen here (repeatable). A bare number is TCP on that port; anything else is a Twisted endpoint string: tcp:, tcp6:, unix:, ssl:, systemd:, haproxy: ... [default: 8080]"""

@@ -43,3 +43,16 @@ class VersionTests(SynchronousTestCase):
     def test_otherDistribution(self) -> None:
         """installedVersion reads the named distribution's metadata."""
         self.assertEqual(version.installedVersion("twisted"), metadata.version("twisted"))
+
+    def test_twistdEchoVersion(self) -> None:
+        """twistd echo --version names echotw's own version, then Twisted's."""
+        import twisted
+
+        from tests.process import run
+
+        result = run("--version")
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(
+            result.stdout.strip(),
+            f"echotw {declaredVersion()} (Twisted {twisted.__version__})",
+        )
