@@ -47,7 +47,6 @@ class VersionTests(SynchronousTestCase):
     def test_twistdEchoVersion(self) -> None:
         """twistd echo --version names echotw's own version, then Twisted's."""
         import twisted
-
         from tests.process import run
 
         result = run("--version")
