@@ -16,10 +16,16 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import describeAddress, sourceKey
+from echotw.addresses import describeAddress, formatAddress, sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
-from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets, defaultClock
+from echotw.ratelimit import (
+    LogThrottle,
+    PerSecondBudget,
+    TokenBuckets,
+    defaultClock,
+    unloggedNote,
+)
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
@@ -200,9 +206,10 @@ class EchoFactory(ServerFactory):
                 held = self.refusalLog.admit(("verifier error", host))
                 if held is not None:
                     self._log.failure(
-                        "Verifier {verifier!r} failed for {client_host}:{client_port}"
-                        " ({unlogged} more failures for this source not logged)",
+                        "Verifier {verifier!r} failed for {client}"
+                        + unloggedNote(held, "failures for this source"),
                         verifier=verifier,
+                        client=formatAddress(addr),
                         client_host=host,
                         client_port=port,
                         listener=listener,
@@ -250,9 +257,9 @@ class EchoFactory(ServerFactory):
         if held is None:
             return
         self._log.info(
-            "Refused connection from {client_host}:{client_port} on {listener}: {reason}"
-            " ({unlogged} more from this source not logged)",
+            "Refused connection from {client} on {listener}: {reason}" + unloggedNote(held),
             event="refused",
+            client=formatAddress(addr),
             client_host=host,
             client_port=port,
             listener=listener,
@@ -293,8 +300,9 @@ class EchoFactory(ServerFactory):
         host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.levelWithName(level),
-            "Connection from {client_host}:{client_port} on {listener}",
+            "Connection from {client} on {listener}",
             event="connected",
+            client=formatAddress(p.peer),
             client_host=host,
             client_port=port,
             listener=p.listener,
@@ -328,9 +336,10 @@ class EchoFactory(ServerFactory):
         host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.debug if p.healthCheck else LogLevel.info,
-            "Connection from {client_host}:{client_port} on {listener} closed "
+            "Connection from {client} on {listener} closed "
             "({reason}) after {bytes} bytes in {duration}s",
             event="closed",
+            client=formatAddress(p.peer),
             client_host=host,
             client_port=port,
             listener=p.listener,

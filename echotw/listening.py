@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotw.addresses import describeAddress, formatAddress
-from echotw.ratelimit import LogThrottle
+from echotw.ratelimit import LogThrottle, unloggedNote
 
 
 class ListenFailed(SystemExit):
@@ -139,7 +139,7 @@ class AcceptErrors:
             return
         self._log.warn(
             "Closed a new connection on {listener} at once: {reason}"
-            " ({unlogged} more on this listener not logged)",
+            + unloggedNote(held, "on this listener"),
             event="accept-refused",
             listener=self.listener,
             reason=reason,

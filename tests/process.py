@@ -5,6 +5,7 @@ blocking-socket clients to talk to it.  Every wait here has a deadline.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import select
@@ -27,6 +28,23 @@ LOOPBACK = "tcp:0:interface=127.0.0.1"
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
+_serverDirectory: Path | None = None
+
+
+def serverDirectory() -> Path:
+    """
+    An empty directory, removed at exit, to run servers in: the current
+    directory comes first on a Python process's path, so running in a shared
+    directory such as /tmp would let any stray C{timeit.py} there shadow
+    the standard library.
+    """
+    global _serverDirectory
+    if _serverDirectory is None:
+        _serverDirectory = Path(tempfile.mkdtemp(prefix="echotw-servers-"))
+        atexit.register(shutil.rmtree, _serverDirectory, True)
+    return _serverDirectory
+
+
 def twistdCommand(*args: str, runner: str = "twistd", reactor: str = "") -> list[str]:
     """
     The command line for C{twistd -n [-r REACTOR] echo ARGS} (or C{twist echo
@@ -47,7 +65,7 @@ def run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=tempfile.gettempdir(),
+        cwd=serverDirectory(),
         stdin=subprocess.DEVNULL,
     )
 
@@ -72,7 +90,7 @@ class EchoServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=tempfile.gettempdir(),
+            cwd=serverDirectory(),
             env=env,
         )
         self.addresses = self._waitListening(listeners)

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import echotw
 import echotw.proxyprotocol
 import echotw.proxyprotocol.endpoint
+import echotw.proxyprotocol.factory
 import echotw.proxyprotocol.parser
 import echotw.proxyprotocol.wrapper
 from echotw.config import EchoConfig, Limits
@@ -132,6 +133,7 @@ class ExportTests(SynchronousTestCase):
                     echotw.proxyprotocol.parser,
                     echotw.proxyprotocol.wrapper,
                     echotw.proxyprotocol.endpoint,
+                    echotw.proxyprotocol.factory,
                 )
                 if hasattr(module, name)
             ]

@@ -37,12 +37,14 @@ trusted.  Peers without an IP address (a PROXY listener on a Unix socket) are
 trusted: as for the access rules, file permissions decide who reaches them.
 
 The package's modules import one way: L{parser} (pure header parsing),
-L{wrapper} (the Twisted protocol and its factory, which use the parser) and
-L{endpoint} (which puts the factory in front of any listening endpoint).
+L{wrapper} (the Twisted protocol, which uses the parser), L{factory} (which
+builds it for trusted balancers) and L{endpoint} (which puts the factory in
+front of any listening endpoint).
 The names below are re-exported here.
 """
 
 from echotw.proxyprotocol.endpoint import ProxyProtocolEndpoint
+from echotw.proxyprotocol.factory import DEFAULT_TRUSTED_PROXIES, ProxyProtocolFactory
 from echotw.proxyprotocol.parser import (
     MAX_V1_HEADER_SIZE,
     MAX_V2_HEADER_SIZE,
@@ -51,12 +53,7 @@ from echotw.proxyprotocol.parser import (
     ProxyHeader,
     ProxyHeaderParser,
 )
-from echotw.proxyprotocol.wrapper import (
-    DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_TRUSTED_PROXIES,
-    ProxyProtocolFactory,
-    ProxyProtocolWrapper,
-)
+from echotw.proxyprotocol.wrapper import DEFAULT_HEADER_TIMEOUT, ProxyProtocolWrapper
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",

@@ -18,11 +18,8 @@ from twisted.internet.interfaces import (
 from zope.interface import implementer
 
 from echotw.addresses import IPNetwork, NetworkSet
-from echotw.proxyprotocol.wrapper import (
-    DEFAULT_HEADER_TIMEOUT,
-    ProxyProtocolFactory,
-    trustedNetworks,
-)
+from echotw.proxyprotocol.factory import ProxyProtocolFactory, trustedNetworks
+from echotw.proxyprotocol.wrapper import DEFAULT_HEADER_TIMEOUT
 from echotw.ratelimit import LogThrottle
 
 
