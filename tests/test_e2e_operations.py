@@ -183,7 +183,9 @@ class OperationsEndToEndTests(ServerTestCase):
         self.assertEqual(echo_once(first, b"one"), b"one")
         with connect(v6) as second:
             self.assertTrue(isClosedByServer(second))
-        server.waitFor(r"Refused connection from \[::ffff:127\.0\.0\.1\]:\d+ on tcp6:0\S*: max-per-ip")
+        server.waitFor(
+            r"Refused connection from \[::ffff:127\.0\.0\.1\]:\d+ on tcp6:0\S*: max-per-ip"
+        )
         first.close()
 
     def test_metricsScrape(self) -> None:
