@@ -354,9 +354,12 @@ class DatagramProbe(DatagramProtocol):
 
     def _expire(self) -> None:
         self._timer = None
-        cutoff = self._now() - self._plan.timeout
+        now = self._now()
+        timeout = self._plan.timeout
         for sequence, sentAt in list(self._inFlight.items()):
-            if sentAt > cutoff:
+            # The same sum the timer was set from, give or take rounding: a
+            # timer that fires a hair early must not be re-armed for ever.
+            if sentAt + timeout > now + 1e-9:
                 break
             del self._inFlight[sequence]
             self._check.lost(sequence)

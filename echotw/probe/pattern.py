@@ -259,9 +259,10 @@ class DatagramCheck:
     def received(self, data: bytes) -> tuple[str, int | None, Mismatch | None]:
         """
         Classify a reply: C{(kind, sequence, mismatch)}.  A corrupt reply or
-        a duplicate comes with a mismatch.  A corrupt reply has a sequence
-        only when it is the damaged echo of a datagram still in flight
-        (which it then settles); otherwise C{None}.
+        a duplicate comes with a mismatch.  A corrupt reply settles no
+        datagram (its sequence is C{None}; the mismatch names the number it
+        carries), since that number may be what was damaged: the datagram
+        it was meant to echo is counted lost unless an intact echo follows.
         """
         sequence = int.from_bytes(data[:HEADER], "big")
         if len(data) < HEADER or sequence >= self.sent:
@@ -282,13 +283,8 @@ class DatagramCheck:
             mismatch = Mismatch(
                 at, expected[at : at + SHOWN], data[at : at + SHOWN], detail, sequence
             )
-            if at < HEADER or sequence in self._lost or self._isAnswered(sequence):
-                # Not attributable to one datagram in flight.
-                return self.CORRUPT, None, mismatch
-            # The echo of datagram `sequence`, damaged: it is settled, not lost.
-            self._answered.add(sequence)
-            self._settle()
-            return self.CORRUPT, sequence, mismatch
+            # Not settled: the sequence number itself may be what was damaged.
+            return self.CORRUPT, None, mismatch
         duplicate = (self.DUPLICATE, sequence, Mismatch(0, b"", b"", "came back twice", sequence))
         if sequence in self._lost:
             if sequence in self._lateAnswered:
