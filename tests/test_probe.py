@@ -7,6 +7,7 @@ the PROXY headers.  No network, no reactor.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import random
@@ -47,7 +48,7 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     if not data:
         return []
     edges = sorted({0, len(data), *(p % len(data) for p in points)})
-    return [data[a:b] for a, b in zip(edges, edges[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 @st.composite
@@ -99,7 +100,7 @@ class PatternTests(SynchronousTestCase):
     @given(st.binary(max_size=10000), st.binary(max_size=10000))
     def test_firstDifference(self, a: bytes, b: bytes) -> None:
         """firstDifference agrees with a byte-by-byte scan."""
-        naive = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        naive = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         if naive is None:
             naive = -1 if len(a) == len(b) else min(len(a), len(b))
         self.assertEqual(firstDifference(a, b), naive)
@@ -271,7 +272,9 @@ class DatagramCheckTests(SynchronousTestCase):
         data[50] ^= 0x10
         kind, sequence, mismatch = self.check.received(bytes(data))
         assert mismatch is not None
-        self.assertEqual((kind, sequence, mismatch.offset, mismatch.datagram), ("corrupt", None, 50, 3))
+        self.assertEqual(
+            (kind, sequence, mismatch.offset, mismatch.datagram), ("corrupt", None, 50, 3)
+        )
         self.assertIn("datagram 3, byte offset 50", mismatch.describe())
         self.assertEqual(self.check.received(self.sent[3][1])[:2], ("ok", 3))
 
@@ -280,7 +283,7 @@ class DatagramCheckTests(SynchronousTestCase):
         another datagram sent, and settles neither."""
         data = bytearray(self.sent[1][1])
         data[7] ^= 0x02  # sequence 1 -> 3
-        kind, sequence, mismatch = self.check.received(bytes(data))
+        kind, sequence, _ = self.check.received(bytes(data))
         self.assertEqual((kind, sequence), ("corrupt", None))
         data[0] ^= 0x80  # a sequence number never sent
         self.assertEqual(self.check.received(bytes(data))[:2], ("corrupt", None))
@@ -514,7 +517,9 @@ class OptionTests(SynchronousTestCase):
 
     def test_caFile(self) -> None:
         """--ca must name a readable file with a PEM certificate in it."""
-        self.assertUsageError("--ca '/nonexistent/ca.pem'", "--tls", "--ca", "/nonexistent/ca.pem", "h", "7")
+        self.assertUsageError(
+            "--ca '/nonexistent/ca.pem'", "--tls", "--ca", "/nonexistent/ca.pem", "h", "7"
+        )
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("not a certificate\n")

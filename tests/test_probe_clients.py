@@ -113,9 +113,7 @@ class StreamProbeTests(SynchronousTestCase):
         self.lose(Failure(ConnectionLost()))
         result = self.report()
         self.assertEqual(result.exitCode, 2)
-        self.assertEqual(
-            result.failures, [(0, "timed out: byte offset 10 not echoed within 2 s")]
-        )
+        self.assertEqual(result.failures, [(0, "timed out: byte offset 10 not echoed within 2 s")])
 
     def test_mismatch(self) -> None:
         """A wrong byte aborts the connection and names its offset."""
@@ -203,7 +201,9 @@ class DatagramProbeTests(SynchronousTestCase):
         self.clock = Clock()
         self.run = ProbeRun(self.clock.seconds)
         self.plan = plan(**changes)
-        self.probe = DatagramProbe(0, self.plan, self.run, self.clock, self.clock.seconds, "127.0.0.1", 7)
+        self.probe = DatagramProbe(
+            0, self.plan, self.run, self.clock, self.clock.seconds, "127.0.0.1", 7
+        )
         port = FakeUDPPort(self.probe)
         self.addCleanup(port.socket.close)
         self.probe.makeConnection(port)  # type: ignore[arg-type]
