@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -179,6 +180,7 @@ class EchoPeer:
         self._listener.settimeout(0.2)
         self.port = self._listener.getsockname()[1]
         self._stopping = threading.Event()
+        self.connections = 0
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
@@ -195,6 +197,7 @@ class EchoPeer:
     def _serve(self, connection: socket.socket) -> None:
         deadline = time.monotonic() + 30
         offset = 0
+        self.connections += 1
         with connection:
             connection.settimeout(0.2)
             while not self._stopping.is_set() and time.monotonic() < deadline:
@@ -227,9 +230,9 @@ class OtherPeerTests(SynchronousTestCase):
     """
 
     def peer(self, corruptAt: int | None = None) -> int:
-        peer = EchoPeer(corruptAt)
-        self.addCleanup(peer.stop)
-        return peer.port
+        self.peer_ = EchoPeer(corruptAt)
+        self.addCleanup(self.peer_.stop)
+        return self.peer_.port
 
     def test_corruptingPeer(self) -> None:
         """A peer that flips one byte: exit 2, a mismatch reported at that
@@ -259,6 +262,22 @@ class OtherPeerTests(SynchronousTestCase):
         self.assertEqual(result["mismatches"], 0)
         self.assertEqual(len(result["thresholds_exceeded"]), 1)
         self.assertIn("THRESHOLD EXCEEDED (exit 1)", out)
+
+    def test_interrupted(self) -> None:
+        """Stopped before the end (SIGTERM, or Ctrl-C), the probe prints what
+        it found so far, once, and exits 2."""
+        port = self.peer()
+        running = Probe("--json", "-d", "60", "-i", "0.01", "127.0.0.1", str(port))
+        deadline = time.monotonic() + 30
+        while self.peer_.connections == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        running.process.send_signal(signal.SIGTERM)
+        code, out, err = running.finish()
+        self.assertEqual(code, 2, out + err)
+        self.assertEqual(out.count("INTERRUPTED before the run was over"), 1, out)
+        result = summary(out)
+        self.assertTrue(result["interrupted"])
+        self.assertEqual(result["mismatches"], 0)
 
     def test_connectionRefused(self) -> None:
         """Nothing listening: exit 2, the refusal reported."""

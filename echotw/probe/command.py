@@ -209,8 +209,8 @@ def printReport(result: Report, json_: bool, interrupted: bool = False) -> None:
         lines[-1] = "result: FAILED (exit 2)"
     if json_:
         document = result.asJSON()
+        document["interrupted"] = interrupted
         if interrupted:
-            document["interrupted"] = True
             document["exit_code"] = FAILED
         lines.append(json.dumps(document))
     print("\n".join(lines), flush=True)
@@ -235,6 +235,8 @@ class _Session:
 
     def _finished(self) -> None:
         assert self._run is not None
+        if self.reported:
+            return  # interrupted, and reported then
         self.reported = True
         result = report(self._run, self._config)
         printReport(result, self._config.json)
