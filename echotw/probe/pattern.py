@@ -33,25 +33,29 @@ class Pattern:
     """
     The byte stream number C{stream} of run C{seed}, readable at any offset.
 
-    One block is cached: reading forward, as both the sender and the
-    verifier do, computes each block once.
+    The last C{keep} blocks computed are kept: a connection's sender and
+    verifier share one pattern, and while less than a block is in flight
+    the verifier reads the block the sender just computed.
     """
 
-    def __init__(self, seed: int, stream: int) -> None:
+    def __init__(self, seed: int, stream: int, keep: int = 2) -> None:
         if not 0 <= stream < _STREAMS:
             raise ValueError(f"stream must be in [0, {_STREAMS})")
         self._base = (seed << 64) | (stream << 32)
         self._random = random.Random()
-        self._cachedIndex = -1
-        self._cached = b""
+        self._keep = keep
+        self._blocks: dict[int, bytes] = {}
 
     def _block(self, index: int) -> bytes:
-        if index != self._cachedIndex:
+        block = self._blocks.get(index)
+        if block is None:
             self._random.seed(self._base | index)
             bits = self._random.getrandbits(BLOCK * 8)
-            self._cached = ((bits & _LOW_BITS) | _ODD_TOP_BITS).to_bytes(BLOCK, "little")
-            self._cachedIndex = index
-        return self._cached
+            block = ((bits & _LOW_BITS) | _ODD_TOP_BITS).to_bytes(BLOCK, "little")
+            if len(self._blocks) >= self._keep:
+                del self._blocks[next(iter(self._blocks))]
+            self._blocks[index] = block
+        return block
 
     def read(self, offset: int, length: int) -> bytes:
         """
@@ -131,8 +135,7 @@ class StreamCheck:
     """
 
     def __init__(self, seed: int, stream: int) -> None:
-        self._sending = Pattern(seed, stream)
-        self._checking = Pattern(seed, stream)
+        self._pattern = Pattern(seed, stream)
         self.sent = 0
         self.verified = 0
         self.mismatch: Mismatch | None = None
@@ -141,7 +144,7 @@ class StreamCheck:
         """
         The next C{length} bytes to send; from now on they are expected back.
         """
-        data = self._sending.read(self.sent, length)
+        data = self._pattern.read(self.sent, length)
         self.sent += length
         return data
 
@@ -155,7 +158,7 @@ class StreamCheck:
             return None
         outstanding = self.sent - self.verified
         checked = data[:outstanding]
-        expected = self._checking.read(self.verified, len(checked))
+        expected = self._pattern.read(self.verified, len(checked))
         if checked != expected:
             at = firstDifference(checked, expected)
             self.mismatch = Mismatch(
