@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.probe.clients import DatagramProbe, Plan, StreamProbe
+from echotw.probe.clients import DatagramProbe, Flow, Plan, StreamProbe
 from echotw.probe.pattern import StreamCheck
 from echotw.probe.proxyheader import v1Header
 from echotw.probe.stats import ProbeRun, Report, Thresholds
@@ -38,7 +38,7 @@ class StreamProbeTests(SynchronousTestCase):
         self.clock = Clock()
         self.run = ProbeRun(self.clock.seconds)
         self.plan = plan(**changes)
-        self.probe = StreamProbe(0, self.plan, self.run, self.clock, self.clock.seconds)
+        self.probe = StreamProbe(Flow(0, self.plan, self.run, self.clock, self.clock.seconds))
         self.transport = StringTransport()
         self.probe.makeConnection(self.transport)
         self.expected = StreamCheck(self.plan.seed, 0)
@@ -159,7 +159,7 @@ class StreamProbeTests(SynchronousTestCase):
         from the connection's own addresses."""
         self.clock = Clock()
         self.run = ProbeRun(self.clock.seconds)
-        probe = StreamProbe(0, plan(), self.run, self.clock, self.clock.seconds, v1Header)
+        probe = StreamProbe(Flow(0, plan(), self.run, self.clock, self.clock.seconds), v1Header)
         transport = StringTransport(
             hostAddress=IPv4Address("TCP", "127.0.0.1", 40000),
             peerAddress=IPv4Address("TCP", "127.0.0.1", 7),
@@ -202,7 +202,7 @@ class DatagramProbeTests(SynchronousTestCase):
         self.run = ProbeRun(self.clock.seconds)
         self.plan = plan(**changes)
         self.probe = DatagramProbe(
-            0, self.plan, self.run, self.clock, self.clock.seconds, "127.0.0.1", 7
+            Flow(0, self.plan, self.run, self.clock, self.clock.seconds), "127.0.0.1", 7
         )
         port = FakeUDPPort(self.probe)
         self.addCleanup(port.socket.close)

@@ -56,6 +56,21 @@ class Plan:
     stopAt: float | None = None
 
 
+@dataclass(frozen=True)
+class Flow:
+    """
+    What one connection or UDP flow works with: its number (which picks
+    its stream), the plan, the tally it reports to, the reactor's timers
+    and the clock round trips are measured on.
+    """
+
+    index: int
+    plan: Plan
+    run: ProbeRun
+    clock: IReactorTime
+    now: Callable[[], float]
+
+
 class Schedule:
     """
     When the next message goes out.  Without an interval, each message is
@@ -65,17 +80,10 @@ class Schedule:
     does, so a slow path shows as growing round trips, not a slower rate.
     """
 
-    def __init__(
-        self,
-        plan: Plan,
-        clock: IReactorTime,
-        now: Callable[[], float],
-        send: Callable[[], None],
-        exhausted: Callable[[], None],
-    ) -> None:
-        self._plan = plan
-        self._clock = clock
-        self._now = now
+    def __init__(self, flow: Flow, send: Callable[[], None], exhausted: Callable[[], None]) -> None:
+        self._plan = flow.plan
+        self._clock = flow.clock
+        self._now = flow.now
         self._send = send
         self._onExhausted = exhausted
         self._call: IDelayedCall | None = None
@@ -129,6 +137,36 @@ class Schedule:
             self._onExhausted()
 
 
+class Deadline:
+    """
+    The one timer a connection or flow keeps, for its oldest message in
+    flight: re-armed as that message changes, never one timer per message.
+    """
+
+    def __init__(self, flow: Flow, expired: Callable[[], None]) -> None:
+        self._clock = flow.clock
+        self._now = flow.now
+        self._timeout = flow.plan.timeout
+        self._expired = expired
+        self._call: IDelayedCall | None = None
+
+    def arm(self, oldest: float | None) -> None:
+        """
+        Expire C{timeout} after C{oldest} (when the oldest message in flight
+        was sent), or not at all for C{None}.
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if oldest is not None:
+            delay = max(0.0, oldest + self._timeout - self._now())
+            self._call = self._clock.callLater(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        self._expired()
+
+
 def describeFailure(reason: Failure) -> str:
     """
     One line for why a connection failed or was lost.
@@ -147,27 +185,18 @@ class StreamProbe(Protocol):
         everything it found is reported.
     """
 
-    def __init__(
-        self,
-        index: int,
-        plan: Plan,
-        run: ProbeRun,
-        clock: IReactorTime,
-        now: Callable[[], float],
-        header: HeaderBuilder | None = None,
-    ) -> None:
+    def __init__(self, flow: Flow, header: HeaderBuilder | None = None) -> None:
         self.finished: Deferred[None] = Deferred()
-        self._index = index
-        self._plan = plan
-        self._run = run
-        self._clock = clock
-        self._now = now
+        self._index = flow.index
+        self._plan = flow.plan
+        self._run = flow.run
+        self._now = flow.now
         self._header = header
-        self._check = StreamCheck(plan.seed, index)
+        self._check = StreamCheck(flow.plan.seed, flow.index)
         # (stream offset where the message ends, when it was sent), oldest first.
         self._inFlight: deque[tuple[int, float]] = deque()
-        self._schedule = Schedule(plan, clock, now, self._send, self._maybeFinish)
-        self._timer: IDelayedCall | None = None
+        self._schedule = Schedule(flow, self._send, self._maybeFinish)
+        self._deadline = Deadline(flow, self._timedOut)
         self._over = False
 
     def connectionMade(self) -> None:
@@ -207,18 +236,10 @@ class StreamProbe(Protocol):
             self._maybeFinish()
 
     def _armTimer(self) -> None:
-        """
-        One timer, for the oldest message in flight.
-        """
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._inFlight and not self._over:
-            due = self._inFlight[0][1] + self._plan.timeout
-            self._timer = self._clock.callLater(max(0.0, due - self._now()), self._timedOut)
+        oldest = self._inFlight[0][1] if self._inFlight and not self._over else None
+        self._deadline.arm(oldest)
 
     def _timedOut(self) -> None:
-        self._timer = None
         self._run.failed(
             self._index,
             f"timed out: byte offset {self._check.verified} not echoed within "
@@ -268,29 +289,19 @@ class DatagramProbe(DatagramProtocol):
     @ivar finished: fires with C{None} once the flow is over and reported.
     """
 
-    def __init__(
-        self,
-        index: int,
-        plan: Plan,
-        run: ProbeRun,
-        clock: IReactorTime,
-        now: Callable[[], float],
-        host: str,
-        port: int,
-    ) -> None:
+    def __init__(self, flow: Flow, host: str, port: int) -> None:
         self.finished: Deferred[None] = Deferred()
-        self._index = index
-        self._plan = plan
-        self._run = run
-        self._clock = clock
-        self._now = now
+        self._index = flow.index
+        self._plan = flow.plan
+        self._run = flow.run
+        self._now = flow.now
         self._host = host
         self._port = port
-        self._check = DatagramCheck(plan.seed, index, plan.size)
+        self._check = DatagramCheck(flow.plan.seed, flow.index, flow.plan.size)
         # Sequence number -> when sent; insertion order is oldest first.
         self._inFlight: dict[int, float] = {}
-        self._schedule = Schedule(plan, clock, now, self._send, self._maybeFinish)
-        self._timer: IDelayedCall | None = None
+        self._schedule = Schedule(flow, self._send, self._maybeFinish)
+        self._deadline = Deadline(flow, self._expire)
         self._answers = 0
         self._over = False
         self._listening: object = None
@@ -342,18 +353,10 @@ class DatagramProbe(DatagramProtocol):
             self._maybeFinish()
 
     def _armTimer(self) -> None:
-        """
-        One timer, for the oldest datagram in flight.
-        """
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._inFlight and not self._over:
-            due = next(iter(self._inFlight.values())) + self._plan.timeout
-            self._timer = self._clock.callLater(max(0.0, due - self._now()), self._expire)
+        oldest = next(iter(self._inFlight.values())) if self._inFlight and not self._over else None
+        self._deadline.arm(oldest)
 
     def _expire(self) -> None:
-        self._timer = None
         now = self._now()
         timeout = self._plan.timeout
         for sequence, sentAt in list(self._inFlight.items()):

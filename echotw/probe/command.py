@@ -32,7 +32,14 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotw.probe.clients import DatagramProbe, HeaderBuilder, Plan, StreamProbe, describeFailure
+from echotw.probe.clients import (
+    DatagramProbe,
+    Flow,
+    HeaderBuilder,
+    Plan,
+    StreamProbe,
+    describeFailure,
+)
 from echotw.probe.options import ProbeConfig, ProbeOptions
 from echotw.probe.proxyheader import v1Header, v2Header
 from echotw.probe.stats import FAILED, ProbeRun, Report
@@ -161,7 +168,7 @@ def _connect(
     header: HeaderBuilder | None,
 ) -> Deferred[None]:
     connecting = endpoint.connect(
-        _OneProtocol(lambda: StreamProbe(index, plan, run, reactor, now, header))
+        _OneProtocol(lambda: StreamProbe(Flow(index, plan, run, reactor, now), header))
     )
 
     def connected(protocol: StreamProbe) -> Deferred[None]:
@@ -185,7 +192,7 @@ def _startFlows(
     interface = "::" if isinstance(address, IPv6Address) else ""
     flows = []
     for index in range(config.connections):
-        flow = DatagramProbe(index, plan, run, reactor, now, address.host, config.port)
+        flow = DatagramProbe(Flow(index, plan, run, reactor, now), address.host, config.port)
         reactor.listenUDP(0, flow, interface=interface, maxPacketSize=65536)
         flows.append(flow.finished)
     return gatherResults(flows)
