@@ -10,7 +10,9 @@ import io
 import itertools
 import json
 import math
+import os
 import random
+import tempfile
 from contextlib import redirect_stderr
 from ipaddress import ip_address
 
@@ -520,8 +522,9 @@ class OptionTests(SynchronousTestCase):
         self.assertUsageError(
             "--ca '/nonexistent/ca.pem'", "--tls", "--ca", "/nonexistent/ca.pem", "h", "7"
         )
-        path = self.mktemp()
-        with open(path, "w") as f:
+        descriptor, path = tempfile.mkstemp(suffix=".pem")
+        self.addCleanup(os.unlink, path)
+        with os.fdopen(descriptor, "w") as f:
             f.write("not a certificate\n")
         self.assertUsageError("no PEM certificate", "--tls", "--ca", path, "h", "7")
         self.assertUsageError("contradict", "--tls", "--ca", path, "--insecure", "h", "7")
