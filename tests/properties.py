@@ -20,9 +20,11 @@ PROPERTIES = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 """
-Derandomized (the same examples on every run and machine, so CI is
-reproducible), no example database written into the checkout, no per-example
-deadline on a slow or shared machine.  Tests lower or raise C{max_examples}
+Derandomized (the same examples on every run with a given hypothesis
+version, so a CI failure reproduces anywhere), no example database (nothing
+replayed from a local file CI never has; hypothesis still caches constants
+under the ignored C{.hypothesis/}), no per-example deadline on a slow or
+shared machine.  Tests lower or raise C{max_examples}
 from here to keep the whole property suite within a few seconds.
 """
 
