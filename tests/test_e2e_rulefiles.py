@@ -100,7 +100,7 @@ class BadRuleFileEndToEndTests(ServerTestCase):
             remove(path)
             reason = make(path)
             os.kill(server.pid, signal.SIGHUP)
-            server.waitFor(rf"(Rules not reloaded[^\n]*\n(.|\n)*){{{count}}}")
+            server.waitForCount("Rules not reloaded", count)
             errors = [line for line in server.output().splitlines() if "Rules not reloaded" in line]
             self.assertEqual(len(errors), count, name)
             self.assertIn(f"{path}", errors[-1], name)

@@ -30,11 +30,11 @@ from echotw.proxyprotocol import (
     ProxyProtocolWrapper,
 )
 from tests.properties import PROPERTIES, ipv4Addresses, ipv6Addresses, ports
+from tests.test_proxyprotocol import BALANCER, connect
 
 Expected = tuple[int, IPv4Address | IPv6Address | None, IPv4Address | IPv6Address | None]
 """A header's version, source and destination, as the parser should report them."""
 
-BALANCER = IPv4Address("TCP", "127.0.0.1", 40000)
 TICK = 1 / 64
 """Clock steps are multiples of a power of two, so sums of them are exact."""
 
@@ -305,17 +305,6 @@ class ProxyHeaderParserPropertyTests(SynchronousTestCase):
         arrived = [sum(map(len, segments[: i + 1])) for i in range(len(segments))]
         self.assertLess(arrived[last - 1] if last else 0, size)
         self.assertGreaterEqual(arrived[last], size)
-
-
-def connect(
-    factory: ProxyProtocolFactory,
-) -> tuple[ProxyProtocolWrapper, StringTransportWithDisconnection]:
-    wrapper = factory.buildProtocol(BALANCER)
-    assert wrapper is not None
-    transport = StringTransportWithDisconnection(peerAddress=BALANCER)
-    transport.protocol = wrapper
-    wrapper.makeConnection(transport)
-    return wrapper, transport
 
 
 @st.composite
