@@ -15,14 +15,16 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 
 from echotw.config import EchoConfig, ProxySettings
-from echotw.endpoints import Listener
+from echotw.endpoints import Listener, systemdSocket
 from echotw.factory import EchoFactory
+from echotw.health import HealthService
 from echotw.interfaces import IServerReactor
 from echotw.loglevel import setLogLevel
 from echotw.metrics import MetricsService
 from echotw.proxyprotocol import ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
 from echotw.service import EchoService, ListenerService
+from echotw.signals import ProcessSignals
 from echotw.udp import UDPEchoProtocol, UDPListenerService
 from echotw.workers import SharedListeners, WorkerPool
 
@@ -56,23 +58,32 @@ def makeEndpoint(
     proxy: ProxySettings,
     reactor: IServerReactor,
     inherited: Inherited | None = None,
-    wrap: bool = True,
+    factory: EchoFactory | None = None,
 ) -> IStreamServerEndpoint:
     """
     The endpoint for one listener; C{haproxy:} listeners use echotw's own
-    PROXY protocol support (see L{echotw.proxyprotocol}), not Twisted's.
-    A worker listens on the socket it C{inherited} instead; the supervisor
-    binds without the PROXY wrapper (C{wrap=False}).
+    PROXY protocol support (see L{echotw.proxyprotocol}), not Twisted's,
+    counting and logging their refusals with C{factory}'s.  A worker
+    listens on the socket it C{inherited} instead; the supervisor binds
+    without the PROXY wrapper (no C{factory}).
     """
     kind, _, inner = listener.description.partition(":")
     proxied = kind == "haproxy"
+    description = inner if proxied else listener.description
+    if inherited is None and description.startswith("systemd:"):
+        inherited = systemdSocket(description)
     if inherited is not None:
         endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, *inherited)
     else:
-        endpoint = serverFromString(reactor, inner if proxied else listener.description)
-    if proxied and wrap:
+        endpoint = serverFromString(reactor, description)
+    if proxied and factory is not None:
         return ProxyProtocolEndpoint(
-            endpoint, trusted=proxy.trusted, timeout=proxy.timeout, clock=reactor
+            endpoint,
+            trusted=proxy.trusted,
+            timeout=proxy.timeout,
+            clock=reactor,
+            problemLog=factory.refusalLog,
+            rejections=factory.refusals,
         )
     return endpoint
 
@@ -81,13 +92,15 @@ def makeService(
     config: EchoConfig,
     reactor: IServerReactor,
     inherited: Sequence[Inherited] = (),
+    handleSignals: bool = False,
 ) -> EchoService:
     """
     Build the service tree: an L{EchoService} with one L{ListenerService}
     child per listener or, with several workers, the supervisor's shared
     listeners and worker pool; then the UDP listeners and the metrics
     service.  A worker passes the sockets it C{inherited}, in the order of
-    C{config.listeners}.
+    C{config.listeners}.  A real process (not a test) asks to
+    C{handleSignals}: SIGHUP reloads, a second SIGTERM stops at once.
     """
     setLogLevel(config.logging.level)
     factory = makeFactory(config, reactor)
@@ -99,36 +112,44 @@ def makeService(
         idleTimeout=config.limits.idleTimeout,
         statsInterval=config.logging.statsInterval,
         ruleSource=config.ruleSource,
-        # A supervisor passes SIGHUP on to its workers instead.
-        handleHangup=not supervising,
+        drainDelay=config.drainDelay,
+        threads=reactor,
     )
     if supervising:
         shared = SharedListeners(
             [
-                (listener.name, makeEndpoint(listener, config.proxy, reactor, wrap=False))
+                (listener.name, makeEndpoint(listener, config.proxy, reactor))
                 for listener in config.listeners
             ]
         )
         shared.setServiceParent(top)
-        WorkerPool(
+        pool = WorkerPool(
             reactor,
             shared,
             config.workers,
             list(config.commandLine),
             config.limits.maxConnections,
             config.shutdownTimeout,
-        ).setServiceParent(top)
+        )
+        pool.setServiceParent(top)
     else:
         for i, listener in enumerate(config.listeners):
             endpoint = makeEndpoint(
-                listener, config.proxy, reactor, inherited[i] if inherited else None
+                listener, config.proxy, reactor, inherited[i] if inherited else None, factory
             )
             ListenerService(
                 listener.name, endpoint, factory.forListener(listener.name)
             ).setServiceParent(top)
     udpProtocols = makeUDPServices(config, factory, reactor, top)
+    ready = top.isReady
     if config.metrics is not None:
-        MetricsService(config.metrics, factory, udpProtocols, reactor).setServiceParent(top)
+        MetricsService(config.metrics, factory, udpProtocols, reactor, ready).setServiceParent(top)
+    if config.health is not None:
+        HealthService(config.health, ready, reactor).setServiceParent(top)
+    if handleSignals:
+        # A supervisor passes SIGHUP on to its workers instead of reloading.
+        onHangup = pool.forwardHangup if supervising else top.requestReload
+        ProcessSignals(reactor, onHangup, top.stopNow).setServiceParent(top)
     return top
 
 

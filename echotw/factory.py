@@ -41,10 +41,16 @@ class EchoFactory(ServerFactory):
     the limits and counters stay shared.
 
     @ivar openConnections: connections currently open.
+    @ivar pendingConnections: connections accepted but not verified yet
+        (PROXY listeners waiting for the header), which count against
+        C{maxConnections} too.
     @ivar perSource: open connections by source key (see L{sourceKey}).
     @ivar connectionsTotal: connections accepted since start.
     @ivar refusals: refused connections since start, by reason.
-    @ivar bytesEchoedTotal: bytes echoed by connections that have closed.
+    @ivar bytesEchoedTotal: bytes echoed (handed to the kernel) by
+        connections that have closed.
+    @ivar bytesDiscardedTotal: bytes received and not echoed by connections
+        that have closed, because the server was closing them.
     @ivar protocols: the open connections' protocols.
     @ivar openByListener: open connections per listener name.
     @ivar totalByListener: accepted connections per listener name.
@@ -82,15 +88,32 @@ class EchoFactory(ServerFactory):
         self.refusalLog = LogThrottle(1.0, self.clock)
         self.connectionLog = PerSecondBudget(logConnections, self.clock)
         self.openConnections = 0
+        self.pendingConnections = 0
         self.perSource: dict[str, int] = {}
         self.connectionsTotal = 0
         self.refusals: dict[str, int] = {}
         self.bytesEchoedTotal = 0
+        self.bytesDiscardedTotal = 0
         self.protocols: set[EchoProtocol] = set()
         self.openByListener: dict[str, int] = {}
         self.totalByListener: dict[str, int] = {}
         self.durationCounts = [0] * (len(DURATION_BUCKETS) + 1)
         self.durationSum = 0.0
+
+    def echoedBytes(self) -> int:
+        """
+        Bytes echoed so far, closed and open connections together: handed to
+        the kernel, not merely received.
+        """
+        open_ = sum(p.bytesEchoed - p.pendingBytes() for p in list(self.protocols))
+        return self.bytesEchoedTotal + open_
+
+    def discardedBytes(self) -> int:
+        """
+        Bytes received and not echoed because the server was closing their
+        connection, closed and open connections together.
+        """
+        return self.bytesDiscardedTotal + sum(p.bytesDiscarded for p in list(self.protocols))
 
     def forListener(self, listener: str) -> ListenerFactory:
         """
@@ -127,7 +150,7 @@ class EchoFactory(ServerFactory):
             if not rate.allow(source):
                 reason = "rate"
         if reason is None and self.maxConnections:
-            if self.openConnections >= self.maxConnections:
+            if self.openConnections + self.pendingConnections >= self.maxConnections:
                 reason = "max-connections"
         if reason is None and self.maxPerSource and source is not None:
             if self.perSource.get(source, 0) >= self.maxPerSource:
@@ -172,17 +195,48 @@ class EchoFactory(ServerFactory):
                 reason = refusalReason(verifier(addr, listener), "verifier")
             except Exception:
                 host, port = describeAddress(addr)
-                self._log.failure(
-                    "Verifier {verifier!r} failed for {client_host}:{client_port}",
-                    verifier=verifier,
-                    client_host=host,
-                    client_port=port,
-                    listener=listener,
-                )
+                # A verifier that fails for every connection must not write
+                # a traceback for each: one per source a second.
+                held = self.refusalLog.admit(("verifier error", host))
+                if held is not None:
+                    self._log.failure(
+                        "Verifier {verifier!r} failed for {client_host}:{client_port}"
+                        " ({unlogged} more failures for this source not logged)",
+                        verifier=verifier,
+                        client_host=host,
+                        client_port=port,
+                        listener=listener,
+                        unlogged=held,
+                    )
                 return "verifier error"
             if reason is not None:
                 return reason
         return None
+
+    def holdPending(self, addr: IAddress, listener: str) -> bool:
+        """
+        Count a connection that is not verified yet (a PROXY listener's,
+        waiting for its header) against C{--max-connections}, or refuse it.
+        """
+        if self.maxConnections and (
+            self.openConnections + self.pendingConnections >= self.maxConnections
+        ):
+            self.refuse(addr, listener, "max-connections")
+            return False
+        self.pendingConnections += 1
+        return True
+
+    def releasePending(self) -> None:
+        """
+        A connection counted by L{holdPending} is verified now, or gone.
+        """
+        self.pendingConnections -= 1
+
+    def countRefusal(self, reason: str) -> None:
+        """
+        Count a connection refused for C{reason} (logged by the caller).
+        """
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     def refuse(self, addr: IAddress, listener: str, reason: str, source: str | None = None) -> None:
         """
@@ -190,7 +244,7 @@ class EchoFactory(ServerFactory):
         a second (a flood must not flood the log), with the count of those
         not logged.
         """
-        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        self.countRefusal(reason)
         host, port = describeAddress(addr)
         held = self.refusalLog.admit(source or host)
         if held is None:
@@ -262,7 +316,9 @@ class EchoFactory(ServerFactory):
                 self.perSource[source] = left
             else:
                 del self.perSource[source]
-        self.bytesEchoedTotal += p.bytesEchoed
+        sent = p.bytesEchoed - p.bytesUnsent
+        self.bytesEchoedTotal += sent
+        self.bytesDiscardedTotal += p.bytesDiscarded
         reason = p.closeReason or closeReason(why)
         duration = monotonic() - p.startedAt
         self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
@@ -278,7 +334,9 @@ class EchoFactory(ServerFactory):
             client_host=host,
             client_port=port,
             listener=p.listener,
-            bytes=p.bytesEchoed,
+            bytes=sent,
+            unsent=p.bytesUnsent,
+            discarded=p.bytesDiscarded,
             duration=round(duration, 6),
             reason=reason,
         )
@@ -339,3 +397,9 @@ class ListenerFactory(Factory):
 
     def buildHealthCheckProtocol(self, addr: IAddress) -> EchoProtocol:
         return self.echo.buildHealthCheckProtocol(addr, self.listener, not self.noDelayOnListener)
+
+    def holdPending(self, addr: IAddress) -> bool:
+        return self.echo.holdPending(addr, self.listener)
+
+    def releasePending(self) -> None:
+        self.echo.releasePending()

@@ -37,6 +37,7 @@ from echotw.endpoints import (
 )
 from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
+from echotw.version import __version__
 
 DEFAULTS = EchoConfig()
 """Each option's default is the configuration's."""
@@ -147,7 +148,15 @@ class EchoOptions(usage.Options):
             None,
             None,
             "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
-            "tcp:9100:interface=127.0.0.1 [default: off].",
+            "tcp:9100:interface=127.0.0.1, with /healthz and /readyz beside them "
+            "[default: off].",
+        ],
+        [
+            "health",
+            None,
+            None,
+            "Serve /healthz and /readyz alone on this endpoint (when --metrics "
+            "is off) [default: off].",
         ],
         [
             "log-connections",
@@ -211,6 +220,15 @@ class EchoOptions(usage.Options):
             "before they are aborted.",
             timeout,
         ],
+        [
+            "drain-delay",
+            None,
+            DEFAULTS.drainDelay,
+            "On SIGTERM, how long to keep accepting connections while /readyz "
+            "already answers 503, before the listeners close and the drain "
+            "begins.",
+            timeout,
+        ],
     ]
 
     config: EchoConfig
@@ -233,6 +251,13 @@ class EchoOptions(usage.Options):
         self["trusted-proxy"] = []
         self["allow-file"] = []
         self["deny-file"] = []
+
+    def opt_version(self) -> None:
+        """Show echotw's version (and Twisted's) and exit."""
+        import twisted
+
+        print(f"echotw {__version__} (Twisted {twisted.__version__})")
+        raise SystemExit(0)
 
     def opt_port(self, value: str) -> None:
         """Listen here (repeatable). A bare number is TCP on that port; anything else is a Twisted endpoint string: tcp:, tcp6:, unix:, ssl:, systemd:, haproxy: ... [default: 8080]"""
@@ -310,6 +335,15 @@ class EchoOptions(usage.Options):
                 raise usage.UsageError(
                     "--metrics: not available with --workers yet (each worker counts apart)"
                 )
+        if self["health"] is not None:
+            if self["metrics"] is not None:
+                raise usage.UsageError(
+                    "--health: /healthz and /readyz are served by --metrics already"
+                )
+            try:
+                checkDescription(self["health"])
+            except ValueError as e:
+                raise usage.UsageError(f"--health: {self['health']!r}: {e}") from None
         verifiers = []
         if self["verifier"]:
             try:
@@ -342,7 +376,9 @@ class EchoOptions(usage.Options):
                 statsInterval=self["stats-interval"],
             ),
             metrics=self["metrics"],
+            health=self["health"],
             workers=self["workers"],
             shutdownTimeout=self["shutdown-timeout"],
+            drainDelay=self["drain-delay"],
             commandLine=tuple(self.arguments),
         )

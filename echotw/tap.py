@@ -32,11 +32,14 @@ class Options(EchoOptions):
 def makeService(options: EchoOptions, reactor: IServerReactor | None = None) -> EchoService:
     """
     The service tree for C{options} (see L{echotw.build.makeService}).  With
-    no reactor given, echotw's own is installed unless one was chosen.
+    no reactor given (twistd), echotw's own is installed unless one was
+    chosen, and the process's signals are handled.
     """
-    if reactor is None:
-        installIfUnchosen()
-        from twisted.internet import reactor as globalReactor
+    if reactor is not None:
+        return build.makeService(options.config, reactor)
+    installIfUnchosen()
+    from twisted.internet import reactor as globalReactor
 
-        reactor = cast(IServerReactor, globalReactor)
-    return build.makeService(options.config, reactor)
+    return build.makeService(
+        options.config, cast(IServerReactor, globalReactor), handleSignals=True
+    )

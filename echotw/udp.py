@@ -217,13 +217,18 @@ class UDPEchoProtocol(DatagramProtocol):
         try:
             return refusalReason(self.rules(address, self.listener), "denied")
         except Exception:
-            self._log.failure(
-                "Verifier {verifier!r} failed for {client_host}:{client_port}",
-                verifier=self.rules,
-                client_host=host,
-                client_port=port,
-                listener=self.listener,
-            )
+            # One traceback per source per interval, not one per datagram.
+            held = self.dropLog.admit(("verifier error", host), (host, port, "verifier error"))
+            if held is not None:
+                self._log.failure(
+                    "Verifier {verifier!r} failed for {client_host}:{client_port}"
+                    " ({unlogged} more failures for this source not logged)",
+                    verifier=self.rules,
+                    client_host=host,
+                    client_port=port,
+                    listener=self.listener,
+                    unlogged=held,
+                )
             return "verifier error"
 
     def _drop(

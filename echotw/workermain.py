@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     options.parseOptions(sys.argv[1:] if argv is None else argv)
     config = workerConfig(options.config, int(os.environ.get(WORKER_MAX_CONNECTIONS, "0")))
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stdout)], redirectStandardIO=False)
-    service = makeService(config, reactor, inherited=inheritedSockets(os.environ))
+    service = makeService(
+        config, reactor, inherited=inheritedSockets(os.environ), handleSignals=True
+    )
     Logger(observer=loglevel.observer).info(
         "Worker running on {reactor}", event="worker-reactor", reactor=qual(type(reactor))
     )

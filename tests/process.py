@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -253,6 +254,14 @@ class ServerTestCase(SynchronousTestCase):
     A test case whose C{start} runs an L{EchoServer} that is killed and
     cleaned up after the test, whatever happens.
     """
+
+    def temporaryDirectory(self) -> Path:
+        """
+        A new directory outside the checkout, removed after the test.
+        """
+        directory = Path(tempfile.mkdtemp(prefix="echotw-test-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
 
     def start(self, *args: str, **kw: object) -> EchoServer:
         server = EchoServer(*args, **kw)  # type: ignore[arg-type]

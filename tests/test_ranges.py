@@ -32,6 +32,7 @@ RANGES: dict[str, tuple[list[str], list[str]]] = {
     "udp-burst": (["0", "0.99", "1000001"], ["1", "1000000"]),
     "proxy-timeout": (["0", "0.05", "31536001", "inf"], ["0.1", YEAR]),
     "shutdown-timeout": (["-2", "nan", "1e-9", "31536001"], ["0", "0.1", YEAR]),
+    "drain-delay": (["-1", "0.01", "31536001", "inf"], ["0", "0.1", YEAR]),
 }
 
 

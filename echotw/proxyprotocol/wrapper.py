@@ -12,17 +12,14 @@ import ipaddress
 from collections.abc import Iterable
 from enum import Enum
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
-    IListeningPort,
     ILoggingContext,
     IProtocol,
     IProtocolFactory,
     IReactorTime,
-    IStreamServerEndpoint,
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -33,6 +30,7 @@ from zope.interface import implementer
 from echotw import loglevel
 from echotw.addresses import IPNetwork, NetworkSet, clientIP, describeAddress
 from echotw.proxyprotocol.parser import MalformedProxyHeader, ProxyHeader, ProxyHeaderParser
+from echotw.ratelimit import LogThrottle
 
 DEFAULT_TRUSTED_PROXIES: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -107,6 +105,7 @@ class ProxyProtocolWrapper(Protocol):
         self.header: ProxyHeader | None = None
         self.rejectedBecause: str | None = None
         self._deadline: IDelayedCall | None = None
+        self._released = False
 
     def logPrefix(self) -> str:
         return self.proxyFactory.logPrefix()
@@ -136,6 +135,7 @@ class ProxyProtocolWrapper(Protocol):
         it the connection, then the bytes that followed the header.
         """
         self._cancelDeadline()
+        self._releasePending()
         self.header = header
         transport = self.transport
         assert transport is not None
@@ -202,19 +202,24 @@ class ProxyProtocolWrapper(Protocol):
         self.state = WrapperState.REJECTED
         self.rejectedBecause = reason
         self._cancelDeadline()
+        self._releasePending()
         factory = self.proxyFactory
-        factory.rejections[reason] = factory.rejections.get(reason, 0) + 1
+        factory.reject(reason)
         host, port = self._balancer()
-        self._log.warn(
-            "Aborted connection from {proxy_host}:{proxy_port} on {listener}: {reason} ({detail})",
-            event="proxy-rejected",
-            proxy_host=host,
-            proxy_port=port,
-            listener=factory.listener,
-            reason=reason,
-            detail=detail,
-            received=self.parser.bytesReceived,
-        )
+        held = factory.problemLog.admit(host)
+        if held is not None:
+            self._log.warn(
+                "Aborted connection from {proxy_host}:{proxy_port} on {listener}: {reason}"
+                " ({detail}; {unlogged} more from this source not logged)",
+                event="proxy-rejected",
+                proxy_host=host,
+                proxy_port=port,
+                listener=factory.listener,
+                reason=reason,
+                detail=detail,
+                received=self.parser.bytesReceived,
+                unlogged=held,
+            )
         assert self.transport is not None
         _abort(self.transport)
 
@@ -261,6 +266,7 @@ class ProxyProtocolWrapper(Protocol):
         if wrapped is not None:
             wrapped.connectionLost(reason)
         elif previous is WrapperState.AWAITING_HEADER:
+            self._releasePending()
             self._logClosedEarly()
 
     def _logClosedEarly(self) -> None:
@@ -272,7 +278,13 @@ class ProxyProtocolWrapper(Protocol):
         """
         received = self.parser.bytesReceived
         host, port = self._balancer()
-        log = self._log.info if received else self._log.debug
+        if received:
+            held = self.proxyFactory.problemLog.admit(host)
+            if held is None:
+                return
+            log = self._log.info
+        else:
+            held, log = 0, self._log.debug
         log(
             "Connection from {proxy_host}:{proxy_port} on {listener} closed "
             "after {received} bytes of PROXY header",
@@ -281,6 +293,7 @@ class ProxyProtocolWrapper(Protocol):
             proxy_port=port,
             listener=self.proxyFactory.listener,
             received=received,
+            unlogged=held,
         )
 
     def _headerTimedOut(self) -> None:
@@ -289,6 +302,11 @@ class ProxyProtocolWrapper(Protocol):
             "header timeout",
             f"no complete PROXY header after {self.proxyFactory.timeout:g}s",
         )
+
+    def _releasePending(self) -> None:
+        if not self._released:
+            self._released = True
+            self.proxyFactory.releasePending()
 
     def _balancer(self) -> tuple[str, int | None]:
         assert self.transport is not None
@@ -312,7 +330,15 @@ class ProxyProtocolFactory(Factory):
     @ivar timeout: seconds a connection has to send its complete header.
     @ivar clock: schedules the header deadline.
     @ivar listener: the wrapped factory's listener name, for the logs.
-    @ivar rejections: connections this factory refused or aborted, by reason.
+    @ivar rejections: connections this factory refused or aborted, by
+        reason; pass the server's refusal counts to count them there.
+    @ivar problemLog: the per-source throttle its warnings go through (one
+        line per source a second, with the count held back); pass the
+        server's refusal throttle to share it.
+
+    A wrapped factory with C{holdPending(address)} and C{releasePending()}
+    is asked to count each connection while its header is awaited
+    (C{--max-connections} then covers those too).
     """
 
     noisy = False
@@ -324,6 +350,8 @@ class ProxyProtocolFactory(Factory):
         trusted: NetworkSet | Iterable[IPNetwork] = (),
         timeout: float = DEFAULT_HEADER_TIMEOUT,
         clock: IReactorTime | None = None,
+        problemLog: LogThrottle | None = None,
+        rejections: dict[str, int] | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"PROXY header timeout must be positive, not {timeout!r}")
@@ -337,7 +365,23 @@ class ProxyProtocolFactory(Factory):
         assert clock is not None
         self.clock: IReactorTime = clock
         self.listener = str(getattr(wrapped, "listener", ""))
-        self.rejections: dict[str, int] = {}
+        self.rejections = rejections if rejections is not None else {}
+        self.problemLog = problemLog if problemLog is not None else LogThrottle(1.0, clock)
+        self._holdPending = getattr(wrapped, "holdPending", None)
+        self._releasePending = getattr(wrapped, "releasePending", None)
+
+    def reject(self, reason: str) -> None:
+        """
+        Count a connection refused or aborted before its header was accepted.
+        """
+        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+
+    def releasePending(self) -> None:
+        """
+        A connection whose header was awaited has its header now, or is gone.
+        """
+        if self._releasePending is not None:
+            self._releasePending()
 
     def logPrefix(self) -> str:
         wrapped = self.wrappedFactory
@@ -370,17 +414,23 @@ class ProxyProtocolFactory(Factory):
         """
         if not self.isTrusted(addr):
             reason = "untrusted proxy"
-            self.rejections[reason] = self.rejections.get(reason, 0) + 1
+            self.reject(reason)
             host, port = describeAddress(addr)
-            self._log.warn(
-                "Refused connection from {proxy_host}:{proxy_port} on {listener}: "
-                "{reason} (trust it with --trusted-proxy)",
-                event="proxy-untrusted",
-                proxy_host=host,
-                proxy_port=port,
-                listener=self.listener,
-                reason=reason,
-            )
+            held = self.problemLog.admit(host)
+            if held is not None:
+                self._log.warn(
+                    "Refused connection from {proxy_host}:{proxy_port} on {listener}: "
+                    "{reason} (trust it with --trusted-proxy; {unlogged} more from "
+                    "this source not logged)",
+                    event="proxy-untrusted",
+                    proxy_host=host,
+                    proxy_port=port,
+                    listener=self.listener,
+                    reason=reason,
+                    unlogged=held,
+                )
+            return None
+        if self._holdPending is not None and not self._holdPending(addr):
             return None
         protocol = ProxyProtocolWrapper(self)
         protocol.factory = self
@@ -396,27 +446,3 @@ def trustedNetworks(trusted: NetworkSet | Iterable[IPNetwork] = ()) -> NetworkSe
         return trusted if trusted else NetworkSet(DEFAULT_TRUSTED_PROXIES)
     networks = list(trusted)
     return NetworkSet(networks or DEFAULT_TRUSTED_PROXIES)
-
-
-@implementer(IStreamServerEndpoint)
-class ProxyProtocolEndpoint:
-    """
-    A server endpoint whose connections speak the PROXY protocol: listens on
-    C{wrapped} with a L{ProxyProtocolFactory} around the factory it is given.
-    """
-
-    def __init__(
-        self,
-        wrapped: IStreamServerEndpoint,
-        trusted: NetworkSet | Iterable[IPNetwork] = (),
-        timeout: float = DEFAULT_HEADER_TIMEOUT,
-        clock: IReactorTime | None = None,
-    ) -> None:
-        self.wrapped = wrapped
-        self.trusted = trustedNetworks(trusted)
-        self.timeout = timeout
-        self.clock = clock
-
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        factory = ProxyProtocolFactory(protocolFactory, self.trusted, self.timeout, self.clock)
-        return self.wrapped.listen(factory)
