@@ -14,14 +14,17 @@ from twisted.python import usage
 from echotw.addresses import IPNetwork, parseNetwork
 from echotw.coercers import (
     NamingCoerceParameter,
-    count,
+    backlog,
+    burst,
+    connectionLimit,
+    interval,
+    linesPerSecond,
     logLevel,
-    positive,
-    positiveRate,
-    positiveSeconds,
+    perSecond,
+    positiveTimeout,
     prefixLength,
-    rate,
-    seconds,
+    sessionBytes,
+    timeout,
     workerCount,
 )
 from echotw.config import DEFAULT_PORT, EchoConfig, Limits, LogSettings, ProxySettings, UDPLimits
@@ -70,14 +73,14 @@ class EchoOptions(usage.Options):
             DEFAULT_BACKLOG,
             "Listen queue length for TCP listeners that do not set backlog= "
             "themselves (the kernel caps it at net.core.somaxconn).",
-            positive,
+            backlog,
         ],
         [
             "max-connections",
             None,
             DEFAULTS.limits.maxConnections,
             "Most connections open at once, over all listeners.",
-            count,
+            connectionLimit,
         ],
         [
             "max-per-ip",
@@ -85,7 +88,7 @@ class EchoOptions(usage.Options):
             DEFAULTS.limits.maxPerSource,
             "Most connections open at once from one source (an IPv4 address, "
             "or an IPv6 prefix of --ipv6-prefix bits).",
-            count,
+            connectionLimit,
         ],
         [
             "ipv6-prefix",
@@ -100,21 +103,21 @@ class EchoOptions(usage.Options):
             DEFAULTS.limits.rate,
             "New connections per second from one source (N or N/s), beyond "
             "--burst; connections over the rate are refused.",
-            rate,
+            perSecond,
         ],
         [
             "burst",
             None,
             DEFAULTS.limits.burst,
             "New connections one source may open at once before --rate applies.",
-            positiveRate,
+            burst,
         ],
         [
             "idle-timeout",
             None,
             DEFAULTS.limits.idleTimeout,
             "Abort a connection with no traffic for this long (0: never).",
-            seconds,
+            timeout,
         ],
         [
             "max-session-bytes",
@@ -122,7 +125,7 @@ class EchoOptions(usage.Options):
             DEFAULTS.limits.maxSessionBytes,
             "Close a connection once it has echoed this many bytes (the last "
             "chunk received is still echoed whole).",
-            count,
+            sessionBytes,
         ],
         [
             "max-session-seconds",
@@ -130,7 +133,7 @@ class EchoOptions(usage.Options):
             DEFAULTS.limits.maxSessionSeconds,
             "Close a connection this long after it opened, after echoing what "
             "it received (0: no limit).",
-            seconds,
+            timeout,
         ],
         [
             "verifier",
@@ -162,14 +165,14 @@ class EchoOptions(usage.Options):
             "Log at most this many connections a second one by one (their "
             "connected and closed events); the rest are counted in a summary "
             "line, so a flood cannot flood the log (0: log every one).",
-            count,
+            linesPerSecond,
         ],
         [
             "stats-interval",
             None,
             DEFAULTS.logging.statsInterval,
             "Log a one-line summary every this many seconds (0: never).",
-            seconds,
+            interval,
         ],
         [
             "workers",
@@ -193,21 +196,21 @@ class EchoOptions(usage.Options):
             DEFAULTS.udp.rate,
             "UDP replies per second to one source (0: no limit); protects third "
             "parties from reflection and breaks echo loops.",
-            rate,
+            perSecond,
         ],
         [
             "udp-burst",
             None,
             DEFAULTS.udp.burst,
             "UDP replies one source may get at once before --udp-rate applies.",
-            positiveRate,
+            burst,
         ],
         [
             "proxy-timeout",
             None,
             DEFAULTS.proxy.timeout,
             "Seconds a haproxy: listener waits for the PROXY header before aborting.",
-            positiveSeconds,
+            positiveTimeout,
         ],
         [
             "shutdown-timeout",
@@ -215,7 +218,7 @@ class EchoOptions(usage.Options):
             DEFAULTS.shutdownTimeout,
             "On SIGTERM/SIGINT, how long open connections may take to finish "
             "before they are aborted.",
-            seconds,
+            timeout,
         ],
         [
             "drain-delay",
@@ -224,7 +227,7 @@ class EchoOptions(usage.Options):
             "On SIGTERM, how long to keep accepting connections while /readyz "
             "already answers 503, before the listeners close and the drain "
             "begins.",
-            seconds,
+            timeout,
         ],
     ]
 

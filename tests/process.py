@@ -130,6 +130,20 @@ class EchoServer:
             time.sleep(0.02)
         raise AssertionError(f"{pattern!r} not logged within {timeout}s:\n{self.output()}")
 
+    def waitForCount(self, text: str, count: int, timeout: float = 10.0) -> None:
+        """
+        Wait until the log holds C{text} at least C{count} times.  A plain
+        count, not a regular expression: on a long log a pattern spanning
+        lines backtracks for seconds, holding the GIL from every client
+        thread in the test.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.output().count(text) >= count:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged {count} times within {timeout}s")
+
     def rssKiB(self) -> int:
         """
         The server's resident set size, from /proc.

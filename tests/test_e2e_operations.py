@@ -223,7 +223,7 @@ class OperationsEndToEndTests(ServerTestCase):
 
     def test_statsLine(self) -> None:
         """--stats-interval logs a summary line periodically."""
-        server = self.start("--port", LOOPBACK, "--stats-interval", "0.5", "--deny", "127.0.0.2")
+        server = self.start("--port", LOOPBACK, "--stats-interval", "1", "--deny", "127.0.0.2")
         self.assertTrue(self.served(server))
         self.assertTrue(refusedFrom(server.port, "127.0.0.2"))
         server.waitFor(r"Stats: 0 open, 1 accepted, 1 refused, 4 bytes echoed")
