@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -70,12 +71,31 @@ def logListening(log: Logger, listener: str, address: Any, **more: Any) -> None:
     )
 
 
+def acceptPending(port: Any, most: int = 4096) -> None:
+    """
+    Accept the connections waiting in C{port}'s backlog (up to C{most}).
+
+    The kernel completes a client's handshake before the server accepts it,
+    so the client may already be sending; closing a listening socket resets
+    every connection still in its backlog, and with it whatever the client
+    sent.  Accepted now, they are drained like any other connection.  Only
+    Twisted's own TCP and Unix ports are known to take this (their accept
+    loop stops at the first empty C{accept}).
+    """
+    if not isinstance(port, tcp.Port) or not port.connected:
+        return
+    port.numberAccepts = max(port.numberAccepts, most)
+    port.doRead()
+
+
 def stopListening(port: IListeningPort | None) -> Deferred[None]:
     """
-    Stop a listener's port, if it has one; fires when it has stopped.
+    Stop a listener's port, if it has one, after accepting what waits in its
+    backlog (L{acceptPending}); fires when it has stopped.
     """
     if port is None:
         return succeed(None)
+    acceptPending(port)
     stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
     return stopped
 

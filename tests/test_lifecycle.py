@@ -502,3 +502,39 @@ class LingeringCloseTests(TestCase):
             await deferLater(reactor, 0.01)
         self.assertEqual(factory.bytesEchoedTotal, len(received))
         self.assertEqual(factory.bytesDiscardedTotal + len(received), len(payload))
+
+
+class BacklogTests(TestCase):
+    timeout = 30
+
+    async def test_backlogAcceptedBeforeClosing(self) -> None:
+        """Connections the kernel completed but the server had not accepted
+        yet when its listener stops are accepted and echoed, not reset."""
+        from echotw.service import ListenerService
+
+        factory = EchoFactory()
+        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        service = ListenerService("l", endpoint, factory.forListener("l"))
+        service.startService()
+        port = service.port
+        assert port is not None
+        port.stopReading()  # type: ignore[attr-defined]
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
+        self.addCleanup(client.close)
+        client.sendall(b"in the backlog")
+        await service.stopService()
+        self.assertEqual(factory.connectionsTotal, 1)
+        client.setblocking(False)
+        received = b""
+        for _ in range(200):
+            try:
+                received += client.recv(100)
+            except BlockingIOError:
+                await deferLater(reactor, 0.01)
+            if received == b"in the backlog":
+                break
+        self.assertEqual(received, b"in the backlog")
+        for p in list(factory.protocols):
+            p.abort("test over")
+        while factory.protocols:
+            await deferLater(reactor, 0.01)
