@@ -1,15 +1,17 @@
 """
-Cross-check against the independent reference harness in ../shared/bench/.
+Optional cross-check against an independent benchmark harness (run.py
+--reference DIR), which is not part of this repository.
 
 The benchmark is only worth its ratios if loadgen is not what is measured.
-So, in the same session, the reference harness (its own C client and its own
-uvloop peer) measures uvloop_proto on the same workloads, and the results
+So, in the same run, the harness in DIR (its own C client and its own uvloop
+peer, answering `DIR/run.py --only uvloop_proto --workloads ... --out PREFIX`
+with JSON lines) measures uvloop_proto on the same workloads, and the results
 file shows our figure next to its figure.  It is run, never copied: it needs
-its own `./setup.sh` once per machine.
+its own `DIR/setup.sh` once per machine.
 
 The two sides take turns (ours, reference, ours, reference, ...) rather than
-one long run each: other agents share this machine, and load that comes and
-goes would otherwise fall on one side only.
+one long run each: other processes on a shared machine come and go, and
+their load would otherwise fall on one side only.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from workloads import Workload, value
 
-TARGET_PCT = 10.0
+AGREEMENT_PCT = 10.0
 Results = list[dict[str, Any]]
 
 
@@ -42,7 +44,7 @@ def _refValue(r: dict[str, Any]) -> float | None:
 
 def _referenceOnce(wls: list[Workload], args: Any, scratch: Path) -> Results | str:
     """One round of the reference harness for uvloop_proto: its JSON lines, or an error."""
-    cmd = [sys.executable, str(Path(args.reference_dir) / "run.py"), "--only", "uvloop_proto"]
+    cmd = [sys.executable, str(Path(args.reference) / "run.py"), "--only", "uvloop_proto"]
     cmd += ["--workloads", ",".join(w.name for w in wls), "--rounds", "1"]
     cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
     cmd += ["--out", str(scratch / "ref")]
@@ -51,7 +53,7 @@ def _referenceOnce(wls: list[Workload], args: Any, scratch: Path) -> Results | s
     print(f"== reference: {' '.join(cmd)}", file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=limit, cwd=args.reference_dir
+            cmd, capture_output=True, text=True, timeout=limit, cwd=args.reference
         )
     except subprocess.TimeoutExpired:
         return f"reference harness did not finish in {limit:g} s"
@@ -68,8 +70,8 @@ def interleaved(
     Alternate our uvloop_proto run and the reference's, --reference-rounds
     times; save both sides' raw lines next to the results file.
     """
-    if not (Path(args.reference_dir) / ".venv" / "bin" / "python").exists():
-        return {"error": f"the reference harness is not set up: run {args.reference_dir}/setup.sh"}
+    if not (Path(args.reference) / ".venv" / "bin" / "python").exists():
+        return {"error": f"the reference harness is not set up: run {args.reference}/setup.sh"}
     ours: Results = []
     theirs: Results = []
     for rnd in range(args.reference_rounds):
@@ -90,11 +92,11 @@ def comparison(check: dict[str, Any], wls: list[Workload], args: Any) -> list[st
     lines = [
         "## Reference check: loadgen vs the reference harness, uvloop_proto",
         "",
-        "The reference is ../shared/bench/run.py with its own C client and its own uvloop "
+        f"The reference is {args.reference}/run.py with its own C client and its own uvloop "
         "peer. Same workloads, seconds and warm-up; the two sides took turns "
-        f"({args.reference_rounds} rounds each), right after the main run. The target, "
-        f"within {TARGET_PCT:g} %, is judged on each side's best round (other agents share "
-        "this machine, and their load only ever lowers a figure); medians are shown too. "
+        f"({args.reference_rounds} rounds each), right after the main run. Agreement, "
+        f"within {AGREEMENT_PCT:g} %, is judged on each side's best round (load from other "
+        "processes only ever lowers a figure); medians are shown too. "
         "Other: the most CPU other processes used during one of the cells, % of a CPU "
         "(ours / reference).",
         "",
@@ -102,7 +104,7 @@ def comparison(check: dict[str, Any], wls: list[Workload], args: Any) -> list[st
     if "error" in check:
         return [*lines, f"FAIL: {check['error']}"]
     lines += [
-        "| workload | ours (best) | reference (best) | difference | within target "
+        f"| workload | ours (best) | reference (best) | difference | within {AGREEMENT_PCT:g} % "
         "| ours / reference (median) | other |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -125,7 +127,7 @@ def comparison(check: dict[str, Any], wls: list[Workload], args: Any) -> list[st
             )
             continue
         diff = 100 * (a - b) / b
-        ok = "yes" if abs(diff) <= TARGET_PCT else "**no**"
+        ok = "yes" if abs(diff) <= AGREEMENT_PCT else "**no**"
         lines.append(
             f"| {w.name} | {a:,.2f} | {b:,.2f} | {diff:+.1f} % | {ok} | {medians} | {noise} |"
         )

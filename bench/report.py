@@ -326,7 +326,7 @@ def chart(
         xs = [j + (i - (len(wls) - 1) / 2) * width for j in range(len(servers))]
         ax.bar(xs, ys, width, label=w.name)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.axhline(0.8, color="grey", linewidth=0.8, linestyle="--", label="0.8x (echotw target)")
+    ax.axhline(0.8, color="grey", linewidth=0.8, linestyle="--", label="0.8x")
     ax.set_xticks(range(len(servers)), servers, rotation=20, ha="right")
     ax.set_ylabel("x uvloop_proto (higher is better)")
     ax.set_title(title, fontsize=10)

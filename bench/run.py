@@ -2,14 +2,17 @@
 """
 echotw benchmark: run echotw (a real `twistd -n echo` process) and its peers
 one after another on 127.0.0.1 under the same C load client, and write a
-markdown table, raw JSON lines and a chart to bench/results/.
+markdown table, raw JSON lines and a chart to bench/results/local/ (or, with
+--publish NAME, to bench/results/, refreshing the chart README shows).
 
     python3 bench/run.py                      # everything (see bench/README.md)
     python3 bench/run.py --seconds 2 --rounds 1 --only echotw,uvloop_proto
 
-The first run creates bench/.venv (twisted, uvloop, matplotlib) and re-runs
-itself in it; loadgen.c is compiled into bench/build/.  The checkout is put on
-PYTHONPATH for the servers, so the working tree is what gets measured.
+The servers run on this Python when it has twisted, uvloop and matplotlib
+(always with --no-venv); otherwise the first run creates bench/.venv and
+re-runs itself there.  loadgen.c is compiled into bench/build/.  The checkout
+is put on PYTHONPATH for the servers, so the working tree is what gets
+measured.  The scaling benchmark (--workers N) is bench/scaling.py.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,34 +29,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-VENV = HERE / ".venv"
-BUILD = HERE / "build"
-RESULTS = HERE / "results"
-REQUIREMENTS = ["twisted>=23.10", "prometheus_client", "uvloop", "matplotlib"]
+sys.path.insert(0, str(HERE))
 
-
-def ensureVenv() -> None:
-    """Create bench/.venv on first use and re-execute this script inside it."""
-    python = VENV / "bin" / "python"
-    if Path(sys.prefix).resolve() == VENV.resolve():
-        return
-    if not (VENV / ".complete").exists():
-        print(f"== creating {VENV} ({', '.join(REQUIREMENTS)})", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        pip = [str(python), "-m", "pip", "install", "-q", *REQUIREMENTS]
-        subprocess.run(pip, check=True, timeout=900)
-        (VENV / ".complete").write_text("ok\n")
-    os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
-
-
-def buildLoadgen() -> Path:
-    """gcc -O2 loadgen.c into bench/build/ when the source is newer than the binary."""
-    src, out = HERE / "loadgen.c", BUILD / "loadgen"
-    BUILD.mkdir(exist_ok=True)
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)]
-        subprocess.run(cmd, check=True, timeout=120)
-    return out
+import harness  # noqa: E402  (the directory is put on sys.path just above)
 
 
 def parseArgs(argv: list[str]) -> argparse.Namespace:
@@ -69,18 +46,7 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
         help="servers to run, comma-separated names or globs: " + ",".join(s.name for s in SPECS),
     )
     ap.add_argument("--workloads", help="comma-separated: " + ",".join(w.name for w in WORKLOADS))
-    ap.add_argument(
-        "--seconds", type=float, default=5.0, help="measured seconds per cell (default 5)"
-    )
-    ap.add_argument(
-        "--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)"
-    )
-    ap.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="repeat everything; the median round per cell is kept (default 3)",
-    )
+    harness.addCommonOptions(ap, seconds=5.0, warmup=1.0, rounds=3)
     ap.add_argument(
         "--echotw",
         default=ECHOTW,
@@ -95,14 +61,10 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
         help="add or replace a server (a shell command with {port}, run in bench/peers/)",
     )
     ap.add_argument(
-        "--name",
-        default=time.strftime("%Y%m%d-%H%M"),
-        help="results file name under bench/results/ (default: date-time)",
-    )
-    ap.add_argument(
         "--reference",
-        action="store_true",
-        help="also run the reference harness for uvloop_proto and compare",
+        metavar="DIR",
+        help="also cross-check loadgen against an independent harness in DIR (optional; "
+        "DIR/run.py with its own client and uvloop peer, set up by its DIR/setup.sh)",
     )
     ap.add_argument(
         "--reference-rounds",
@@ -110,29 +72,11 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
         default=3,
         help="turns each side takes in the reference check (default 3)",
     )
-    ap.add_argument(
-        "--reference-dir", default="/work/shared/bench", help="where the reference harness is"
-    )
     ap.add_argument("--no-rules", action="store_true", help="skip the access-rule micro-benchmark")
-    ap.add_argument(
-        "--block-client",
-        action="store_true",
-        help="loadgen sleeps in epoll_wait instead of polling",
-    )
-    ap.add_argument(
-        "--noise-limit",
-        type=float,
-        default=10.0,
-        help="flag a cell when other processes used more than this %% of a CPU",
-    )
     args = ap.parse_args(argv)
-    if (
-        args.rounds < 1
-        or args.rounds > 20
-        or not 0 < args.seconds <= 600
-        or not 0 <= args.warmup <= 60
-    ):
-        ap.error("--rounds 1-20, --seconds up to 600, --warmup up to 60")
+    harness.checkCommonOptions(ap, args)
+    if args.reference and not (Path(args.reference) / "run.py").is_file():
+        ap.error(f"--reference: no run.py in {args.reference}")
     if not 1 <= args.reference_rounds <= 10:
         ap.error("--reference-rounds 1-10")
     if "{port}" not in args.echotw:
@@ -218,20 +162,13 @@ def runServer(
 def runAll(
     specs: list[Any], wls: list[Any], loadgen: Path, args: argparse.Namespace, jsonl: Path
 ) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    scratch = Path(tempfile.mkdtemp(prefix="echotw-bench-"))
-    try:
-        with open(jsonl, "w") as f:
-            for rnd in range(args.rounds):
-                for spec in specs:
-                    for res in runServer(spec, wls, loadgen, args, scratch):
-                        res["round"] = rnd
-                        results.append(res)
-                        f.write(json.dumps(res) + "\n")
-                        f.flush()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return results
+    """Every server in turn, round after round."""
+    return harness.runRounds(
+        jsonl,
+        args.rounds,
+        "bench",
+        lambda scratch: (runServer(spec, wls, loadgen, args, scratch) for spec in specs),
+    )
 
 
 def referenceCheck(
@@ -263,8 +200,8 @@ def rulesMicro() -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    ensureVenv()
-    sys.path.insert(0, str(HERE))
+    harness.ensureInterpreter(argv)
+    harness.exitOnSigterm()
     import report
     from servers import raiseFdLimit
 
@@ -276,9 +213,8 @@ def main(argv: list[str]) -> int:
     nofile = raiseFdLimit()
     if nofile < 10100 and any(w.name == "idle10k" for w in wls):
         notes.append(f"- fd limit is {nofile}: idle10k needs more than 10,000")
-    loadgen = buildLoadgen()
-    RESULTS.mkdir(exist_ok=True)
-    prefix = RESULTS / args.name
+    loadgen = harness.loadgenBinary(args.loadgen)
+    prefix = harness.outputPrefix(args)
     info = report.machine(sys.executable)
     results = runAll(specs, wls, loadgen, args, Path(f"{prefix}.jsonl"))
     extra: list[str] = []
@@ -298,19 +234,19 @@ def main(argv: list[str]) -> int:
         Path(f"{prefix}.png"),
         f"echotw benchmark {info['date']}: ratio to uvloop_proto",
     )
+    written = [f"{prefix}.md", f"{prefix}.jsonl"]
     if chartErr is None:
-        shutil.copyfile(f"{prefix}.png", RESULTS / "latest.png")
-        extra += [f"![ratios to uvloop_proto]({args.name}.png)", ""]
+        extra += [f"![ratios to uvloop_proto]({prefix.name}.png)", ""]
+        written.append(f"{prefix}.png")
+        if args.publish:
+            shutil.copyfile(f"{prefix}.png", harness.RESULTS / "latest.png")
+            written.append(str(harness.RESULTS / "latest.png"))
     else:
         extra += [f"(no chart: {chartErr})", ""]
     md = report.markdown(results, names, wls, info, args, extra)
     Path(f"{prefix}.md").write_text(md)
     print(md)
-    print(
-        f"wrote {prefix}.md, {prefix}.jsonl"
-        + ("" if chartErr else f", {prefix}.png, {RESULTS / 'latest.png'}"),
-        file=sys.stderr,
-    )
+    print(f"wrote {', '.join(written)}", file=sys.stderr)
     return 2 if any(r.get("mismatches") for r in results) else 0
 
 

@@ -3,27 +3,32 @@ The servers under test: their command templates, and starting, watching and
 stopping them.
 
 Each server runs as `sh -c "ulimit -n N; exec COMMAND"` in bench/peers/, with
-the benchmark venv's bin/ first on PATH and the checkout on PYTHONPATH (so
-`twistd echo` runs the working tree, not an installed copy), pinned to the
-server CPU, in a process group of its own.  Stopping signals that group only:
-the harness never touches a process it did not start.
+`python` and `twistd` on PATH running the benchmark's own interpreter and the
+checkout on PYTHONPATH (so `twistd echo` runs the working tree, not an
+installed copy), pinned to the server CPUs, in a process group of its own.
+Stopping signals that group only: the harness never touches a process it did
+not start.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEERS = HERE / "peers"
-VENV = HERE / ".venv"
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 
@@ -81,10 +86,58 @@ def portAccepts(port: int) -> bool:
     return True
 
 
+def pinnedTo(cpus: Iterable[int]) -> Callable[[], None]:
+    """A preexec_fn that pins the child to CPUS (no taskset needed)."""
+    chosen = set(cpus)
+
+    def pin() -> None:
+        os.sched_setaffinity(0, chosen)
+
+    return pin
+
+
+def parseCpus(text: str) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8]; ValueError on anything else."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, sep, high = part.strip().partition("-")
+        first, last = int(low), int(high) if sep else int(low)
+        if first < 0 or last < first:
+            raise ValueError(f"bad CPU range {part!r}")
+        cpus.update(range(first, last + 1))
+    return sorted(cpus)
+
+
+_shims: list[Path] = []
+
+
+def interpreterBin() -> Path:
+    """
+    A scratch bin/ whose `python`, `python3` and `twistd` run this very
+    interpreter, so server templates work the same in bench/.venv and with
+    packages put on PYTHONPATH (--no-venv).  Made once per harness run.
+    """
+    if not _shims:
+        folder = Path(tempfile.mkdtemp(prefix="echotw-bench-bin-"))
+        atexit.register(shutil.rmtree, folder, True)
+        python = shlex.quote(sys.executable)
+        twistd = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+        scripts = {
+            "python": f'exec {python} "$@"',
+            "python3": f'exec {python} "$@"',
+            "twistd": f'exec {python} -c "{twistd}" "$@"',
+        }
+        for name, line in scripts.items():
+            (folder / name).write_text(f"#!/bin/sh\n{line}\n")
+            (folder / name).chmod(0o755)
+        _shims.append(folder)
+    return _shims[0]
+
+
 def serverEnv() -> dict[str, str]:
-    """PATH with the venv first; PYTHONPATH with the checkout, for `twistd echo`."""
+    """PATH with this interpreter first; PYTHONPATH with the checkout, for `twistd echo`."""
     env = dict(os.environ)
-    env["PATH"] = f"{VENV / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+    env["PATH"] = f"{interpreterBin()}:{env.get('PATH', '/usr/bin:/bin')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.pop("PYTHONHOME", None)
     return env
@@ -103,6 +156,7 @@ class Server:
 
     spec: Spec
     scratch: Path
+    cpus: tuple[int, ...] = (int(SERVER_CPU),)
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     logPath: Path = field(init=False)
@@ -119,13 +173,14 @@ class Server:
         script = f"ulimit -n {nofile} || exit 111\nexec {command}"
         with open(self.logPath, "ab") as log:
             self.proc = subprocess.Popen(
-                ["taskset", "-c", SERVER_CPU, "sh", "-c", script],
+                ["sh", "-c", script],
                 cwd=PEERS,
                 env=serverEnv(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=pinnedTo(self.cpus),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -217,6 +272,51 @@ def groupPids(pgid: int) -> list[int]:
     return pids
 
 
+def treePids(root: int) -> list[int]:
+    """ROOT and every process below it (by parent pid), ROOT first, then by start time."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _procStat(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append((int(fields[19]), int(entry)))
+    out, todo = [root], [root]
+    while todo and len(out) < 10000:
+        for _, pid in sorted(children.get(todo.pop(), [])):
+            out.append(pid)
+            todo.append(pid)
+    return out
+
+
+def processCpuSeconds(pid: int) -> float | None:
+    """utime + stime of one process (its own, not its reaped children's), or None if gone."""
+    fields = _procStat(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def lastCpu(pid: int) -> int | None:
+    """The CPU the process last ran on (/proc/PID/stat field 39)."""
+    fields = _procStat(pid)
+    return int(fields[36]) if fields is not None and len(fields) > 36 else None
+
+
+def socketCount(pid: int) -> int:
+    """How many sockets the process holds open (listening ones included)."""
+    count = 0
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in entries:
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
 def groupCpuSeconds(pgid: int) -> float:
     """
     CPU seconds of the group, reaped children included (cutime/cstime), so a
@@ -234,7 +334,7 @@ def groupCpuSeconds(pgid: int) -> float:
 def foreignCpu(pgid: int) -> dict[int, tuple[str, float]]:
     """
     CPU seconds per user process outside the server's group and this harness
-    (whose reaped children include loadgen): what other agents on the machine
+    (whose reaped children include loadgen): what other processes on the machine
     used.  cutime/cstime make a process that started and ended in between
     count through its parent.
     """

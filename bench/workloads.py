@@ -4,13 +4,18 @@ The workloads, and running loadgen against a started server for one cell.
 A cell's CPU figures cover the whole loadgen run (setup, warm-up, measured
 time, drain): the server group's CPU from /proc/PID/stat, loadgen's from
 RUSAGE_CHILDREN, both CPUs' busy share from /proc/stat, and "other", what
-the rest of the machine used meanwhile.  Other agents share this machine, so
-a cell where "other" passes --noise-limit is flagged as noisy.
+the rest of the machine used meanwhile.  On a shared machine other processes
+disturb the figures, so a cell where "other" passes --noise-limit is flagged
+as noisy.
+
+Besides the fixed list run.py measures, parseWorkload() reads names such as
+`pp1000x64`, `st80x64k` or `churn32x64` (scaling.py takes any of them).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import select
 import subprocess
@@ -28,6 +33,7 @@ from servers import (
     foreignDelta,
     groupCpuSeconds,
     groupMemory,
+    pinnedTo,
 )
 
 
@@ -50,6 +56,33 @@ WORKLOADS = [
     ),
 ]
 BY_NAME = {w.name: w for w in WORKLOADS}
+_NAMED = re.compile(r"^(pp|st|churn)([1-9][0-9]*)x([1-9][0-9]*)(k?)$")
+_MODES = {"pp": "pingpong", "st": "stream", "churn": "churn"}
+
+
+def parseWorkload(name: str) -> Workload:
+    """
+    A workload from its name: pp (ping-pong), st (stream) or churn, then
+    CONNSxSIZE, SIZE in bytes or with k for KiB: pp1000x64, st80x64k, churn32x64.
+    ValueError for anything else.
+    """
+    match = _NAMED.match(name)
+    if not match:
+        raise ValueError(
+            f"not a workload name (ppCONNSxSIZE, stCONNSxSIZE, churnCONNSxSIZE): {name}"
+        )
+    kind, conns, size, kib = match.groups()
+    nbytes = int(size) * (1024 if kib else 1)
+    if nbytes > 256 * 1024 or int(conns) > 100000:
+        raise ValueError(f"{name}: at most 100000 connections and 256 KiB")
+    shown = f"{size} KiB" if kib else f"{size} B"
+    titles = {
+        "pp": f"pingpong {conns} conns x {shown}: round trips/s",
+        "st": f"stream {conns} conns x {shown} chunks: MB/s",
+        "churn": f"churn {conns} in flight x {shown}: conns/s",
+    }
+    return Workload(name, _MODES[kind], int(conns), nbytes, titles[kind])
+
 
 IDLE_SETUP_S = 60.0  # idle10k: limit for opening and verifying 10,000 connections
 IDLE_SETTLE_S = 1.0  # idle10k: wait after the last echo before reading memory
@@ -100,7 +133,7 @@ def _cpuFigures(before: dict[str, Any], after: dict[str, Any]) -> dict[str, floa
     }
 
 
-def _lastJson(text: str) -> dict[str, Any] | None:
+def lastJson(text: str) -> dict[str, Any] | None:
     for line in reversed(text.strip().splitlines()):
         try:
             parsed = json.loads(line)
@@ -112,24 +145,40 @@ def _lastJson(text: str) -> dict[str, Any] | None:
 
 
 def loadgenCommand(loadgen: Path, server: Server, wl: Workload, conns: int) -> list[str]:
-    cmd = ["taskset", "-c", CLIENT_CPU, str(loadgen), "--mode", wl.mode]
+    cmd = [str(loadgen), "--mode", wl.mode]
     cmd += ["--port", str(server.port), "--conns", str(conns), "--size", str(wl.size)]
     return cmd
 
 
+def rateCommand(loadgen: Path, server: Server, wl: Workload, conns: int, args: Any) -> list[str]:
+    """loadgen for a throughput or churn cell: CONNS connections, the measured and warm-up time."""
+    cmd = loadgenCommand(loadgen, server, wl, conns)
+    cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+    return cmd + (["--block"] if args.block_client else [])
+
+
+def rateLimit(args: Any) -> float:
+    """How long a rate cell's loadgen may take before it is given up (its own alarm is sooner)."""
+    return float(args.seconds + args.warmup + 30)
+
+
 def runRate(loadgen: Path, server: Server, wl: Workload, args: Any) -> dict[str, Any]:
     """One throughput or churn cell."""
-    cmd = loadgenCommand(loadgen, server, wl, wl.conns)
-    cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
-    cmd += ["--block"] if args.block_client else []
+    cmd = rateCommand(loadgen, server, wl, wl.conns, args)
     before = _cpuSnapshot(server)
-    limit = args.seconds + args.warmup + 30
+    limit = rateLimit(args)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=limit,
+            preexec_fn=pinnedTo([int(CLIENT_CPU)]),
+        )
         out, err, rc = proc.stdout, proc.stderr, proc.returncode
     except subprocess.TimeoutExpired:
         out, err, rc = "", f"loadgen did not finish in {limit:g} s", -1
-    res = _lastJson(out) or {"fatal": f"no result from loadgen (status {rc}): {err[-200:]}"}
+    res = lastJson(out) or {"fatal": f"no result from loadgen (status {rc}): {err[-200:]}"}
     res.update(_cpuFigures(before, _cpuSnapshot(server)), rc=rc)
     if err.strip():
         res["stderr"] = err.strip()[-300:]
@@ -148,12 +197,17 @@ def runIdle(loadgen: Path, server: Server, wl: Workload, args: Any) -> dict[str,
     cmd += ["--setup-timeout", str(IDLE_SETUP_S), "--seconds", "60"]
     held, after, out = None, None, ""
     proc = subprocess.Popen(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=pinnedTo([int(CLIENT_CPU)]),
     )
     assert proc.stdin and proc.stdout and proc.stderr
     try:
         if select.select([proc.stdout], [], [], IDLE_SETUP_S + 10)[0]:
-            held = _lastJson(proc.stdout.readline())
+            held = lastJson(proc.stdout.readline())
         if held and held.get("event") == "held":
             time.sleep(IDLE_SETTLE_S)
             after = groupMemory(server.pgid)
@@ -165,7 +219,7 @@ def runIdle(loadgen: Path, server: Server, wl: Workload, args: Any) -> dict[str,
     except (subprocess.TimeoutExpired, BrokenPipeError):
         proc.kill()
         out, err = proc.communicate()
-    res = _lastJson(out) or {"fatal": f"no result from loadgen: {err.strip()[-200:]}"}
+    res = lastJson(out) or {"fatal": f"no result from loadgen: {err.strip()[-200:]}"}
     res.update(mem_before=before, mem_after=after, asked=wl.conns, capped=conns < wl.conns)
     return _idleFigures(res, server)
 

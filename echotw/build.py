@@ -17,8 +17,9 @@ from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 
 from echotw.config import EchoConfig, ProxySettings
 from echotw.counters import WorkerCounters
-from echotw.endpoints import Listener
+from echotw.endpoints import Listener, systemdSocket
 from echotw.factory import EchoFactory, ServerCount
+from echotw.health import HealthService
 from echotw.interfaces import IServerReactor
 from echotw.listening import AdoptedUNIXEndpoint
 from echotw.loglevel import setLogLevel
@@ -26,6 +27,7 @@ from echotw.metrics import MetricsService
 from echotw.proxyprotocol import ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
 from echotw.service import EchoService, ListenerService
+from echotw.signals import ProcessSignals
 from echotw.udp import UDPEchoProtocol, UDPListenerService
 from echotw.workerlog import RELAY, LogOutput
 from echotw.workers import SharedListeners, WorkerPool
@@ -64,27 +66,36 @@ def makeEndpoint(
     proxy: ProxySettings,
     reactor: IServerReactor,
     inherited: Inherited | None = None,
-    wrap: bool = True,
+    factory: EchoFactory | None = None,
 ) -> IStreamServerEndpoint:
     """
     The endpoint for one listener; C{haproxy:} listeners use echotw's own
-    PROXY protocol support (see L{echotw.proxyprotocol}), not Twisted's.
-    A worker listens on the socket it C{inherited} instead; the supervisor
-    binds without the PROXY wrapper (C{wrap=False}).
+    PROXY protocol support (see L{echotw.proxyprotocol}), not Twisted's,
+    counting and logging their refusals with C{factory}'s.  A worker
+    listens on the socket it C{inherited} instead; the supervisor binds
+    without the PROXY wrapper (no C{factory}).
     """
     kind, _, inner = listener.description.partition(":")
     proxied = kind == "haproxy"
+    description = inner if proxied else listener.description
+    if inherited is None and description.startswith("systemd:"):
+        inherited = systemdSocket(description)
     endpoint: IStreamServerEndpoint
     if inherited is not None and inherited[1] == socket.AF_UNIX:
-        # The supervisor removes the socket file, not each worker.
+        # The socket file is its binder's to remove (a worker's supervisor).
         endpoint = AdoptedUNIXEndpoint(reactor, inherited[0])
     elif inherited is not None:
         endpoint = AdoptedStreamServerEndpoint(reactor, *inherited)
     else:
-        endpoint = serverFromString(reactor, inner if proxied else listener.description)
-    if proxied and wrap:
+        endpoint = serverFromString(reactor, description)
+    if proxied and factory is not None:
         return ProxyProtocolEndpoint(
-            endpoint, trusted=proxy.trusted, timeout=proxy.timeout, clock=reactor
+            endpoint,
+            trusted=proxy.trusted,
+            timeout=proxy.timeout,
+            clock=reactor,
+            problemLog=factory.refusalLog,
+            rejections=factory.refusals,
         )
     return endpoint
 
@@ -95,6 +106,7 @@ def makeService(
     inherited: Sequence[Inherited] = (),
     serverCount: ServerCount | None = None,
     workerLog: LogOutput = RELAY,
+    handleSignals: bool = False,
 ) -> EchoService:
     """
     Build the service tree: an L{EchoService} with one L{ListenerService}
@@ -102,7 +114,8 @@ def makeService(
     listeners and worker pool (whose workers log to C{workerLog}); then the
     UDP listeners and the metrics service.  A worker passes the sockets it
     C{inherited}, in the order of C{config.listeners}, and the whole
-    server's C{serverCount}.
+    server's C{serverCount}.  A real process (not a test) asks to
+    C{handleSignals}: SIGHUP reloads, a second SIGTERM stops at once.
     """
     setLogLevel(config.logging.level)
     factory = makeFactory(config, reactor, serverCount)
@@ -115,8 +128,8 @@ def makeService(
         # Each worker logs its own summary; the supervisor counts nothing itself.
         statsInterval=0 if supervising else config.logging.statsInterval,
         ruleSource=config.ruleSource,
-        # A supervisor passes SIGHUP on to its workers instead.
-        handleHangup=not supervising,
+        drainDelay=config.drainDelay,
+        threads=reactor,
     )
     counters: WorkerCounters | None = None
     if supervising:
@@ -124,11 +137,7 @@ def makeService(
         perSource = limits.maxPerSource or limits.rate
         shared = SharedListeners(
             [
-                (
-                    listener.name,
-                    listener.description,
-                    makeEndpoint(listener, config.proxy, reactor, wrap=False),
-                )
+                (listener.name, listener.description, makeEndpoint(listener, config.proxy, reactor))
                 for listener in config.listeners
             ],
             workers=config.workers,
@@ -136,7 +145,7 @@ def makeService(
         )
         shared.setServiceParent(top)
         counters = WorkerCounters()
-        WorkerPool(
+        pool = WorkerPool(
             reactor,
             shared,
             config.workers,
@@ -145,19 +154,27 @@ def makeService(
             config.shutdownTimeout,
             logOutput=workerLog,
             counters=counters,
-        ).setServiceParent(top)
+        )
+        pool.setServiceParent(top)
     else:
         for i, listener in enumerate(config.listeners):
             endpoint = makeEndpoint(
-                listener, config.proxy, reactor, inherited[i] if inherited else None
+                listener, config.proxy, reactor, inherited[i] if inherited else None, factory
             )
             ListenerService(
                 listener.name, endpoint, factory.forListener(listener.name)
             ).setServiceParent(top)
     udpProtocols = makeUDPServices(config, factory, reactor, top)
+    ready = top.isReady
     if config.metrics is not None:
         source = factory if counters is None else counters
-        MetricsService(config.metrics, source, udpProtocols, reactor).setServiceParent(top)
+        MetricsService(config.metrics, source, udpProtocols, reactor, ready).setServiceParent(top)
+    if config.health is not None:
+        HealthService(config.health, ready, reactor).setServiceParent(top)
+    if handleSignals:
+        # A supervisor passes SIGHUP on to its workers instead of reloading.
+        onHangup = pool.forwardHangup if supervising else top.requestReload
+        ProcessSignals(reactor, onHangup, top.stopNow).setServiceParent(top)
     return top
 
 

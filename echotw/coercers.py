@@ -7,6 +7,7 @@ error name the option.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,6 +16,10 @@ from twisted.python import usage
 from echotw.loglevel import LEVELS
 
 T = TypeVar("T")
+N = TypeVar("N", int, float)
+
+YEAR = 365 * 24 * 60 * 60
+"""The longest duration any option takes, in seconds: anything longer is a typo."""
 
 
 def documented(doc: str) -> Callable[[Callable[[str], T]], Callable[[str], T]]:
@@ -29,9 +34,39 @@ def documented(doc: str) -> Callable[[Callable[[str], T]], Callable[[str], T]]:
     return decorate
 
 
+def wholeNumber(value: str) -> int:
+    """
+    C{value} as an integer, with an error a user can read.
+    """
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+
+
+def finiteNumber(value: str) -> float:
+    """
+    C{value} as a finite float: C{nan} and C{inf} are refused here, once.
+    """
+    try:
+        n = float(value)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(n):
+        raise ValueError("not a finite number")
+    return n
+
+
+def perSecondNumber(value: str) -> float:
+    """
+    A rate written C{N} or C{N/s}.
+    """
+    return finiteNumber(value.removesuffix("/s"))
+
+
 @documented("A whole number; 0 means no limit.")
 def count(value: str) -> int:
-    n = int(value)
+    n = wholeNumber(value)
     if n < 0:
         raise ValueError("must not be negative")
     return n
@@ -39,7 +74,7 @@ def count(value: str) -> int:
 
 @documented("A whole number, at least 1.")
 def positive(value: str) -> int:
-    n = int(value)
+    n = wholeNumber(value)
     if n < 1:
         raise ValueError("must be at least 1")
     return n
@@ -47,8 +82,8 @@ def positive(value: str) -> int:
 
 @documented("Seconds (decimals allowed).")
 def seconds(value: str) -> float:
-    s = float(value)
-    if not s >= 0 or s == float("inf"):
+    s = finiteNumber(value)
+    if s < 0:
         raise ValueError("must be a finite number of seconds, 0 or more")
     return s
 
@@ -63,8 +98,8 @@ def positiveSeconds(value: str) -> float:
 
 @documented("Per second (N or N/s); 0 means no limit.")
 def rate(value: str) -> float:
-    r = float(value.removesuffix("/s"))
-    if not 0 <= r < float("inf"):
+    r = perSecondNumber(value)
+    if r < 0:
         raise ValueError("must be a finite number, 0 or more")
     return r
 
@@ -77,14 +112,6 @@ def positiveRate(value: str) -> float:
     return r
 
 
-@documented("1-64.")
-def workerCount(value: str) -> int:
-    n = int(value)
-    if not 1 <= n <= 64:
-        raise ValueError("must be between 1 and 64")
-    return n
-
-
 @documented(f"One of {', '.join(LEVELS)}.")
 def logLevel(value: str) -> str:
     if value not in LEVELS:
@@ -92,12 +119,105 @@ def logLevel(value: str) -> str:
     return value
 
 
-@documented("Prefix length, 1-128.")
-def prefixLength(value: str) -> int:
-    n = int(value)
-    if not 1 <= n <= 128:
-        raise ValueError("must be between 1 and 128")
-    return n
+def _text(n: float) -> str:
+    """
+    A bound as the help and the errors write it: C{0.1}, C{31536000}.
+    """
+    return str(int(n)) if float(n).is_integer() else str(n)
+
+
+def inRange(
+    coerce: Callable[[str], N], low: N, high: N, doc: str, orZero: bool = False
+) -> Callable[[str], N]:
+    """
+    A coerce function: C{coerce}'s value, refused unless it lies between
+    C{low} and C{high} (or is 0, where C{orZero} says 0 turns the option
+    off).  A value outside a sane range is a typo or a misunderstanding
+    (C{--idle-timeout 1e-9} would abort every connection in a busy loop),
+    so it is refused before anything starts.  The bounds must appear in
+    C{doc}, which C{--help} shows.
+    """
+    expected = f"{'0 or ' if orZero else ''}between {_text(low)} and {_text(high)}"
+
+    def bounded(value: str) -> N:
+        n = coerce(value)
+        if not (low <= n <= high or (orZero and n == 0)):
+            raise ValueError(f"must be {expected}")
+        return n
+
+    return documented(doc)(bounded)
+
+
+MAX_CONNECTIONS = 10_000_000
+"""Far more than one process can hold open (file descriptors run out first)."""
+
+MAX_RATE = 1_000_000.0
+"""Events a second beyond which a rate or burst limits nothing."""
+
+MIN_RATE = 0.001
+"""The slowest rate: one event in about 17 minutes."""
+
+MAX_SESSION_BYTES = 10**15
+"""A petabyte: no echo session lasts that long."""
+
+MIN_TIMEOUT = 0.1
+"""Shorter timeouts would end connections before a round trip completes."""
+
+MIN_INTERVAL = 1.0
+"""Summary lines more often than each second would flood the log."""
+
+backlog = inRange(wholeNumber, 1, 65535, "A whole number, 1-65535.")
+connectionLimit = inRange(
+    wholeNumber,
+    1,
+    MAX_CONNECTIONS,
+    f"A whole number up to {MAX_CONNECTIONS}; 0 means no limit.",
+    orZero=True,
+)
+sessionBytes = inRange(
+    wholeNumber,
+    1,
+    MAX_SESSION_BYTES,
+    f"Bytes, a whole number up to {MAX_SESSION_BYTES}; 0 means no limit.",
+    orZero=True,
+)
+linesPerSecond = inRange(
+    wholeNumber,
+    1,
+    int(MAX_RATE),
+    f"A whole number up to {_text(MAX_RATE)}; 0 means no limit.",
+    orZero=True,
+)
+perSecond = inRange(
+    perSecondNumber,
+    MIN_RATE,
+    MAX_RATE,
+    f"Per second (N or N/s), {_text(MIN_RATE)} to {_text(MAX_RATE)}; 0 means no limit.",
+    orZero=True,
+)
+burst = inRange(finiteNumber, 1.0, MAX_RATE, f"A number, 1 to {_text(MAX_RATE)}.")
+timeout = inRange(
+    finiteNumber,
+    MIN_TIMEOUT,
+    float(YEAR),
+    f"Seconds (decimals allowed): 0, or {_text(MIN_TIMEOUT)} to {YEAR} (a year).",
+    orZero=True,
+)
+positiveTimeout = inRange(
+    finiteNumber,
+    MIN_TIMEOUT,
+    float(YEAR),
+    f"Seconds (decimals allowed), {_text(MIN_TIMEOUT)} to {YEAR} (a year).",
+)
+workerCount = inRange(wholeNumber, 1, 64, "1-64.")
+prefixLength = inRange(wholeNumber, 1, 128, "Prefix length, 1-128.")
+interval = inRange(
+    finiteNumber,
+    MIN_INTERVAL,
+    float(YEAR),
+    f"Seconds (decimals allowed): 0, or {_text(MIN_INTERVAL)} to {YEAR} (a year).",
+    orZero=True,
+)
 
 
 class NamingCoerceParameter(usage.CoerceParameter):

@@ -92,9 +92,12 @@ class EchoConfig:
     @ivar ruleSource: where the access rules come from (re-read on SIGHUP).
     @ivar rules: the access rules as first loaded from C{ruleSource}.
     @ivar verifiers: the pluggable checks consulted after the rules and limits.
-    @ivar metrics: the endpoint serving Prometheus metrics, if any.
+    @ivar metrics: the endpoint serving Prometheus metrics (and health), if any.
+    @ivar health: the endpoint serving health and readiness alone, if any.
     @ivar workers: processes serving the listeners.
     @ivar shutdownTimeout: seconds open connections get to finish on SIGTERM.
+    @ivar drainDelay: seconds the listeners keep accepting after SIGTERM,
+        while readiness already says no.
     @ivar commandLine: the arguments the server was started with, which a
         worker process is started with too.
     """
@@ -111,6 +114,8 @@ class EchoConfig:
     proxy: ProxySettings = ProxySettings()
     logging: LogSettings = LogSettings()
     metrics: str | None = None
+    health: str | None = None
     workers: int = 1
     shutdownTimeout: float = 10.0
+    drainDelay: float = 0.0
     commandLine: tuple[str, ...] = ()

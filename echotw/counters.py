@@ -40,7 +40,10 @@ class Counters:
     @ivar openByListener: connections open now, per listener (a gauge).
     @ivar totalByListener: connections accepted, per listener.
     @ivar refusals: connections refused, per reason.
-    @ivar bytesEchoed: bytes echoed by closed and open connections.
+    @ivar bytesEchoed: bytes echoed (handed to the kernel) by closed and
+        open connections.
+    @ivar bytesDiscarded: bytes received and not echoed because the server
+        was closing their connection.
     @ivar durationCounts: closed connections per duration bucket
         (L{DURATION_BUCKETS}, and one more for longer ones).
     @ivar durationSum: the closed connections' durations added up.
@@ -50,6 +53,7 @@ class Counters:
     totalByListener: Mapping[str, int] = field(default_factory=dict)
     refusals: Mapping[str, int] = field(default_factory=dict)
     bytesEchoed: int = 0
+    bytesDiscarded: int = 0
     durationCounts: tuple[int, ...] = (0,) * _BUCKETS
     durationSum: float = 0.0
 
@@ -67,6 +71,7 @@ class Counters:
             totalByListener=_add(self.totalByListener, other.totalByListener),
             refusals=_add(self.refusals, other.refusals),
             bytesEchoed=self.bytesEchoed + other.bytesEchoed,
+            bytesDiscarded=self.bytesDiscarded + other.bytesDiscarded,
             durationCounts=tuple(
                 a + b for a, b in zip(self.durationCounts, other.durationCounts, strict=True)
             ),
@@ -88,6 +93,7 @@ class Counters:
             "total": self.totalByListener,
             "refused": self.refusals,
             "bytes": self.bytesEchoed,
+            "discarded": self.bytesDiscarded,
             "durations": self.durationCounts,
             "durationSum": self.durationSum,
         }
@@ -107,6 +113,7 @@ class Counters:
                 totalByListener=_counts(record["total"]),
                 refusals=_counts(record["refused"]),
                 bytesEchoed=int(record["bytes"]),
+                bytesDiscarded=int(record["discarded"]),
                 durationCounts=tuple(int(n) for n in record["durations"]),
                 durationSum=float(record["durationSum"]),
             )
@@ -127,12 +134,12 @@ def countersOf(factory: EchoFactory) -> Counters:
     this costs a little per open connection: it is for scrapes and reports,
     not for the echo path.
     """
-    openBytes = sum(p.bytesEchoed for p in list(factory.protocols))
     return Counters(
         openByListener=dict(factory.openByListener),
         totalByListener=dict(factory.totalByListener),
         refusals=dict(factory.refusals),
-        bytesEchoed=factory.bytesEchoedTotal + openBytes,
+        bytesEchoed=factory.echoedBytes(),
+        bytesDiscarded=factory.discardedBytes(),
         durationCounts=tuple(factory.durationCounts),
         durationSum=factory.durationSum,
     )

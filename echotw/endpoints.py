@@ -14,6 +14,8 @@ from typing import NamedTuple
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
+from echotw.systemd import inheritedSockets
+
 DEFAULT_BACKLOG = socket.SOMAXCONN
 """Twisted's own default (50) drops SYNs in a burst of connections."""
 
@@ -113,28 +115,59 @@ def checkDescription(description: str) -> None:
     """
     Parse an endpoint string without touching the network.
 
-    @raise ValueError: if Twisted cannot parse it, or its port is out of range.
+    @raise ValueError: if Twisted cannot parse it, its port is out of
+        range, or it names an inherited socket this process does not have.
     """
     parts = splitDescription(description)
     kind = parts[0]
+    inner = parts[1:] if kind == "haproxy" else parts
+    if inner and inner[0] == "systemd":
+        systemdSocket(":".join(inner))
+        return
     try:
         serverFromString(MemoryReactor(), description)
     except ModuleNotFoundError as e:
         raise ValueError(
             f"needs the {e.name} module" + (" (pip install 'echotw[tls]')" if kind == "ssl" else "")
         ) from None
-    except IndexError:
-        raise ValueError(
-            "no inherited socket at that index (not started by systemd socket activation, or without LISTEN_FDNAMES?)"
-        ) from None
     except Exception as e:
         raise ValueError(str(e) or type(e).__name__) from None
-    if kind == "haproxy":
-        parts = parts[1:]
-        kind = parts[0] if parts else ""
-    if kind in ("tcp", "tcp6", "ssl") and len(parts) > 1 and "=" not in parts[1]:
-        if not 0 <= int(parts[1]) <= 65535:
-            raise ValueError(f"port {parts[1]} is out of range 0-65535")
+    kind = inner[0] if inner else ""
+    if kind in ("tcp", "tcp6", "ssl") and len(inner) > 1 and "=" not in inner[1]:
+        if not 0 <= int(inner[1]) <= 65535:
+            raise ValueError(f"port {inner[1]} is out of range 0-65535")
+
+
+FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+
+
+def systemdSocket(description: str) -> tuple[int, int]:
+    """
+    The inherited socket a C{systemd:domain=INET:index=0} (or
+    C{...:name=NAME}) string names, as C{(descriptor, address family)}.
+    Unlike Twisted's own parser this works without C{LISTEN_FDNAMES}
+    (see L{echotw.systemd}).
+
+    @raise ValueError: for a malformed string or a socket not inherited.
+    """
+    options: dict[str, str] = {}
+    for part in splitDescription(description)[1:]:
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("domain", "index", "name") or key in options:
+            raise ValueError(f"unexpected {part!r} (use domain=, and index= or name=)")
+        options[key] = unescape(value)
+    domain = options.get("domain", "")
+    if domain not in FAMILIES:
+        raise ValueError(f"domain must be one of {', '.join(FAMILIES)}, not {domain!r}")
+    if ("index" in options) == ("name" in options):
+        raise ValueError("give exactly one of index= and name=")
+    inherited = inheritedSockets()
+    if "name" in options:
+        return inherited.byName(options["name"]), FAMILIES[domain]
+    index = options["index"]
+    if not index.isdigit():
+        raise ValueError(f"index {index!r} is not a number")
+    return inherited.byIndex(int(index)), FAMILIES[domain]
 
 
 class UDPListener(NamedTuple):

@@ -17,10 +17,16 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import describeAddress, sourceKey
+from echotw.addresses import describeAddress, formatAddress, sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
-from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets, defaultClock
+from echotw.ratelimit import (
+    LogThrottle,
+    PerSecondBudget,
+    TokenBuckets,
+    defaultClock,
+    unloggedNote,
+)
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
@@ -54,10 +60,16 @@ class EchoFactory(ServerFactory):
     the limits and counters stay shared.
 
     @ivar openConnections: connections currently open.
+    @ivar pendingConnections: connections accepted but not verified yet
+        (PROXY listeners waiting for the header), which count against
+        C{maxConnections} too.
     @ivar perSource: open connections by source key (see L{sourceKey}).
     @ivar connectionsTotal: connections accepted since start.
     @ivar refusals: refused connections since start, by reason.
-    @ivar bytesEchoedTotal: bytes echoed by connections that have closed.
+    @ivar bytesEchoedTotal: bytes echoed (handed to the kernel) by
+        connections that have closed.
+    @ivar bytesDiscardedTotal: bytes received and not echoed by connections
+        that have closed, because the server was closing them.
     @ivar protocols: the open connections' protocols.
     @ivar openByListener: open connections per listener name.
     @ivar totalByListener: accepted connections per listener name.
@@ -65,8 +77,8 @@ class EchoFactory(ServerFactory):
         (one more for longer ones); with C{durationSum}, a histogram that
         metrics can read without costing anything per connection.
     @ivar serverCount: where several processes serve one server, their
-        shared count: told of each change to C{openConnections}, and what
-        C{maxConnections} is checked against.
+        shared count: told of each change to this process's open and
+        pending connections, and what C{maxConnections} is checked against.
     """
 
     protocol = EchoProtocol  # type: ignore[assignment]
@@ -99,16 +111,33 @@ class EchoFactory(ServerFactory):
         self.refusalLog = LogThrottle(1.0, self.clock)
         self.connectionLog = PerSecondBudget(logConnections, self.clock)
         self.openConnections = 0
+        self.pendingConnections = 0
         self.perSource: dict[str, int] = {}
         self.connectionsTotal = 0
         self.refusals: dict[str, int] = {}
         self.bytesEchoedTotal = 0
+        self.bytesDiscardedTotal = 0
         self.protocols: set[EchoProtocol] = set()
         self.openByListener: dict[str, int] = {}
         self.totalByListener: dict[str, int] = {}
         self.durationCounts = [0] * (len(DURATION_BUCKETS) + 1)
         self.durationSum = 0.0
         self.serverCount = serverCount
+
+    def echoedBytes(self) -> int:
+        """
+        Bytes echoed so far, closed and open connections together: handed to
+        the kernel, not merely received.
+        """
+        open_ = sum(p.bytesEchoed - p.pendingBytes() for p in list(self.protocols))
+        return self.bytesEchoedTotal + open_
+
+    def discardedBytes(self) -> int:
+        """
+        Bytes received and not echoed because the server was closing their
+        connection, closed and open connections together.
+        """
+        return self.bytesDiscardedTotal + sum(p.bytesDiscarded for p in list(self.protocols))
 
     def forListener(self, listener: str) -> ListenerFactory:
         """
@@ -145,9 +174,7 @@ class EchoFactory(ServerFactory):
             if not rate.allow(source):
                 reason = "rate"
         if reason is None and self.maxConnections:
-            shared = self.serverCount
-            opened = self.openConnections if shared is None else shared.total()
-            if opened >= self.maxConnections:
+            if self.inUse() >= self.maxConnections:
                 reason = "max-connections"
         if reason is None and self.maxPerSource and source is not None:
             if self.perSource.get(source, 0) >= self.maxPerSource:
@@ -192,17 +219,62 @@ class EchoFactory(ServerFactory):
                 reason = refusalReason(verifier(addr, listener), "verifier")
             except Exception:
                 host, port = describeAddress(addr)
-                self._log.failure(
-                    "Verifier {verifier!r} failed for {client_host}:{client_port}",
-                    verifier=verifier,
-                    client_host=host,
-                    client_port=port,
-                    listener=listener,
-                )
+                # A verifier that fails for every connection must not write
+                # a traceback for each: one per source a second.
+                held = self.refusalLog.admit(("verifier error", host))
+                if held is not None:
+                    self._log.failure(
+                        "Verifier {verifier!r} failed for {client}"
+                        + unloggedNote(held, "failures for this source"),
+                        verifier=verifier,
+                        client=formatAddress(addr),
+                        client_host=host,
+                        client_port=port,
+                        listener=listener,
+                        unlogged=held,
+                    )
                 return "verifier error"
             if reason is not None:
                 return reason
         return None
+
+    def holdPending(self, addr: IAddress, listener: str) -> bool:
+        """
+        Count a connection that is not verified yet (a PROXY listener's,
+        waiting for its header) against C{--max-connections}, or refuse it.
+        """
+        if self.maxConnections and self.inUse() >= self.maxConnections:
+            self.refuse(addr, listener, "max-connections")
+            return False
+        self.pendingConnections += 1
+        self._publish()
+        return True
+
+    def releasePending(self) -> None:
+        """
+        A connection counted by L{holdPending} is verified now, or gone.
+        """
+        self.pendingConnections -= 1
+        self._publish()
+
+    def inUse(self) -> int:
+        """
+        Connections that count against C{maxConnections}, open and pending:
+        over the whole server where a C{serverCount} is shared.
+        """
+        if self.serverCount is None:
+            return self.openConnections + self.pendingConnections
+        return self.serverCount.total()
+
+    def _publish(self) -> None:
+        if self.serverCount is not None:
+            self.serverCount.publish(self.openConnections + self.pendingConnections)
+
+    def countRefusal(self, reason: str) -> None:
+        """
+        Count a connection refused for C{reason} (logged by the caller).
+        """
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     def refuse(self, addr: IAddress, listener: str, reason: str, source: str | None = None) -> None:
         """
@@ -210,15 +282,15 @@ class EchoFactory(ServerFactory):
         a second (a flood must not flood the log), with the count of those
         not logged.
         """
-        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        self.countRefusal(reason)
         host, port = describeAddress(addr)
         held = self.refusalLog.admit(source or host)
         if held is None:
             return
         self._log.info(
-            "Refused connection from {client_host}:{client_port} on {listener}: {reason}"
-            " ({unlogged} more from this source not logged)",
+            "Refused connection from {client} on {listener}: {reason}" + unloggedNote(held),
             event="refused",
+            client=formatAddress(addr),
             client_host=host,
             client_port=port,
             listener=listener,
@@ -231,8 +303,7 @@ class EchoFactory(ServerFactory):
         Count a connection whose protocol has just been connected.
         """
         self.openConnections += 1
-        if self.serverCount is not None:
-            self.serverCount.publish(self.openConnections)
+        self._publish()
         self.connectionsTotal += 1
         self.protocols.add(p)
         listener = p.listener
@@ -261,8 +332,9 @@ class EchoFactory(ServerFactory):
         host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.levelWithName(level),
-            "Connection from {client_host}:{client_port} on {listener}",
+            "Connection from {client} on {listener}",
             event="connected",
+            client=formatAddress(p.peer),
             client_host=host,
             client_port=port,
             listener=p.listener,
@@ -276,8 +348,7 @@ class EchoFactory(ServerFactory):
             return
         self.protocols.discard(p)
         self.openConnections -= 1
-        if self.serverCount is not None:
-            self.serverCount.publish(self.openConnections)
+        self._publish()
         self.openByListener[p.listener] -= 1
         source = p.source
         if source is not None:
@@ -286,7 +357,9 @@ class EchoFactory(ServerFactory):
                 self.perSource[source] = left
             else:
                 del self.perSource[source]
-        self.bytesEchoedTotal += p.bytesEchoed
+        sent = p.bytesEchoed - p.bytesUnsent
+        self.bytesEchoedTotal += sent
+        self.bytesDiscardedTotal += p.bytesDiscarded
         reason = p.closeReason or closeReason(why)
         duration = monotonic() - p.startedAt
         self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
@@ -296,13 +369,16 @@ class EchoFactory(ServerFactory):
         host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.debug if p.healthCheck else LogLevel.info,
-            "Connection from {client_host}:{client_port} on {listener} closed "
+            "Connection from {client} on {listener} closed "
             "({reason}) after {bytes} bytes in {duration}s",
             event="closed",
+            client=formatAddress(p.peer),
             client_host=host,
             client_port=port,
             listener=p.listener,
-            bytes=p.bytesEchoed,
+            bytes=sent,
+            unsent=p.bytesUnsent,
+            discarded=p.bytesDiscarded,
             duration=round(duration, 6),
             reason=reason,
         )
@@ -363,3 +439,9 @@ class ListenerFactory(Factory):
 
     def buildHealthCheckProtocol(self, addr: IAddress) -> EchoProtocol:
         return self.echo.buildHealthCheckProtocol(addr, self.listener, not self.noDelayOnListener)
+
+    def holdPending(self, addr: IAddress) -> bool:
+        return self.echo.holdPending(addr, self.listener)
+
+    def releasePending(self) -> None:
+        self.echo.releasePending()

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import (
     IReactorCore,
-    IReactorFromThreads,
     IReactorProcess,
     IReactorSocket,
     IReactorTCP,
+    IReactorThreads,
     IReactorTime,
     IReactorUDP,
 )
@@ -24,7 +24,7 @@ class IServerReactor(
     IReactorUDP,
     IReactorSocket,
     IReactorProcess,
-    IReactorFromThreads,
+    IReactorThreads,
 ):
     """
     A reactor that can run a whole echo server: Twisted's epoll, asyncio

@@ -7,17 +7,20 @@ once or exit with one line, log the address actually bound.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IListeningPort,
     IProtocolFactory,
     IReactorSocket,
+    IReactorTime,
     IStreamServerEndpoint,
 )
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, LogEvent, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -27,6 +30,7 @@ except ImportError:  # no Unix sockets on this platform
     UNIXPort = None  # type: ignore[assignment,misc]
 
 from echotw.addresses import describeAddress, formatAddress
+from echotw.ratelimit import LogThrottle, unloggedNote
 
 
 class ListenFailed(SystemExit):
@@ -74,14 +78,146 @@ def logListening(log: Logger, listener: str, address: Any, **more: Any) -> None:
     )
 
 
+def acceptPending(port: Any, most: int = 4096) -> None:
+    """
+    Accept the connections waiting in C{port}'s backlog (up to C{most}).
+
+    The kernel completes a client's handshake before the server accepts it,
+    so the client may already be sending; closing a listening socket resets
+    every connection still in its backlog, and with it whatever the client
+    sent.  Accepted now, they are drained like any other connection.  Only
+    Twisted's own TCP and Unix ports are known to take this (their accept
+    loop stops at the first empty C{accept}).
+    """
+    if not isinstance(port, tcp.Port) or not port.connected:
+        return
+    port.numberAccepts = max(port.numberAccepts, most)
+    port.doRead()
+
+
 def stopListening(port: IListeningPort | None) -> Deferred[None]:
     """
-    Stop a listener's port, if it has one; fires when it has stopped.
+    Stop a listener's port, if it has one, after accepting what waits in its
+    backlog (L{acceptPending}); fires when it has stopped.
     """
     if port is None:
         return succeed(None)
+    acceptPending(port)
     stopped: Deferred[None] = maybeDeferred(port.stopListening)  # type: ignore[call-overload]
     return stopped
+
+
+ACCEPT_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+"""Seconds a port stops accepting after each consecutive failed accept."""
+
+
+@implementer(ILogObserver)
+class AcceptErrors:
+    """
+    What a listening port logs when C{accept} fails, mostly for lack of
+    file descriptors, made fit for a flood: counted, logged through the
+    per-source throttle, and never a busy loop.
+
+    Twisted's TCP and Unix ports survive C{EMFILE} on their own: they free a
+    reserved descriptor, accept and close the waiting connections, and take
+    the reserve back.  But they log three lines per connection closed that
+    way, counted nowhere; and when the reserve cannot be taken back they log
+    "Could not accept" and return with the connection still waiting, so the
+    reactor finds the port readable again at once: 100% CPU and a line each
+    time.  Installed as the port's logger (L{watchAcceptErrors}), this
+    counts each connection closed as a refusal (C{reason}), logs it at most
+    once a second per listener with the count held back, and makes a port
+    that could not accept stop reading for a short, growing while.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        port: Any,
+        listener: str,
+        clock: IReactorTime,
+        throttle: LogThrottle,
+        countRefusal: Callable[[str], None],
+    ) -> None:
+        self.port = port
+        self.listener = listener
+        self.clock = clock
+        self.throttle = throttle
+        self.countRefusal = countRefusal
+        self.failures = 0
+        self._resume: IDelayedCall | None = None
+
+    def __call__(self, event: LogEvent) -> None:
+        fmt = event.get("log_format") or ""
+        if fmt.startswith("EMFILE recovery"):
+            self.countRefusal("no file descriptors")
+            self._logRefusal(str(event.get("address", "")), "no file descriptors")
+        elif fmt.startswith("Could not accept"):
+            self._backOff(str(event.get("acceptError", "")))
+        elif fmt.startswith("EMFILE encountered") or fmt.startswith("Re-reserving"):
+            pass
+        else:
+            globalLogPublisher(event)
+
+    def _logRefusal(self, address: str, reason: str) -> None:
+        held = self.throttle.admit(("accept", self.listener))
+        if held is None:
+            return
+        self._log.warn(
+            "Closed a new connection on {listener} at once: {reason}"
+            + unloggedNote(held, "on this listener"),
+            event="accept-refused",
+            listener=self.listener,
+            reason=reason,
+            address=address,
+            unlogged=held,
+        )
+
+    def _backOff(self, error: str) -> None:
+        if self._resume is not None and self._resume.active():
+            return
+        delay = ACCEPT_BACKOFF[min(self.failures, len(ACCEPT_BACKOFF) - 1)]
+        self.failures += 1
+        self._logRefusal("", f"cannot accept ({error}), pausing {delay}s")
+        self.port.stopReading()
+        self._resume = self.clock.callLater(delay, self._resumeAccepting)
+
+    def _resumeAccepting(self) -> None:
+        self._resume = None
+        if getattr(self.port, "connected", False):
+            self.port.startReading()
+            # A quiet second after this resets the back-off.
+            self.clock.callLater(1.0, self._settled, self.failures)
+
+    def _settled(self, failures: int) -> None:
+        if self.failures == failures:
+            self.failures = 0
+
+    def stop(self) -> None:
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.active():
+            resume.cancel()
+
+
+def watchAcceptErrors(
+    port: Any,
+    listener: str,
+    clock: IReactorTime,
+    throttle: LogThrottle,
+    countRefusal: Callable[[str], None],
+) -> AcceptErrors | None:
+    """
+    Route C{port}'s accept-time log events through an L{AcceptErrors}, if
+    the port is one of Twisted's TCP or Unix ports (which keep that logger
+    in C{_logger}); L{None} otherwise.
+    """
+    logger = getattr(port, "_logger", None)
+    if not isinstance(logger, Logger):
+        return None
+    watcher = AcceptErrors(port, listener, clock, throttle, countRefusal)
+    port._logger = Logger(namespace=logger.namespace, observer=watcher)
+    return watcher
 
 
 if UNIXPort is not None:

@@ -20,8 +20,12 @@ Metrics (all prefixed C{echotw_}):
   - C{connections_total{listener}}: counter, TCP connections accepted;
   - C{connections_refused_total{reason}}: counter, TCP connections refused
     at accept time (access rules, limits, verifiers);
-  - C{bytes_echoed_total}: counter, bytes echoed over TCP, including what
-    open connections have echoed so far;
+  - C{bytes_echoed_total}: counter, bytes echoed over TCP (handed to the
+    kernel; bytes an aborted connection still had queued are not counted),
+    including what open connections have echoed so far;
+  - C{bytes_discarded_total}: counter, bytes received over TCP and not
+    echoed, because the server was closing the connection (a lingering
+    close reads and discards until the client closes its side);
   - C{connection_duration_seconds}: histogram of closed TCP connections'
     lifetimes, buckets L{echotw.factory.DURATION_BUCKETS};
   - C{udp_datagrams_echoed_total{listener}},
@@ -45,8 +49,8 @@ C{prometheus_client}'s own collectors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -60,19 +64,13 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
-from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web.iweb import IRequest
-from twisted.web.pages import notFound
-from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.resource import EncodingResourceWrapper, Resource
+from twisted.web.server import GzipEncoderFactory, Request, Site
 
-from echotw.addresses import describeAddress, formatAddress
 from echotw.counters import Counters, CounterSource, FactoryCounters, WorkerSummary
 from echotw.factory import DURATION_BUCKETS, EchoFactory
-from echotw.service import ListenerService
+from echotw.health import QuietSite, Root, WebService, addHealth
 from echotw.udp import UDPEchoProtocol
 
 __all__ = [
@@ -146,8 +144,13 @@ class EchoCollector:
 
         yield CounterMetricFamily(
             "echotw_bytes_echoed_total",
-            "Bytes echoed over TCP, by closed and open connections.",
+            "Bytes echoed over TCP (handed to the kernel), by closed and open connections.",
             value=counters.bytesEchoed,
+        )
+        yield CounterMetricFamily(
+            "echotw_bytes_discarded_total",
+            "Bytes received over TCP and not echoed because the server was closing the connection.",
+            value=counters.bytesDiscarded,
         )
 
         yield durationHistogram(counters)
@@ -278,45 +281,25 @@ class MetricsResource(Resource):
         return output
 
 
-class _QuietSite(Site):
+def metricsSite(registry: CollectorRegistry, ready: Callable[[], bool] | None = None) -> Site:
     """
-    A L{Site} that keeps no access log: a scrape every few seconds would
-    otherwise put a line in the server's log for each one.
+    A web site serving C{registry} at C{/metrics}, gzip-compressed for
+    scrapers that accept it, and C{/healthz} and C{/readyz} when C{ready}
+    is given (see L{echotw.health}).
     """
+    root = Root()
+    root.putChild(
+        b"metrics", EncodingResourceWrapper(MetricsResource(registry), [GzipEncoderFactory()])
+    )
+    if ready is not None:
+        addHealth(root, ready)
+    return QuietSite(root, "metrics")
 
-    noisy = False
-    displayTracebacks = False
 
-    def log(self, request: http.Request) -> None:
-        pass
-
-
-class _Root(Resource):
+class MetricsService(WebService):
     """
-    The site's root: C{/metrics}, and a plain 404 for anything else.
-    """
-
-    def getChild(self, path: bytes, request: IRequest) -> IResource:
-        return notFound()
-
-
-def metricsSite(registry: CollectorRegistry) -> Site:
-    """
-    A web site serving C{registry} at C{/metrics} (and nothing elsewhere).
-    """
-    root = _Root()
-    root.putChild(b"metrics", MetricsResource(registry))
-    return _QuietSite(root)
-
-
-class MetricsService(ListenerService):
-    """
-    Serve metrics over HTTP at C{/metrics} on one endpoint.
-
-    Like the echo listeners, it listens in C{privilegedStartService} (so a
-    port below 1024 works before twistd drops privileges), logs the address
-    actually bound, and stops the process with a one-line
-    L{echotw.service.ListenFailed} if it cannot listen.
+    Serve metrics over HTTP at C{/metrics} on one endpoint, with health and
+    readiness beside them (see L{echotw.health}).
 
     @param description: a Twisted server endpoint string, such as
         C{tcp:9100:interface=127.0.0.1}.  A malformed one raises
@@ -326,7 +309,11 @@ class MetricsService(ListenerService):
     @param udp: the UDP echo protocols whose counters are served (read at
         each scrape, see L{EchoCollector}).
     @param reactor: the reactor to listen with; the global one if L{None}.
+    @param ready: whether the server accepts connections, for C{/readyz}.
     """
+
+    what = "metrics"
+    event = "metrics-listening"
 
     def __init__(
         self,
@@ -334,29 +321,7 @@ class MetricsService(ListenerService):
         source: Source,
         udp: Sequence[UDPEchoProtocol] = (),
         reactor: IReactorCore | None = None,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as globalReactor
-
-            reactor = cast(IReactorCore, globalReactor)
         self.registry = metricsRegistry(source, udp)
-        endpoint = serverFromString(reactor, description)
-        site = metricsSite(self.registry)
-        # Site's Factory parameter is typed loosely in Twisted's stubs.
-        super().__init__(description, endpoint, site)  # type: ignore[arg-type]
-
-    def _listening(self, port: Any) -> Any:
-        if isinstance(port, Failure):
-            return super()._listening(port)
-        self.port = port
-        address = port.getHost()
-        host, portNumber = describeAddress(address)
-        self._log.info(
-            "Serving metrics on {listener} at {address}",
-            event="metrics-listening",
-            listener=self.description,
-            address=formatAddress(address),
-            host=host,
-            port=portNumber,
-        )
-        return port
+        super().__init__(description, metricsSite(self.registry, ready), reactor)

@@ -14,14 +14,17 @@ from twisted.python import usage
 from echotw.addresses import IPNetwork, parseNetwork
 from echotw.coercers import (
     NamingCoerceParameter,
-    count,
+    backlog,
+    burst,
+    connectionLimit,
+    interval,
+    linesPerSecond,
     logLevel,
-    positive,
-    positiveRate,
-    positiveSeconds,
+    perSecond,
+    positiveTimeout,
     prefixLength,
-    rate,
-    seconds,
+    sessionBytes,
+    timeout,
     workerCount,
 )
 from echotw.config import DEFAULT_PORT, EchoConfig, Limits, LogSettings, ProxySettings, UDPLimits
@@ -34,6 +37,7 @@ from echotw.endpoints import (
 )
 from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
+from echotw.version import __version__
 
 DEFAULTS = EchoConfig()
 """Each option's default is the configuration's."""
@@ -69,14 +73,14 @@ class EchoOptions(usage.Options):
             DEFAULT_BACKLOG,
             "Listen queue length for TCP listeners that do not set backlog= "
             "themselves (the kernel caps it at net.core.somaxconn).",
-            positive,
+            backlog,
         ],
         [
             "max-connections",
             None,
             DEFAULTS.limits.maxConnections,
             "Most connections open at once, over all listeners.",
-            count,
+            connectionLimit,
         ],
         [
             "max-per-ip",
@@ -84,7 +88,7 @@ class EchoOptions(usage.Options):
             DEFAULTS.limits.maxPerSource,
             "Most connections open at once from one source (an IPv4 address, "
             "or an IPv6 prefix of --ipv6-prefix bits).",
-            count,
+            connectionLimit,
         ],
         [
             "ipv6-prefix",
@@ -99,21 +103,21 @@ class EchoOptions(usage.Options):
             DEFAULTS.limits.rate,
             "New connections per second from one source (N or N/s), beyond "
             "--burst; connections over the rate are refused.",
-            rate,
+            perSecond,
         ],
         [
             "burst",
             None,
             DEFAULTS.limits.burst,
             "New connections one source may open at once before --rate applies.",
-            positiveRate,
+            burst,
         ],
         [
             "idle-timeout",
             None,
             DEFAULTS.limits.idleTimeout,
             "Abort a connection with no traffic for this long (0: never).",
-            seconds,
+            timeout,
         ],
         [
             "max-session-bytes",
@@ -121,7 +125,7 @@ class EchoOptions(usage.Options):
             DEFAULTS.limits.maxSessionBytes,
             "Close a connection once it has echoed this many bytes (the last "
             "chunk received is still echoed whole).",
-            count,
+            sessionBytes,
         ],
         [
             "max-session-seconds",
@@ -129,7 +133,7 @@ class EchoOptions(usage.Options):
             DEFAULTS.limits.maxSessionSeconds,
             "Close a connection this long after it opened, after echoing what "
             "it received (0: no limit).",
-            seconds,
+            timeout,
         ],
         [
             "verifier",
@@ -144,7 +148,15 @@ class EchoOptions(usage.Options):
             None,
             None,
             "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
-            "tcp:9100:interface=127.0.0.1 [default: off].",
+            "tcp:9100:interface=127.0.0.1, with /healthz and /readyz beside them "
+            "[default: off].",
+        ],
+        [
+            "health",
+            None,
+            None,
+            "Serve /healthz and /readyz alone on this endpoint (when --metrics "
+            "is off) [default: off].",
         ],
         [
             "log-connections",
@@ -153,14 +165,14 @@ class EchoOptions(usage.Options):
             "Log at most this many connections a second one by one (their "
             "connected and closed events); the rest are counted in a summary "
             "line, so a flood cannot flood the log (0: log every one).",
-            count,
+            linesPerSecond,
         ],
         [
             "stats-interval",
             None,
             DEFAULTS.logging.statsInterval,
             "Log a one-line summary every this many seconds (0: never).",
-            seconds,
+            interval,
         ],
         [
             "workers",
@@ -185,21 +197,21 @@ class EchoOptions(usage.Options):
             DEFAULTS.udp.rate,
             "UDP replies per second to one source (0: no limit); protects third "
             "parties from reflection and breaks echo loops.",
-            rate,
+            perSecond,
         ],
         [
             "udp-burst",
             None,
             DEFAULTS.udp.burst,
             "UDP replies one source may get at once before --udp-rate applies.",
-            positiveRate,
+            burst,
         ],
         [
             "proxy-timeout",
             None,
             DEFAULTS.proxy.timeout,
             "Seconds a haproxy: listener waits for the PROXY header before aborting.",
-            positiveSeconds,
+            positiveTimeout,
         ],
         [
             "shutdown-timeout",
@@ -207,7 +219,16 @@ class EchoOptions(usage.Options):
             DEFAULTS.shutdownTimeout,
             "On SIGTERM/SIGINT, how long open connections may take to finish "
             "before they are aborted.",
-            seconds,
+            timeout,
+        ],
+        [
+            "drain-delay",
+            None,
+            DEFAULTS.drainDelay,
+            "On SIGTERM, how long to keep accepting connections while /readyz "
+            "already answers 503, before the listeners close and the drain "
+            "begins.",
+            timeout,
         ],
     ]
 
@@ -231,6 +252,13 @@ class EchoOptions(usage.Options):
         self["trusted-proxy"] = []
         self["allow-file"] = []
         self["deny-file"] = []
+
+    def opt_version(self) -> None:
+        """Show echotw's version (and Twisted's) and exit."""
+        import twisted
+
+        print(f"echotw {__version__} (Twisted {twisted.__version__})")
+        raise SystemExit(0)
 
     def opt_port(self, value: str) -> None:
         """Listen here (repeatable). A bare number is TCP on that port; anything else is a Twisted endpoint string: tcp:, tcp6:, unix:, ssl:, systemd:, haproxy: ... [default: 8080]"""
@@ -304,6 +332,15 @@ class EchoOptions(usage.Options):
                 checkDescription(self["metrics"])
             except ValueError as e:
                 raise usage.UsageError(f"--metrics: {self['metrics']!r}: {e}") from None
+        if self["health"] is not None:
+            if self["metrics"] is not None:
+                raise usage.UsageError(
+                    "--health: /healthz and /readyz are served by --metrics already"
+                )
+            try:
+                checkDescription(self["health"])
+            except ValueError as e:
+                raise usage.UsageError(f"--health: {self['health']!r}: {e}") from None
         verifiers = []
         if self["verifier"]:
             try:
@@ -336,7 +373,9 @@ class EchoOptions(usage.Options):
                 statsInterval=self["stats-interval"],
             ),
             metrics=self["metrics"],
+            health=self["health"],
             workers=self["workers"],
             shutdownTimeout=self["shutdown-timeout"],
+            drainDelay=self["drain-delay"],
             commandLine=tuple(self.arguments),
         )

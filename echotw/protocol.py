@@ -4,6 +4,7 @@ The echo handler: one L{EchoProtocol} per connection.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import monotonic
 from typing import Protocol as TypingProtocol
 
@@ -19,13 +20,26 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotw.fastpath import canWriteDirectly, writeDirectly
+from echotw.transportstate import canHalfClose, pendingBytes
+
+LINGER_TIME = 30.0
+"""Seconds a lingering close waits, at most, for the client to close its side."""
+
+LINGER_TIMEOUT = 5.0
+"""Seconds a lingering close waits while nothing moves (no input, no output drained)."""
+
+LINGER_CHECK = 1.0
+"""Seconds between a lingering close's checks."""
 
 
 class ConnectionTracker(TypingProtocol):
     """
     What a connection needs from its factory: to be counted when it opens
-    and released when it closes (see L{echotw.factory.EchoFactory}).
+    and released when it closes (see L{echotw.factory.EchoFactory}), and a
+    clock for its own deadlines.
     """
+
+    clock: IReactorTime
 
     def connectionOpened(self, connection: EchoProtocol) -> None: ...
 
@@ -42,12 +56,15 @@ class Connection(TypingProtocol):
     peer: IAddress | None
     bytesEchoed: int
     finishing: bool
+    closed: bool
 
-    def finish(self, reason: str) -> None: ...
+    def finish(self, reason: str, deadline: float | None = None) -> None: ...
 
     def abort(self, reason: str) -> None: ...
 
     def isIdle(self, now: float, timeout: float) -> bool: ...
+
+    def pendingBytes(self) -> int: ...
 
 
 @implementer(IHalfCloseableProtocol)
@@ -65,9 +82,16 @@ class EchoProtocol(Protocol):
     and its own fields are changed only through its methods.
 
     @ivar bytesEchoed: bytes received and queued to be sent back.
+    @ivar bytesDiscarded: bytes received and not echoed, because the server
+        was closing the connection (see L{finish}).
+    @ivar bytesUnsent: once closed, bytes that were queued to be sent back
+        but never handed to the kernel (the connection was aborted or reset).
     @ivar peer: the client address the connection was verified with.
     @ivar source: the key this connection counts under for per-source limits.
     @ivar closeReason: why the server ended the connection, if it did.
+    @ivar finishing: whether the connection is closing gracefully (the
+        server's L{finish}, or the client's half-close).
+    @ivar closed: whether the connection is gone.
     @ivar direct: whether echoes are sent at once (L{echotw.fastpath}).
     @ivar byteLimit: close (after echoing) once this many bytes were echoed.
     @ivar noDelay: whether to set C{TCP_NODELAY} (not needed where the
@@ -88,13 +112,17 @@ class EchoProtocol(Protocol):
     bytesEchoed = 0
     closeReason: str | None = None
     finishing = False
+    closed = False
     direct = False
     byteLimit = 0
     healthCheck = False
     logged = False
     noDelay = True
     startedAt = 0.0
+    bytesDiscarded = 0
+    bytesUnsent = 0
     _sessionTimer: IDelayedCall | None = None
+    _linger: _Linger | None = None
     _idleMark = -1
     _idleSince = 0.0
     dispatchWithoutLogContext = True
@@ -138,8 +166,11 @@ class EchoProtocol(Protocol):
         """
         Whether no byte has moved for C{timeout} seconds, as seen by periodic
         calls (the server's idle sweep) at times C{now}: a connection costs
-        no timer of its own and a read costs nothing extra.
+        no timer of its own and a read costs nothing extra.  A lingering
+        close has deadlines of its own and is never idle.
         """
+        if self._linger is not None:
+            return False
         echoed = self.bytesEchoed
         if echoed != self._idleMark:
             self._idleMark = echoed
@@ -177,32 +208,101 @@ class EchoProtocol(Protocol):
     def readConnectionLost(self) -> None:
         """
         The client shut down its sending side: finish echoing, then close.
+        While lingering, this is the end the server was waiting for.
         """
-        self._closeAfterEchoing()
-
-    def writeConnectionLost(self) -> None:
-        """
-        Nothing can be sent any more, so there is nothing left to echo.
-        """
-        self.abort("error")
-
-    def finish(self, reason: str) -> None:
-        """
-        Close after echoing whatever is already queued.
-        """
-        if self.closeReason is None:
-            self.closeReason = reason
-        self._closeAfterEchoing()
-
-    def _closeAfterEchoing(self) -> None:
-        # A registered producer would keep loseConnection from ever finishing.
+        if self._linger is not None:
+            self._stopLingering()
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
         if self.finishing:
             return
         self.finishing = True
         transport = self.transport
         assert transport is not None
+        # A registered producer would keep loseConnection from ever finishing.
         IConsumer(transport).unregisterProducer()
         transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        """
+        The server's half-close went out (see L{finish}): everything echoed
+        is with the kernel, followed by the FIN.  Keep reading (and
+        discarding) until the client closes its side.
+        """
+
+    def pendingBytes(self) -> int:
+        """
+        Bytes accepted for the echo but not yet handed to the kernel.
+        """
+        return pendingBytes(self.transport)
+
+    def finish(self, reason: str, deadline: float | None = None) -> None:
+        """
+        Close gracefully, without ever destroying what was echoed: stop
+        echoing, send everything already queued, half-close (FIN), then read
+        and discard whatever the client still sends until it closes its side.
+
+        Closing a socket whose receive queue holds unread bytes makes the
+        kernel answer with a reset, and a reset makes the client's kernel
+        throw away echoed bytes its application has not read yet; this
+        lingering close (nginx's C{lingering_close}) avoids that.  It ends
+        when the client closes its side; when neither input arrives nor
+        output drains for L{LINGER_TIMEOUT} seconds; or at L{LINGER_TIME}
+        seconds (or C{deadline}, a clock time, if sooner), after which a
+        connection with bytes still queued is aborted.  Transports that cannot
+        half-close (TLS) are closed after the flush instead.
+        """
+        if self.closeReason is None:
+            self.closeReason = reason
+        if self.finishing or self.closed:
+            return
+        self.finishing = True
+        transport = self.transport
+        assert transport is not None
+        # Bytes from now on are not echoed: an instance attribute shadows the
+        # method, so the echo path itself carries no check for this.
+        self.dataReceived = self._discard  # type: ignore[method-assign]
+        IConsumer(transport).unregisterProducer()
+        if not canHalfClose(transport):
+            transport.loseConnection()
+            return
+        clock = self.factory.clock
+        now = clock.seconds()
+        giveUp = now + LINGER_TIME if deadline is None else min(now + LINGER_TIME, deadline)
+        self._linger = _Linger(clock, giveUp, self._lingerCheck)
+        # Reading may be paused by backpressure: resume it, to discard.
+        transport.resumeProducing()  # type: ignore[attr-defined]
+        transport.loseWriteConnection()  # type: ignore[attr-defined]
+
+    def _discard(self, data: bytes) -> None:
+        self.bytesDiscarded += len(data)
+
+    def _lingerCheck(self, now: float) -> bool:
+        """
+        Whether to keep lingering: something moved (input discarded, output
+        drained) within L{LINGER_TIMEOUT}, and the deadline has not passed.
+        """
+        linger = self._linger
+        assert linger is not None
+        progress = (self.bytesDiscarded, self.pendingBytes())
+        if progress != linger.progress:
+            linger.progress = progress
+            linger.movedAt = now
+        if now < linger.giveUp and now - linger.movedAt < LINGER_TIMEOUT:
+            return True
+        self._linger = None
+        if progress[1]:
+            self.abort(self.closeReason or "linger timeout")
+        else:
+            # Everything echoed is with the kernel; the client just never
+            # closed its side.
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        return False
+
+    def _stopLingering(self) -> None:
+        linger, self._linger = self._linger, None
+        if linger is not None:
+            linger.stop()
 
     def abort(self, reason: str) -> None:
         """
@@ -210,10 +310,37 @@ class EchoProtocol(Protocol):
         """
         if self.closeReason is None:
             self.closeReason = reason
+        self._stopLingering()
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         timer = self._sessionTimer
         if timer is not None and timer.active():
             timer.cancel()
+        self._stopLingering()
+        self.closed = True
+        self.bytesUnsent = self.pendingBytes()
         self.factory.connectionClosed(self, reason)
+
+
+class _Linger:
+    """
+    The timer of one lingering close: a check every L{LINGER_CHECK} seconds
+    while C{check(now)} says to go on.
+    """
+
+    def __init__(self, clock: IReactorTime, giveUp: float, check: Callable[[float], bool]) -> None:
+        self.clock = clock
+        self.giveUp = giveUp
+        self.check = check
+        self.movedAt = clock.seconds()
+        self.progress: tuple[int, int] = (-1, -1)
+        self._call = clock.callLater(LINGER_CHECK, self._tick)
+
+    def _tick(self) -> None:
+        if self.check(self.clock.seconds()):
+            self._call = self.clock.callLater(LINGER_CHECK, self._tick)
+
+    def stop(self) -> None:
+        if self._call.active():
+            self._call.cancel()

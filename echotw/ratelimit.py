@@ -177,6 +177,14 @@ class LogThrottle:
                 report(key, state.held, state.detail)
 
 
+def unloggedNote(held: int, whose: str = "from this source") -> str:
+    """
+    The end of a throttled log line's format: nothing on a first line, else
+    how many were held back (the event's C{unlogged} field).
+    """
+    return f" ({{unlogged}} more {whose} not logged)" if held else ""
+
+
 class _Held:
     __slots__ = ("at", "detail", "held")
 

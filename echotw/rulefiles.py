@@ -6,10 +6,23 @@ CIDR network per line, C{#} starts a comment, blank lines are ignored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 from echotw.addresses import IPNetwork, parseNetwork
 from echotw.policy import AccessRules
+
+MAX_LINE_BYTES = 1024
+"""
+The longest line a rule file may have, its line end not counted.  The
+longest useful line (an IPv6 network and a comment) is far shorter; a longer
+one is refused rather than buffered, so a file without line ends cannot grow
+memory without bound.
+"""
+
+_BYTE_ORDER_MARK = b"\xef\xbb\xbf"
 
 
 class RuleFileError(ValueError):
@@ -26,26 +39,87 @@ def readRuleFile(path: str) -> list[IPNetwork]:
     """
     The networks listed in C{path}.
 
-    @raise RuleFileError: if the file cannot be read or a line is not an
-        address or network.
+    Only a regular file (or a link to one) is read: a device such as
+    C{/dev/zero} would never end, and a FIFO would block the server until
+    some other process wrote to it.  Lines end in LF or CRLF and may be at
+    most L{MAX_LINE_BYTES} long; no more than that is held per line.
+
+    @raise RuleFileError: if the file cannot be read, is not a regular file,
+        or a line is too long, not UTF-8, or not an address or network.
+    """
+    networks = []
+    with _openRegular(path) as f:
+        for number, line in _lines(path, f):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                networks.append(parseNetwork(text))
+            except ValueError as e:
+                raise RuleFileError(path, f"{path}:{number}: {e}") from None
+    return networks
+
+
+def _openRegular(path: str) -> BinaryIO:
+    """
+    Open C{path} for reading if it is a regular file.  Opened without
+    blocking, so that a FIFO is refused instead of waited on.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RuleFileError(
-            path, f"{path}: cannot read: {getattr(e, 'strerror', None) or e}"
-        ) from None
-    networks = []
-    for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise RuleFileError(path, f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise RuleFileError(path, f"{path}: not a regular file ({_fileKind(mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _fileKind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a plain file"
+
+
+def _lines(path: str, f: BinaryIO) -> Iterator[tuple[int, str]]:
+    """
+    C{(number, text)} for each line of C{f}, its line end removed, reading
+    at most L{MAX_LINE_BYTES} and a CRLF at a time.
+    """
+    number = 0
+    while True:
+        number += 1
         try:
-            networks.append(parseNetwork(text))
-        except ValueError as e:
-            raise RuleFileError(path, f"{path}:{number}: {e}") from None
-    return networks
+            raw = f.readline(MAX_LINE_BYTES + 2)
+        except OSError as e:
+            raise RuleFileError(path, f"{path}: cannot read: {e.strerror or e}") from None
+        if not raw:
+            return
+        ended = raw.endswith(b"\n")
+        line = raw[:-1] if ended else raw
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > MAX_LINE_BYTES or (not ended and len(raw) == MAX_LINE_BYTES + 2):
+            raise RuleFileError(path, f"{path}:{number}: line longer than {MAX_LINE_BYTES} bytes")
+        if number == 1:
+            line = line.removeprefix(_BYTE_ORDER_MARK)
+        try:
+            yield number, line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RuleFileError(path, f"{path}:{number}: not UTF-8 text") from None
 
 
 class RuleSource:

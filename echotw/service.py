@@ -1,28 +1,50 @@
 """
 The service tree: one L{ListenerService} per listening endpoint under an
-L{EchoService} that drains open connections on shutdown.
+L{EchoService} that reloads rules, sweeps idle connections and drains open
+connections on shutdown.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IReactorThreads,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
+from echotw.drain import TICK, QuietCloser
 from echotw.factory import EchoFactory, ListenerFactory
-from echotw.listening import ListenFailed, listenNow, logListening, stopListening
-from echotw.protocol import Connection
+from echotw.listening import (
+    AcceptErrors,
+    ListenFailed,
+    listenNow,
+    logListening,
+    stopListening,
+    watchAcceptErrors,
+)
+from echotw.policy import AccessRules
+from echotw.protocol import LINGER_TIMEOUT
 from echotw.rulefiles import RuleFileError, RuleSource
 
 
@@ -40,6 +62,7 @@ class ListenerService(Service):
         self.factory = factory
         self.port: IListeningPort | None = None
         self._pending: Deferred[Any] | None = None
+        self._acceptErrors: AcceptErrors | None = None
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
@@ -56,8 +79,14 @@ class ListenerService(Service):
             self._log.critical("{message}", message=str(ListenFailed(self.description, port)))
             os._exit(1)
         self.port = port
-        if _noDelayOnListeningSocket(port) and isinstance(self.factory, ListenerFactory):
-            self.factory.acceptedInheritNoDelay()
+        factory = self.factory
+        if isinstance(factory, ListenerFactory):
+            if _noDelayOnListeningSocket(port):
+                factory.acceptedInheritNoDelay()
+            echo = factory.echo
+            self._acceptErrors = watchAcceptErrors(
+                port, self.description, echo.clock, echo.refusalLog, echo.countRefusal
+            )
         logListening(self._log, self.description, port.getHost())
         return port
 
@@ -68,6 +97,8 @@ class ListenerService(Service):
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        if self._acceptErrors is not None:
+            self._acceptErrors.stop()
         port, self.port = self.port, None
         return stopListening(port)
 
@@ -101,20 +132,24 @@ class EchoService(MultiService):
     nothing extra; the timeout is honoured to within one sweep.  Abort, not
     a graceful close: a peer that stopped reading would hold that open.
 
-    Rules: L{reload} (on SIGHUP) re-reads the rule files through
-    C{ruleSource}; a file that fails keeps the old rules in force, and open
-    connections that the new rules deny are closed after echoing what they
-    already received.
+    Rules: L{requestReload} (on SIGHUP) re-reads the rule files through
+    C{ruleSource}, in a thread of C{threads} if given, so a big file does
+    not stall the echo; reloads asked for while one runs are coalesced into
+    one more.  A file that fails keeps the old rules in force; open
+    connections that the new rules deny are closed gracefully once quiet
+    (L{echotw.drain.QuietCloser}), within L{RELOAD_GRACE} seconds.
 
-    Stopping it closes the listeners at once, then gives open connections up
-    to C{shutdownTimeout} seconds: each is closed, after echoing what it
-    already received, as soon as it has been quiet for one C{drainTick}; any
-    still open at the deadline is aborted (a peer that does not read would
-    otherwise hold a graceful close open for ever).
+    Stopping it (L{stopService}): readiness (L{ready}) turns false at once;
+    the listeners keep accepting for C{drainDelay} seconds (so a balancer
+    or a Kubernetes Service can stop sending new clients), then close; open
+    connections are kept echoing until each is quiet and then closed
+    gracefully; those still busy after most of C{shutdownTimeout} are closed
+    gracefully anyway, and whatever is still open at C{shutdownTimeout} is
+    aborted.  Children marked C{servesThroughDrain} (metrics, health) stop
+    last.  L{stopNow} (a second SIGTERM or SIGINT) aborts what is left.
     """
 
     _log = Logger(observer=loglevel.observer)
-    drainTick = 0.1
 
     def __init__(
         self,
@@ -124,7 +159,8 @@ class EchoService(MultiService):
         idleTimeout: float = 0,
         statsInterval: float = 0,
         ruleSource: RuleSource | None = None,
-        handleHangup: bool = False,
+        drainDelay: float = 0,
+        threads: IReactorThreads | None = None,
     ) -> None:
         super().__init__()
         self.factory = factory
@@ -133,8 +169,15 @@ class EchoService(MultiService):
         self.idleTimeout = idleTimeout
         self.statsInterval = statsInterval
         self.ruleSource = ruleSource
-        self.handleHangup = handleHangup
+        self.drainDelay = drainDelay
+        self.threads = threads
+        self.ready = False
+        self.closer = QuietCloser(clock)
         self._loops: list[LoopingCall] = []
+        self._reloading: Deferred[bool] | None = None
+        self._reloadAgain = False
+        self._delay: Deferred[None] | None = None
+        self._stoppingNow = False
 
     def startService(self) -> None:
         MultiService.startService(self)
@@ -142,12 +185,14 @@ class EchoService(MultiService):
             self._every(min(self.idleTimeout / 4, 5.0), self.sweepIdle)
         if self.statsInterval:
             self._every(self.statsInterval, self.logStats, now=False)
-        if self.handleHangup:
-            signal.signal(signal.SIGHUP, self._hangup)
+        self.ready = True
 
-    def _hangup(self, signum: int, frame: Any) -> None:
-        # Not in the middle of whatever the reactor was doing: on its next turn.
-        self.clock.callFromThread(self.reload)  # type: ignore[attr-defined]
+    def isReady(self) -> bool:
+        """
+        Whether the server accepts connections and is not shutting down
+        (C{/readyz}).
+        """
+        return self.ready
 
     def _every(self, interval: float, f: Any, now: bool = True) -> None:
         loop = LoopingCall(f)
@@ -156,12 +201,62 @@ class EchoService(MultiService):
         self._loops.append(loop)
 
     def stopService(self) -> Deferred[None]:
+        """
+        Stop as the class docstring says; fires when every connection is
+        closed and every child stopped.
+        """
+        Service.stopService(self)
+        self.ready = False
         for loop in self._loops:
             loop.stop()
         self._loops = []
-        d: Deferred[Any] = MultiService.stopService(self)
+        if self.drainDelay and not self._stoppingNow:
+            self._log.info(
+                "Shutting down: not ready any more, still accepting for {delay}s",
+                event="drain-delay",
+                delay=self.drainDelay,
+            )
+            self._delay = deferLater(self.clock, self.drainDelay)
+            d: Deferred[Any] = self._delay
+            d.addErrback(lambda f: f.trap(CancelledError))
+        else:
+            d = succeed(None)
+        d.addCallback(lambda _: self._stopChildren(lambda s: not _servesThroughDrain(s)))
         d.addCallback(lambda _: self.drain())
+        d.addCallback(lambda _: self._stopChildren(_servesThroughDrain))
         return d
+
+    def _stopChildren(self, which: Callable[[IService], bool]) -> Deferred[Any]:
+        stopping = [
+            maybeDeferred(child.stopService)
+            for child in reversed(list(self))
+            if which(child) and child.running
+        ]
+        return DeferredList(stopping)
+
+    def stopNow(self, why: str = "second signal") -> None:
+        """
+        Abort every connection now and let the shutdown finish at once.
+        """
+        if self._stoppingNow:
+            return
+        self._stoppingNow = True
+        self._log.warn(
+            "Stopping now ({why}): aborting {count} connections",
+            event="stop-now",
+            why=why,
+            count=len(self.factory.protocols),
+        )
+        delay, self._delay = self._delay, None
+        if delay is not None:
+            delay.cancel()
+        self.closer.stop()
+        for p in list(self.factory.protocols):
+            p.abort("server shutdown")
+        for child in self:
+            stopNow = getattr(child, "stopNow", None)
+            if stopNow is not None:
+                stopNow()
 
     def sweepIdle(self) -> None:
         """
@@ -184,13 +279,56 @@ class EchoService(MultiService):
             open=factory.openConnections,
             total=factory.connectionsTotal,
             refused=sum(factory.refusals.values()),
-            bytes=factory.bytesEchoedTotal + sum(p.bytesEchoed for p in factory.protocols),
+            bytes=factory.echoedBytes(),
             refusals=dict(factory.refusals),
         )
 
+    def requestReload(self) -> Deferred[bool]:
+        """
+        Reload the rule files (SIGHUP), reading them off the reactor thread;
+        a request made while a reload is running adds one more reload after
+        it, however many requests come in the meantime.  Fires with whether
+        the last reload put new rules in force.
+        """
+        if self._reloading is not None:
+            self._reloadAgain = True
+            return self._reloading
+        if self.ruleSource is None or not self.ruleSource.hasFiles:
+            self._log.info("SIGHUP: no rule files to reload", event="reload-skipped")
+            return succeed(False)
+        source = self.ruleSource
+        if self.threads is None:
+            loading: Deferred[AccessRules] = maybeDeferred(source.load)
+        else:
+            loading = deferToThreadPool(self.threads, self.threads.getThreadPool(), source.load)
+        done: Deferred[bool] = Deferred()
+        self._reloading = done
+
+        def loaded(rules: AccessRules) -> bool:
+            self.applyRules(rules)
+            return True
+
+        def failed(failure: Failure) -> bool:
+            error = failure.trap(RuleFileError) and failure.value
+            assert isinstance(error, RuleFileError)
+            self._reloadFailed(error)
+            return False
+
+        def next(result: bool) -> None:
+            self._reloading = None
+            if self._reloadAgain:
+                self._reloadAgain = False
+                self.requestReload().chainDeferred(done)
+            else:
+                done.callback(result)
+
+        loading.addCallbacks(loaded, failed).addCallback(next)
+        return done
+
     def reload(self) -> bool:
         """
-        Re-read the rule files; return whether the new rules are in force.
+        Re-read the rule files now, in the reactor thread; return whether
+        the new rules are in force.
         """
         if self.ruleSource is None or not self.ruleSource.hasFiles:
             self._log.info("SIGHUP: no rule files to reload", event="reload-skipped")
@@ -198,28 +336,39 @@ class EchoService(MultiService):
         try:
             rules = self.ruleSource.load()
         except RuleFileError as e:
-            self._log.error(
-                "Rules not reloaded, the previous ones stay in force: {error}",
-                event="reload-failed",
-                error=str(e),
-            )
+            self._reloadFailed(e)
             return False
+        self.applyRules(rules)
+        return True
+
+    def _reloadFailed(self, error: Exception) -> None:
+        self._log.error(
+            "Rules not reloaded, the previous ones stay in force: {error}",
+            event="reload-failed",
+            error=str(error),
+        )
+
+    def applyRules(self, rules: AccessRules) -> None:
+        """
+        Put C{rules} in force, and close the open connections they deny once
+        they are quiet.
+        """
         factory = self.factory
         factory.rules = rules
-        closed = 0
-        for p in list(factory.protocols):
-            if p.peer is not None and rules(p.peer, p.listener) is not None:
-                p.finish("denied by reload")
-                closed += 1
+        denied = [
+            p
+            for p in list(factory.protocols)
+            if p.peer is not None and not p.finishing and rules(p.peer, p.listener) is not None
+        ]
+        self.closer.close(denied, "denied by reload", RELOAD_GRACE)
         self._log.info(
             "Rules reloaded: {allow} allow and {deny} deny networks; "
-            "closed {closed} connections they deny",
+            "closing {closed} connections they deny",
             event="reloaded",
             allow=len(rules.allow),
             deny=len(rules.deny),
-            closed=closed,
+            closed=len(denied),
         )
-        return True
 
     def drain(self) -> Deferred[None]:
         """
@@ -228,31 +377,41 @@ class EchoService(MultiService):
         factory = self.factory
         if not factory.protocols:
             return succeed(None)
+        timeout = self.shutdownTimeout
         self._log.info(
             "Draining {count} connections for up to {timeout}s",
             event="draining",
             count=len(factory.protocols),
-            timeout=self.shutdownTimeout,
+            timeout=timeout,
         )
-        deadline = self.clock.seconds() + self.shutdownTimeout
-        seen: dict[Connection, int] = {}
+        deadline = self.clock.seconds() + timeout
+        # Busy connections are closed gracefully with time left to read
+        # what was echoed, before the deadline aborts what remains.
+        grace = timeout - min(timeout / 2, LINGER_TIMEOUT)
 
         def tick() -> None:
             if not factory.protocols:
                 loop.stop()
                 return
-            late = self.clock.seconds() >= deadline
-            for p in list(factory.protocols):
-                if late:
+            if self._stoppingNow or self.clock.seconds() >= deadline:
+                for p in list(factory.protocols):
                     p.abort("server shutdown")
-                elif p.finishing:
-                    continue
-                elif seen.get(p) == p.bytesEchoed:
-                    p.finish("server shutdown")
-                else:
-                    seen[p] = p.bytesEchoed
+                return
+            # Connections that finished a PROXY header meanwhile join too.
+            self.closer.close(factory.protocols, "server shutdown", grace, deadline)
 
         loop = LoopingCall(tick)
         loop.clock = self.clock
-        done = loop.start(self.drainTick, now=True)
+        done = loop.start(TICK, now=True)
         return done.addCallback(lambda _: None)
+
+
+RELOAD_GRACE = LINGER_TIMEOUT
+"""
+Seconds a connection denied by a reload is still echoed while it keeps
+sending, before it is closed gracefully anyway.
+"""
+
+
+def _servesThroughDrain(service: IService) -> bool:
+    return bool(getattr(service, "servesThroughDrain", False))

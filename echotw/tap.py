@@ -33,14 +33,19 @@ class Options(EchoOptions):
 def makeService(options: EchoOptions, reactor: IServerReactor | None = None) -> EchoService:
     """
     The service tree for C{options} (see L{echotw.build.makeService}).  With
-    no reactor given, echotw's own is installed unless one was chosen.
-    Workers write their log lines where the runner (C{twistd}, C{twist}:
-    the options' parent) sends its own, when they can.
+    no reactor given (twistd), echotw's own is installed unless one was
+    chosen, and the process's signals are handled.  Workers write their log
+    lines where the runner (C{twistd}, C{twist}: the options' parent) sends
+    its own, when they can.
     """
-    if reactor is None:
-        installIfUnchosen()
-        from twisted.internet import reactor as globalReactor
+    if reactor is not None:
+        return build.makeService(options.config, reactor)
+    installIfUnchosen()
+    from twisted.internet import reactor as globalReactor
 
-        reactor = cast(IServerReactor, globalReactor)
-    runner = getattr(options, "parent", None)
-    return build.makeService(options.config, reactor, workerLog=logOutputFor(runner))
+    return build.makeService(
+        options.config,
+        cast(IServerReactor, globalReactor),
+        workerLog=logOutputFor(getattr(options, "parent", None)),
+        handleSignals=True,
+    )

@@ -39,11 +39,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import ipFromText
+from echotw.addresses import formatAddress, ipFromText
 from echotw.endpoints import UDPListener
 from echotw.listening import ListenFailed, logListening, stopListening
 from echotw.policy import Verifier, refusalReason
-from echotw.ratelimit import LogThrottle, TokenBuckets, defaultClock
+from echotw.ratelimit import LogThrottle, TokenBuckets, defaultClock, unloggedNote
 
 MAX_DATAGRAM = 65535
 """
@@ -217,13 +217,19 @@ class UDPEchoProtocol(DatagramProtocol):
         try:
             return refusalReason(self.rules(address, self.listener), "denied")
         except Exception:
-            self._log.failure(
-                "Verifier {verifier!r} failed for {client_host}:{client_port}",
-                verifier=self.rules,
-                client_host=host,
-                client_port=port,
-                listener=self.listener,
-            )
+            # One traceback per source per interval, not one per datagram.
+            held = self.dropLog.admit(("verifier error", host), (host, port, "verifier error"))
+            if held is not None:
+                self._log.failure(
+                    "Verifier {verifier!r} failed for {client}"
+                    + unloggedNote(held, "failures for this source"),
+                    verifier=self.rules,
+                    client=formatAddress(address),
+                    client_host=host,
+                    client_port=port,
+                    listener=self.listener,
+                    unlogged=held,
+                )
             return "verifier error"
 
     def _drop(
@@ -240,9 +246,10 @@ class UDPEchoProtocol(DatagramProtocol):
         if suppressed is None:
             return
         self._log.info(
-            "Dropped datagram from {client_host}:{client_port} on {listener}: {detail}"
-            " (and {suppressed} unlogged from this source before it)",
+            "Dropped datagram from {client} on {listener}: {detail}" + unloggedNote(suppressed),
             event="udp-dropped",
+            client=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            unlogged=suppressed,
             client_host=host,
             client_port=port,
             listener=self.listener,

@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         reactor,
         inherited=inheritedSockets(environment),
         serverCount=serverCount(environment, index),
+        handleSignals=True,
     )
     Logger(observer=loglevel.observer).info(
         "Worker running on {reactor}", event="worker-reactor", reactor=qual(type(reactor))

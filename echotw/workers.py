@@ -326,10 +326,18 @@ class WorkerPool(Service):
             self.serverCount = SharedCount(self.countFD, self.count)
         for index in range(self.count):
             self.spawn(index)
-        signal.signal(signal.SIGHUP, self._hangup)
 
-    def _hangup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.signalAll, signal.SIGHUP)
+    def forwardHangup(self) -> None:
+        """
+        SIGHUP: each worker reloads its rules.
+        """
+        self.signalAll(signal.SIGHUP)
+
+    def stopNow(self) -> None:
+        """
+        A second SIGTERM: the workers, draining already, stop at once too.
+        """
+        self.signalAll(signal.SIGTERM)
 
     def signalAll(self, sig: int) -> None:
         for worker in list(self.workers.values()):

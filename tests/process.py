@@ -5,9 +5,11 @@ blocking-socket clients to talk to it.  Every wait here has a deadline.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,23 @@ LISTENING = re.compile(r"Listening on (?P<listener>\S+) at (?P<address>\S+)")
 START_TIMEOUT = 20.0
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+
+
+_serverDirectory: Path | None = None
+
+
+def serverDirectory() -> Path:
+    """
+    An empty directory, removed at exit, to run servers in: the current
+    directory comes first on a Python process's path, so running in a shared
+    directory such as /tmp would let any stray C{timeit.py} there shadow
+    the standard library.
+    """
+    global _serverDirectory
+    if _serverDirectory is None:
+        _serverDirectory = Path(tempfile.mkdtemp(prefix="echotw-servers-"))
+        atexit.register(shutil.rmtree, _serverDirectory, True)
+    return _serverDirectory
 
 
 def twistdCommand(*args: str, runner: str = "twistd", reactor: str = "") -> list[str]:
@@ -46,7 +65,7 @@ def run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=tempfile.gettempdir(),
+        cwd=serverDirectory(),
         stdin=subprocess.DEVNULL,
     )
 
@@ -71,7 +90,7 @@ class EchoServer:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=tempfile.gettempdir(),
+            cwd=serverDirectory(),
             env=env,
         )
         self.addresses = self._waitListening(listeners)
@@ -110,6 +129,20 @@ class EchoServer:
                 return match
             time.sleep(0.02)
         raise AssertionError(f"{pattern!r} not logged within {timeout}s:\n{self.output()}")
+
+    def waitForCount(self, text: str, count: int, timeout: float = 10.0) -> None:
+        """
+        Wait until the log holds C{text} at least C{count} times.  A plain
+        count, not a regular expression: on a long log a pattern spanning
+        lines backtracks for seconds, holding the GIL from every client
+        thread in the test.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.output().count(text) >= count:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged {count} times within {timeout}s")
 
     def rssKiB(self) -> int:
         """
@@ -239,6 +272,14 @@ class ServerTestCase(SynchronousTestCase):
     A test case whose C{start} runs an L{EchoServer} that is killed and
     cleaned up after the test, whatever happens.
     """
+
+    def temporaryDirectory(self) -> Path:
+        """
+        A new directory outside the checkout, removed after the test.
+        """
+        directory = Path(tempfile.mkdtemp(prefix="echotw-test-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
 
     def start(self, *args: str, **kw: object) -> EchoServer:
         server = EchoServer(*args, **kw)  # type: ignore[arg-type]

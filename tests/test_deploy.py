@@ -19,13 +19,10 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from unittest import SkipTest
-
-from twisted.trial.unittest import SynchronousTestCase
 
 from tests.process import (
     LOOPBACK,
@@ -143,11 +140,6 @@ class LoggedProcess:
 
 
 class DeployTestCase(ServerTestCase):
-    def temporaryDirectory(self) -> Path:
-        directory = Path(tempfile.mkdtemp(prefix="echotw-deploy-"))
-        self.addCleanup(shutil.rmtree, directory, True)
-        return directory
-
     def runProgram(self, args: list[str]) -> LoggedProcess:
         """
         Start a system program in the foreground, stopped at clean-up.
@@ -479,58 +471,158 @@ class HAProxyV2Tests(HAProxyTestsMixin):
 del HAProxyTestsMixin
 
 
-class HAProxyConfigTests(SynchronousTestCase):
-    def test_exampleConfigValid(self) -> None:
-        """HAProxy accepts contrib/haproxy.cfg."""
-        haproxy = program("haproxy")
-        result = subprocess.run(
-            [haproxy, "-c", "-f", str(CONTRIB / "haproxy.cfg")],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-        )
-        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("Configuration file is valid", result.stdout + result.stderr)
+class HAProxyExampleTests(DeployTestCase):
+    """
+    contrib/haproxy.cfg (several echotw hosts) and contrib/haproxy-local.cfg
+    (HAProxy and echotw on one host): valid, and able to start with few
+    descriptors, without privileges and without syslog.
+    """
 
-    def test_exampleConfigUsesProxyProtocol(self) -> None:
-        """Every server in the example sends PROXY headers and is checked."""
-        servers = [
-            line.split()
-            for line in (CONTRIB / "haproxy.cfg").read_text().splitlines()
-            if line.split()[:1] == ["server"]
-        ]
-        self.assertGreaterEqual(len(servers), 2)
-        for server in servers:
-            self.assertIn("send-proxy-v2", server)
-            self.assertIn("check", server)
+    examples = [CONTRIB / "haproxy.cfg", CONTRIB / "haproxy-local.cfg"]
+    # A common soft limit (ulimit -n), and a hard one HAProxy cannot raise.
+    descriptors = 1024
+
+    def setUp(self) -> None:
+        self.haproxyPath = program("haproxy")
+
+    def runLimited(self, config: str) -> LoggedProcess:
+        """
+        Run HAProxy in the foreground on C{config} with at most
+        C{descriptors} file descriptors.
+        """
+        path = self.temporaryDirectory() / "haproxy.cfg"
+        path.write_text(config)
+        limit = f"--nofile={self.descriptors}:{self.descriptors}"
+        return self.runProgram(
+            [program("prlimit"), limit, self.haproxyPath, "-db", "-f", str(path)]
+        )
+
+    def onLoopback(self, frontend: int) -> str:
+        """
+        contrib/haproxy.cfg with its frontend on loopback port C{frontend}
+        and its servers on closed loopback ports (their health checks fail
+        quietly, and nothing leaves this machine).
+        """
+        config = (CONTRIB / "haproxy.cfg").read_text()
+        config, binds = re.subn(r"(?m)^(\s+bind) :7007$", rf"\1 127.0.0.1:{frontend}", config)
+        config, binds6 = re.subn(r"(?m)^\s+bind :::7007 v6only\n", "", config)
+        config, servers = re.subn(
+            r"10\.0\.0\.\d+:7007", lambda _: f"127.0.0.1:{freePort()}", config
+        )
+        self.assertEqual((binds, binds6, servers), (1, 1, 3))
+        self.assertNotRegex(re.sub(r"#.*", "", config), r"\b10\.\d+\.\d+\.\d+")
+        if os.geteuid() != 0:
+            # Only root can switch to the haproxy user, as the file says.
+            config = re.sub(r"(?m)^\s+(user|group) haproxy\n", "", config)
+        return config
+
+    def test_examplesValid(self) -> None:
+        """HAProxy accepts both example configurations."""
+        for path in self.examples:
+            result = subprocess.run(
+                [self.haproxyPath, "-c", "-f", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+            )
+            self.assertEqual(result.returncode, 0, f"{path.name}: {result.stdout + result.stderr}")
+            self.assertIn("Configuration file is valid", result.stdout + result.stderr)
+
+    def test_examplesUseProxyProtocol(self) -> None:
+        """Every server in the examples sends PROXY headers and is checked;
+        every frontend binds an unprivileged port; logs go to stdout."""
+        for path in self.examples:
+            lines = [line.split() for line in path.read_text().splitlines()]
+            servers = [line for line in lines if line[:1] == ["server"]]
+            self.assertGreaterEqual(len(servers), 1, path.name)
+            for server in servers:
+                self.assertIn("send-proxy-v2", server)
+                self.assertIn("check", server)
+            binds = [line[1] for line in lines if line[:1] == ["bind"]]
+            self.assertTrue(binds, path.name)
+            for bind in binds:
+                self.assertGreaterEqual(int(bind.rsplit(":", 1)[1]), 1024, bind)
+            self.assertIn(["log", "stdout", "format", "raw", "local0"], lines, path.name)
+
+    def test_startsWithFewDescriptors(self) -> None:
+        """contrib/haproxy.cfg (on loopback) starts and listens with 1,024
+        descriptors: it asks for no more than it finds."""
+        frontend = freePort()
+        haproxy = self.runLimited(self.onLoopback(frontend))
+        waitUntil(
+            lambda: isListening(frontend) or haproxy.process.poll() is not None,
+            "HAProxy did not listen",
+        )
+        self.assertIsNone(haproxy.process.poll(), haproxy.output())
+        self.assertNotIn("ALERT", haproxy.output())
+
+    def test_fixedMaxconnNeedsDescriptors(self) -> None:
+        """The limit is real: the same configuration with a maxconn that
+        needs more descriptors than it may have does not start."""
+        config = self.onLoopback(freePort()).replace("global\n", "global\n    maxconn 1000000\n", 1)
+        haproxy = self.runLimited(config)
+        haproxy.process.wait(30)
+        self.assertNotEqual(haproxy.process.returncode, 0)
+        self.assertIn("Cannot raise FD limit", haproxy.output())
+
+    def test_localExampleEndToEnd(self) -> None:
+        """contrib/haproxy-local.cfg and the twistd command in its comments,
+        on free loopback ports: bytes sent to HAProxy come back, echotw logs
+        the client's own address from the PROXY header, and HAProxy logs
+        the connection on its standard output."""
+        text = (CONTRIB / "haproxy-local.cfg").read_text()
+        [command] = re.findall(r"(?m)^#\s+twistd -n --pidfile= echo (.*)$", text)
+        frontend, backend = freePort(), freePort()
+        args = command.replace(":7008:", f":{backend}:").split()
+        self.assertEqual(args, ["--port", f"haproxy:tcp:{backend}:interface=127.0.0.1"])
+        config = text
+        for documented, port in [(7007, frontend), (7008, backend)]:
+            config, count = re.subn(
+                rf"(?m)^(\s+\S+.*)127\.0\.0\.1:{documented}\b", rf"\g<1>127.0.0.1:{port}", config
+            )
+            self.assertEqual(count, 1, documented)
+        server = self.start(*args)
+        haproxy = self.runLimited(config)
+        waitUntil(
+            lambda: isListening(frontend) or haproxy.process.poll() is not None,
+            "HAProxy did not listen",
+        )
+        payload = random.Random(7007).randbytes(256 * 1024)
+        with connectFrom("127.0.0.2", frontend) as sock:
+            client = "{}:{}".format(*sock.getsockname())
+            self.assertEqual(echo(sock, payload), payload)
+        server.waitFor(
+            rf"Connection from {re.escape(client)} on \S+ closed \(client closed\) after 262144 bytes"
+        )
+        haproxy.waitFor(rf"{re.escape(client)} .*echo echotw/echo1 ")
 
 
 class SocketActivationTests(DeployTestCase):
-    def activate(self, *args: str) -> tuple[LoggedProcess, int]:
+    def activate(self, *args: str, fdname: bool = True) -> tuple[LoggedProcess, int]:
         """
         Run C{systemd-socket-activate} on a free loopback port, to start
-        C{twistd -n echo ARGS} on the first connection.
+        C{twistd -n echo ARGS} on the first connection; with C{fdname}, the
+        socket is named as systemd itself always names them
+        (C{LISTEN_FDNAMES}), else only C{LISTEN_FDS} is set, as by
+        C{systemd-socket-activate} without C{--fdname}, C{systemfd} or
+        C{watchexec --socket}.
         """
         activate = program("systemd-socket-activate")
         port = freePort()
-        # systemd itself always sets LISTEN_FDNAMES, and Twisted ignores the
-        # inherited sockets without it; systemd-socket-activate sets it only
-        # when asked to.
+        named = ["--fdname=echo"] if fdname else []
         process = self.runProgram(
-            [activate, "--listen", f"127.0.0.1:{port}", "--fdname=echo", *twistdCommand(*args)]
+            [activate, "--listen", f"127.0.0.1:{port}", *named, *twistdCommand(*args)]
         )
         process.waitFor(rf"Listening on 127\.0\.0\.1:{port} as \d+\.")
         return process, port
 
-    def test_inheritedSocket(self) -> None:
-        """twistd started by socket activation echoes on the inherited socket
-        (the first connection included) and logs its listener."""
-        process, port = self.activate("--port", "systemd:domain=INET:index=0")
+    def checkInheritedSocket(self, listener: str, fdname: bool) -> None:
+        process, port = self.activate("--port", listener, fdname=fdname)
         payload = random.Random(5).randbytes(2 * 1024 * 1024)
         with connect(port) as first:
             self.assertEqual(echo(first, payload), payload)
-        process.waitFor(rf"Listening on systemd:domain=INET:index=0 at 127\.0\.0\.1:{port}\n")
+        process.waitFor(rf"Listening on {re.escape(listener)} at 127\.0\.0\.1:{port}\n")
         with connect(port) as second:
             self.assertEqual(echo(second, b"again"), b"again")
         process.waitFor(r"closed \(client closed\) after 5 bytes")
@@ -538,27 +630,55 @@ class SocketActivationTests(DeployTestCase):
         self.assertIn("Server Shut Down", process.output())
         self.assertNotIn("Traceback", process.output())
 
-    def test_noInheritedSocket(self) -> None:
-        """Without the socket names that systemd passes, the systemd: listener
-        is a one-line start-up error, not a traceback."""
+    def test_inheritedSocket(self) -> None:
+        """twistd started by socket activation echoes on the inherited socket
+        (the first connection included) and logs its listener."""
+        self.checkInheritedSocket("systemd:domain=INET:index=0", fdname=True)
+
+    def test_inheritedSocketByName(self) -> None:
+        """A named inherited socket is found by its name."""
+        self.checkInheritedSocket("systemd:domain=INET:name=echo", fdname=True)
+
+    def test_inheritedSocketWithoutNames(self) -> None:
+        """Without LISTEN_FDNAMES (only LISTEN_FDS, which Twisted's own
+        systemd: endpoint ignores) the socket is still found by index."""
+        self.checkInheritedSocket("systemd:domain=INET:index=0", fdname=False)
+
+    def checkNotInherited(self, listener: str, fdname: bool, error: str) -> None:
         activate = program("systemd-socket-activate")
         port = freePort()
+        named = ["--fdname=echo"] if fdname else []
         process = self.runProgram(
             [
                 activate,
                 "--listen",
                 f"127.0.0.1:{port}",
-                *twistdCommand("--port", "systemd:domain=INET:index=0"),
+                *named,
+                *twistdCommand("--port", listener),
             ]
         )
         process.waitFor(rf"Listening on 127\.0\.0\.1:{port} as \d+\.")
         with connect(port) as sock:
             self.assertTrue(isClosedByServer(sock, timeout=20))
         process.process.wait(20)
-        self.assertNotEqual(process.process.returncode, 0)
+        self.assertEqual(process.process.returncode, 1)
         output = process.output()
         self.assertNotIn("Traceback", output)
-        self.assertRegex(output, r"error: --port: 'systemd:domain=INET:index=0'")
+        self.assertRegex(output, rf"error: --port: '{re.escape(listener)}': {error}")
+
+    def test_noInheritedSocket(self) -> None:
+        """An index or a name that was not inherited is a one-line start-up
+        error naming the listener, not a traceback."""
+        self.checkNotInherited(
+            "systemd:domain=INET:index=1", False, r"no inherited socket at index 1"
+        )
+
+    def test_nameNeedsNames(self) -> None:
+        """Without LISTEN_FDNAMES every socket is unnamed (systemd's
+        "unknown"), so a name= listener is a one-line start-up error."""
+        self.checkNotInherited(
+            "systemd:domain=INET:name=echo", False, r"no inherited socket named 'echo'"
+        )
 
 
 class SystemdUnitTests(DeployTestCase):

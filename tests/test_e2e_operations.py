@@ -47,7 +47,7 @@ class OperationsEndToEndTests(ServerTestCase):
 
         deny.write_text("127.0.0.0/8\n")
         os.kill(server.pid, signal.SIGHUP)
-        server.waitFor(r"Rules reloaded: 0 allow and 1 deny networks; closed 1 connections")
+        server.waitFor(r"Rules reloaded: 0 allow and 1 deny networks; closing 1 connections")
         self.assertTrue(isClosedByServer(held))
         held.close()
         self.assertFalse(self.served(server))
@@ -183,7 +183,9 @@ class OperationsEndToEndTests(ServerTestCase):
         self.assertEqual(echo_once(first, b"one"), b"one")
         with connect(v6) as second:
             self.assertTrue(isClosedByServer(second))
-        server.waitFor(r"Refused connection from ::ffff:127\.0\.0\.1:\d+ on tcp6:0\S*: max-per-ip")
+        server.waitFor(
+            r"Refused connection from \[::ffff:127\.0\.0\.1\]:\d+ on tcp6:0\S*: max-per-ip"
+        )
         first.close()
 
     def test_metricsScrape(self) -> None:
@@ -221,7 +223,7 @@ class OperationsEndToEndTests(ServerTestCase):
 
     def test_statsLine(self) -> None:
         """--stats-interval logs a summary line periodically."""
-        server = self.start("--port", LOOPBACK, "--stats-interval", "0.5", "--deny", "127.0.0.2")
+        server = self.start("--port", LOOPBACK, "--stats-interval", "1", "--deny", "127.0.0.2")
         self.assertTrue(self.served(server))
         self.assertTrue(refusedFrom(server.port, "127.0.0.2"))
         server.waitFor(r"Stats: 0 open, 1 accepted, 1 refused, 4 bytes echoed")

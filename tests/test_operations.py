@@ -271,8 +271,9 @@ class ReloadTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.deny = writeFile("")
         self.source = RuleSource(denyFiles=[self.deny])
-        self.factory = EchoFactory(rules=self.source.load(), clock=Clock())
-        self.service = EchoService(self.factory, Clock(), 1.0, ruleSource=self.source)
+        self.clock = Clock()
+        self.factory = EchoFactory(rules=self.source.load(), clock=self.clock)
+        self.service = EchoService(self.factory, self.clock, 1.0, ruleSource=self.source)
 
     def test_reloadDeniesAndClosesOpenConnection(self) -> None:
         """After a reload that denies an open connection's address, it is
@@ -283,6 +284,8 @@ class ReloadTests(SynchronousTestCase):
             f.write("10.6.0.0/16\n")
         with capturedLogs() as events:
             self.assertTrue(self.service.reload())
+        self.assertFalse(victimT.disconnecting)
+        self.clock.advance(0.1)  # quiet for a tick: closed
         self.assertTrue(victimT.disconnecting)
         self.assertEqual(victim.closeReason, "denied by reload")
         self.assertFalse(otherT.disconnecting)

@@ -110,14 +110,16 @@ class EchoProtocolTests(SynchronousTestCase):
         self.assertEqual(p.closeReason, "server shutdown")
         self.assertTrue(t.disconnecting)
 
-    def test_writeConnectionLostAborts(self) -> None:
-        """If nothing can be sent any more, the connection is aborted."""
+    def test_writeConnectionLostKeepsReading(self) -> None:
+        """The server's own half-close going out (a lingering close) leaves
+        the connection open, to read until the client's EOF."""
         p, t = connect(EchoFactory())
         aborted = []
         t.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
         p.writeConnectionLost()
-        self.assertEqual(aborted, [True])
-        self.assertEqual(p.closeReason, "error")
+        self.assertEqual(aborted, [])
+        self.assertFalse(t.disconnecting)
+        self.assertIsNone(p.closeReason)
 
 
 class EchoFactoryTests(SynchronousTestCase):

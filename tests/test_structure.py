@@ -14,6 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import echotw
 import echotw.proxyprotocol
+import echotw.proxyprotocol.endpoint
+import echotw.proxyprotocol.factory
 import echotw.proxyprotocol.parser
 import echotw.proxyprotocol.wrapper
 from echotw.config import EchoConfig, Limits
@@ -135,7 +137,12 @@ class ExportTests(SynchronousTestCase):
         for name in package.__all__:
             origins = [
                 module
-                for module in (echotw.proxyprotocol.parser, echotw.proxyprotocol.wrapper)
+                for module in (
+                    echotw.proxyprotocol.parser,
+                    echotw.proxyprotocol.wrapper,
+                    echotw.proxyprotocol.endpoint,
+                    echotw.proxyprotocol.factory,
+                )
                 if hasattr(module, name)
             ]
             self.assertTrue(origins, name)

@@ -155,29 +155,23 @@ class EchoPortTests(SynchronousTestCase):
         port.doRead()
         self.assertEqual(port.numberAccepts, 1)
 
+    def adopt(self, family: int, address: Any) -> Any:
+        """Listen on a new socket of C{family} at C{address} and adopt it."""
+        with socket.socket(family) as sock:
+            sock.bind(address)
+            sock.listen()
+            sock.setblocking(False)
+            port = self.reactor.adoptStreamPort(sock.fileno(), family, RecordingFactory())
+        self.addCleanup(port.stopListening)
+        return port
+
     def test_adoptedSockets(self) -> None:
         """Adopted TCP sockets listen with an EchoPort, Unix ones as Twisted does."""
-        with socket.socket() as tcpSocket:
-            tcpSocket.bind(("127.0.0.1", 0))
-            tcpSocket.listen()
-            tcpSocket.setblocking(False)
-            port = self.reactor.adoptStreamPort(
-                tcpSocket.fileno(), socket.AF_INET, RecordingFactory()
-            )
-            self.addCleanup(port.stopListening)
-            self.assertIsInstance(port, EchoPort)
+        self.assertIsInstance(self.adopt(socket.AF_INET, ("127.0.0.1", 0)), EchoPort)
         directory = tempfile.mkdtemp(prefix="echotw-tcpport-")
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         path = os.path.join(directory, "echo.sock")
-        with socket.socket(socket.AF_UNIX) as unixSocket:
-            unixSocket.bind(path)
-            unixSocket.listen()
-            unixSocket.setblocking(False)
-            port = self.reactor.adoptStreamPort(
-                unixSocket.fileno(), socket.AF_UNIX, RecordingFactory()
-            )
-            self.addCleanup(port.stopListening)
-            self.assertNotIsInstance(port, EchoPort)
+        self.assertNotIsInstance(self.adopt(socket.AF_UNIX, path), EchoPort)
 
 
 class EchoServerTests(SynchronousTestCase):

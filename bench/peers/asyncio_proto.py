@@ -21,10 +21,12 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, reuse_port: bool = False) -> None:
     """Serve until killed (the harness stops us with SIGTERM)."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Echo, "127.0.0.1", port, backlog=1024)
+    server = await loop.create_server(
+        Echo, "127.0.0.1", port, backlog=1024, reuse_port=reuse_port or None
+    )
     async with server:
         await server.serve_forever()
 

@@ -36,11 +36,15 @@ C{--trusted-proxy}, and each refusal's log line says which address was not
 trusted.  Peers without an IP address (a PROXY listener on a Unix socket) are
 trusted: as for the access rules, file permissions decide who reaches them.
 
-The package has two modules, importing one way: L{parser} (pure header
-parsing) and L{wrapper} (the Twisted protocol, factory and endpoint, which
-use the parser).  The names below are re-exported here.
+The package's modules import one way: L{parser} (pure header parsing),
+L{wrapper} (the Twisted protocol, which uses the parser), L{factory} (which
+builds it for trusted balancers) and L{endpoint} (which puts the factory in
+front of any listening endpoint).
+The names below are re-exported here.
 """
 
+from echotw.proxyprotocol.endpoint import ProxyProtocolEndpoint
+from echotw.proxyprotocol.factory import DEFAULT_TRUSTED_PROXIES, ProxyProtocolFactory
 from echotw.proxyprotocol.parser import (
     MAX_V1_HEADER_SIZE,
     MAX_V2_HEADER_SIZE,
@@ -49,13 +53,7 @@ from echotw.proxyprotocol.parser import (
     ProxyHeader,
     ProxyHeaderParser,
 )
-from echotw.proxyprotocol.wrapper import (
-    DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_TRUSTED_PROXIES,
-    ProxyProtocolEndpoint,
-    ProxyProtocolFactory,
-    ProxyProtocolWrapper,
-)
+from echotw.proxyprotocol.wrapper import DEFAULT_HEADER_TIMEOUT, ProxyProtocolWrapper
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",

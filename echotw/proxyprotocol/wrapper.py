@@ -1,44 +1,33 @@
 """
 Twisted's side of the PROXY protocol: a protocol that reads the header
 (with L{echotw.proxyprotocol.parser}) before handing the connection to the
-protocol the wrapped factory builds for the client, the factory that refuses
-untrusted balancers, and an endpoint that puts both in front of any
-listening endpoint.  The package docstring says why and in what order.
+protocol the wrapped factory builds for the client.  The package docstring
+says why and in what order.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Iterable
 from enum import Enum
+from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
-    IListeningPort,
-    ILoggingContext,
     IProtocol,
     IProtocolFactory,
     IReactorTime,
-    IStreamServerEndpoint,
     ITransport,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotw import loglevel
-from echotw.addresses import IPNetwork, NetworkSet, clientIP, describeAddress
+from echotw.addresses import describeAddress, formatAddress
 from echotw.proxyprotocol.parser import MalformedProxyHeader, ProxyHeader, ProxyHeaderParser
-
-DEFAULT_TRUSTED_PROXIES: tuple[IPNetwork, ...] = (
-    ipaddress.ip_network("127.0.0.0/8"),
-    ipaddress.ip_network("::1/128"),
-)
-"""The balancers trusted when none are configured: this host only."""
+from echotw.ratelimit import LogThrottle, unloggedNote
 
 DEFAULT_HEADER_TIMEOUT = 5.0
 """
@@ -57,6 +46,25 @@ def _abort(transport: ITransport) -> None:
         transport.loseConnection()
     else:
         abortConnection()
+
+
+class HeaderPolicy(TypingProtocol):
+    """
+    What a L{ProxyProtocolWrapper} needs from the factory that made it
+    (L{echotw.proxyprotocol.factory.ProxyProtocolFactory}).
+    """
+
+    wrappedFactory: IProtocolFactory
+    timeout: float
+    clock: IReactorTime
+    listener: str
+    problemLog: LogThrottle
+
+    def logPrefix(self) -> str: ...
+
+    def reject(self, reason: str) -> None: ...
+
+    def releasePending(self) -> None: ...
 
 
 class WrapperState(Enum):
@@ -99,7 +107,7 @@ class ProxyProtocolWrapper(Protocol):
 
     _log = Logger(observer=loglevel.observer)
 
-    def __init__(self, proxyFactory: ProxyProtocolFactory) -> None:
+    def __init__(self, proxyFactory: HeaderPolicy) -> None:
         self.proxyFactory = proxyFactory
         self.parser = ProxyHeaderParser()
         self.state = WrapperState.AWAITING_HEADER
@@ -107,6 +115,7 @@ class ProxyProtocolWrapper(Protocol):
         self.header: ProxyHeader | None = None
         self.rejectedBecause: str | None = None
         self._deadline: IDelayedCall | None = None
+        self._released = False
 
     def logPrefix(self) -> str:
         return self.proxyFactory.logPrefix()
@@ -136,6 +145,7 @@ class ProxyProtocolWrapper(Protocol):
         it the connection, then the bytes that followed the header.
         """
         self._cancelDeadline()
+        self._releasePending()
         self.header = header
         transport = self.transport
         assert transport is not None
@@ -144,9 +154,10 @@ class ProxyProtocolWrapper(Protocol):
         proxyHost, proxyPort = describeAddress(balancer)
         clientHost, clientPort = describeAddress(client)
         self._log.debug(
-            "PROXY v{version} header from {proxy_host}:{proxy_port} on {listener}: "
-            "client {client_host}:{client_port}",
+            "PROXY v{version} header from {proxy} on {listener}: client {client}",
             event="proxy-header",
+            proxy=formatAddress(balancer),
+            client=formatAddress(client),
             version=header.version,
             proxy_host=proxyHost,
             proxy_port=proxyPort,
@@ -202,19 +213,25 @@ class ProxyProtocolWrapper(Protocol):
         self.state = WrapperState.REJECTED
         self.rejectedBecause = reason
         self._cancelDeadline()
+        self._releasePending()
         factory = self.proxyFactory
-        factory.rejections[reason] = factory.rejections.get(reason, 0) + 1
-        host, port = self._balancer()
-        self._log.warn(
-            "Aborted connection from {proxy_host}:{proxy_port} on {listener}: {reason} ({detail})",
-            event="proxy-rejected",
-            proxy_host=host,
-            proxy_port=port,
-            listener=factory.listener,
-            reason=reason,
-            detail=detail,
-            received=self.parser.bytesReceived,
-        )
+        factory.reject(reason)
+        host, port, proxy = self._balancer()
+        held = factory.problemLog.admit(host)
+        if held is not None:
+            self._log.warn(
+                "Aborted connection from {proxy} on {listener}: {reason} ({detail})"
+                + unloggedNote(held),
+                event="proxy-rejected",
+                proxy=proxy,
+                proxy_host=host,
+                proxy_port=port,
+                listener=factory.listener,
+                reason=reason,
+                detail=detail,
+                received=self.parser.bytesReceived,
+                unlogged=held,
+            )
         assert self.transport is not None
         _abort(self.transport)
 
@@ -261,6 +278,7 @@ class ProxyProtocolWrapper(Protocol):
         if wrapped is not None:
             wrapped.connectionLost(reason)
         elif previous is WrapperState.AWAITING_HEADER:
+            self._releasePending()
             self._logClosedEarly()
 
     def _logClosedEarly(self) -> None:
@@ -271,16 +289,24 @@ class ProxyProtocolWrapper(Protocol):
         debug level; a partial header is worth an info line.
         """
         received = self.parser.bytesReceived
-        host, port = self._balancer()
-        log = self._log.info if received else self._log.debug
+        host, port, proxy = self._balancer()
+        if received:
+            held = self.proxyFactory.problemLog.admit(host)
+            if held is None:
+                return
+            log = self._log.info
+        else:
+            held, log = 0, self._log.debug
         log(
-            "Connection from {proxy_host}:{proxy_port} on {listener} closed "
-            "after {received} bytes of PROXY header",
+            "Connection from {proxy} on {listener} closed "
+            "after {received} bytes of PROXY header" + unloggedNote(held),
+            proxy=proxy,
             event="proxy-closed-early",
             proxy_host=host,
             proxy_port=port,
             listener=self.proxyFactory.listener,
             received=received,
+            unlogged=held,
         )
 
     def _headerTimedOut(self) -> None:
@@ -290,133 +316,17 @@ class ProxyProtocolWrapper(Protocol):
             f"no complete PROXY header after {self.proxyFactory.timeout:g}s",
         )
 
-    def _balancer(self) -> tuple[str, int | None]:
+    def _releasePending(self) -> None:
+        if not self._released:
+            self._released = True
+            self.proxyFactory.releasePending()
+
+    def _balancer(self) -> tuple[str, int | None, str]:
         assert self.transport is not None
-        return describeAddress(self.transport.getPeer())
+        peer = self.transport.getPeer()
+        return (*describeAddress(peer), formatAddress(peer))
 
     def _cancelDeadline(self) -> None:
         deadline, self._deadline = self._deadline, None
         if deadline is not None and deadline.active():
             deadline.cancel()
-
-
-class ProxyProtocolFactory(Factory):
-    """
-    Put the PROXY protocol in front of C{wrappedFactory}: refuse untrusted
-    balancers, then let each connection's header name the client that
-    C{wrappedFactory} builds a protocol for.
-
-    @ivar wrappedFactory: the factory for the proxied connections.
-    @ivar trusted: the balancers' networks; see the module docstring for
-        what an empty list means.
-    @ivar timeout: seconds a connection has to send its complete header.
-    @ivar clock: schedules the header deadline.
-    @ivar listener: the wrapped factory's listener name, for the logs.
-    @ivar rejections: connections this factory refused or aborted, by reason.
-    """
-
-    noisy = False
-    _log = Logger(observer=loglevel.observer)
-
-    def __init__(
-        self,
-        wrapped: IProtocolFactory,
-        trusted: NetworkSet | Iterable[IPNetwork] = (),
-        timeout: float = DEFAULT_HEADER_TIMEOUT,
-        clock: IReactorTime | None = None,
-    ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"PROXY header timeout must be positive, not {timeout!r}")
-        self.wrappedFactory = wrapped
-        self.trusted = trustedNetworks(trusted)
-        self.timeout = timeout
-        if clock is None:
-            from twisted.internet import reactor
-
-            clock = reactor
-        assert clock is not None
-        self.clock: IReactorTime = clock
-        self.listener = str(getattr(wrapped, "listener", ""))
-        self.rejections: dict[str, int] = {}
-
-    def logPrefix(self) -> str:
-        wrapped = self.wrappedFactory
-        if ILoggingContext.providedBy(wrapped):
-            prefix = wrapped.logPrefix()
-        else:
-            prefix = type(wrapped).__name__
-        return f"{prefix} (PROXY)"
-
-    def doStart(self) -> None:
-        self.wrappedFactory.doStart()
-        super().doStart()
-
-    def doStop(self) -> None:
-        super().doStop()
-        self.wrappedFactory.doStop()
-
-    def isTrusted(self, address: IAddress) -> bool:
-        """
-        May this peer send a PROXY header?  Peers without an IP (Unix
-        sockets) may: file permissions decide who reaches them.
-        """
-        ip = clientIP(address)
-        return ip is None or ip in self.trusted
-
-    def buildProtocol(self, addr: IAddress) -> ProxyProtocolWrapper | None:  # type: ignore[override]
-        """
-        Refuse an untrusted peer at once (Twisted closes the socket), else
-        start reading its header.
-        """
-        if not self.isTrusted(addr):
-            reason = "untrusted proxy"
-            self.rejections[reason] = self.rejections.get(reason, 0) + 1
-            host, port = describeAddress(addr)
-            self._log.warn(
-                "Refused connection from {proxy_host}:{proxy_port} on {listener}: "
-                "{reason} (trust it with --trusted-proxy)",
-                event="proxy-untrusted",
-                proxy_host=host,
-                proxy_port=port,
-                listener=self.listener,
-                reason=reason,
-            )
-            return None
-        protocol = ProxyProtocolWrapper(self)
-        protocol.factory = self
-        return protocol
-
-
-def trustedNetworks(trusted: NetworkSet | Iterable[IPNetwork] = ()) -> NetworkSet:
-    """
-    The balancers to trust: C{trusted}, or this host's loopback addresses
-    (L{DEFAULT_TRUSTED_PROXIES}) if it is empty.
-    """
-    if isinstance(trusted, NetworkSet):
-        return trusted if trusted else NetworkSet(DEFAULT_TRUSTED_PROXIES)
-    networks = list(trusted)
-    return NetworkSet(networks or DEFAULT_TRUSTED_PROXIES)
-
-
-@implementer(IStreamServerEndpoint)
-class ProxyProtocolEndpoint:
-    """
-    A server endpoint whose connections speak the PROXY protocol: listens on
-    C{wrapped} with a L{ProxyProtocolFactory} around the factory it is given.
-    """
-
-    def __init__(
-        self,
-        wrapped: IStreamServerEndpoint,
-        trusted: NetworkSet | Iterable[IPNetwork] = (),
-        timeout: float = DEFAULT_HEADER_TIMEOUT,
-        clock: IReactorTime | None = None,
-    ) -> None:
-        self.wrapped = wrapped
-        self.trusted = trustedNetworks(trusted)
-        self.timeout = timeout
-        self.clock = clock
-
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        factory = ProxyProtocolFactory(protocolFactory, self.trusted, self.timeout, self.clock)
-        return self.wrapped.listen(factory)

@@ -1,0 +1,148 @@
+"""
+Health and readiness over HTTP, for Kubernetes probes and balancers:
+C{GET /healthz} answers 200 while the process runs its event loop (an
+answer at all proves it), C{GET /readyz} answers 200 while the server
+accepts connections and 503 from the moment a shutdown begins.
+
+Both are served next to C{/metrics} on the C{--metrics} listener, or on a
+listener of their own with C{--health ENDPOINT}.  Either keeps serving
+through the whole drain (C{servesThroughDrain}): the kubelet must not kill
+a pod that is finishing its connections, while its Service stops sending it
+new ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.iweb import IRequest
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from echotw.addresses import describeAddress, formatAddress
+from echotw.service import ListenerService
+
+
+class HealthResource(Resource):
+    """
+    C{/healthz}: 200 whenever it can answer.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+
+class ReadyResource(Resource):
+    """
+    C{/readyz}: 200 while C{ready()} says so, else 503.
+    """
+
+    isLeaf = True
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        super().__init__()
+        self.ready = ready
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if self.ready():
+            return b"ready\n"
+        request.setResponseCode(http.SERVICE_UNAVAILABLE)
+        return b"shutting down\n"
+
+
+class QuietSite(Site):
+    """
+    A L{Site} that keeps no access log: a probe or a scrape every few
+    seconds would otherwise put a line in the server's log for each one.
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, resource: IResource, name: str) -> None:
+        super().__init__(resource)
+        self.name = name
+
+    def log(self, request: http.Request) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return f"echotw {self.name}"
+
+
+class Root(Resource):
+    """
+    A site's root: only its named children; a plain 404 for anything else.
+    """
+
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        return notFound()
+
+
+def addHealth(root: Resource, ready: Callable[[], bool]) -> None:
+    """
+    Put C{/healthz} and C{/readyz} on C{root}.
+    """
+    root.putChild(b"healthz", HealthResource())
+    root.putChild(b"readyz", ReadyResource(ready))
+
+
+class WebService(ListenerService):
+    """
+    A small HTTP listener of echotw's own (metrics, health): it listens like
+    the echo listeners (in C{privilegedStartService}, one-line exit if it
+    cannot), logs what it serves where, and stops only after the drain.
+    """
+
+    servesThroughDrain = True
+    what = "health checks"
+    event = "health-listening"
+
+    def __init__(self, description: str, site: Site, reactor: IReactorCore | None = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as globalReactor
+
+            reactor = cast(IReactorCore, globalReactor)
+        endpoint = serverFromString(reactor, description)
+        # Site's Factory parameter is typed loosely in Twisted's stubs.
+        super().__init__(description, endpoint, site)  # type: ignore[arg-type]
+
+    def _listening(self, port: Any) -> Any:
+        if isinstance(port, Failure):
+            return super()._listening(port)
+        self.port = port
+        address = port.getHost()
+        host, portNumber = describeAddress(address)
+        self._log.info(
+            "Serving {what} on {listener} at {address}",
+            event=self.event,
+            what=self.what,
+            listener=self.description,
+            address=formatAddress(address),
+            host=host,
+            port=portNumber,
+        )
+        return port
+
+
+class HealthService(WebService):
+    """
+    C{--health ENDPOINT}: C{/healthz} and C{/readyz} alone.
+    """
+
+    def __init__(
+        self, description: str, ready: Callable[[], bool], reactor: IReactorCore | None = None
+    ) -> None:
+        root = Root()
+        addHealth(root, ready)
+        super().__init__(description, QuietSite(root, "health"), reactor)

@@ -1,0 +1,424 @@
+"""
+The probe's Twisted protocols: one per TCP or TLS connection
+(L{StreamProbe}) and one per UDP flow (L{DatagramProbe}).
+
+Each sends messages on a L{Schedule}, checks every byte that comes back
+(L{echotw.probe.pattern}) and reports round trips, mismatches, losses and
+failures to a L{ProbeRun}.  Each keeps one timer for its oldest message in
+flight, not one per message.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
+from twisted.python.failure import Failure
+
+from echotw.probe.pattern import DatagramCheck, StreamCheck
+from echotw.probe.stats import ProbeRun
+
+REFUSED = "connection refused: nothing listens on that UDP port"
+
+HeaderBuilder = Callable[[IAddress, IAddress], bytes]
+"""Builds the bytes sent before the stream from (local, peer) addresses."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """
+    What each connection or flow sends.
+
+    @ivar size: bytes per message (per datagram with UDP).
+    @ivar count: messages per connection, or C{None} for as many as
+        C{stopAt} allows.
+    @ivar interval: seconds between the starts of two messages; 0 means
+        each message is sent as soon as the previous one came back.
+    @ivar timeout: seconds a message may take to come back.
+    @ivar seed: the run's seed; connection N sends stream N of it.
+    @ivar stopAt: when to stop sending new messages, on the clock the
+        protocols are given, or C{None}.
+    """
+
+    size: int
+    count: int | None
+    interval: float
+    timeout: float
+    seed: int
+    stopAt: float | None = None
+
+
+@dataclass(frozen=True)
+class Flow:
+    """
+    What one connection or UDP flow works with: its number (which picks
+    its stream), the plan, the tally it reports to, the reactor's timers
+    and the clock round trips are measured on.
+    """
+
+    index: int
+    plan: Plan
+    run: ProbeRun
+    clock: IReactorTime
+    now: Callable[[], float]
+
+
+class Schedule:
+    """
+    When the next message goes out.  Without an interval, each message is
+    sent once the previous one is settled (came back, or was lost), which
+    measures round trips without queueing.  With one, messages go out on a
+    fixed timetable whether or not earlier ones came back, as C{ping -i}
+    does, so a slow path shows as growing round trips, not a slower rate.
+    """
+
+    def __init__(self, flow: Flow, send: Callable[[], None], exhausted: Callable[[], None]) -> None:
+        self._plan = flow.plan
+        self._clock = flow.clock
+        self._now = flow.now
+        self._send = send
+        self._onExhausted = exhausted
+        self._call: IDelayedCall | None = None
+        self._started = 0.0
+        self.sent = 0
+        self.exhausted = False
+
+    def _mayStart(self, at: float) -> bool:
+        count, stopAt = self._plan.count, self._plan.stopAt
+        return (count is None or self.sent < count) and (stopAt is None or at < stopAt)
+
+    def start(self) -> None:
+        self._started = self._now()
+        self._next()
+
+    def _next(self) -> None:
+        self._call = None
+        if self.exhausted:
+            return
+        if not self._mayStart(self._now()):
+            self.stop()
+            return
+        self.sent += 1
+        self._send()
+        interval = self._plan.interval
+        if self.exhausted or not interval:
+            return
+        due = self._started + self.sent * interval
+        if not self._mayStart(due):
+            self.stop()
+            return
+        self._call = self._clock.callLater(max(0.0, due - self._now()), self._next)
+
+    def settled(self) -> None:
+        """
+        Nothing is in flight any more: without an interval, send the next
+        message now.
+        """
+        if not self._plan.interval:
+            self._next()
+
+    def stop(self) -> None:
+        """
+        Send nothing more.
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if not self.exhausted:
+            self.exhausted = True
+            self._onExhausted()
+
+
+class Deadline:
+    """
+    The one timer a connection or flow keeps, for its oldest message in
+    flight: re-armed as that message changes, never one timer per message.
+    """
+
+    def __init__(self, flow: Flow, expired: Callable[[], None]) -> None:
+        self._clock = flow.clock
+        self._now = flow.now
+        self._timeout = flow.plan.timeout
+        self._expired = expired
+        self._call: IDelayedCall | None = None
+
+    def arm(self, oldest: float | None) -> None:
+        """
+        Expire C{timeout} after C{oldest} (when the oldest message in flight
+        was sent), or not at all for C{None}.
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if oldest is not None:
+            delay = max(0.0, oldest + self._timeout - self._now())
+            self._call = self._clock.callLater(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        self._expired()
+
+
+def describeFailure(reason: Failure) -> str:
+    """
+    One line for why a connection failed or was lost.
+    """
+    name = reason.type.__name__ if reason.type is not None else "error"
+    message = reason.getErrorMessage()
+    return f"{name}: {message}" if message else name
+
+
+class StreamProbe(Protocol):
+    """
+    One verified TCP or TLS connection: C{plan.count} messages (or until
+    C{plan.stopAt}), each checked byte for byte; then a clean close.
+
+    @ivar finished: fires with C{None} once the connection is closed and
+        everything it found is reported.
+    """
+
+    def __init__(self, flow: Flow, header: HeaderBuilder | None = None) -> None:
+        self.finished: Deferred[None] = Deferred()
+        self._index = flow.index
+        self._plan = flow.plan
+        self._run = flow.run
+        self._now = flow.now
+        self._header = header
+        self._check = StreamCheck(flow.plan.seed, flow.index)
+        # (stream offset where the message ends, when it was sent), oldest first.
+        self._inFlight: deque[tuple[int, float]] = deque()
+        self._schedule = Schedule(flow, self._send, self._maybeFinish)
+        self._deadline = Deadline(flow, self._timedOut)
+        self._over = False
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if self._header is not None:
+            self.transport.write(self._header(self.transport.getHost(), self.transport.getPeer()))
+        self._schedule.start()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        data = self._check.nextBytes(self._plan.size)
+        self._inFlight.append((self._check.sent, self._now()))
+        self._run.sent(len(data))
+        if len(self._inFlight) == 1:
+            self._armTimer()
+        self.transport.write(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._over:
+            return
+        mismatch = self._check.received(data)
+        if mismatch is not None:
+            self._run.mismatch(self._index, mismatch)
+            self._end(abort=True)
+            return
+        now = self._now()
+        verified = self._check.verified
+        inFlight = self._inFlight
+        if not inFlight or verified < inFlight[0][0]:
+            return
+        while inFlight and verified >= inFlight[0][0]:
+            _, sentAt = inFlight.popleft()
+            self._run.echoed(now - sentAt, self._plan.size)
+        self._armTimer()
+        if not inFlight:
+            self._schedule.settled()
+            self._maybeFinish()
+
+    def _armTimer(self) -> None:
+        oldest = self._inFlight[0][1] if self._inFlight and not self._over else None
+        self._deadline.arm(oldest)
+
+    def _timedOut(self) -> None:
+        self._run.failed(
+            self._index,
+            f"timed out: byte offset {self._check.verified} not echoed within "
+            f"{self._plan.timeout:g} s",
+        )
+        self._end(abort=True)
+
+    def _maybeFinish(self) -> None:
+        if not self._over and not self._inFlight and self._schedule.exhausted:
+            self._end(abort=False)
+
+    def _end(self, abort: bool) -> None:
+        """
+        The outcome is recorded: stop sending and close.
+        """
+        self._over = True
+        self._schedule.stop()
+        self._armTimer()
+        assert self.transport is not None
+        if abort:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self._over:
+            self._over = True
+            if reason.check(ConnectionDone):
+                mismatch = self._check.closed()
+                if mismatch is not None:
+                    self._run.mismatch(self._index, mismatch)
+                else:
+                    self._run.failed(self._index, "the peer closed the connection early")
+            else:
+                self._run.failed(self._index, describeFailure(reason))
+            self._schedule.stop()
+            self._armTimer()
+        self.finished.callback(None)
+
+
+class DatagramProbe(DatagramProtocol):
+    """
+    One verified UDP flow from its own port: datagrams of C{plan.size}
+    bytes, each matched to its echo by sequence number; a datagram not
+    echoed within C{plan.timeout} counts as lost.
+
+    @ivar finished: fires with C{None} once the flow is over and reported.
+    """
+
+    def __init__(self, flow: Flow, host: str, port: int) -> None:
+        self.finished: Deferred[None] = Deferred()
+        self._index = flow.index
+        self._plan = flow.plan
+        self._run = flow.run
+        self._now = flow.now
+        self._host = host
+        self._port = port
+        self._check = DatagramCheck(flow.plan.seed, flow.index, flow.plan.size)
+        # Sequence number -> when sent; insertion order is oldest first.
+        self._inFlight: dict[int, float] = {}
+        self._schedule = Schedule(flow, self._send, self._maybeFinish)
+        self._deadline = Deadline(flow, self._expire)
+        self._answers = 0
+        self._over = False
+        self._listening: object = None
+
+    def startProtocol(self) -> None:
+        assert self.transport is not None
+        self._listening = self.transport
+        self.transport.connect(self._host, self._port)
+        self._schedule.start()
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        sequence, data = self._check.nextDatagram()
+        self._inFlight[sequence] = self._now()
+        self._run.sent(len(data))
+        if len(self._inFlight) == 1:
+            self._armTimer()
+        # A connected UDP port writes to its peer: no address.
+        self.transport.write(data)  # type: ignore[call-arg]
+
+    def datagramReceived(self, data: bytes, addr: object) -> None:
+        if self._over:
+            return
+        kind, sequence, mismatch = self._check.received(data)
+        if kind == DatagramCheck.DUPLICATE:
+            assert mismatch is not None
+            self._run.duplicated(self._index, mismatch)
+        elif kind == DatagramCheck.CORRUPT:
+            assert mismatch is not None
+            self._run.mismatch(self._index, mismatch)
+        elif kind == DatagramCheck.LATE:
+            self._run.late()
+        else:
+            assert sequence is not None
+            self._answers += 1
+            if kind == DatagramCheck.REORDERED:
+                self._run.reordered()
+            self._run.echoed(self._now() - self._inFlight[sequence], len(data))
+        if sequence is not None and sequence in self._inFlight:
+            self._settle(sequence)
+
+    def _settle(self, sequence: int) -> None:
+        head = next(iter(self._inFlight))
+        del self._inFlight[sequence]
+        if head == sequence:
+            self._armTimer()
+        if not self._inFlight:
+            self._schedule.settled()
+            self._maybeFinish()
+
+    def _armTimer(self) -> None:
+        oldest = next(iter(self._inFlight.values())) if self._inFlight and not self._over else None
+        self._deadline.arm(oldest)
+
+    def _expire(self) -> None:
+        now = self._now()
+        timeout = self._plan.timeout
+        for sequence, sentAt in list(self._inFlight.items()):
+            # The same sum the timer was set from, give or take rounding: a
+            # timer that fires a hair early must not be re-armed for ever.
+            if sentAt + timeout > now + 1e-9:
+                break
+            del self._inFlight[sequence]
+            self._check.lost(sequence)
+            self._run.lost()
+        self._armTimer()
+        if not self._inFlight:
+            self._schedule.settled()
+            self._maybeFinish()
+
+    def connectionRefused(self) -> None:
+        """
+        The host answered a datagram with ICMP port unreachable (reported
+        here by some reactors; see L{stopProtocol} for the others).
+        """
+        if not self._over:
+            self._run.failed(self._index, REFUSED)
+            self._end()
+
+    def stopProtocol(self) -> None:
+        """
+        The port stopped: either because the flow ended, or because the
+        reactor closed it after the socket reported an error, which is how
+        Twisted's epoll reactor handles ICMP port unreachable on a
+        connected UDP socket.
+        """
+        if not self._over:
+            self._run.failed(self._index, self._socketError())
+            self._end(stopListening=False)
+
+    def _socketError(self) -> str:
+        # Twisted has already let go of the transport; the port object still
+        # holds the socket until stopProtocol returns.
+        handle = getattr(self._listening, "getHandle", lambda: None)()
+        if isinstance(handle, socket.socket):
+            code = handle.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code == errno.ECONNREFUSED:
+                return REFUSED
+            if code:
+                return f"the UDP socket failed: {os.strerror(code)}"
+        return "the UDP socket was closed"
+
+    def _maybeFinish(self) -> None:
+        if not self._over and not self._inFlight and self._schedule.exhausted:
+            if not self._answers and self._check.sent:
+                self._run.failed(self._index, f"no echo came back within {self._plan.timeout:g} s")
+            self._end()
+
+    def _end(self, stopListening: bool = True) -> None:
+        self._over = True
+        self._schedule.stop()
+        self._inFlight.clear()
+        self._armTimer()
+        stopped = None
+        if stopListening and self.transport is not None:
+            stopped = self.transport.stopListening()
+        if isinstance(stopped, Deferred):
+            stopped.addBoth(lambda _: self.finished.callback(None))
+        else:
+            self.finished.callback(None)

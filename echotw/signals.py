@@ -1,0 +1,76 @@
+"""
+The process's signals, for a real C{twistd echo} process (and each worker):
+SIGHUP asks for a rule reload, and a second SIGTERM or SIGINT during a
+shutdown stops at once.
+
+Twisted handles the first SIGTERM or SIGINT itself: it stops the reactor and
+remembers the signal, so that twistd ends by the same signal (status 143 for
+SIGTERM).  A second one would make Twisted stop a reactor that is already
+stopping, which only logs a C{ReactorNotRunning} traceback while the drain
+goes on.  L{ProcessSignals} wraps Twisted's handlers once the reactor runs:
+the first signal still goes to Twisted, any later one (or one that arrives
+after a shutdown began some other way) calls C{onStopNow} instead.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from twisted.application.service import Service
+
+from echotw.interfaces import IServerReactor
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class ProcessSignals(Service):
+    """
+    Route the process's signals: SIGHUP to C{onHangup}; after the first
+    SIGTERM or SIGINT, further ones to C{onStopNow(signal name)}.  Both are
+    called in the reactor thread, on its next turn.
+    """
+
+    def __init__(
+        self,
+        reactor: IServerReactor,
+        onHangup: Callable[[], object],
+        onStopNow: Callable[[str], object],
+    ) -> None:
+        self.reactor = reactor
+        self.onHangup = onHangup
+        self.onStopNow = onStopNow
+        self.stopping = False
+
+    def startService(self) -> None:
+        Service.startService(self)
+        signal.signal(signal.SIGHUP, self._hangup)
+        # Twisted installs its own handlers as the reactor starts; wrap them then.
+        self.reactor.callWhenRunning(self._wrapStopSignals)
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._shuttingDown)
+
+    def _shuttingDown(self) -> None:
+        self.stopping = True
+
+    def _hangup(self, signum: int, frame: FrameType | None) -> None:
+        self.reactor.callFromThread(self.onHangup)
+
+    def _wrapStopSignals(self) -> None:
+        for signum in STOP_SIGNALS:
+            previous = signal.getsignal(signum)
+            signal.signal(signum, self._stopSignal(previous))
+
+    def _stopSignal(self, previous: Any) -> Callable[[int, FrameType | None], None]:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if not self.stopping:
+                self.stopping = True
+                if callable(previous):
+                    previous(signum, frame)
+                else:
+                    self.reactor.callFromThread(self.reactor.stop)
+                return
+            self.reactor.callFromThread(self.onStopNow, signal.Signals(signum).name)
+
+        return handler

@@ -1,0 +1,261 @@
+"""
+Property-based tests of L{echotw.ratelimit}: L{TokenBuckets} and
+L{LogThrottle} driven by a L{Clock} through generated sequences of steps,
+against small reference models and the guarantees they make.
+
+Times are multiples of 1/8 s and rates powers of two, so the floating-point
+arithmetic of the code under test is exact and the models can use
+L{Fraction}s without tolerances.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from fractions import Fraction
+from itertools import pairwise
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from echotw.ratelimit import LogThrottle, TokenBuckets
+from tests.properties import PROPERTIES
+
+EIGHTH = Fraction(1, 8)
+SOURCES = "abcdef"
+
+Step = tuple[int, str]
+"""Advance the clock this many eighths of a second, then an event from a source."""
+
+steps = st.lists(
+    st.tuples(
+        st.one_of(st.just(0), st.integers(0, 8), st.integers(0, 80)), st.sampled_from(SOURCES)
+    ),
+    max_size=120,
+)
+
+
+class BucketModel:
+    """
+    The reference token bucket: per source, the tokens it had when last seen
+    and when that was; never forgets a source for what it may do.  Which
+    sources count against C{maxSources} is tracked apart: those whose
+    buckets have not been pruned full, pruned at most once per interval.
+    """
+
+    def __init__(
+        self, rate: Fraction, burst: int, maxSources: int, pruneInterval: Fraction
+    ) -> None:
+        self.rate, self.burst = rate, burst
+        self.maxSources, self.pruneInterval = maxSources, pruneInterval
+        self.state: dict[str, tuple[Fraction, Fraction]] = {}
+        self.tracked: set[str] = set()
+        self.lastPrune = Fraction(0)
+
+    def tokens(self, source: str, now: Fraction) -> Fraction:
+        tokens, at = self.state.get(source, (Fraction(self.burst), now))
+        return min(Fraction(self.burst), tokens + (now - at) * self.rate)
+
+    def allow(self, source: str, now: Fraction) -> bool:
+        if not self.rate:
+            return True
+        if now - self.lastPrune >= self.pruneInterval:
+            self.lastPrune = now
+            self.tracked = {s for s in self.tracked if self.tokens(s, now) < self.burst}
+        if source not in self.tracked:
+            if len(self.tracked) >= self.maxSources:
+                return False
+            self.tracked.add(source)
+        tokens = self.tokens(source, now)
+        allowed = tokens >= 1
+        self.state[source] = (tokens - 1 if allowed else tokens, now)
+        return allowed
+
+
+class TokenBucketsPropertyTests(SynchronousTestCase):
+    """
+    L{TokenBuckets} against L{BucketModel}, and the bound every token
+    bucket keeps.
+    """
+
+    @PROPERTIES
+    @given(
+        steps,
+        st.sampled_from([Fraction(0), Fraction(1, 4), Fraction(1, 2), Fraction(1), Fraction(4)]),
+        st.integers(1, 5),
+        st.integers(1, 4),
+        st.sampled_from([EIGHTH, Fraction(1), Fraction(2)]),
+    )
+    def test_matchesModel(
+        self, sequence: list[Step], rate: Fraction, burst: int, maxSources: int, prune: Fraction
+    ) -> None:
+        """Every answer equals the model's, and the sources tracked are
+        the model's: pruning forgets only full buckets, so it never changes
+        an answer, and a full table refuses only new sources."""
+        clock = Clock()
+        buckets = TokenBuckets(float(rate), burst, clock, maxSources, float(prune))
+        model = BucketModel(rate, burst, maxSources, prune)
+        now = Fraction(0)
+        for i, (eighths, source) in enumerate(sequence):
+            clock.advance(eighths / 8)
+            now += eighths * EIGHTH
+            self.assertEqual(buckets.allow(source), model.allow(source, now), (i, source))
+            self.assertEqual(len(buckets), len(model.tracked) if rate else 0)
+            self.assertLessEqual(len(buckets), maxSources)
+
+    @PROPERTIES
+    @given(
+        steps,
+        st.sampled_from([Fraction(1, 4), Fraction(1), Fraction(4)]),
+        st.integers(1, 5),
+        st.sampled_from([EIGHTH, Fraction(1)]),
+    )
+    def test_neverMoreThanBurstPlusRate(
+        self, sequence: list[Step], rate: Fraction, burst: int, prune: Fraction
+    ) -> None:
+        """From one source, the events allowed between any two moments
+        never exceed C{burst + rate * elapsed}, and with room in the table
+        a source that waited long enough to earn a token is allowed."""
+        clock = Clock()
+        buckets = TokenBuckets(
+            float(rate), burst, clock, maxSources=len(SOURCES), pruneInterval=float(prune)
+        )
+        allowedAt: dict[str, list[Fraction]] = defaultdict(list)
+        lastAllowed: dict[str, Fraction] = {}
+        now = Fraction(0)
+        for eighths, source in sequence:
+            clock.advance(eighths / 8)
+            now += eighths * EIGHTH
+            allowed = buckets.allow(source)
+            if source not in lastAllowed or (now - lastAllowed[source]) * rate >= 1:
+                self.assertTrue(allowed, (source, now))
+            if allowed:
+                allowedAt[source].append(now)
+                lastAllowed[source] = now
+        for times in allowedAt.values():
+            for i, first in enumerate(times):
+                for j in range(i, len(times)):
+                    self.assertLessEqual(j - i + 1, burst + rate * (times[j] - first))
+
+    def test_unlimitedTracksNothing(self) -> None:
+        """A rate of 0 allows everything and keeps no state."""
+        buckets = TokenBuckets(0, 1, Clock(), maxSources=1)
+        self.assertTrue(all(buckets.allow(s) for s in SOURCES * 10))
+        self.assertEqual(len(buckets), 0)
+
+
+class ThrottleModel:
+    """
+    The reference log throttle: per key, when its last line was logged and
+    what was held back since; forgets keys an interval after their line,
+    at most once per interval, handing held counts to C{report}.
+    """
+
+    def __init__(self, interval: Fraction, maxKeys: int, reporting: bool) -> None:
+        self.interval, self.maxKeys, self.reporting = interval, maxKeys, reporting
+        self.keys: dict[str, list[Any]] = {}
+        self.lastPrune = Fraction(0)
+        self.reports: list[tuple[str, int, Any]] = []
+
+    def admit(self, key: str, detail: int, now: Fraction) -> int | None:
+        if now - self.lastPrune >= self.interval:
+            self.lastPrune = now
+            for k, (at, held, last) in list(self.keys.items()):
+                if k == key or at > now - self.interval:
+                    continue
+                if not held:
+                    del self.keys[k]
+                elif self.reporting:
+                    del self.keys[k]
+                    self.reports.append((k, held, last))
+        if key not in self.keys:
+            if len(self.keys) >= self.maxKeys:
+                return None
+            self.keys[key] = [now, 0, detail]
+            return 0
+        at, held, _ = self.keys[key]
+        if now - at < self.interval:
+            self.keys[key] = [at, held + 1, detail]
+            return None
+        self.keys[key] = [now, 0, detail]
+        return int(held)
+
+
+class LogThrottlePropertyTests(SynchronousTestCase):
+    """
+    L{LogThrottle} against L{ThrottleModel}, and the accounting it promises:
+    one line per key per interval, and every event held back reported
+    exactly once.
+    """
+
+    @PROPERTIES
+    @given(
+        steps,
+        st.sampled_from([EIGHTH, Fraction(1), Fraction(3, 2)]),
+        st.integers(1, 4),
+        st.booleans(),
+    )
+    def test_matchesModel(
+        self, sequence: list[Step], interval: Fraction, maxKeys: int, reporting: bool
+    ) -> None:
+        """Every answer and every report equals the model's."""
+        clock = Clock()
+        reports: list[tuple[str, int, Any]] = []
+        report = (lambda *args: reports.append(args)) if reporting else None
+        throttle = LogThrottle(float(interval), clock, maxKeys, report)
+        model = ThrottleModel(interval, maxKeys, reporting)
+        now = Fraction(0)
+        for i, (eighths, key) in enumerate(sequence):
+            clock.advance(eighths / 8)
+            now += eighths * EIGHTH
+            self.assertEqual(throttle.admit(key, i), model.admit(key, i, now), (i, key))
+            self.assertEqual(reports, model.reports)
+            self.assertLessEqual(len(throttle), maxKeys)
+
+    @PROPERTIES
+    @given(steps, st.sampled_from([EIGHTH, Fraction(1), Fraction(3, 2)]), st.booleans())
+    def test_everyEventAccountedOnce(
+        self, sequence: list[Step], interval: Fraction, reporting: bool
+    ) -> None:
+        """With room for every key: a key's lines are at least an interval
+        apart, and each of its events is either a line or counted exactly
+        once in a later line's held count or a report, with the detail of
+        the latest event held back."""
+        clock = Clock()
+        events: dict[str, int] = defaultdict(int)
+        counted: dict[str, int] = defaultdict(int)
+        lines: dict[str, list[Fraction]] = defaultdict(list)
+        latestHeld: dict[str, object] = {}
+        now = Fraction(0)
+
+        def reported(key: str, held: int, detail: object) -> None:
+            counted[key] += held
+            self.assertEqual(detail, latestHeld[key])
+
+        throttle = LogThrottle(
+            float(interval), clock, len(SOURCES), reported if reporting else None
+        )
+
+        def admit(key: str, detail: object) -> None:
+            events[key] += 1
+            held = throttle.admit(key, detail)
+            if held is None:
+                latestHeld[key] = detail
+            else:
+                counted[key] += 1 + held
+                lines[key].append(now)
+
+        for i, (eighths, key) in enumerate(sequence):
+            clock.advance(eighths / 8)
+            now += eighths * EIGHTH
+            admit(key, i)
+        # An interval later, one more event per key brings out what each held.
+        clock.advance(float(interval))
+        now += interval
+        for key in list(events):
+            admit(key, "last")
+        self.assertEqual(dict(counted), dict(events))
+        for times in lines.values():
+            self.assertTrue(all(b - a >= interval for a, b in pairwise(times)))

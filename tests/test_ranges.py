@@ -1,0 +1,119 @@
+"""
+Tests for the ranges of the duration, rate and count options: a value
+outside a sane range is a one-line usage error naming the option, checked
+before anything starts; the values at each end of a range are accepted.
+"""
+
+from __future__ import annotations
+
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from echotw.options import EchoOptions
+from tests.process import run
+
+YEAR = "31536000"
+
+RANGES: dict[str, tuple[list[str], list[str]]] = {
+    # option: (refused values, accepted values at the edges of the range)
+    "backlog": (["0", "-1", "65536", "99999999999999", "1.5", "many"], ["1", "65535"]),
+    "max-connections": (["-1", "10000001", "5.5", "1e3"], ["0", "1", "10000000"]),
+    "max-per-ip": (["-1", "10000001", "two"], ["0", "1", "10000000"]),
+    "ipv6-prefix": (["0", "129", "64.0"], ["1", "128"]),
+    "rate": (["-1", "0.0009", "1000001", "inf", "nan", "5/min"], ["0", "0.001", "1000000/s"]),
+    "burst": (["0", "0.5", "1000001", "inf"], ["1", "1000000"]),
+    "idle-timeout": (["1e-9", "0.09", "-1", "31536001", "inf", "nan"], ["0", "0.1", YEAR]),
+    "max-session-bytes": (["-1", "1000000000000001", "1MB"], ["0", "1", "1000000000000000"]),
+    "max-session-seconds": (["0.001", "-0.5", "31536001", "inf"], ["0", "0.1", YEAR]),
+    "log-connections": (["-1", "1000001", "0.5"], ["0", "1", "1000000"]),
+    "stats-interval": (["0.001", "0.999", "-1", "31536001", "nan"], ["0", "1", YEAR]),
+    "workers": (["0", "65"], ["1", "64"]),
+    "udp-rate": (["-1", "0.0001", "1000001", "inf"], ["0", "0.001", "1000000"]),
+    "udp-burst": (["0", "0.99", "1000001"], ["1", "1000000"]),
+    "proxy-timeout": (["0", "0.05", "31536001", "inf"], ["0.1", YEAR]),
+    "shutdown-timeout": (["-2", "nan", "1e-9", "31536001"], ["0", "0.1", YEAR]),
+    "drain-delay": (["-1", "0.01", "31536001", "inf"], ["0", "0.1", YEAR]),
+}
+
+
+def parse(*args: str) -> EchoOptions:
+    options = EchoOptions()
+    options.parseOptions(list(args))
+    return options
+
+
+def coercer(option: str) -> object:
+    [coerce] = [row[4] for row in EchoOptions.optParameters if row[0] == option]
+    return coerce
+
+
+class OptionRangeTests(SynchronousTestCase):
+    """
+    Every duration, rate and count option has a range, checked when the
+    option is read.
+    """
+
+    def test_everyNumericOptionHasARange(self) -> None:
+        """Each option with a coerce function that reads a number is in the
+        table of ranges below, so a new one cannot go unchecked."""
+        numeric = {
+            row[0] for row in EchoOptions.optParameters if len(row) > 4 and row[0] != "log-level"
+        }
+        self.assertEqual(numeric, set(RANGES))
+
+    def test_outOfRangeIsUsageErrorNamingTheOption(self) -> None:
+        """A value outside its option's range is a one-line usage error
+        naming the option and the value."""
+        for option, (refused, _) in RANGES.items():
+            for value in refused:
+                with self.assertRaises(UsageError, msg=(option, value)) as ctx:
+                    parse(f"--{option}", value)
+                message = str(ctx.exception)
+                self.assertTrue(message.startswith(f"--{option}: "), message)
+                self.assertIn(repr(value), message)
+                self.assertNotIn("\n", message)
+
+    def test_edgesAccepted(self) -> None:
+        """The values at each end of a range are accepted as given."""
+        for option, (_, accepted) in RANGES.items():
+            for value in accepted:
+                options = parse(f"--{option}", value)
+                self.assertEqual(options[option], float(value.removesuffix("/s")))
+
+    def test_rangeInHelp(self) -> None:
+        """The help text of each option states the range it checks: both
+        ends of the accepted edges appear in it."""
+        for option, (_, accepted) in RANGES.items():
+            doc = coercer(option).coerceDoc  # type: ignore[attr-defined]
+            for value in accepted:
+                self.assertIn(value.removesuffix("/s"), doc, option)
+
+    def test_defaultsInRange(self) -> None:
+        """Every default lies in its option's range."""
+        for row in EchoOptions.optParameters:
+            if row[0] in RANGES:
+                coerce = coercer(row[0])
+                self.assertEqual(coerce(str(row[2])), row[2], row[0])  # type: ignore[operator]
+
+    def test_runawayValuesFromTheField(self) -> None:
+        """The values that made a server spin, flood its log or fail to
+        listen are refused: a timeout of a nanosecond, a stats line every
+        millisecond, a listen queue longer than any kernel takes."""
+        for option, value in [
+            ("idle-timeout", "1e-9"),
+            ("stats-interval", "0.001"),
+            ("backlog", "99999999999999"),
+        ]:
+            self.assertRaises(UsageError, parse, f"--{option}", value)
+
+
+class OptionRangeEndToEndTests(SynchronousTestCase):
+    def test_outOfRangeExitsWithOneLine(self) -> None:
+        """twistd given an out-of-range value exits with status 1 and one
+        line naming the option, before anything listens."""
+        result = run("--port", "tcp:0:interface=127.0.0.1", "--idle-timeout", "1e-9")
+        self.assertEqual(result.returncode, 1, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn("--idle-timeout", lines[0])
+        self.assertNotIn("Listening", result.stdout + result.stderr)
