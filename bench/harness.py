@@ -38,7 +38,7 @@ VENV = HERE / ".venv"
 BUILD = HERE / "build"
 RESULTS = HERE / "results"
 LOCAL_RESULTS = RESULTS / "local"
-REQUIREMENTS = ["twisted>=23.10", "uvloop", "matplotlib"]
+REQUIREMENTS = ["twisted>=23.10", "prometheus_client", "uvloop", "matplotlib"]
 OLDEST_TWISTED = (23, 10)
 
 
