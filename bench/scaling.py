@@ -59,8 +59,18 @@ def defaultWorkers(serverCpus: int) -> list[int]:
     return [*counts, serverCpus]
 
 
+ECHOTW_WORKERS = (
+    "twistd -n --pidfile= echo --port tcp:{port}:interface=127.0.0.1"
+    " --allow 127.0.0.0/8 --workers {workers}"
+)
+"""
+echotw for scaling: without run.py's --max-per-ip, because a per-source
+limit steers every connection of one source to one worker (so that the limit
+holds exactly), and every load client here connects from 127.0.0.1.
+"""
+
+
 def parseArgs(argv: list[str]) -> argparse.Namespace:
-    from servers import ECHOTW
 
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,7 +94,7 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--only", help="echotw, uvloop or both (default: both)")
     ap.add_argument(
         "--echotw",
-        default=ECHOTW + " --workers {workers}",
+        default=ECHOTW_WORKERS,
         metavar="TEMPLATE",
         help="command for echotw, with {port} and {workers} (default: %(default)s)",
     )
