@@ -65,11 +65,18 @@ def bindAddress(description: str) -> BindAddress | None:
 def reusePortBalances() -> bool:
     """
     Whether C{SO_REUSEPORT} spreads connections over a group of listening
-    sockets here: on Linux (3.9 and later) it does; on the BSDs and macOS
-    the option only allows binding, and the last socket bound gets every
-    connection.
+    sockets here: on Linux 3.9 and later it does (an older kernel refuses the
+    option); on the BSDs and macOS the option only allows binding, and the
+    last socket bound gets every connection.
     """
-    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+    if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
+        return False
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    except OSError:
+        return False
+    return True
 
 
 def bindGroup(address: BindAddress, count: int) -> list[socket.socket]:

@@ -12,6 +12,7 @@ import socket
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from echotw import reuseport
 from echotw.addresses import ipFromText
 from echotw.reuseport import BindAddress, bindAddress, bindGroup, reusePortBalances
 from echotw.steering import attachSteering, sourceIndex, steeringProgram
@@ -48,6 +49,20 @@ class BindAddressTests(SynchronousTestCase):
     def test_notTCP(self) -> None:
         """Unix listeners have no TCP address: they stay one shared socket."""
         self.assertIsNone(bindAddress("unix:/tmp/echo.sock"))
+
+
+class AvailabilityTests(SynchronousTestCase):
+    def test_refusedOption(self) -> None:
+        """A kernel that refuses SO_REUSEPORT (Linux before 3.9) gets shared sockets."""
+        if not reusePortBalances():
+            raise SkipTest("SO_REUSEPORT does not balance here")
+
+        class Refusing(socket.socket):
+            def setsockopt(self, *args: object) -> None:
+                raise OSError(92, "Protocol not available")
+
+        self.patch(reuseport.socket, "socket", Refusing)
+        self.assertFalse(reusePortBalances())
 
 
 class GroupTests(SynchronousTestCase):
