@@ -15,7 +15,7 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 
 from echotw.config import EchoConfig, ProxySettings
-from echotw.endpoints import Listener, systemdSocket
+from echotw.endpoints import Listener, backlogOf, systemdSocket
 from echotw.factory import EchoFactory
 from echotw.health import HealthService
 from echotw.interfaces import IServerReactor
@@ -138,7 +138,10 @@ def makeService(
                 listener, config.proxy, reactor, inherited[i] if inherited else None, factory
             )
             ListenerService(
-                listener.name, endpoint, factory.forListener(listener.name)
+                listener.name,
+                endpoint,
+                factory.forListener(listener.name),
+                backlogOf(listener.description),
             ).setServiceParent(top)
     udpProtocols = makeUDPServices(config, factory, reactor, top)
     ready = top.isReady

@@ -301,7 +301,9 @@ class EchoOptions(usage.Options):
         Check the values together and build L{config}, once.
         """
         listeners = []
-        for port in self["port"] or [DEFAULT_PORT]:
+        # The default port only when no listener of any kind is given: --udp
+        # alone must not open a TCP port on every interface as well.
+        for port in self["port"] or ([] if self["udp"] else [DEFAULT_PORT]):
             try:
                 listeners.append(listenerDescription(port, self["interface"], self["backlog"]))
             except ValueError as e:

@@ -326,6 +326,33 @@ class UDPListenerService(Service):
             raise ListenFailed(listener.name, Failure()) from None
         self.port = port
         logListening(self._log, listener.name, port.getHost(), transport="udp")
+        self._logLimits()
+
+    def _logLimits(self) -> None:
+        """
+        Say which limits replies are under: a load test that meets the
+        reflection guard must not mistake its drops for the network's.
+        """
+        limiter = getattr(self.protocol, "rateLimiter", None)
+        rate = getattr(limiter, "rate", 0)
+        if rate:
+            self._log.info(
+                "UDP replies on {listener} are limited to {rate}/s per source, {burst} at"
+                " once (--udp-rate, --udp-burst; --udp-rate 0 lifts it); datagrams from"
+                " ports below 1024 and from broadcast or multicast sources are dropped",
+                event="udp-limits",
+                listener=self.listener.name,
+                rate=_number(rate),
+                burst=_number(getattr(limiter, "burst", 0)),
+            )
+        else:
+            self._log.info(
+                "UDP replies on {listener} are not rate-limited (--udp-rate 0); datagrams"
+                " from ports below 1024 and from broadcast or multicast sources are dropped",
+                event="udp-limits",
+                listener=self.listener.name,
+                rate=0,
+            )
 
     def startService(self) -> None:
         Service.startService(self)
@@ -336,3 +363,8 @@ class UDPListenerService(Service):
         Service.stopService(self)
         port, self.port = self.port, None
         return stopListening(port)
+
+
+def _number(value: float) -> float | int:
+    """A rate as people write it: 100, not 100.0."""
+    return int(value) if float(value).is_integer() else value

@@ -66,6 +66,38 @@ class OptionsTests(SynchronousTestCase):
             ],
         )
 
+    def test_udpAloneNoDefaultPort(self) -> None:
+        """--udp alone means no TCP listener; with neither, TCP 8080."""
+        self.assertEqual(parse("--udp", "7").config.listeners, ())
+        self.assertEqual(parse().config.listeners[0].name, "tcp:8080")
+
+    def test_listenerNames(self) -> None:
+        """name= names a listener (and is not passed to Twisted); a TLS
+        listener's name leaves out its key and certificate paths."""
+        [named] = parse("-p", "tcp:7:interface=127.0.0.1:name=edge").config.listeners
+        self.assertEqual(named, ("edge", "tcp:7:interface=127.0.0.1:backlog=4096"))
+        [proxied] = parse("-p", "haproxy:tcp:7:name=lb").config.listeners
+        self.assertEqual(proxied, ("lb", "haproxy:tcp:7:backlog=4096"))
+        for bad in ["tcp:7:name=", "tcp:7:name=a:name=b"]:
+            with self.assertRaises(UsageError, msg=bad):
+                parse("-p", bad)
+
+    def test_tlsNameLeavesOutPaths(self) -> None:
+        """A TLS listener is named by its port, not its key files."""
+        from echotw.endpoints import _takeName
+
+        self.assertEqual(
+            _takeName("ssl:8443:privateKey=/k.pem:certKey=/c.pem:interface=127.0.0.1")[0],
+            "ssl:8443:interface=127.0.0.1",
+        )
+
+    def test_endpointBacklogChecked(self) -> None:
+        """backlog= inside an endpoint string is a whole number 1-65535."""
+        for bad in ["tcp:7:backlog=0", "tcp:7:backlog=99999999999999", "tcp:7:backlog=x"]:
+            with self.assertRaises(UsageError, msg=bad) as ctx:
+                parse("-p", bad)
+            self.assertIn("backlog", str(ctx.exception))
+
     def test_ipv6Interface(self) -> None:
         """An IPv6 interface makes bare ports tcp6 with escaped colons."""
         options = parse("-p", "7", "-i", "::1")
