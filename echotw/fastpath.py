@@ -22,7 +22,14 @@ from typing import Any
 
 from twisted.internet import tcp
 
-_BUFFER_ATTRIBUTES = ("dataBuffer", "_tempDataLen", "disconnecting", "connected", "socket")
+_BUFFER_ATTRIBUTES = (
+    "dataBuffer",
+    "offset",
+    "_tempDataLen",
+    "disconnecting",
+    "connected",
+    "socket",
+)
 
 
 def canWriteDirectly(transport: Any) -> bool:
@@ -70,3 +77,11 @@ def writeDirectly(transport: Any, data: bytes) -> None:
         return
     if sent < len(data):
         transport.write(data[sent:])
+
+
+def bufferedBytes(transport: Any) -> int:
+    """
+    Bytes a transport that passed L{canWriteDirectly} holds and the kernel
+    has not taken yet.
+    """
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen

@@ -14,7 +14,10 @@ from twisted.python import usage
 from echotw.addresses import IPNetwork, parseNetwork
 from echotw.coercers import (
     NamingCoerceParameter,
+    byteRate,
     count,
+    duration,
+    fraction,
     logLevel,
     positive,
     positiveRate,
@@ -24,7 +27,15 @@ from echotw.coercers import (
     seconds,
     workerCount,
 )
-from echotw.config import DEFAULT_PORT, EchoConfig, Limits, LogSettings, ProxySettings, UDPLimits
+from echotw.config import (
+    DEFAULT_PORT,
+    EchoConfig,
+    Impairment,
+    Limits,
+    LogSettings,
+    ProxySettings,
+    UDPLimits,
+)
 from echotw.endpoints import (
     DEFAULT_BACKLOG,
     checkDescription,
@@ -201,6 +212,41 @@ class EchoOptions(usage.Options):
             positiveSeconds,
         ],
         [
+            "delay",
+            None,
+            DEFAULTS.impairment.delay,
+            "Impairment: echo each chunk received no sooner than this after it "
+            "arrived (0.2 or 200ms). On streams (TCP, TLS, Unix, haproxy:) the "
+            "order is kept; each UDP datagram is delayed on its own.",
+            duration,
+        ],
+        [
+            "jitter",
+            None,
+            DEFAULTS.impairment.jitter,
+            "Impairment: a random extra delay, uniform from 0 to this, per chunk. "
+            "A stream is never reordered (a chunk waits for the one before it); "
+            "UDP datagrams may be.",
+            duration,
+        ],
+        [
+            "bandwidth",
+            None,
+            DEFAULTS.impairment.bandwidth,
+            "Impairment: echo at most this many bytes a second per connection "
+            "(64k, 1M, 1.5G: decimal), shaped on the sending side; over UDP, "
+            "replies to one source beyond it are dropped. 0: no limit.",
+            byteRate,
+        ],
+        [
+            "udp-loss",
+            None,
+            DEFAULTS.impairment.udpLoss,
+            "Impairment: the share of UDP datagrams not echoed, chosen at random "
+            "per datagram (0 to 1, or a percentage); streams are not affected.",
+            fraction,
+        ],
+        [
             "shutdown-timeout",
             None,
             DEFAULTS.shutdownTimeout,
@@ -337,6 +383,12 @@ class EchoOptions(usage.Options):
                 level=self["log-level"],
                 connectionsPerSecond=self["log-connections"],
                 statsInterval=self["stats-interval"],
+            ),
+            impairment=Impairment(
+                delay=self["delay"],
+                jitter=self["jitter"],
+                bandwidth=self["bandwidth"],
+                udpLoss=self["udp-loss"],
             ),
             metrics=self["metrics"],
             workers=self["workers"],

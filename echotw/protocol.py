@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotw.fastpath import canWriteDirectly, writeDirectly
+from echotw.fastpath import bufferedBytes, canWriteDirectly, writeDirectly
 
 
 class ConnectionTracker(TypingProtocol):
@@ -48,6 +48,8 @@ class Connection(TypingProtocol):
     def abort(self, reason: str) -> None: ...
 
     def isIdle(self, now: float, timeout: float) -> bool: ...
+
+    def pendingBytes(self) -> int: ...
 
 
 @implementer(IHalfCloseableProtocol)
@@ -146,6 +148,14 @@ class EchoProtocol(Protocol):
             self._idleSince = now
             return False
         return now - self._idleSince >= timeout
+
+    def pendingBytes(self) -> int:
+        """
+        Bytes received and not yet handed to the kernel: what the transport
+        still buffers, where it says (plain TCP, see L{echotw.fastpath});
+        0 where it does not.
+        """
+        return bufferedBytes(self.transport) if self.direct else 0
 
     def connectionMade(self) -> None:
         self.startedAt = monotonic()
