@@ -126,7 +126,6 @@ class ImpairedEchoProtocol(EchoProtocol):
         self.shaper = StreamShaper(clock, self._release, delay, jitter, bandwidth, random)
         self.gate: ReadGate | None = None
         self._whenReleased: Callable[[], None] | None = None
-        self._busyAt = float("-inf")
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -182,10 +181,8 @@ class ImpairedEchoProtocol(EchoProtocol):
         it is idle once nothing has moved, nor waited, for C{timeout}.
         """
         idle = super().isIdle(now, timeout)
-        if self.shaper.pendingBytes:
-            self._busyAt = now
-            return False
-        return idle and now - self._busyAt >= timeout
+        shaper = self.shaper
+        return idle and not shaper.pendingBytes and now - shaper.releasedAt >= timeout
 
     def finish(self, reason: str) -> None:
         """

@@ -32,9 +32,9 @@ from echotw.ratelimit import TokenBuckets
 BURST_SECONDS = 0.05
 """
 A bandwidth-limited stream sends in pieces of this many seconds' worth of
-bytes (at least one byte): at most 20 wake-ups a second per connection,
-smooth enough that any window of a second carries C{rate} bytes, give or
-take one piece.
+bytes (at least one byte): about 20 wake-ups a second per connection,
+smooth enough that any second carries C{rate} bytes, give or take a piece.
+Its bucket holds two pieces, so a timer that fires late loses nothing.
 """
 
 RESOLUTION = 0.001
@@ -53,19 +53,22 @@ class StreamShaper:
     A chunk's release time is the later of its own (arrival, delay and
     jitter) and the one before it, so jitter spreads the stream out without
     ever reordering it.  The bandwidth limit is a token bucket on the way
-    out that holds L{BURST_SECONDS} worth of bytes: a chunk that is due is
-    sent as far as the bucket allows, the rest when it has refilled.
+    out, in pieces of L{BURST_SECONDS} worth of bytes: a chunk that is due
+    is sent as far as the bucket allows, the rest a piece at a time as it
+    refills.
 
     One C{IDelayedCall} at most is pending, for the head of the queue.
     Chunks due together are joined into one C{deliver} call.
 
     @ivar pendingBytes: bytes put and not yet delivered.
+    @ivar releasedAt: when bytes were last delivered.
     """
 
     __slots__ = (
         "_capacity",
         "_filledAt",
         "_lastRelease",
+        "_piece",
         "_queue",
         "_sentOfHead",
         "_timer",
@@ -77,6 +80,7 @@ class StreamShaper:
         "pendingBytes",
         "random",
         "rate",
+        "releasedAt",
     )
 
     def __init__(
@@ -95,12 +99,14 @@ class StreamShaper:
         self.rate = rate
         self.random = random if random is not None else Random()
         self.pendingBytes = 0
+        self.releasedAt = float("-inf")
         self._queue: deque[tuple[float, bytes]] = deque()
         self._sentOfHead = 0
         self._lastRelease = float("-inf")
         self._timer: IDelayedCall | None = None
-        self._capacity = max(rate * BURST_SECONDS, 1.0)
-        self._tokens = self._capacity
+        self._piece = max(rate * BURST_SECONDS, 1.0)
+        self._capacity = 2 * self._piece
+        self._tokens = self._piece
         self._filledAt = clock.seconds()
 
     def __len__(self) -> int:
@@ -164,7 +170,7 @@ class StreamShaper:
                 if n:
                     out.append(data[start : start + n])
                     self._sentOfHead = start + n
-                needed = min(left - n, self._capacity)
+                needed = min(left - n, self._piece)
                 wake = now + (needed - self._tokens) / rate
                 break
             out.append(data[start:] if start else data)
@@ -175,6 +181,7 @@ class StreamShaper:
         if out:
             chunk = out[0] if len(out) == 1 else b"".join(out)
             self.pendingBytes -= len(chunk)
+            self.releasedAt = now
             self.deliver(chunk)
 
 
