@@ -216,8 +216,8 @@ class EchoOptions(usage.Options):
             None,
             DEFAULTS.impairment.delay,
             "Impairment: echo each chunk received no sooner than this after it "
-            "arrived (0.2 or 200ms). On streams (TCP, TLS, Unix, haproxy:) the "
-            "order is kept; each UDP datagram is delayed on its own.",
+            "arrived. On streams (TCP, TLS, Unix, haproxy:) the order is kept; "
+            "each UDP datagram is delayed on its own.",
             duration,
         ],
         [
@@ -233,9 +233,9 @@ class EchoOptions(usage.Options):
             "bandwidth",
             None,
             DEFAULTS.impairment.bandwidth,
-            "Impairment: echo at most this many bytes a second per connection "
-            "(64k, 1M, 1.5G: decimal), shaped on the sending side; over UDP, "
-            "replies to one source beyond it are dropped. 0: no limit.",
+            "Impairment: echo at most this many bytes a second per connection, "
+            "shaped on the sending side; over UDP, replies to one source beyond "
+            "it are dropped.",
             byteRate,
         ],
         [
@@ -243,7 +243,7 @@ class EchoOptions(usage.Options):
             None,
             DEFAULTS.impairment.udpLoss,
             "Impairment: the share of UDP datagrams not echoed, chosen at random "
-            "per datagram (0 to 1, or a percentage); streams are not affected.",
+            "per datagram; streams are not affected.",
             fraction,
         ],
         [
