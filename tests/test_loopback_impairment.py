@@ -125,13 +125,29 @@ class ImpairedLoopbackTests(TestCase):
             await deferLater(reactor, 0.05)
         self.fail("server connections still open")
 
-    async def allOpen(self, factory: EchoFactory, count: int) -> None:
-        """Wait (10 s at most) until the server has C{count} connections."""
+    async def flooding(self, factory: EchoFactory) -> Flood:
+        """
+        A L{Flood} client connected to a new listener with C{factory}, once
+        the server has its connection; aborted (and waited for) after the test.
+        """
+        port = await self.listen(factory, "tcp:0:interface=127.0.0.1")
+        flood = Flood()
+        await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),  # type: ignore[attr-defined]
+            flood,
+        )
+
+        async def stop() -> None:
+            flood.transport.abortConnection()  # type: ignore[union-attr]
+            await flood.closed
+            await self.allClosed(factory)
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
         for _ in range(200):
-            if len(factory.protocols) == count:
-                return
+            if factory.protocols:
+                return flood
             await deferLater(reactor, 0.05)
-        self.fail(f"not {count} server connections")
+        self.fail("the server has no connection")
 
     async def timedRoundTrip(
         self, client: str | IStreamClientEndpoint, payload: bytes
@@ -222,21 +238,12 @@ class ImpairedLoopbackTests(TestCase):
         """A client that floods a --bandwidth 1k connection for two seconds
         gets no more than about two buffers held by the server."""
         factory = self.factory(bandwidth=1000)
-        port = await self.listen(factory, "tcp:0:interface=127.0.0.1")
-        flood = Flood()
-        await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),  # type: ignore[attr-defined]
-            flood,
-        )
+        await self.flooding(factory)
+        (server,) = factory.protocols
         peak = 0
         for _ in range(40):
             await deferLater(reactor, 0.05)
-            for p in factory.protocols:
-                peak = max(peak, p.pendingBytes())
-        self.assertEqual(len(factory.protocols), 1)
-        flood.transport.abortConnection()  # type: ignore[union-attr]
-        await flood.closed
-        await self.allClosed(factory)
+            peak = max(peak, server.pendingBytes())
         self.assertLessEqual(peak, PAUSE_ABOVE + 2 * 65536)
         self.assertGreater(peak, PAUSE_ABOVE // 2)
 
@@ -247,15 +254,9 @@ class ImpairedLoopbackTests(TestCase):
         held: the drain does not resume reading while the shaper is full
         (were the transport its own producer, this held over 1 MB)."""
         factory = self.factory(bandwidth=500_000)
-        port = await self.listen(factory, "tcp:0:interface=127.0.0.1")
-        flood = Flood()
-        await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port),  # type: ignore[attr-defined]
-            flood,
-        )
+        flood = await self.flooding(factory)
         flood.readNow(False)
         flood.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # type: ignore[union-attr]
-        await self.allOpen(factory, 1)
         (server,) = factory.protocols
         server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]
         server.transport.bufferSize = 4096  # type: ignore[union-attr]
@@ -265,6 +266,3 @@ class ImpairedLoopbackTests(TestCase):
             await deferLater(reactor, 0.05)
             peak = max(peak, server.pendingBytes())
         self.assertLessEqual(peak, PAUSE_ABOVE + 2 * 65536)
-        flood.transport.abortConnection()  # type: ignore[union-attr]
-        await flood.closed
-        await self.allClosed(factory)
