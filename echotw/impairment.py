@@ -125,7 +125,7 @@ class ImpairedEchoProtocol(EchoProtocol):
     ) -> None:
         self.shaper = StreamShaper(clock, self._release, delay, jitter, bandwidth, random)
         self.gate: ReadGate | None = None
-        self._whenReleased: Callable[[], None] | None = None
+        self._whenReleased: list[tuple[str, Callable[[], None]]] = []
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -165,9 +165,10 @@ class ImpairedEchoProtocol(EchoProtocol):
         gate = self.gate
         if gate is not None and gate.queueFull and waiting <= RESUME_BELOW:
             gate.holdForQueue(False)
-        if not waiting and self._whenReleased is not None:
-            close, self._whenReleased = self._whenReleased, None
-            close()
+        if not waiting and self._whenReleased:
+            closes, self._whenReleased = self._whenReleased, []
+            for _, close in closes:
+                close()
 
     def pendingBytes(self) -> int:
         """
@@ -194,7 +195,7 @@ class ImpairedEchoProtocol(EchoProtocol):
             return
         if self.closeReason is None:
             self.closeReason = reason
-        self._closeWhenReleased(partial(super().finish, reason))
+        self._closeWhenReleased("finish", partial(super().finish, reason))
 
     def readConnectionLost(self) -> None:
         """
@@ -203,18 +204,25 @@ class ImpairedEchoProtocol(EchoProtocol):
         if not self.shaper.pendingBytes:
             super().readConnectionLost()
             return
-        self._closeWhenReleased(super().readConnectionLost)
+        self._closeWhenReleased("eof", super().readConnectionLost)
 
-    def _closeWhenReleased(self, close: Callable[[], None]) -> None:
+    def _closeWhenReleased(self, kind: str, close: Callable[[], None]) -> None:
+        """
+        Stop reading; run C{close} once the shaper is empty, after the
+        closes asked for before it (a finish, then the client's EOF, is
+        what the plain echo would have seen), each kind once.
+        """
         if self.gate is not None:
             self.gate.close()
-        if self._whenReleased is None:
-            self._whenReleased = close
+        if all(pending != kind for pending, _ in self._whenReleased):
+            self._whenReleased.append((kind, close))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.shaper.cancel()
-        self._whenReleased = None
+        # The plain echo counts what was still queued as unsent: the shaper
+        # is emptied after it has looked.
         super().connectionLost(reason)
+        self.shaper.cancel()
+        self._whenReleased = []
 
 
 def impairedProtocols(

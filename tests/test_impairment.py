@@ -222,6 +222,23 @@ class ImpairedEchoTests(SynchronousTestCase):
         self.assertTrue(t.disconnecting)
         self.assertIsNone(p.closeReason)
 
+    def test_finishThenEndOfInput(self) -> None:
+        """A close the server started, then the client's EOF while bytes
+        wait: both run once the bytes are out, in that order."""
+        p, t = connect(impairedFactory(self.clock, delay=0.3))
+        p.dataReceived(b"both")
+        calls = []
+        t.loseConnection = lambda: calls.append("close")  # type: ignore[method-assign]
+        p.finish("server shutdown")
+        p.readConnectionLost()
+        p.finish("again")
+        self.assertEqual(calls, [])
+        self.clock.advance(0.3)
+        self.assertEqual(t.value(), b"both")
+        self.assertTrue(p.finishing)
+        self.assertEqual(p.closeReason, "server shutdown")
+        self.assertGreaterEqual(len(calls), 1)
+
     def test_sessionBytesAfterEchoing(self) -> None:
         """--max-session-bytes closes once the delayed bytes went out."""
         factory = EchoFactory(
