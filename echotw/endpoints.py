@@ -141,9 +141,14 @@ def _takeName(description: str) -> tuple[str, str]:
     The listener's name for logs and metric labels, and its endpoint string
     without it: C{name=NAME} if given (removed, since Twisted does not know
     it), else the string itself, except that a TLS listener's file paths
-    are left out of its name.
+    are left out of its name.  (A C{systemd:} string's C{name=} names the
+    inherited socket, not the listener.)
     """
     parts = splitDescription(description)
+    inner = parts[1:] if parts[0] == "haproxy" else parts
+    if inner and inner[0] == "systemd":
+        # There name= is the inherited socket's name (FileDescriptorName=).
+        return description, description
     named = [p for p in parts[1:] if p.startswith("name=")]
     if len(named) > 1:
         raise ValueError("name= given twice")
@@ -152,7 +157,6 @@ def _takeName(description: str) -> tuple[str, str]:
         if not name:
             raise ValueError("name= is empty")
         return name, ":".join(p for p in parts if not p.startswith("name="))
-    inner = parts[1:] if parts[0] == "haproxy" else parts
     if inner and inner[0] == "ssl":
         kept = [p for p in parts if not p.startswith(_PRIVATE_SSL_OPTIONS)]
         return ":".join(kept), description

@@ -6,7 +6,7 @@ accept each of them (the asyncore original's C{verify_request}).
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import monotonic
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -60,6 +60,8 @@ class EchoFactory(ServerFactory):
     @ivar protocols: the open connections' protocols.
     @ivar openByListener: open connections per listener name.
     @ivar totalByListener: accepted connections per listener name.
+    @ivar protocol: builds each connection's protocol: L{EchoProtocol}, or
+        an impaired one (L{echotw.impairment}).
     @ivar durationCounts: closed connections per L{DURATION_BUCKETS} bucket
         (one more for longer ones); with C{durationSum}, a histogram that
         metrics can read without costing anything per connection.
@@ -81,7 +83,9 @@ class EchoFactory(ServerFactory):
         maxSessionSeconds: float = 0,
         clock: IReactorTime | None = None,
         logConnections: int = 100,
+        protocol: Callable[[], EchoProtocol] = EchoProtocol,
     ) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
         self.rules = rules if rules is not None else AccessRules()
         self.verifiers = list(verifiers)
         self.maxConnections = maxConnections

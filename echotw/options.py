@@ -16,7 +16,10 @@ from echotw.coercers import (
     NamingCoerceParameter,
     backlog,
     burst,
+    byteRate,
     connectionLimit,
+    duration,
+    fraction,
     interval,
     linesPerSecond,
     logLevel,
@@ -27,7 +30,15 @@ from echotw.coercers import (
     timeout,
     workerCount,
 )
-from echotw.config import DEFAULT_PORT, EchoConfig, Limits, LogSettings, ProxySettings, UDPLimits
+from echotw.config import (
+    DEFAULT_PORT,
+    EchoConfig,
+    Impairment,
+    Limits,
+    LogSettings,
+    ProxySettings,
+    UDPLimits,
+)
 from echotw.endpoints import (
     DEFAULT_BACKLOG,
     checkDescription,
@@ -213,6 +224,41 @@ class EchoOptions(usage.Options):
             positiveTimeout,
         ],
         [
+            "delay",
+            None,
+            DEFAULTS.impairment.delay,
+            "Impairment: echo each chunk received no sooner than this after it "
+            "arrived. On streams (TCP, TLS, Unix, haproxy:) the order is kept; "
+            "each UDP datagram is delayed on its own.",
+            duration,
+        ],
+        [
+            "jitter",
+            None,
+            DEFAULTS.impairment.jitter,
+            "Impairment: a random extra delay, uniform from 0 to this, per chunk. "
+            "A stream is never reordered (a chunk waits for the one before it); "
+            "UDP datagrams may be.",
+            duration,
+        ],
+        [
+            "bandwidth",
+            None,
+            DEFAULTS.impairment.bandwidth,
+            "Impairment: echo at most this many bytes a second per connection, "
+            "shaped on the sending side; over UDP, replies to one source beyond "
+            "it are dropped.",
+            byteRate,
+        ],
+        [
+            "udp-loss",
+            None,
+            DEFAULTS.impairment.udpLoss,
+            "Impairment: the share of UDP datagrams not echoed, chosen at random "
+            "per datagram; streams are not affected.",
+            fraction,
+        ],
+        [
             "shutdown-timeout",
             None,
             DEFAULTS.shutdownTimeout,
@@ -376,6 +422,12 @@ class EchoOptions(usage.Options):
                 level=self["log-level"],
                 connectionsPerSecond=self["log-connections"],
                 statsInterval=self["stats-interval"],
+            ),
+            impairment=Impairment(
+                delay=self["delay"],
+                jitter=self["jitter"],
+                bandwidth=self["bandwidth"],
+                udpLoss=self["udp-loss"],
             ),
             metrics=self["metrics"],
             health=self["health"],

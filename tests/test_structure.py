@@ -109,6 +109,7 @@ class LayeringTests(SynchronousTestCase):
             ("echotw.udp", {"echotw.service", "echotw.factory"}),
             ("echotw.workers", {"echotw.tap", "echotw.options", "echotw.build"}),
             ("echotw.protocol", {"echotw.factory", "echotw.service"}),
+            ("echotw.shaping", {"echotw.protocol", "echotw.impairment", "echotw.udp"}),
         ]:
             self.assertFalse(graph[low] & forbidden, f"{low} imports {graph[low] & forbidden}")
 
@@ -171,7 +172,7 @@ class ConfigurationTests(SynchronousTestCase):
         options = EchoOptions()
         options.parseOptions([])
         config, default = options.config, EchoConfig()
-        for part in ("listeners", "limits", "udp", "proxy", "logging", "workers"):
+        for part in ("listeners", "limits", "udp", "proxy", "logging", "impairment", "workers"):
             self.assertEqual(getattr(config, part), getattr(default, part), part)
         self.assertEqual(config.shutdownTimeout, default.shutdownTimeout)
 

@@ -82,6 +82,13 @@ class OptionsTests(SynchronousTestCase):
             with self.assertRaises(UsageError, msg=bad):
                 parse("-p", bad)
 
+    def test_systemdNameIsTheSocketsName(self) -> None:
+        """In a systemd: string name= names the inherited socket and stays."""
+        from echotw.endpoints import _takeName
+
+        description = "systemd:domain=INET:name=echo"
+        self.assertEqual(_takeName(description), (description, description))
+
     def test_tlsNameLeavesOutPaths(self) -> None:
         """A TLS listener is named by its port, not its key files."""
         from echotw.endpoints import _takeName
