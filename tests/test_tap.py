@@ -4,6 +4,7 @@ Tests for the C{twistd echo} options and the service tree they build.
 
 from __future__ import annotations
 
+import re
 import socket
 
 from twisted.application.service import IServiceCollection
@@ -379,3 +380,45 @@ class DrainTests(SynchronousTestCase):
         echoed = busyT.value()
         self.assertIn(echoed, [b"more" * 9, b"more" * 10, b"more" * 11])
         self.assertEqual(len(echoed) + busy.bytesDiscarded, 4 * 25)  # type: ignore[attr-defined]
+
+
+class HelpTests(SynchronousTestCase):
+    def usage(self) -> str:
+        return EchoOptions().getUsage(width=80)
+
+    def test_groups(self) -> None:
+        """--help lists the options under the README's groups, in order."""
+        text = self.usage()
+        headings = [
+            "Listeners (echotw ",
+            "Who may connect:",
+            "Limits:",
+            "Shutdown:",
+            "Logs and metrics:",
+            "Impairment (",
+            "Other:",
+        ]
+        positions = [text.index(heading) for heading in headings]
+        self.assertEqual(positions, sorted(positions))
+
+    def test_everyOptionOnce(self) -> None:
+        """Every option is in exactly one group; one left out is an error."""
+        from echotw.helptext import groupedUsage
+        from echotw.options import HELP_GROUPS
+
+        text = self.usage()
+        for opt in EchoOptions().longOpt:
+            label = rf"^  (?:-\w, |    )--{re.escape(opt.rstrip('='))}(?: |$)"
+            self.assertEqual(len(re.findall(label, text, re.MULTILINE)), 1, opt)
+        with self.assertRaises(ValueError):
+            groupedUsage(EchoOptions(), HELP_GROUPS[:-1])
+
+    def test_defaultsAsPeopleWriteThem(self) -> None:
+        """Whole-number defaults show as integers, empty ones not at all,
+        and the help points at nothing a pip user does not have."""
+        text = self.usage()
+        self.assertRegex(text, r"--burst N\s+New connections[^\[]*\[default: 10\]\.")
+        self.assertRegex(text, r"--udp-rate N\[/s\][^\[]*\[default:\s+100\]\.")
+        self.assertNotIn("[default: ]", text)
+        self.assertNotRegex(text, r"\[default: \d+\.0\]")
+        self.assertNotIn("README", text)
