@@ -10,23 +10,28 @@ once.
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from random import Random
 
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 
-from echotw.config import EchoConfig, ProxySettings
+from echotw.config import EchoConfig, Impairment, ProxySettings
 from echotw.counters import WorkerCounters
-from echotw.endpoints import Listener, systemdSocket
-from echotw.factory import EchoFactory, ServerCount
+from echotw.endpoints import Listener, backlogOf, systemdSocket
+from echotw.factory import EchoFactory
 from echotw.health import HealthService
+from echotw.impairment import impairedProtocols
 from echotw.interfaces import IServerReactor
 from echotw.listening import AdoptedUNIXEndpoint
 from echotw.loglevel import setLogLevel
 from echotw.metrics import MetricsService
+from echotw.protocol import EchoProtocol
 from echotw.proxyprotocol import ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
 from echotw.service import EchoService, ListenerService
+from echotw.shaping import DatagramImpairment
+from echotw.sharedcount import ServerCount
 from echotw.signals import ProcessSignals
 from echotw.udp import UDPEchoProtocol, UDPListenerService
 from echotw.workerlog import RELAY, LogOutput
@@ -37,13 +42,23 @@ Inherited = tuple[int, int]
 
 
 def makeFactory(
-    config: EchoConfig, clock: IReactorTime, serverCount: ServerCount | None = None
+    config: EchoConfig,
+    clock: IReactorTime,
+    random: Random | None = None,
+    serverCount: ServerCount | None = None,
 ) -> EchoFactory:
     """
-    The factory all of the configuration's listeners share; a worker passes
-    the count of connections open over the whole server (C{serverCount}).
+    The factory all of the configuration's listeners share; its connections
+    are impaired only if the configuration asks for it.  A worker passes the
+    count of connections open over the whole server (C{serverCount}).
     """
     limits = config.limits
+    impairment = config.impairment
+    protocol: Callable[[], EchoProtocol] = EchoProtocol
+    if impairment.shapesStreams:
+        protocol = impairedProtocols(
+            clock, impairment.delay, impairment.jitter, impairment.bandwidth, random
+        )
     return EchoFactory(
         rules=config.rules,
         verifiers=config.verifiers,
@@ -57,6 +72,7 @@ def makeFactory(
         maxSessionSeconds=limits.maxSessionSeconds,
         clock=clock,
         logConnections=config.logging.connectionsPerSecond,
+        protocol=protocol,
         serverCount=serverCount if limits.maxConnections else None,
     )
 
@@ -118,7 +134,9 @@ def makeService(
     C{handleSignals}: SIGHUP reloads, a second SIGTERM stops at once.
     """
     setLogLevel(config.logging.level)
-    factory = makeFactory(config, reactor, serverCount)
+    # One generator per process for every random choice impairment makes.
+    random = Random() if config.impairment.active else None
+    factory = makeFactory(config, reactor, random, serverCount)
     supervising = config.workers > 1
     top = EchoService(
         factory,
@@ -162,9 +180,12 @@ def makeService(
                 listener, config.proxy, reactor, inherited[i] if inherited else None, factory
             )
             ListenerService(
-                listener.name, endpoint, factory.forListener(listener.name)
+                listener.name,
+                endpoint,
+                factory.forListener(listener.name),
+                backlogOf(listener.description),
             ).setServiceParent(top)
-    udpProtocols = makeUDPServices(config, factory, reactor, top)
+    udpProtocols = makeUDPServices(config, factory, reactor, top, random)
     ready = top.isReady
     if config.metrics is not None:
         source = factory if counters is None else counters
@@ -179,16 +200,21 @@ def makeService(
 
 
 def makeUDPServices(
-    config: EchoConfig, factory: EchoFactory, reactor: IServerReactor, parent: EchoService
+    config: EchoConfig,
+    factory: EchoFactory,
+    reactor: IServerReactor,
+    parent: EchoService,
+    random: Random | None = None,
 ) -> list[UDPEchoProtocol]:
     """
     One L{UDPListenerService} under C{parent} per UDP listener, all sharing
-    one per-source reply limit and the TCP listeners' rules; returns their
-    protocols (for metrics).
+    one per-source reply limit, the TCP listeners' rules and the
+    impairment; returns their protocols (for metrics).
     """
     if not config.udpListeners:
         return []
     limiter = TokenBuckets(config.udp.rate, config.udp.burst, clock=reactor)
+    impairment = makeDatagramImpairment(config.impairment, reactor, random)
     protocols = []
     for udp in config.udpListeners:
         protocol = UDPEchoProtocol(
@@ -197,7 +223,26 @@ def makeUDPServices(
             clock=reactor,
             rateLimiter=limiter,
             ipv6Prefix=config.limits.ipv6Prefix,
+            impairment=impairment,
         )
         protocols.append(protocol)
         UDPListenerService(udp, protocol, reactor).setServiceParent(parent)
     return protocols
+
+
+def makeDatagramImpairment(
+    impairment: Impairment, clock: IReactorTime, random: Random | None = None
+) -> DatagramImpairment | None:
+    """
+    What UDP replies go through, or L{None} when nothing impairs them.
+    """
+    if not impairment.active:
+        return None
+    return DatagramImpairment(
+        clock,
+        loss=impairment.udpLoss,
+        bandwidth=impairment.bandwidth,
+        delay=impairment.delay,
+        jitter=impairment.jitter,
+        random=random,
+    )

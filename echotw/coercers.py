@@ -8,6 +8,7 @@ error name the option.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -64,52 +65,46 @@ def perSecondNumber(value: str) -> float:
     return finiteNumber(value.removesuffix("/s"))
 
 
-@documented("A whole number; 0 means no limit.")
-def count(value: str) -> int:
-    n = wholeNumber(value)
-    if n < 0:
-        raise ValueError("must not be negative")
-    return n
+MAX_DELAY = 600.0
+"""The longest --delay or --jitter: ten minutes is past any client's timeout."""
+
+MAX_BANDWIDTH = 100e9
+"""The highest --bandwidth, far above what one connection can echo."""
+
+_MULTIPLIERS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+_BYTE_RATE = re.compile(r"(?P<number>[0-9]*\.?[0-9]+)(?P<unit>[kKmMgG]?)(/s)?")
 
 
-@documented("A whole number, at least 1.")
-def positive(value: str) -> int:
-    n = wholeNumber(value)
-    if n < 1:
-        raise ValueError("must be at least 1")
-    return n
-
-
-@documented("Seconds (decimals allowed).")
-def seconds(value: str) -> float:
-    s = finiteNumber(value)
-    if s < 0:
-        raise ValueError("must be a finite number of seconds, 0 or more")
+@documented("Seconds (0.2) or milliseconds (200ms), at most 600; 0 is off.")
+def duration(value: str) -> float:
+    text = value.strip()
+    if text.endswith("ms"):
+        s = float(text[:-2]) / 1000
+    else:
+        s = float(text.removesuffix("s"))
+    if not 0 <= s <= MAX_DELAY:
+        raise ValueError(f"must be between 0 and {MAX_DELAY:g} seconds")
     return s
 
 
-@documented("Seconds (decimals allowed), more than 0.")
-def positiveSeconds(value: str) -> float:
-    s = seconds(value)
-    if s == 0:
-        raise ValueError("must be more than 0")
-    return s
-
-
-@documented("Per second (N or N/s); 0 means no limit.")
-def rate(value: str) -> float:
-    r = perSecondNumber(value)
-    if r < 0:
-        raise ValueError("must be a finite number, 0 or more")
+@documented("Bytes per second: 64k, 1M, 1.5G (decimal: k=1000), at most 100G; 0 is off.")
+def byteRate(value: str) -> float:
+    match = _BYTE_RATE.fullmatch(value.strip())
+    if match is None:
+        raise ValueError("must be bytes per second like 500, 64k, 1M or 1.5G")
+    r = float(match["number"]) * _MULTIPLIERS[match["unit"].lower()]
+    if r and not 1 <= r <= MAX_BANDWIDTH:
+        raise ValueError("must be 0 (off) or between 1 byte and 100G a second")
     return r
 
 
-@documented("A number, at least 1.")
-def positiveRate(value: str) -> float:
-    r = rate(value)
-    if r < 1:
-        raise ValueError("must be at least 1")
-    return r
+@documented("A share from 0 to 1 (0.05), or a percentage (5%).")
+def fraction(value: str) -> float:
+    text = value.strip()
+    f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= f <= 1:
+        raise ValueError("must be between 0 and 1 (or 0% and 100%)")
+    return f
 
 
 @documented(f"One of {', '.join(LEVELS)}.")

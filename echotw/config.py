@@ -83,6 +83,41 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class Impairment:
+    """
+    What the echo does to the path on purpose, for testing clients and what
+    lies between them and the server (see L{echotw.impairment}).
+
+    @ivar delay: seconds each chunk (or UDP datagram) waits before its echo.
+    @ivar jitter: up to this many more seconds, at random, per chunk or
+        datagram; streams are never reordered by it, datagrams may be.
+    @ivar bandwidth: bytes per second echoed per connection, and per UDP
+        source (0: no limit).
+    @ivar udpLoss: the share of UDP datagrams not echoed, 0 to 1.
+    """
+
+    delay: float = 0.0
+    jitter: float = 0.0
+    bandwidth: float = 0.0
+    udpLoss: float = 0.0
+
+    @property
+    def shapesStreams(self) -> bool:
+        """
+        Whether stream connections (TCP, TLS, Unix, PROXY) are impaired:
+        otherwise they use the plain, unimpaired echo.
+        """
+        return bool(self.delay or self.jitter or self.bandwidth)
+
+    @property
+    def active(self) -> bool:
+        """
+        Whether any impairment is on.
+        """
+        return self.shapesStreams or bool(self.udpLoss)
+
+
+@dataclass(frozen=True)
 class EchoConfig:
     """
     Everything one echo server is made of.
@@ -95,6 +130,8 @@ class EchoConfig:
     @ivar metrics: the endpoint serving Prometheus metrics (and health), if any.
     @ivar health: the endpoint serving health and readiness alone, if any.
     @ivar workers: processes serving the listeners.
+    @ivar impairment: delay, jitter, bandwidth and loss applied to echoes
+        (all off by default).
     @ivar shutdownTimeout: seconds open connections get to finish on SIGTERM.
     @ivar drainDelay: seconds the listeners keep accepting after SIGTERM,
         while readiness already says no.
@@ -113,6 +150,7 @@ class EchoConfig:
     udp: UDPLimits = UDPLimits()
     proxy: ProxySettings = ProxySettings()
     logging: LogSettings = LogSettings()
+    impairment: Impairment = Impairment()
     metrics: str | None = None
     health: str | None = None
     workers: int = 1

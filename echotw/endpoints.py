@@ -80,9 +80,10 @@ def listenerDescription(port: str, interface: str = "", backlog: int = DEFAULT_B
     The listener for one C{--port} value.
 
     A bare number is TCP on that port, on C{interface} (IPv6 literals make it
-    C{tcp6:}); anything else is taken as an endpoint string.  The backlog is
-    added to TCP-based strings (C{tcp:}, C{tcp6:}, C{ssl:}, C{haproxy:}) that
-    do not set their own.
+    C{tcp6:}); anything else is taken as an endpoint string, which may end
+    in C{:name=NAME} to name the listener in logs and metrics.  The backlog
+    is added to TCP-based strings (C{tcp:}, C{tcp6:}, C{ssl:}, C{haproxy:})
+    that do not set their own.
 
     @raise ValueError: for an empty value, a port out of range or an endpoint
         string Twisted cannot parse; the message names the problem.
@@ -100,15 +101,66 @@ def listenerDescription(port: str, interface: str = "", backlog: int = DEFAULT_B
             description += f":interface={escape(interface)}"
     else:
         description = port
-    name = description
-    parts = splitDescription(description)
-    if parts[0] in _BACKLOG_TYPES and not any(p.startswith("backlog=") for p in parts[1:]):
-        description += f":backlog={backlog}"
     try:
+        name, description = _takeName(description)
+        parts = splitDescription(description)
+        backlogs = [p for p in parts[1:] if p.startswith("backlog=")]
+        for given in backlogs:
+            value = given.removeprefix("backlog=")
+            if not (value.isdigit() and 1 <= int(value) <= 65535):
+                raise ValueError(f"backlog {value!r} is not a whole number 1-65535")
+        if parts[0] in _BACKLOG_TYPES and not backlogs:
+            description += f":backlog={backlog}"
         checkDescription(description)
     except ValueError as e:
         raise ValueError(f"{port!r}: {e}") from None
     return Listener(name, description)
+
+
+def backlogOf(description: str) -> int | None:
+    """
+    The C{backlog=} an endpoint string asks for, if any.
+    """
+    for part in splitDescription(description)[1:]:
+        if part.startswith("backlog=") and part[8:].isdigit():
+            return int(part[8:])
+    return None
+
+
+_PRIVATE_SSL_OPTIONS = (
+    "privateKey=",
+    "certKey=",
+    "extraCertChain=",
+    "dhParameters=",
+    "caCertsDir=",
+)
+
+
+def _takeName(description: str) -> tuple[str, str]:
+    """
+    The listener's name for logs and metric labels, and its endpoint string
+    without it: C{name=NAME} if given (removed, since Twisted does not know
+    it), else the string itself, except that a TLS listener's file paths
+    are left out of its name.  (A C{systemd:} string's C{name=} names the
+    inherited socket, not the listener.)
+    """
+    parts = splitDescription(description)
+    inner = parts[1:] if parts[0] == "haproxy" else parts
+    if inner and inner[0] == "systemd":
+        # There name= is the inherited socket's name (FileDescriptorName=).
+        return description, description
+    named = [p for p in parts[1:] if p.startswith("name=")]
+    if len(named) > 1:
+        raise ValueError("name= given twice")
+    if named:
+        name = unescape(named[0].removeprefix("name="))
+        if not name:
+            raise ValueError("name= is empty")
+        return name, ":".join(p for p in parts if not p.startswith("name="))
+    if inner and inner[0] == "ssl":
+        kept = [p for p in parts if not p.startswith(_PRIVATE_SSL_OPTIONS)]
+        return ":".join(kept), description
+    return description, description
 
 
 def checkDescription(description: str) -> None:

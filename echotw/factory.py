@@ -6,9 +6,8 @@ accept each of them (the asyncore original's C{verify_request}).
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from time import monotonic
-from typing import Protocol
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -27,21 +26,10 @@ from echotw.ratelimit import (
     defaultClock,
     unloggedNote,
 )
+from echotw.sharedcount import ServerCount
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
-
-
-class ServerCount(Protocol):
-    """
-    Connections open over a whole server of several processes (see
-    L{echotw.sharedcount}): what C{--max-connections} is checked against
-    when the factory is given one.
-    """
-
-    def publish(self, openHere: int) -> None: ...
-
-    def total(self) -> int: ...
 
 
 class EchoFactory(ServerFactory):
@@ -73,6 +61,8 @@ class EchoFactory(ServerFactory):
     @ivar protocols: the open connections' protocols.
     @ivar openByListener: open connections per listener name.
     @ivar totalByListener: accepted connections per listener name.
+    @ivar protocol: builds each connection's protocol: L{EchoProtocol}, or
+        an impaired one (L{echotw.impairment}).
     @ivar durationCounts: closed connections per L{DURATION_BUCKETS} bucket
         (one more for longer ones); with C{durationSum}, a histogram that
         metrics can read without costing anything per connection.
@@ -97,8 +87,10 @@ class EchoFactory(ServerFactory):
         maxSessionSeconds: float = 0,
         clock: IReactorTime | None = None,
         logConnections: int = 100,
+        protocol: Callable[[], EchoProtocol] = EchoProtocol,
         serverCount: ServerCount | None = None,
     ) -> None:
+        self.protocol = protocol  # type: ignore[assignment]
         self.rules = rules if rules is not None else AccessRules()
         self.verifiers = list(verifiers)
         self.maxConnections = maxConnections

@@ -62,6 +62,36 @@ def listenNow(
     return port, None
 
 
+def kernelBacklogCap(path: str = "/proc/sys/net/core/somaxconn") -> int | None:
+    """
+    The longest listen queue the kernel grants (Linux's
+    C{net.core.somaxconn}); L{None} where it cannot be read.
+    """
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def warnIfBacklogCapped(log: Logger, listener: str, backlog: int | None) -> None:
+    """
+    Say once, at start-up, that the kernel shortens C{listener}'s listen
+    queue: it does so silently, and a burst of connections then meets a
+    shorter queue than the operator asked for.
+    """
+    cap = kernelBacklogCap()
+    if backlog is not None and cap is not None and backlog > cap:
+        log.warn(
+            "Listen queue of {listener} is {backlog}, but the kernel caps it at {cap}"
+            " (raise net.core.somaxconn for more)",
+            event="backlog-capped",
+            listener=listener,
+            backlog=backlog,
+            cap=cap,
+        )
+
+
 def logListening(log: Logger, listener: str, address: Any, **more: Any) -> None:
     """
     Log the address a listener actually bound (so C{tcp:0} reports its port).

@@ -6,7 +6,9 @@ one L{EchoConfig}.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
+import textwrap
 from typing import Any
 
 from twisted.python import usage
@@ -16,7 +18,10 @@ from echotw.coercers import (
     NamingCoerceParameter,
     backlog,
     burst,
+    byteRate,
     connectionLimit,
+    duration,
+    fraction,
     interval,
     linesPerSecond,
     logLevel,
@@ -27,7 +32,15 @@ from echotw.coercers import (
     timeout,
     workerCount,
 )
-from echotw.config import DEFAULT_PORT, EchoConfig, Limits, LogSettings, ProxySettings, UDPLimits
+from echotw.config import (
+    DEFAULT_PORT,
+    EchoConfig,
+    Impairment,
+    Limits,
+    LogSettings,
+    ProxySettings,
+    UDPLimits,
+)
 from echotw.endpoints import (
     DEFAULT_BACKLOG,
     checkDescription,
@@ -35,9 +48,67 @@ from echotw.endpoints import (
     parseUDPListener,
     splitDescription,
 )
+from echotw.helptext import Group, groupedUsage
 from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.version import __version__
+
+HELP_GROUPS: list[Group] = [
+    (
+        f"Listeners (echotw {__version__})",
+        [
+            ("port", "ENDPOINT"),
+            ("udp", "LISTENER"),
+            ("interface", "ADDR"),
+            ("backlog", "N"),
+            ("workers", "N"),
+        ],
+    ),
+    (
+        "Who may connect",
+        [
+            ("allow", "CIDR"),
+            ("deny", "CIDR"),
+            ("allow-file", "PATH"),
+            ("deny-file", "PATH"),
+            ("verifier", "MODULE:NAME"),
+            ("trusted-proxy", "CIDR"),
+            ("proxy-timeout", "S"),
+        ],
+    ),
+    (
+        "Limits",
+        [
+            ("max-connections", "N"),
+            ("max-per-ip", "N"),
+            ("rate", "N[/s]"),
+            ("burst", "N"),
+            ("ipv6-prefix", "BITS"),
+            ("idle-timeout", "S"),
+            ("max-session-bytes", "N"),
+            ("max-session-seconds", "S"),
+            ("udp-rate", "N[/s]"),
+            ("udp-burst", "N"),
+        ],
+    ),
+    ("Shutdown", [("shutdown-timeout", "S"), ("drain-delay", "S")]),
+    (
+        "Logs and metrics",
+        [
+            ("log-level", "LEVEL"),
+            ("log-connections", "N"),
+            ("stats-interval", "S"),
+            ("metrics", "ENDPOINT"),
+            ("health", "ENDPOINT"),
+        ],
+    ),
+    (
+        "Impairment (testing a path or a client; all off by default)",
+        [("delay", "S"), ("jitter", "S"), ("bandwidth", "RATE"), ("udp-loss", "SHARE")],
+    ),
+    ("Other", [("help", ""), ("version", "")]),
+]
+"""The option groups of C{--help}, in the order a reader looks for them."""
 
 DEFAULTS = EchoConfig()
 """Each option's default is the configuration's."""
@@ -50,59 +121,64 @@ class EchoOptions(usage.Options):
     """
     Run a byte-exact TCP and UDP echo server (RFC 862).
 
-    IP rules (--allow, --deny and their files), --rate and --max-per-ip
-    apply to clients with an IP address; clients of Unix-socket listeners
-    have none and are accepted by them (file permissions govern who reaches
-    the socket), while --max-connections counts them like any other.
-    SIGHUP re-reads the rule files.  See README.md for the details.
+    Durations are seconds (decimals allowed); counts and rates take 0 for
+    "no limit" where their help says so.  IP rules, --rate and --max-per-ip
+    do not apply to Unix-socket clients (the socket file's permissions
+    decide who connects).  SIGHUP re-reads the rule files; SIGTERM drains;
+    a second SIGTERM stops at once.
     """
 
     synopsis = "[options]"
     longdesc = inspect.cleandoc(__doc__)
+
+    def getUsage(self, width: int | None = None) -> str:
+        """
+        The notes above, then the options in groups (see L{echotw.helptext}).
+        """
+        width = width or int(os.environ.get("COLUMNS", "80"))
+        notes = textwrap.fill(" ".join(self.longdesc.split()), width)
+        return notes + "\n\n" + groupedUsage(self, HELP_GROUPS, width)
 
     optParameters = [
         [
             "interface",
             "i",
             "",
-            "Interface address for bare-number --port values; empty means all IPv4 addresses.",
+            "Address for bare-number --port and --udp values (an IPv6 one makes them tcp6/udp6) [default: all IPv4].",
         ],
         [
             "backlog",
             "b",
             DEFAULT_BACKLOG,
-            "Listen queue length for TCP listeners that do not set backlog= "
-            "themselves (the kernel caps it at net.core.somaxconn).",
+            "Listen queue for TCP listeners without their own backlog=.",
             backlog,
         ],
         [
             "max-connections",
             None,
             DEFAULTS.limits.maxConnections,
-            "Most connections open at once, over all listeners.",
+            "Connections open at once, all listeners together (0: no limit).",
             connectionLimit,
         ],
         [
             "max-per-ip",
             None,
             DEFAULTS.limits.maxPerSource,
-            "Most connections open at once from one source (an IPv4 address, "
-            "or an IPv6 prefix of --ipv6-prefix bits).",
+            "Connections open at once from one source: an IPv4 address or an IPv6 --ipv6-prefix (0: no limit).",
             connectionLimit,
         ],
         [
             "ipv6-prefix",
             None,
             DEFAULTS.limits.ipv6Prefix,
-            "IPv6 clients count as one source per prefix of this length.",
+            "Bits of an IPv6 address that make one source.",
             prefixLength,
         ],
         [
             "rate",
             None,
             DEFAULTS.limits.rate,
-            "New connections per second from one source (N or N/s), beyond "
-            "--burst; connections over the rate are refused.",
+            "New connections per second from one source (0: no limit).",
             perSecond,
         ],
         [
@@ -123,80 +199,67 @@ class EchoOptions(usage.Options):
             "max-session-bytes",
             None,
             DEFAULTS.limits.maxSessionBytes,
-            "Close a connection once it has echoed this many bytes (the last "
-            "chunk received is still echoed whole).",
+            "Close a connection once it has echoed this many bytes (0: no limit).",
             sessionBytes,
         ],
         [
             "max-session-seconds",
             None,
             DEFAULTS.limits.maxSessionSeconds,
-            "Close a connection this long after it opened, after echoing what "
-            "it received (0: no limit).",
+            "Close a connection this long after it opened (0: no limit).",
             timeout,
         ],
         [
             "verifier",
             None,
             None,
-            "A callable package.module:name consulted after the built-in rules "
-            "with (address, listener): None/True accepts, a string or False "
-            "refuses (a class is instantiated first).",
+            "Also ask this callable, (address, listener) -> None/True to accept, a reason or False to refuse.",
         ],
         [
             "metrics",
             None,
             None,
-            "Serve Prometheus metrics at /metrics on this endpoint, e.g. "
-            "tcp:9100:interface=127.0.0.1, with /healthz and /readyz beside them "
-            "[default: off].",
+            "Serve /metrics (Prometheus), /healthz and /readyz here, e.g. tcp:9100:interface=127.0.0.1 [default: off].",
         ],
         [
             "health",
             None,
             None,
-            "Serve /healthz and /readyz alone on this endpoint (when --metrics "
-            "is off) [default: off].",
+            "Serve /healthz and /readyz alone here, without --metrics [default: off].",
         ],
         [
             "log-connections",
             None,
             DEFAULTS.logging.connectionsPerSecond,
-            "Log at most this many connections a second one by one (their "
-            "connected and closed events); the rest are counted in a summary "
-            "line, so a flood cannot flood the log (0: log every one).",
+            "Log at most this many connections a second one by one; count the rest (0: all).",
             linesPerSecond,
         ],
         [
             "stats-interval",
             None,
             DEFAULTS.logging.statsInterval,
-            "Log a one-line summary every this many seconds (0: never).",
+            "Log a one-line summary this often (0: never).",
             interval,
         ],
         [
             "workers",
             None,
             DEFAULTS.workers,
-            "Processes serving the same listeners (TCP, Unix and haproxy: ones), "
-            "each TCP listener a socket per worker where the kernel balances them; "
-            "limits and metrics hold for the whole server (see README).",
+            "Processes serving the listeners.",
             workerCount,
         ],
         [
             "log-level",
             None,
             DEFAULTS.logging.level,
-            "Least important echotw events to log: debug (adds health checks), "
-            "info (every connection), warn, error or critical.",
+            "Least important events logged: debug, info, warn, error, critical.",
             logLevel,
         ],
         [
             "udp-rate",
             None,
             DEFAULTS.udp.rate,
-            "UDP replies per second to one source (0: no limit); protects third "
-            "parties from reflection and breaks echo loops.",
+            "UDP replies per second to one source, against reflection and loops (0: no limit).",
             perSecond,
         ],
         [
@@ -210,24 +273,49 @@ class EchoOptions(usage.Options):
             "proxy-timeout",
             None,
             DEFAULTS.proxy.timeout,
-            "Seconds a haproxy: listener waits for the PROXY header before aborting.",
+            "How long a haproxy: listener waits for the PROXY header.",
             positiveTimeout,
+        ],
+        [
+            "delay",
+            None,
+            DEFAULTS.impairment.delay,
+            "Echo each chunk (stream) or datagram (UDP) this long after it arrived: 0.2 or 200ms.",
+            duration,
+        ],
+        [
+            "jitter",
+            None,
+            DEFAULTS.impairment.jitter,
+            "Add a random 0 to this to each delay; a stream is never reordered, UDP may be.",
+            duration,
+        ],
+        [
+            "bandwidth",
+            None,
+            DEFAULTS.impairment.bandwidth,
+            "Echo at most this many bytes a second per connection (UDP: per source, excess dropped): 64k, 1M.",
+            byteRate,
+        ],
+        [
+            "udp-loss",
+            None,
+            DEFAULTS.impairment.udpLoss,
+            "Share of UDP replies dropped at random: 0.05 or 5%.",
+            fraction,
         ],
         [
             "shutdown-timeout",
             None,
             DEFAULTS.shutdownTimeout,
-            "On SIGTERM/SIGINT, how long open connections may take to finish "
-            "before they are aborted.",
+            "On SIGTERM, how long open connections get to finish before they are aborted.",
             timeout,
         ],
         [
             "drain-delay",
             None,
             DEFAULTS.drainDelay,
-            "On SIGTERM, how long to keep accepting connections while /readyz "
-            "already answers 503, before the listeners close and the drain "
-            "begins.",
+            "On SIGTERM, keep accepting this long while /readyz says 503, before the drain.",
             timeout,
         ],
     ]
@@ -261,33 +349,33 @@ class EchoOptions(usage.Options):
         raise SystemExit(0)
 
     def opt_port(self, value: str) -> None:
-        """Listen here (repeatable). A bare number is TCP on that port; anything else is a Twisted endpoint string: tcp:, tcp6:, unix:, ssl:, systemd:, haproxy: ... [default: 8080]"""
+        """Listen here (repeatable): a port number is TCP; else a Twisted endpoint string (tcp:, tcp6:, unix:, ssl:, systemd:, haproxy:...), :name=NAME names it [default: 8080, unless --udp]."""
         self["port"].append(value)
 
     opt_p = opt_port
 
     def opt_udp(self, value: str) -> None:
-        """Echo UDP datagrams here (repeatable): udp:PORT[:interface=ADDR], udp6:PORT[:interface=ADDR], or a bare port number (with --interface) [default: none]."""
+        """Echo UDP here (repeatable): udp:PORT[:interface=ADDR], udp6:..., or a port number [default: none]."""
         self["udp"].append(value)
 
     def opt_trusted_proxy(self, value: str) -> None:
-        """Accept PROXY headers on haproxy: listeners only from this balancer address or network (repeatable) [default: loopback only]."""
+        """Balancer allowed to send PROXY headers to haproxy: listeners (repeatable) [default: loopback]."""
         self["trusted-proxy"].append(self._network("--trusted-proxy", value))
 
     def opt_allow_file(self, path: str) -> None:
-        """Like --allow for every address or CIDR in this file, one per line, # comments (repeatable; re-read on SIGHUP). An empty file still means only those listed."""
+        """--allow each address or CIDR in this file, one a line (repeatable; re-read on SIGHUP)."""
         self["allow-file"].append(path)
 
     def opt_deny_file(self, path: str) -> None:
-        """Like --deny for every address or CIDR in this file, one per line, # comments (repeatable; re-read on SIGHUP)."""
+        """--deny each address or CIDR in this file, one a line (repeatable; re-read on SIGHUP)."""
         self["deny-file"].append(path)
 
     def opt_allow(self, value: str) -> None:
-        """Accept only clients in this address or CIDR network (repeatable, IPv4 or IPv6) [default: everyone]."""
+        """Accept only clients in this address or CIDR network (repeatable) [default: everyone]."""
         self["allow"].append(self._network("--allow", value))
 
     def opt_deny(self, value: str) -> None:
-        """Refuse clients in this address or CIDR network (repeatable, IPv4 or IPv6); a deny match always wins over --allow."""
+        """Refuse clients in this address or CIDR network (repeatable); deny wins over allow."""
         self["deny"].append(self._network("--deny", value))
 
     @staticmethod
@@ -302,7 +390,9 @@ class EchoOptions(usage.Options):
         Check the values together and build L{config}, once.
         """
         listeners = []
-        for port in self["port"] or [DEFAULT_PORT]:
+        # The default port only when no listener of any kind is given: --udp
+        # alone must not open a TCP port on every interface as well.
+        for port in self["port"] or ([] if self["udp"] else [DEFAULT_PORT]):
             try:
                 listeners.append(listenerDescription(port, self["interface"], self["backlog"]))
             except ValueError as e:
@@ -371,6 +461,12 @@ class EchoOptions(usage.Options):
                 level=self["log-level"],
                 connectionsPerSecond=self["log-connections"],
                 statsInterval=self["stats-interval"],
+            ),
+            impairment=Impairment(
+                delay=self["delay"],
+                jitter=self["jitter"],
+                bandwidth=self["bandwidth"],
+                udpLoss=self["udp-loss"],
             ),
             metrics=self["metrics"],
             health=self["health"],

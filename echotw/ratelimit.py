@@ -67,9 +67,12 @@ class TokenBuckets:
         """Sources currently tracked."""
         return len(self._buckets)
 
-    def allow(self, source: Any) -> bool:
+    def allow(self, source: Any, cost: float = 1.0) -> bool:
         """
-        Spend one of C{source}'s tokens; C{False} if it has none left.
+        Spend C{cost} of C{source}'s tokens (one event by default, or bytes);
+        C{False} if it has too few.  A cost above C{burst} passes once the
+        bucket is full and leaves it in debt, so that anything passes in time
+        and the rate still holds on average.
         """
         if not self.rate:
             return True
@@ -85,9 +88,9 @@ class TokenBuckets:
             tokens = bucket.tokens + (now - bucket.updated) * self.rate
             bucket.tokens = tokens if tokens < self.burst else self.burst
             bucket.updated = now
-        if bucket.tokens < 1:
+        if bucket.tokens < (cost if cost < self.burst else self.burst):
             return False
-        bucket.tokens -= 1
+        bucket.tokens -= cost
         return True
 
     def prune(self, now: float | None = None) -> None:

@@ -41,6 +41,7 @@ from echotw.listening import (
     listenNow,
     logListening,
     stopListening,
+    warnIfBacklogCapped,
     watchAcceptErrors,
 )
 from echotw.policy import AccessRules
@@ -56,10 +57,17 @@ class ListenerService(Service):
 
     _log = Logger(observer=loglevel.observer)
 
-    def __init__(self, description: str, endpoint: IStreamServerEndpoint, factory: Factory):
+    def __init__(
+        self,
+        description: str,
+        endpoint: IStreamServerEndpoint,
+        factory: Factory,
+        backlog: int | None = None,
+    ):
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
+        self.backlog = backlog
         self.port: IListeningPort | None = None
         self._pending: Deferred[Any] | None = None
         self._acceptErrors: AcceptErrors | None = None
@@ -88,6 +96,7 @@ class ListenerService(Service):
                 port, self.description, echo.clock, echo.refusalLog, echo.countRefusal
             )
         logListening(self._log, self.description, port.getHost())
+        warnIfBacklogCapped(self._log, self.description, self.backlog)
         return port
 
     def startService(self) -> None:

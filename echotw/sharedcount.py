@@ -28,8 +28,22 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
+from typing import Protocol
 
 SLOT = 8
+
+
+class ServerCount(Protocol):
+    """
+    What L{echotw.factory.EchoFactory} needs from a count shared by the
+    processes of one server: to be told this process's connections in use,
+    and the whole server's total, which C{--max-connections} is checked
+    against.
+    """
+
+    def publish(self, openHere: int) -> None: ...
+
+    def total(self) -> int: ...
 
 
 def createSharedFile(slots: int) -> int:

@@ -20,6 +20,10 @@ of a loop or a reflection, in the spirit of OpenBSD inetd's C{dg_badinput}
     spends the bucket, then a datagram is dropped and the loop is over;
   - a reply is the request itself, so never larger than it.
 
+Impairment on purpose (C{--udp-loss}, C{--bandwidth}, C{--delay},
+C{--jitter}) applies after all of these, to replies that would be sent
+(L{echotw.shaping.DatagramImpairment}).
+
 C{--udp} values are parsed by L{echotw.endpoints.parseUDPListener}.
 """
 
@@ -44,6 +48,7 @@ from echotw.endpoints import UDPListener
 from echotw.listening import ListenFailed, logListening, stopListening
 from echotw.policy import Verifier, refusalReason
 from echotw.ratelimit import LogThrottle, TokenBuckets, defaultClock, unloggedNote
+from echotw.shaping import DatagramImpairment
 
 MAX_DATAGRAM = 65535
 """
@@ -93,12 +98,25 @@ DEFAULT_MAX_SOURCES = 65536
 DEFAULT_LOG_INTERVAL = 10.0
 """Seconds between two log lines about datagrams dropped from one source."""
 
-DROP_REASONS = ("denied", "loop-port", "broadcast", "rate-limited", "send-failed")
+DROP_REASONS = (
+    "denied",
+    "loop-port",
+    "broadcast",
+    "rate-limited",
+    "send-failed",
+    "impairment-loss",
+    "impairment-bandwidth",
+    "impairment-queue-full",
+    "impairment-shutdown",
+)
 """
 Why a datagram got no reply: refused by the access rules; from a port in
 the loop list; from a source that is not one unicast host (or the kernel
 refused to send to it as a broadcast address); over the source's rate; the
-kernel could not send the reply (for example a full socket buffer).
+kernel could not send the reply (for example a full socket buffer).  Then
+impairment on purpose: lost at random (C{--udp-loss}); over the source's
+C{--bandwidth}; too many replies already waiting on C{--delay}; still
+waiting on it when the listener stopped.
 """
 
 
@@ -141,6 +159,7 @@ class UDPEchoProtocol(DatagramProtocol):
     @param ipv6Prefix: IPv6 sources count as one per prefix of this length
         for rate limits and logs (one IPv6 host usually owns a /64).
     @param maxSources: sources tracked at once for rate limits and for logs.
+    @param impairment: loss, bandwidth and delay applied to replies, if any.
 
     @ivar datagramsEchoed: datagrams sent back.
     @ivar bytesEchoed: bytes sent back.
@@ -162,8 +181,10 @@ class UDPEchoProtocol(DatagramProtocol):
         ipv6Prefix: int = 64,
         logInterval: float = DEFAULT_LOG_INTERVAL,
         maxSources: int = DEFAULT_MAX_SOURCES,
+        impairment: DatagramImpairment | None = None,
     ) -> None:
         self.rules = rules
+        self.impairment = impairment
         self.listener = listener
         self.clock = clock if clock is not None else defaultClock()
         if rateLimiter is None:
@@ -197,8 +218,37 @@ class UDPEchoProtocol(DatagramProtocol):
         if not self.rateLimiter.allow(source):
             self._drop("rate-limited", host, port, source)
             return
+        if self.impairment is not None:
+            self._impair(datagram, addr, source)
+            return
+        self._send(datagram, addr, source)
+
+    def _impair(self, datagram: bytes, addr: tuple[str, int], source: Any) -> None:
+        """
+        Drop, hold or send a reply as the impairment says.
+        """
+        impairment = self.impairment
+        assert impairment is not None
+        reason = impairment.judge(datagram, source)
+        delay = impairment.delay
+        if reason is None and delay is not None:
+            if delay.hold(self._send, datagram, addr, source):
+                return
+            reason = "impairment-queue-full"
+        if reason is None:
+            self._send(datagram, addr, source)
+        else:
+            self._drop(reason, addr[0], addr[1], source)
+
+    def _send(self, datagram: bytes, addr: tuple[str, int], source: Any) -> None:
+        """
+        Send the reply, counting it, or why it could not be sent.
+        """
         transport = self.transport
-        assert transport is not None
+        if transport is None:
+            self._drop("impairment-shutdown", addr[0], addr[1], source)
+            return
+        host, port = addr[0], addr[1]
         try:
             transport.write(datagram, addr)
         except (OSError, MessageLengthError) as e:
@@ -280,6 +330,9 @@ class UDPEchoProtocol(DatagramProtocol):
         )
 
     def stopProtocol(self) -> None:
+        delay = self.impairment.delay if self.impairment is not None else None
+        if delay is not None:
+            self.dropped["impairment-shutdown"] += delay.discard(self._send)
         dropped = self.dropped
         self._log.info(
             "UDP echo on {listener} stopped: {datagrams} datagrams ({bytes} bytes) echoed,"
@@ -326,6 +379,33 @@ class UDPListenerService(Service):
             raise ListenFailed(listener.name, Failure()) from None
         self.port = port
         logListening(self._log, listener.name, port.getHost(), transport="udp")
+        self._logLimits()
+
+    def _logLimits(self) -> None:
+        """
+        Say which limits replies are under: a load test that meets the
+        reflection guard must not mistake its drops for the network's.
+        """
+        limiter = getattr(self.protocol, "rateLimiter", None)
+        rate = getattr(limiter, "rate", 0)
+        if rate:
+            self._log.info(
+                "UDP replies on {listener} are limited to {rate}/s per source, {burst} at"
+                " once (--udp-rate, --udp-burst; --udp-rate 0 lifts it); datagrams from"
+                " ports below 1024 and from broadcast or multicast sources are dropped",
+                event="udp-limits",
+                listener=self.listener.name,
+                rate=_number(rate),
+                burst=_number(getattr(limiter, "burst", 0)),
+            )
+        else:
+            self._log.info(
+                "UDP replies on {listener} are not rate-limited (--udp-rate 0); datagrams"
+                " from ports below 1024 and from broadcast or multicast sources are dropped",
+                event="udp-limits",
+                listener=self.listener.name,
+                rate=0,
+            )
 
     def startService(self) -> None:
         Service.startService(self)
@@ -336,3 +416,8 @@ class UDPListenerService(Service):
         Service.stopService(self)
         port, self.port = self.port, None
         return stopListening(port)
+
+
+def _number(value: float) -> float | int:
+    """A rate as people write it: 100, not 100.0."""
+    return int(value) if float(value).is_integer() else value

@@ -280,4 +280,4 @@ class StartupErrorTests(SynchronousTestCase):
             "--max-per-ip", "--ipv6-prefix", "--shutdown-timeout",
         ]:  # fmt: skip
             self.assertIn(option, help.stdout)
-        self.assertIn("[default: 8080]", help.stdout)
+        self.assertIn("[default: 8080", help.stdout)

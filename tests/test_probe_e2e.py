@@ -24,7 +24,14 @@ from unittest import SkipTest
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.process import BIN, LOOPBACK, ServerTestCase, environmentWithRoot, freePort
+from tests.process import (
+    BIN,
+    LOOPBACK,
+    ServerTestCase,
+    environmentWithRoot,
+    freePort,
+    serverDirectory,
+)
 
 PROBE = [sys.executable, "-m", "echotw.probe"]
 PROBE_TIMEOUT = 60.0
@@ -42,7 +49,7 @@ class Probe:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
-            cwd=tempfile.gettempdir(),
+            cwd=serverDirectory(),
             env=environmentWithRoot(),
         )
 
@@ -95,6 +102,16 @@ class EchotwTests(ServerTestCase):
         self.assertTrue(0 < result["rtt_p50_ms"] <= result["rtt_p99_ms"] <= result["rtt_max_ms"])
         self.assertGreater(result["throughput_bytes_per_s"], 0)
         self.assertIn("result: ok (exit 0)", out)
+
+    def test_delayedServer(self) -> None:
+        """Against --delay 0.05 the probe measures what the server adds:
+        round trips of at least 45 ms at the median, every byte verified."""
+        server = self.start("--port", LOOPBACK, "--delay", "0.05")
+        code, out, err = probe("--json", "-c", "10", "-s", "512", "127.0.0.1", str(server.port))
+        self.assertEqual(code, 0, out + err)
+        result = summary(out)
+        self.assertEqual(result["mismatches"], 0)
+        self.assertGreaterEqual(result["rtt_p50_ms"], 45)
 
     def test_udp(self) -> None:
         """Over UDP each flow's datagrams come back verified, none lost."""

@@ -111,6 +111,7 @@ class LayeringTests(SynchronousTestCase):
             ("echotw.protocol", {"echotw.factory", "echotw.service"}),
             ("echotw.counters", {"echotw.metrics", "echotw.service", "echotw.workers"}),
             ("echotw.workerlog", {"echotw.workers", "echotw.factory", "echotw.build"}),
+            ("echotw.shaping", {"echotw.protocol", "echotw.impairment", "echotw.udp"}),
         ]:
             self.assertFalse(graph[low] & forbidden, f"{low} imports {graph[low] & forbidden}")
 
@@ -179,7 +180,7 @@ class ConfigurationTests(SynchronousTestCase):
         options = EchoOptions()
         options.parseOptions([])
         config, default = options.config, EchoConfig()
-        for part in ("listeners", "limits", "udp", "proxy", "logging", "workers"):
+        for part in ("listeners", "limits", "udp", "proxy", "logging", "impairment", "workers"):
             self.assertEqual(getattr(config, part), getattr(default, part), part)
         self.assertEqual(config.shutdownTimeout, default.shutdownTimeout)
 

@@ -4,6 +4,7 @@ Tests for the C{twistd echo} options and the service tree they build.
 
 from __future__ import annotations
 
+import re
 import socket
 
 from twisted.application.service import IServiceCollection
@@ -65,6 +66,45 @@ class OptionsTests(SynchronousTestCase):
                 ("unix:/tmp/x.sock", "unix:/tmp/x.sock"),
             ],
         )
+
+    def test_udpAloneNoDefaultPort(self) -> None:
+        """--udp alone means no TCP listener; with neither, TCP 8080."""
+        self.assertEqual(parse("--udp", "7").config.listeners, ())
+        self.assertEqual(parse().config.listeners[0].name, "tcp:8080")
+
+    def test_listenerNames(self) -> None:
+        """name= names a listener (and is not passed to Twisted); a TLS
+        listener's name leaves out its key and certificate paths."""
+        [named] = parse("-p", "tcp:7:interface=127.0.0.1:name=edge").config.listeners
+        self.assertEqual(named, ("edge", "tcp:7:interface=127.0.0.1:backlog=4096"))
+        [proxied] = parse("-p", "haproxy:tcp:7:name=lb").config.listeners
+        self.assertEqual(proxied, ("lb", "haproxy:tcp:7:backlog=4096"))
+        for bad in ["tcp:7:name=", "tcp:7:name=a:name=b"]:
+            with self.assertRaises(UsageError, msg=bad):
+                parse("-p", bad)
+
+    def test_systemdNameIsTheSocketsName(self) -> None:
+        """In a systemd: string name= names the inherited socket and stays."""
+        from echotw.endpoints import _takeName
+
+        description = "systemd:domain=INET:name=echo"
+        self.assertEqual(_takeName(description), (description, description))
+
+    def test_tlsNameLeavesOutPaths(self) -> None:
+        """A TLS listener is named by its port, not its key files."""
+        from echotw.endpoints import _takeName
+
+        self.assertEqual(
+            _takeName("ssl:8443:privateKey=/k.pem:certKey=/c.pem:interface=127.0.0.1")[0],
+            "ssl:8443:interface=127.0.0.1",
+        )
+
+    def test_endpointBacklogChecked(self) -> None:
+        """backlog= inside an endpoint string is a whole number 1-65535."""
+        for bad in ["tcp:7:backlog=0", "tcp:7:backlog=99999999999999", "tcp:7:backlog=x"]:
+            with self.assertRaises(UsageError, msg=bad) as ctx:
+                parse("-p", bad)
+            self.assertIn("backlog", str(ctx.exception))
 
     def test_ipv6Interface(self) -> None:
         """An IPv6 interface makes bare ports tcp6 with escaped colons."""
@@ -339,3 +379,45 @@ class DrainTests(SynchronousTestCase):
         echoed = busyT.value()
         self.assertIn(echoed, [b"more" * 9, b"more" * 10, b"more" * 11])
         self.assertEqual(len(echoed) + busy.bytesDiscarded, 4 * 25)  # type: ignore[attr-defined]
+
+
+class HelpTests(SynchronousTestCase):
+    def usage(self) -> str:
+        return EchoOptions().getUsage(width=80)
+
+    def test_groups(self) -> None:
+        """--help lists the options under the README's groups, in order."""
+        text = self.usage()
+        headings = [
+            "Listeners (echotw ",
+            "Who may connect:",
+            "Limits:",
+            "Shutdown:",
+            "Logs and metrics:",
+            "Impairment (",
+            "Other:",
+        ]
+        positions = [text.index(heading) for heading in headings]
+        self.assertEqual(positions, sorted(positions))
+
+    def test_everyOptionOnce(self) -> None:
+        """Every option is in exactly one group; one left out is an error."""
+        from echotw.helptext import groupedUsage
+        from echotw.options import HELP_GROUPS
+
+        text = self.usage()
+        for opt in EchoOptions().longOpt:
+            label = rf"^  (?:-\w, |    )--{re.escape(opt.rstrip('='))}(?: |$)"
+            self.assertEqual(len(re.findall(label, text, re.MULTILINE)), 1, opt)
+        with self.assertRaises(ValueError):
+            groupedUsage(EchoOptions(), HELP_GROUPS[:-1])
+
+    def test_defaultsAsPeopleWriteThem(self) -> None:
+        """Whole-number defaults show as integers, empty ones not at all,
+        and the help points at nothing a pip user does not have."""
+        text = self.usage()
+        self.assertRegex(text, r"--burst N\s+New connections[^\[]*\[default: 10\]\.")
+        self.assertRegex(text, r"--udp-rate N\[/s\][^\[]*\[default:\s+100\]\.")
+        self.assertNotIn("[default: ]", text)
+        self.assertNotRegex(text, r"\[default: \d+\.0\]")
+        self.assertNotIn("README", text)
