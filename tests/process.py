@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -110,6 +113,18 @@ class EchoServer:
                 return match
             time.sleep(0.02)
         raise AssertionError(f"{pattern!r} not logged within {timeout}s:\n{self.output()}")
+
+    def waitForCount(self, pattern: str, count: int, timeout: float = 10.0) -> None:
+        """
+        Wait until the log has C{count} matches of C{pattern}.
+        """
+        deadline = time.monotonic() + timeout
+        while len(re.findall(pattern, self.output())) < count:
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"{count} of {pattern!r} not logged within {timeout}s:\n{self.output()}"
+                )
+            time.sleep(0.02)
 
     def rssKiB(self) -> int:
         """
@@ -232,6 +247,35 @@ def environmentWithRoot() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+T = TypeVar("T")
+
+
+def waitUntil(predicate: Callable[[], T], what: str, timeout: float = 10.0) -> T:
+    """
+    Poll C{predicate()} until it is true, and return what it returned; fail
+    after C{timeout} seconds, saying C{what} did not happen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} within {timeout}s")
+        time.sleep(0.02)
+
+
+def temporaryDirectory(test: SynchronousTestCase, prefix: str = "echotw-test-") -> Path:
+    """
+    A new directory removed, with everything in it, when C{test} ends: short
+    enough for Unix socket paths and absolute, as the server processes run
+    elsewhere.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 class ServerTestCase(SynchronousTestCase):
