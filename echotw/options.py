@@ -136,8 +136,8 @@ class EchoOptions(usage.Options):
             None,
             None,
             "A callable package.module:name consulted after the built-in rules "
-            "with (address, listener): None/True accepts, a string or False "
-            "refuses (a class is instantiated first).",
+            "and limits with (address, listener): None/True accepts, a string or "
+            "False refuses (a class is instantiated first) [default: none].",
         ],
         [
             "metrics",
@@ -246,11 +246,11 @@ class EchoOptions(usage.Options):
         self["trusted-proxy"].append(self._network("--trusted-proxy", value))
 
     def opt_allow_file(self, path: str) -> None:
-        """Like --allow for every address or CIDR in this file, one per line, # comments (repeatable; re-read on SIGHUP). An empty file still means only those listed."""
+        """Like --allow for every address or CIDR in this file, one per line, # comments (repeatable; re-read on SIGHUP). An empty file still means only those listed [default: none]."""
         self["allow-file"].append(path)
 
     def opt_deny_file(self, path: str) -> None:
-        """Like --deny for every address or CIDR in this file, one per line, # comments (repeatable; re-read on SIGHUP)."""
+        """Like --deny for every address or CIDR in this file, one per line, # comments (repeatable; re-read on SIGHUP) [default: none]."""
         self["deny-file"].append(path)
 
     def opt_allow(self, value: str) -> None:
@@ -258,7 +258,7 @@ class EchoOptions(usage.Options):
         self["allow"].append(self._network("--allow", value))
 
     def opt_deny(self, value: str) -> None:
-        """Refuse clients in this address or CIDR network (repeatable, IPv4 or IPv6); a deny match always wins over --allow."""
+        """Refuse clients in this address or CIDR network (repeatable, IPv4 or IPv6); a deny match always wins over --allow [default: nobody]."""
         self["deny"].append(self._network("--deny", value))
 
     @staticmethod
