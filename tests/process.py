@@ -5,6 +5,7 @@ blocking-socket clients to talk to it.  Every wait here has a deadline.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import select
@@ -179,7 +180,8 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket
 def echo(sock: socket.socket, payload: bytes, timeout: float = 30.0) -> bytes:
     """
     Send C{payload} and half-close while reading; return everything received
-    until the server's EOF.
+    until the server's EOF (or reset: a refused connection can be gone
+    before the client has sent or half-closed, on a fast or a slow machine).
     """
     sock.setblocking(False)
     view = memoryview(payload)
@@ -191,7 +193,12 @@ def echo(sock: socket.socket, payload: bytes, timeout: float = 30.0) -> bytes:
         if time.monotonic() > deadline:
             raise AssertionError(f"echo timed out: sent {sent}, received {len(received)}")
         if sent == len(payload) and not shut:
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                if e.errno != errno.ENOTCONN:
+                    raise
+                return bytes(received)
             shut = True
         wants = [sock] if not shut else []
         readable, writable, _ = select.select([sock], wants, [], 1.0)
@@ -200,6 +207,8 @@ def echo(sock: socket.socket, payload: bytes, timeout: float = 30.0) -> bytes:
                 sent += sock.send(view[sent : sent + 262144])
             except BlockingIOError:
                 pass
+            except (BrokenPipeError, ConnectionResetError):
+                return bytes(received)
         if readable:
             try:
                 chunk = sock.recv(262144)

@@ -135,7 +135,9 @@ class BackpressureTestsMixin(TestCase):
         self.assertLessEqual(held, 2 * transport.bufferSize)
         self.assertLess(sent, MOST)
         received = await self.receive(sock, sent, eof=False)
-        self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(pattern(0, sent)).digest())
+        self.assertEqual(
+            hashlib.sha256(received).digest(), hashlib.sha256(pattern(0, sent)).digest()
+        )
 
     async def test_halfCloseWhilePaused(self) -> None:
         """A client that fills the server, so it has stopped reading, then
@@ -145,7 +147,9 @@ class BackpressureTestsMixin(TestCase):
         sock.shutdown(socket.SHUT_WR)
         received = await self.receive(sock, sent, eof=True)
         self.assertEqual(len(received), sent)
-        self.assertEqual(hashlib.sha256(received).digest(), hashlib.sha256(pattern(0, sent)).digest())
+        self.assertEqual(
+            hashlib.sha256(received).digest(), hashlib.sha256(pattern(0, sent)).digest()
+        )
 
     async def test_fastPathUsed(self) -> None:
         """Echoes are sent at once (see echotw.fastpath) on this kind of

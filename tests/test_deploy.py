@@ -546,7 +546,7 @@ class SocketActivationTests(DeployTestCase):
         with connect(port) as sock:
             self.assertTrue(isClosedByServer(sock, timeout=20))
         process.process.wait(20)
-        self.assertNotEqual(process.process.returncode, 0)
+        self.assertEqual(process.process.returncode, 1)
         output = process.output()
         self.assertNotIn("Traceback", output)
         self.assertRegex(output, r"error: --port: 'systemd:domain=INET:index=0'")

@@ -223,7 +223,7 @@ class WorkersBehaviourTests(ServerTestCase):
             os.kill(victim, signal.SIGKILL)
             killed = time.monotonic()
             [victim] = waitUntil(
-                lambda before=before: childrenOf(server.pid) - before,  # type: ignore[misc]
+                lambda before=before: childrenOf(server.pid) - before,
                 "the worker restarted",
                 timeout=30,
             )
