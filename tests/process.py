@@ -27,7 +27,15 @@ BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"Listening on (?P<listener>\S+) at (?P<address>\S+)")
 START_TIMEOUT = 20.0
 LOOPBACK = "tcp:0:interface=127.0.0.1"
-TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+TWISTD = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+)
+"""
+C{twistd}, with SIGINT handled as when started from a terminal even if the
+tests run where it is ignored (a shell's background job): Twisted leaves an
+ignored SIGINT ignored.
+"""
 
 
 def twistdCommand(*args: str, runner: str = "twistd", reactor: str = "") -> list[str]:
