@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tests.process import (
     echo,
     isClosedByServer,
     temporaryDirectory,
+    twistdCommand,
     waitUntil,
 )
 
@@ -263,6 +265,29 @@ class WorkersBehaviourTests(ServerTestCase):
         systems = re.findall(r"\[([^\]]*)\] Listening on udp:", server.output())
         self.assertEqual(len(systems), 1, systems)
         self.assertNotIn("worker", systems[0])
+
+    def test_twistRunnerSharesOnePort(self) -> None:
+        """Under twist (which only starts services, never privileged-starts
+        them) the workers still serve the supervisor's one port, and a busy
+        port still ends the command with status 1."""
+        server = self.start("--workers", "2", "--port", LOOPBACK, runner="twist")
+        server.waitFor(r"(echotw worker \d\] Listening(.|\n)*){2}", timeout=30)
+        self.addCleanup(killAll, childrenOf(server.pid))
+        ports = set(re.findall(r"Listening on \S+ at 127\.0\.0\.1:(\d+)", server.output()))
+        self.assertEqual(ports, {str(server.port)})
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            listener = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+            result = subprocess.run(
+                twistdCommand("--workers", "2", "--port", listener, runner="twist"),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f"cannot listen on {listener}", result.stdout + result.stderr)
 
 
 def killAll(pids: set[int]) -> None:
