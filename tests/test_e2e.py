@@ -207,6 +207,7 @@ class EchoEndToEndTests(ServerTestCase):
         sock = connect(server.port)
         payload = random.Random(3).randbytes(64 * 1024)
         sock.sendall(payload)
+        server.waitFor(r"Connection from")  # accepted, not only queued by the kernel
         server.process.send_signal(signal.SIGTERM)
         received = bytearray()
         sock.settimeout(10)

@@ -52,6 +52,9 @@ class SignalTests(ServerTestCase):
         payload = random.Random(2).randbytes(64 * 1024)
         with connect(server.port) as sock:
             sock.sendall(payload)
+            # Accepted, not only queued by the kernel (closing the listener
+            # would reset a connection still queued).
+            server.waitFor(r"Connection from")
             server.process.send_signal(signal.SIGINT)
             received = bytearray()
             sock.settimeout(20)
