@@ -116,6 +116,12 @@ class SharedListeners(Service):
                 address=formatAddress(port.getHost()),
             )
 
+    def startService(self) -> None:
+        # twist only starts services; twistd has bound them already.
+        if not self.ports:
+            self.privilegedStartService()
+        Service.startService(self)
+
     def inherited(self) -> list[tuple[int, str]]:
         """
         C{(fd, family)} for each listener, in the order given.
