@@ -39,9 +39,11 @@ class EchoFactory(ServerFactory):
 
     Verification happens in L{buildProtocol}, when the connection arrives: a
     refused connection gets no protocol, so Twisted closes it at once.  The
-    order is the IP rules, then the connection limits, then each of
-    C{verifiers} (the pluggable hook: any C{(address, listener) -> Verdict}
-    callable, see L{echotw.policy}).
+    order is the IP rules, the source's rate (a connection that passes the
+    rules spends a token even if a limit then refuses it), the total and
+    then the per-source connection limit, then each of C{verifiers} (the
+    pluggable hook: any C{(address, listener) -> Verdict} callable, see
+    L{echotw.policy}), which see only connections all of those accepted.
 
     One factory may serve several listeners: L{forListener} gives each its
     own small factory that names the listener in logs and to verifiers, while

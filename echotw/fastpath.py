@@ -10,9 +10,16 @@ and error handling stay Twisted's.
 
 This reads private state of L{twisted.internet.tcp.Connection} (its socket
 and write buffers), so it is confined to this module, checked once per
-connection by L{canWriteDirectly}, and anything unexpected (TLS, Unix
-sockets, another reactor's transports, a Twisted whose internals moved) just
-takes the ordinary path.
+transport class by L{canWriteDirectly}, and anything unexpected (TLS,
+another reactor's transports, a Twisted whose internals moved) just takes
+the ordinary path.
+
+Unix-socket connections take the fast path too: Twisted's Unix server
+transport is its TCP connection plus the passing of file descriptors, which
+it sends ahead of the buffered bytes; an echo never passes any, so with
+nothing buffered a direct send is what Twisted itself would do.  It halves
+the server's CPU per round trip there as over TCP (about 5 against 11 us
+per 1 KiB round trip on 20 Unix connections).
 """
 
 from __future__ import annotations

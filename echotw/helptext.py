@@ -12,8 +12,68 @@ from collections.abc import Sequence
 
 from twisted.python import usage
 
+from echotw.version import __version__
+
 Group = tuple[str, Sequence[tuple[str, str]]]
 """A heading and its options, each C{(long name, metavar)} (C{""} for a flag)."""
+
+
+HELP_GROUPS: list[Group] = [
+    (
+        f"Listeners (echotw {__version__})",
+        [
+            ("port", "ENDPOINT"),
+            ("udp", "LISTENER"),
+            ("interface", "ADDR"),
+            ("backlog", "N"),
+            ("workers", "N"),
+        ],
+    ),
+    (
+        "Who may connect",
+        [
+            ("allow", "CIDR"),
+            ("deny", "CIDR"),
+            ("allow-file", "PATH"),
+            ("deny-file", "PATH"),
+            ("verifier", "MODULE:NAME"),
+            ("trusted-proxy", "CIDR"),
+            ("proxy-timeout", "S"),
+        ],
+    ),
+    (
+        "Limits",
+        [
+            ("max-connections", "N"),
+            ("max-per-ip", "N"),
+            ("rate", "N[/s]"),
+            ("burst", "N"),
+            ("ipv6-prefix", "BITS"),
+            ("idle-timeout", "S"),
+            ("max-session-bytes", "N"),
+            ("max-session-seconds", "S"),
+            ("udp-rate", "N[/s]"),
+            ("udp-burst", "N"),
+        ],
+    ),
+    ("Shutdown", [("shutdown-timeout", "S"), ("drain-delay", "S")]),
+    (
+        "Logs and metrics",
+        [
+            ("log-level", "LEVEL"),
+            ("log-connections", "N"),
+            ("stats-interval", "S"),
+            ("metrics", "ENDPOINT"),
+            ("health", "ENDPOINT"),
+        ],
+    ),
+    (
+        "Impairment (testing a path or a client; all off by default)",
+        [("delay", "S"), ("jitter", "S"), ("bandwidth", "RATE"), ("udp-loss", "SHARE")],
+    ),
+    ("Other", [("help", ""), ("version", "")]),
+]
+"""The option groups of C{--help}, in the order a reader looks for them."""
 
 
 def formatDefault(value: object) -> str | None:

@@ -48,67 +48,10 @@ from echotw.endpoints import (
     parseUDPListener,
     splitDescription,
 )
-from echotw.helptext import Group, groupedUsage
+from echotw.helptext import HELP_GROUPS, groupedUsage
 from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.version import __version__
-
-HELP_GROUPS: list[Group] = [
-    (
-        f"Listeners (echotw {__version__})",
-        [
-            ("port", "ENDPOINT"),
-            ("udp", "LISTENER"),
-            ("interface", "ADDR"),
-            ("backlog", "N"),
-            ("workers", "N"),
-        ],
-    ),
-    (
-        "Who may connect",
-        [
-            ("allow", "CIDR"),
-            ("deny", "CIDR"),
-            ("allow-file", "PATH"),
-            ("deny-file", "PATH"),
-            ("verifier", "MODULE:NAME"),
-            ("trusted-proxy", "CIDR"),
-            ("proxy-timeout", "S"),
-        ],
-    ),
-    (
-        "Limits",
-        [
-            ("max-connections", "N"),
-            ("max-per-ip", "N"),
-            ("rate", "N[/s]"),
-            ("burst", "N"),
-            ("ipv6-prefix", "BITS"),
-            ("idle-timeout", "S"),
-            ("max-session-bytes", "N"),
-            ("max-session-seconds", "S"),
-            ("udp-rate", "N[/s]"),
-            ("udp-burst", "N"),
-        ],
-    ),
-    ("Shutdown", [("shutdown-timeout", "S"), ("drain-delay", "S")]),
-    (
-        "Logs and metrics",
-        [
-            ("log-level", "LEVEL"),
-            ("log-connections", "N"),
-            ("stats-interval", "S"),
-            ("metrics", "ENDPOINT"),
-            ("health", "ENDPOINT"),
-        ],
-    ),
-    (
-        "Impairment (testing a path or a client; all off by default)",
-        [("delay", "S"), ("jitter", "S"), ("bandwidth", "RATE"), ("udp-loss", "SHARE")],
-    ),
-    ("Other", [("help", ""), ("version", "")]),
-]
-"""The option groups of C{--help}, in the order a reader looks for them."""
 
 DEFAULTS = EchoConfig()
 """Each option's default is the configuration's."""
@@ -213,7 +156,7 @@ class EchoOptions(usage.Options):
             "verifier",
             None,
             None,
-            "Also ask this callable, (address, listener) -> None/True to accept, a reason or False to refuse.",
+            "Also ask this callable, (address, listener) -> None/True to accept, a reason or False to refuse [default: none].",
         ],
         [
             "metrics",
@@ -363,11 +306,11 @@ class EchoOptions(usage.Options):
         self["trusted-proxy"].append(self._network("--trusted-proxy", value))
 
     def opt_allow_file(self, path: str) -> None:
-        """--allow each address or CIDR in this file, one a line (repeatable; re-read on SIGHUP)."""
+        """--allow each address or CIDR in this file, one a line (repeatable; re-read on SIGHUP) [default: none]."""
         self["allow-file"].append(path)
 
     def opt_deny_file(self, path: str) -> None:
-        """--deny each address or CIDR in this file, one a line (repeatable; re-read on SIGHUP)."""
+        """--deny each address or CIDR in this file, one a line (repeatable; re-read on SIGHUP) [default: none]."""
         self["deny-file"].append(path)
 
     def opt_allow(self, value: str) -> None:
@@ -375,7 +318,7 @@ class EchoOptions(usage.Options):
         self["allow"].append(self._network("--allow", value))
 
     def opt_deny(self, value: str) -> None:
-        """Refuse clients in this address or CIDR network (repeatable); deny wins over allow."""
+        """Refuse clients in this address or CIDR network (repeatable); deny wins over allow [default: nobody]."""
         self["deny"].append(self._network("--deny", value))
 
     @staticmethod

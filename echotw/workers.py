@@ -202,6 +202,12 @@ class SharedListeners(Service):
                 steered=steered,
             )
 
+    def startService(self) -> None:
+        # twist only starts services; twistd has bound them already.
+        if not self.groups:
+            self.privilegedStartService()
+        Service.startService(self)
+
     def _steer(self, name: str, group: list[socket.socket]) -> bool:
         assert self.steerPrefix is not None
         try:

@@ -6,6 +6,7 @@ blocking-socket clients to talk to it.  Every wait here has a deadline.
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import re
 import select
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -25,7 +28,15 @@ BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"Listening on (?P<listener>\S+) at (?P<address>\S+)")
 START_TIMEOUT = 20.0
 LOOPBACK = "tcp:0:interface=127.0.0.1"
-TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+TWISTD = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+)
+"""
+C{twistd}, with SIGINT handled as when started from a terminal even if the
+tests run where it is ignored (a shell's background job): Twisted leaves an
+ignored SIGINT ignored.
+"""
 
 
 _serverDirectory: Path | None = None
@@ -130,19 +141,17 @@ class EchoServer:
             time.sleep(0.02)
         raise AssertionError(f"{pattern!r} not logged within {timeout}s:\n{self.output()}")
 
-    def waitForCount(self, text: str, count: int, timeout: float = 10.0) -> None:
+    def waitForCount(self, pattern: str, count: int, timeout: float = 10.0) -> None:
         """
-        Wait until the log holds C{text} at least C{count} times.  A plain
-        count, not a regular expression: on a long log a pattern spanning
-        lines backtracks for seconds, holding the GIL from every client
-        thread in the test.
+        Wait until the log has C{count} matches of C{pattern}.
         """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.output().count(text) >= count:
-                return
+        while len(re.findall(pattern, self.output())) < count:
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"{count} of {pattern!r} not logged within {timeout}s:\n{self.output()}"
+                )
             time.sleep(0.02)
-        raise AssertionError(f"{text!r} not logged {count} times within {timeout}s")
 
     def rssKiB(self) -> int:
         """
@@ -197,7 +206,8 @@ def connect(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket
 def echo(sock: socket.socket, payload: bytes, timeout: float = 30.0) -> bytes:
     """
     Send C{payload} and half-close while reading; return everything received
-    until the server's EOF.
+    until the server's EOF (or reset: a refused connection can be gone
+    before the client has sent or half-closed, on a fast or a slow machine).
     """
     sock.setblocking(False)
     view = memoryview(payload)
@@ -209,7 +219,12 @@ def echo(sock: socket.socket, payload: bytes, timeout: float = 30.0) -> bytes:
         if time.monotonic() > deadline:
             raise AssertionError(f"echo timed out: sent {sent}, received {len(received)}")
         if sent == len(payload) and not shut:
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as e:
+                if e.errno != errno.ENOTCONN:
+                    raise
+                return bytes(received)
             shut = True
         wants = [sock] if not shut else []
         readable, writable, _ = select.select([sock], wants, [], 1.0)
@@ -218,6 +233,8 @@ def echo(sock: socket.socket, payload: bytes, timeout: float = 30.0) -> bytes:
                 sent += sock.send(view[sent : sent + 262144])
             except BlockingIOError:
                 pass
+            except (BrokenPipeError, ConnectionResetError):
+                return bytes(received)
         if readable:
             try:
                 chunk = sock.recv(262144)
@@ -265,6 +282,35 @@ def environmentWithRoot() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+T = TypeVar("T")
+
+
+def waitUntil(predicate: Callable[[], T], what: str, timeout: float = 10.0) -> T:
+    """
+    Poll C{predicate()} until it is true, and return what it returned; fail
+    after C{timeout} seconds, saying C{what} did not happen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} within {timeout}s")
+        time.sleep(0.02)
+
+
+def temporaryDirectory(test: SynchronousTestCase, prefix: str = "echotw-test-") -> Path:
+    """
+    A new directory removed, with everything in it, when C{test} ends: short
+    enough for Unix socket paths and absolute, as the server processes run
+    elsewhere.
+    """
+    directory = Path(tempfile.mkdtemp(prefix=prefix))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 class ServerTestCase(SynchronousTestCase):

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from twisted.logger import Logger, LoggingFile, LogLevel, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.logs import formatEventAsJSON, jsonFileObserver, jsonObserver
-from tests.process import TWISTD
+from tests.process import TWISTD, temporaryDirectory
 
 
 class Opaque:
@@ -231,7 +230,7 @@ class TwistdJSONLogTests(SynchronousTestCase):
         """Every line twistd writes is a JSON object; the listening event
         gives the bound port, and a connection's close event carries the
         client address, listener, bytes, duration and reason."""
-        workdir = Path(tempfile.mkdtemp(prefix="echotw-json-"))
+        workdir = temporaryDirectory(self, prefix="echotw-json-")
         stdoutPath = workdir / "stdout.log"
         stderrPath = workdir / "stderr.log"
         listener = "tcp:0:interface=127.0.0.1"

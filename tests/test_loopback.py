@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
@@ -31,6 +30,7 @@ from zope.interface import implementer
 from echotw.addresses import parseNetwork
 from echotw.factory import EchoFactory
 from echotw.policy import AccessRules
+from tests.process import temporaryDirectory
 
 
 @implementer(IHalfCloseableProtocol)
@@ -152,7 +152,7 @@ class LoopbackTests(TestCase):
     async def test_unixSocketIgnoresIPRules(self) -> None:
         """A Unix-socket listener serves its clients under IP allow rules."""
         factory = EchoFactory(rules=AccessRules(allow=[parseNetwork("10.0.0.0/8")]))
-        path = os.path.join(tempfile.mkdtemp(), "echo.sock")
+        path = os.path.join(temporaryDirectory(self), "echo.sock")
         await self.listen(factory, f"unix:{path}")
         self.assertEqual(await self.roundTrip(f"unix:{path}", b"local"), b"local")
 

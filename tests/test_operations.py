@@ -7,14 +7,16 @@ the stats line.  Clock-driven, no network.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
 import textwrap
 
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
@@ -27,6 +29,7 @@ from echotw.protocol import EchoProtocol
 from echotw.ratelimit import TokenBuckets
 from echotw.rulefiles import RuleFileError, RuleSource, readRuleFile
 from echotw.service import EchoService
+from tests.process import temporaryDirectory
 
 
 class AbortableTransport(StringTransport):
@@ -49,8 +52,12 @@ def connect(factory: EchoFactory, addr: object = None) -> tuple[EchoProtocol, Ab
     return p, t
 
 
-def writeFile(text: str) -> str:
+def writeFile(test: SynchronousTestCase, text: str) -> str:
+    """
+    A rule file with C{text}, removed when C{test} ends.
+    """
     fd, path = tempfile.mkstemp(suffix=".rules")
+    test.addCleanup(os.remove, path)
     with os.fdopen(fd, "w") as f:
         f.write(textwrap.dedent(text))
     return path
@@ -86,14 +93,32 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertFalse(t.aborted)
 
     def test_stalledReaderAborted(self) -> None:
-        """A peer that stopped reading (output queued, input paused) is
-        aborted, not left in a graceful close."""
-        p, t = connect(self.factory)
-        p.dataReceived(b"y" * 100_000)
-        t.producer.pauseProducing()  # type: ignore[union-attr]
-        for _ in range(6):
-            self.clock.advance(2.5)
-        self.assertTrue(t.aborted)
+        """A peer that stopped reading while its echo is queued (so the
+        server has paused reading from it) is idle too, and is aborted: a
+        graceful close could never finish.  On a real socket whose other
+        end never reads, driven by a fake reactor."""
+        reactor = MemoryReactorClock()
+        factory = EchoFactory(clock=reactor)
+        service = EchoService(factory, reactor, 1.0, idleTimeout=10.0)
+        service.startService()
+        near, far = socket.socketpair()
+        self.addCleanup(near.close)
+        self.addCleanup(far.close)
+        near.setblocking(False)
+        # (No TCP_NODELAY: a socket pair is not TCP.)
+        p = factory.buildProtocolFor(client(), "l", noDelay=False)
+        assert p is not None
+        transport = tcp.Connection(near, p, reactor)
+        transport.connected = True
+        p.makeConnection(transport)
+        p.dataReceived(b"y" * 4 * 1024 * 1024)
+        self.assertTrue(transport.producerPaused, "the echo should be stuck in the buffer")
+        with capturedLogs() as events:
+            for _ in range(6):
+                reactor.advance(2.5)
+        self.assertEqual(factory.openConnections, 0)
+        [closed] = [e for e in events if e.get("event") == "closed"]
+        self.assertEqual(closed["reason"], "timeout")
 
     def test_disabled(self) -> None:
         """With 0 there is no sweep at all."""
@@ -191,13 +216,14 @@ class RuleFileTests(SynchronousTestCase):
     def test_parse(self) -> None:
         """Addresses and networks of both families, comments and blank lines."""
         path = writeFile(
+            self,
             """
             # office
             192.0.2.0/24   # the LAN
             2001:db8::/32
 
             203.0.113.7
-            """
+            """,
         )
         self.assertEqual(
             [str(n) for n in readRuleFile(path)],
@@ -206,7 +232,7 @@ class RuleFileTests(SynchronousTestCase):
 
     def test_errorNamesFileAndLine(self) -> None:
         """A bad line is an error naming the file and the line number."""
-        path = writeFile("10.0.0.0/8\n\n10.1.2.3/8\n")
+        path = writeFile(self, "10.0.0.0/8\n\n10.1.2.3/8\n")
         with self.assertRaises(RuleFileError) as ctx:
             readRuleFile(path)
         self.assertIn(f"{path}:3:", str(ctx.exception))
@@ -217,13 +243,14 @@ class RuleFileTests(SynchronousTestCase):
 
     def test_emptyAllowFileAdmitsNobody(self) -> None:
         """An allow file with no entries still restricts to those listed."""
-        rules = RuleSource(allowFiles=[writeFile("# nobody yet\n")]).load()
+        rules = RuleSource(allowFiles=[writeFile(self, "# nobody yet\n")]).load()
         self.assertEqual(rules(client(), "l"), "not allowed")
 
     def test_largeFile(self) -> None:
         """100,000 networks load and match exactly."""
         path = writeFile(
-            "".join(f"10.{i >> 8 & 255}.{i & 255}.{i >> 16 << 7}/25\n" for i in range(100_000))
+            self,
+            "".join(f"10.{i >> 8 & 255}.{i & 255}.{i >> 16 << 7}/25\n" for i in range(100_000)),
         )
         rules = RuleSource(allowFiles=[path]).load()
         self.assertEqual(len(rules.allow), 100_000)
@@ -232,8 +259,8 @@ class RuleFileTests(SynchronousTestCase):
 
     def test_optionsCombineFilesAndFlags(self) -> None:
         """--allow-file and --deny-file combine with --allow and --deny."""
-        allow = writeFile("10.0.0.0/8\n")
-        deny = writeFile("10.6.0.0/16\n")
+        allow = writeFile(self, "10.0.0.0/8\n")
+        deny = writeFile(self, "10.6.0.0/16\n")
         options = EchoOptions()
         options.parseOptions(
             [
@@ -257,7 +284,7 @@ class RuleFileTests(SynchronousTestCase):
     def test_badFileAtStartIsUsageError(self) -> None:
         """A bad file at start-up is a one-line usage error naming the option,
         the file and the line."""
-        path = writeFile("nonsense\n")
+        path = writeFile(self, "nonsense\n")
         for option in ["--allow-file", "--deny-file"]:
             with self.assertRaises(UsageError) as ctx:
                 EchoOptions().parseOptions([option, path])
@@ -269,7 +296,7 @@ class RuleFileTests(SynchronousTestCase):
 
 class ReloadTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.deny = writeFile("")
+        self.deny = writeFile(self, "")
         self.source = RuleSource(denyFiles=[self.deny])
         self.clock = Clock()
         self.factory = EchoFactory(rules=self.source.load(), clock=self.clock)
@@ -319,7 +346,7 @@ class ReloadTests(SynchronousTestCase):
 
 class VerifierTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.directory = tempfile.mkdtemp()
+        self.directory = str(temporaryDirectory(self))
         with open(os.path.join(self.directory, "my_verifiers.py"), "w") as f:
             f.write(
                 textwrap.dedent(

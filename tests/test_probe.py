@@ -482,11 +482,13 @@ class OptionTests(SynchronousTestCase):
 
     def test_badValuesNameTheOption(self) -> None:
         """A bad value is refused on one line naming the option and value."""
-        self.assertUsageError("--count '0': must be at least 1", "-c", "0", "h", "7")
-        self.assertUsageError("--interval 'soon'", "--interval", "soon", "h", "7")
-        self.assertUsageError("--timeout '0': must be more than 0", "--timeout", "0", "h", "7")
-        self.assertUsageError("--max-loss '2'", "--udp", "--max-loss", "2", "h", "7")
-        self.assertUsageError("--size '0'", "--size", "0", "h", "7")
+        self.assertUsageError("--count: invalid value '0': must be at least 1", "-c", "0", "h", "7")
+        self.assertUsageError("--interval: invalid value 'soon'", "--interval", "soon", "h", "7")
+        self.assertUsageError(
+            "--timeout: invalid value '0': must be more than 0", "--timeout", "0", "h", "7"
+        )
+        self.assertUsageError("--max-loss: invalid value '2'", "--udp", "--max-loss", "2", "h", "7")
+        self.assertUsageError("--size: invalid value '0'", "--size", "0", "h", "7")
 
     def test_arguments(self) -> None:
         """HOST and PORT are required, the port checked; options after them
@@ -543,7 +545,7 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, 2)
         self.assertEqual(
             err.getvalue(),
-            "echotw-probe: error: --count 'many': invalid literal for int() with base 10: "
+            "echotw-probe: error: --count: invalid value 'many': invalid literal for int() with base 10: "
             "'many' (see --help)\n",
         )
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import UserDict
 from typing import Any
 
 from twisted.internet import main
@@ -60,16 +61,19 @@ def newReactor(test: SynchronousTestCase) -> Any:
     if echoreactor.EPollReactor is None:
         raise SkipTest("no epoll on this platform")
     reactor = echoreactor.EchoReactor()
-
-    def close() -> None:
-        for reader in list(reactor._internalReaders):
-            reactor.removeReader(reader)
-            reader.connectionLost(None)
-        reactor.disconnectAll()
-        reactor._poller.close()
-
-    test.addCleanup(close)
+    test.addCleanup(closeReactor, reactor)
     return reactor
+
+
+def closeReactor(reactor: Any) -> None:
+    """
+    Release what a reactor made for a test holds: its waker and its poller.
+    """
+    for reader in list(reactor._internalReaders):
+        reactor.removeReader(reader)
+        reader.connectionLost(None)
+    reactor.disconnectAll()
+    reactor._poller.close()
 
 
 class DispatchTests(SynchronousTestCase):
@@ -130,6 +134,81 @@ class DispatchTests(SynchronousTestCase):
         self.reactor.doIteration(1.0)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(len(reader.lost), 1)
+
+
+class SelectablesView(UserDict):  # type: ignore[type-arg]
+    """
+    A mapping over the reactor's own table of descriptors that is not a
+    C{dict}: what a Twisted whose epoll reactor keeps them differently
+    might have.
+    """
+
+    def __init__(self, table: dict[int, object]) -> None:
+        super().__init__()
+        self.data = table
+
+
+class InternalsCheckTests(SynchronousTestCase):
+    """
+    L{EchoReactor} uses its quiet loop only where Twisted's epoll reactor
+    has the internals it reads: its descriptor table as a C{dict}, its
+    poller and its dispatch method.
+    """
+
+    def reactorWhoseParentLeaves(self, spoil: Any) -> Any:
+        """
+        A new L{EchoReactor} whose parent's C{__init__} ends by
+        C{spoil(reactor)}, as a Twisted with other internals would leave it.
+        """
+        if echoreactor.EPollReactor is None:
+            raise SkipTest("no epoll on this platform")
+        parentInit = echoreactor.EPollReactor.__init__
+
+        def init(reactor: Any) -> None:
+            parentInit(reactor)
+            internals = {name: getattr(reactor, name) for name in ("_selectables", "_poller")}
+            spoil(reactor)
+
+            def restore() -> None:
+                for name, value in internals.items():
+                    setattr(reactor, name, value)
+                closeReactor(reactor)
+
+            self.addCleanup(restore)
+
+        self.patch(echoreactor.EPollReactor, "__init__", init)
+        return echoreactor.EchoReactor()
+
+    def test_saysYesOnTwistedsEPollReactor(self) -> None:
+        """On this Twisted's epoll reactor, unchanged, the quiet loop is used."""
+        self.assertTrue(newReactor(self).quietDispatch)
+
+    def test_saysNoWithoutTheTable(self) -> None:
+        """A reactor without C{_selectables} falls back to its parent's loop."""
+        reactor = self.reactorWhoseParentLeaves(lambda r: delattr(r, "_selectables"))
+        self.assertFalse(reactor.quietDispatch)
+
+    def test_saysNoWithoutThePoller(self) -> None:
+        """A reactor without C{_poller} falls back to its parent's loop."""
+        reactor = self.reactorWhoseParentLeaves(lambda r: delattr(r, "_poller"))
+        self.assertFalse(reactor.quietDispatch)
+
+    def test_saysNoForAnotherKindOfTable(self) -> None:
+        """A descriptor table that is not a dict falls back to the parent's
+        loop, which still dispatches with the log context."""
+        reactor = self.reactorWhoseParentLeaves(
+            lambda r: setattr(r, "_selectables", SelectablesView(r._selectables))
+        )
+        self.assertFalse(reactor.quietDispatch)
+        near, far = socket.socketpair()
+        self.addCleanup(near.close)
+        self.addCleanup(far.close)
+        reader = Reader(near, EchoProtocol())
+        reactor.addReader(reader)
+        self.addCleanup(reactor.removeReader, reader)
+        far.send(b"x")
+        reactor.doIteration(1.0)
+        self.assertEqual(reader.systems, ["reader-prefix"])
 
 
 class EchoThroughEchoReactorTests(SynchronousTestCase):

@@ -13,7 +13,7 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock as MemoryReactor
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import StringTransport, StringTransportWithDisconnection
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
@@ -196,6 +196,75 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             listenerDescription("haproxy:tcp:1", "", 99).description, "haproxy:tcp:1:backlog=99"
         )
+
+
+class DocumentedDefaultsTests(SynchronousTestCase):
+    """
+    Defaults README promises, checked on what a server built from an empty
+    command line does (on a fake reactor that is also its clock).
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactor()
+
+    def build(self, *args: str, listen: bool = True) -> EchoService:
+        top = makeService(parse(*args), self.reactor)
+        if listen:
+            top.privilegedStartService()
+        return top
+
+    def test_logConnections100(self) -> None:
+        """--log-connections defaults to 100: the 101st connection in a
+        second is not logged one by one, and the next second says so."""
+        factory = self.build("-p", "tcp:7001").factory
+        with capturedLogs() as events:
+            for port in range(101):
+                p = factory.buildProtocolFor(IPv4Address("TCP", "10.0.0.1", port), "tcp:7001")
+                assert p is not None
+                p.makeConnection(StringTransport())
+            self.reactor.advance(1)
+            p = factory.buildProtocolFor(IPv4Address("TCP", "10.0.0.1", 999), "tcp:7001")
+            assert p is not None
+            p.makeConnection(StringTransport())
+        named = [e["event"] for e in events]
+        self.assertEqual(named[:100], ["connected"] * 100)
+        self.assertEqual(named[100:], ["connections-unlogged", "connected"])
+        self.assertEqual(events[100]["unlogged"], 1)
+
+    def test_udpBurst200(self) -> None:
+        """--udp-burst defaults to 200: a source gets 200 replies at once,
+        then none until the rate refills."""
+        top = self.build("-p", "tcp:7001", "--udp", "udp:7002", listen=False)
+        [udp] = [child for child in top if isinstance(child, UDPListenerService)]
+        protocol = udp.protocol
+        sent: list[bytes] = []
+        protocol.transport = FakeDatagramTransport(sent)  # type: ignore[assignment]
+        for _ in range(250):
+            protocol.datagramReceived(b"x", ("192.0.2.1", 40000))
+        self.assertEqual(len(sent), 200)
+
+    def test_proxyTimeout5(self) -> None:
+        """--proxy-timeout defaults to 5 seconds: a trusted balancer that
+        sends no PROXY header is aborted 5 seconds after connecting."""
+        self.build("-p", "haproxy:tcp:7001")
+        [(_, factory, _, _)] = self.reactor.tcpServers
+        balancer = IPv4Address("TCP", "127.0.0.1", 40000)
+        protocol = factory.buildProtocol(balancer)
+        transport = StringTransportWithDisconnection(peerAddress=balancer)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.reactor.advance(4.99)
+        self.assertTrue(transport.connected)
+        self.reactor.advance(0.01)
+        self.assertFalse(transport.connected)
+
+
+class FakeDatagramTransport:
+    def __init__(self, sent: list[bytes]) -> None:
+        self.sent = sent
+
+    def write(self, datagram: bytes, addr: object) -> None:
+        self.sent.append(datagram)
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -402,8 +471,7 @@ class HelpTests(SynchronousTestCase):
 
     def test_everyOptionOnce(self) -> None:
         """Every option is in exactly one group; one left out is an error."""
-        from echotw.helptext import groupedUsage
-        from echotw.options import HELP_GROUPS
+        from echotw.helptext import HELP_GROUPS, groupedUsage
 
         text = self.usage()
         for opt in EchoOptions().longOpt:

@@ -17,11 +17,14 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorTime, IReactorUDP, IUDPTransport
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from echotw.addresses import ipFromText, parseNetwork
+from echotw.build import makeService
 from echotw.endpoints import UDPListener, parseUDPListener
+from echotw.options import EchoOptions
 from echotw.policy import AccessRules
 from echotw.ratelimit import TokenBuckets
 from echotw.udp import (
@@ -430,6 +433,26 @@ class UDPEchoProtocolTests(SynchronousTestCase):
         self.assertEqual(second["suppressed"], 4)
         self.assertEqual(proto.dropped["denied"], 6)
 
+    def test_dropLogDefaultIntervalTenSeconds(self) -> None:
+        """By default, drops from one source are logged at most once every
+        10 seconds (README), here and as the server builds the protocol."""
+        config = EchoOptions()
+        config.parseOptions(["--udp", "udp:7", "--deny", "192.0.2.0/24"])
+        clock = MemoryReactorClock()
+        top = makeService(config.config, clock)
+        [built] = [child.protocol for child in top if isinstance(child, UDPListenerService)]
+        built.makeConnection(cast(IUDPTransport, FakeDatagramTransport()))
+        plain, _, plainClock = echoProtocol(rules=AccessRules(deny=[parseNetwork("192.0.2.0/24")]))
+        for proto, protoClock in ((plain, plainClock), (built, clock)):
+            with capturedLogs() as events:
+                proto.datagramReceived(b"x", CLIENT)
+                protoClock.advance(9.9)
+                proto.datagramReceived(b"x", CLIENT)
+                protoClock.advance(0.1)
+                proto.datagramReceived(b"x", CLIENT)
+            dropped = [e["suppressed"] for e in events if e.get("event") == "udp-dropped"]
+            self.assertEqual(dropped, [0, 1])
+
     def test_unloggedDropsReported(self) -> None:
         """Drops counted but not logged are reported once the source's interval is over."""
         proto, _, clock = echoProtocol(logInterval=10)
@@ -653,6 +676,19 @@ async def waitUntil(condition: Any, what: str, timeout: float = 5.0) -> None:
         await deferLater(clock, 0.005)
 
 
+async def anyReplyArrived() -> None:
+    """
+    Called once a datagram sent after another has been answered: the server
+    handles datagrams in the order they arrive on its socket, so a reply to
+    the earlier one would have been sent first, and loopback delivers one
+    sender's datagrams in order.  One more reactor turn dispatches whatever
+    was ready when that answer was, so a client has then received every
+    reply it will ever get to the earlier datagram: a fixed wait would only
+    guess at that.
+    """
+    await deferLater(reactor, 0)
+
+
 class UDPLoopbackTests(TestCase):
     """
     UDP echo over real sockets on loopback.
@@ -661,6 +697,8 @@ class UDPLoopbackTests(TestCase):
     timeout = 30
     host = "127.0.0.1"
     listener = "udp:0:interface=127.0.0.1"
+    directedBroadcast: str | None = "127.255.255.255"
+    """The loopback network's broadcast address (IPv6 has none)."""
 
     def setUp(self) -> None:
         self.requireFamily()
@@ -719,7 +757,7 @@ class UDPLoopbackTests(TestCase):
         allowedClient.send(b"accepted", server)
         await allowedClient.waitFor(1)
         await waitUntil(lambda: proto.dropped["denied"] == 1, "the denied datagram")
-        await deferLater(reactor, 0.05)
+        await anyReplyArrived()
         self.assertEqual(deniedClient.received, [])
         self.assertEqual(allowedClient.received[0][0], b"accepted")
 
@@ -738,8 +776,22 @@ class UDPLoopbackTests(TestCase):
         other.send(b"accepted", server)
         await other.waitFor(1)
         await waitUntil(lambda: proto.dropped["denied"] == 1, "the denied datagram")
-        await deferLater(reactor, 0.05)
+        await anyReplyArrived()
         self.assertEqual(refused.received, [])
+
+    def test_broadcastNeverEnabled(self) -> None:
+        """The listening socket never has SO_BROADCAST, so the kernel refuses
+        to send to a directed-broadcast address, and such a datagram is
+        counted as a broadcast drop."""
+        proto, _ = self.serve()
+        assert proto.transport is not None
+        sock = proto.transport.socket  # type: ignore[attr-defined]
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST), 0)
+        if self.directedBroadcast is None:
+            return
+        proto.datagramReceived(b"x", (self.directedBroadcast, 40000))
+        self.assertEqual(proto.dropped["broadcast"], 1)
+        self.assertEqual(proto.datagramsEchoed, 0)
 
     def twoSources(self) -> tuple[str, str]:
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -798,7 +850,15 @@ class UDPLoopbackTests(TestCase):
         self.assertGreaterEqual(echoed, 5)
         self.assertLessEqual(echoed, 5 + int(5 * elapsed) + 1)
         await client.waitFor(echoed)
-        await deferLater(reactor, 0.05)
+        # A later datagram from the same source, answered once its bucket
+        # has a token again: every reply to the fifty has arrived before it.
+        deadline = reactor.seconds() + 10
+        while not any(data == b"after" for data, _ in client.received):
+            self.assertLess(reactor.seconds(), deadline, "no token came back")
+            client.send(b"after", server)
+            await deferLater(reactor, 0.1)
+        await anyReplyArrived()
+        client.received = [r for r in client.received if r[0] != b"after"]
         self.assertEqual(len(client.received), echoed)
 
 
@@ -809,6 +869,7 @@ class UDP6LoopbackTests(UDPLoopbackTests):
 
     host = "::1"
     listener = r"udp6:0:interface=\:\:1"
+    directedBroadcast = None
 
     def requireFamily(self) -> None:
         if not socket.has_ipv6:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -30,18 +28,20 @@ from echotw.options import EchoOptions
 from echotw.steering import sourceIndex
 from echotw.workermain import Orphan
 from echotw.workers import RESTART_DELAYS, Backoff
-from tests.process import LOOPBACK, TWISTD, EchoServer, ServerTestCase, connect, echo
+from tests.process import (
+    LOOPBACK,
+    TWISTD,
+    EchoServer,
+    ServerTestCase,
+    connect,
+    echo,
+    isClosedByServer,
+    temporaryDirectory,
+    twistdCommand,
+    waitUntil,
+)
 
 SERVED = re.compile(r"echotw worker (\d+)\] Connection from ([\d.]+):(\d+) on")
-
-
-def scratch(case: SynchronousTestCase) -> Path:
-    """
-    A directory removed after the test.
-    """
-    path = Path(tempfile.mkdtemp(prefix="echotw-workers-"))
-    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def alive(pid: int) -> bool:
@@ -57,6 +57,66 @@ def servedBy(server: EchoServer) -> dict[tuple[str, int], int]:
     Which worker logged each client C{(host, port)}'s connection.
     """
     return {(host, int(port)): int(w) for w, host, port in SERVED.findall(server.output())}
+
+
+def running(pid: int) -> bool:
+    """
+    Whether process C{pid} exists and has not exited (a zombie has: an
+    orphan's may wait a while for whoever adopted it to reap it).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def childrenOf(pid: int) -> set[int]:
+    """
+    The running processes whose parent is C{pid}: a supervisor's workers.
+    """
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.add(int(entry.name))
+    return children
+
+
+def socketHolders(inode: int, pids: set[int]) -> set[int]:
+    """
+    Which of C{pids} hold the socket C{inode} open.
+    """
+    holders = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    holders.add(pid)
+            except OSError:
+                continue
+    return holders
+
+
+def udpInode(port: int) -> int:
+    """
+    The inode of the UDP socket bound to 127.0.0.1:C{port}, from the kernel's table.
+    """
+    local = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local:
+            return int(fields[9])
+    raise AssertionError(f"no UDP socket on 127.0.0.1:{port}")
 
 
 def workerPids(server: EchoServer, count: int, listeners: int = 1) -> list[int]:
@@ -244,7 +304,7 @@ class WorkersEndToEndTests(ServerTestCase):
         """With a per-source limit, all connections from one address reach
         one worker, the one the steering program names, whichever of 12
         loopback addresses they come from; a Unix listener is shared."""
-        path = scratch(self) / "echo.sock"
+        path = temporaryDirectory(self) / "echo.sock"
         server = self.start(
             "--workers", "3", "--port", LOOPBACK, "--port", f"unix:{path}",
             "--max-per-ip", "100",
@@ -280,7 +340,7 @@ class WorkersEndToEndTests(ServerTestCase):
     def test_orphanedWorkersExit(self) -> None:
         """Workers whose supervisor was killed exit by themselves, leaving
         the Unix socket file to the supervisor that bound it."""
-        path = scratch(self) / "echo.sock"
+        path = temporaryDirectory(self) / "echo.sock"
         server = self.start("--workers", "2", "--port", LOOPBACK, "--port", f"unix:{path}")
         pids = workerPids(server, 2, listeners=2)
         server.process.kill()
@@ -366,7 +426,7 @@ class WorkerLogTests(SynchronousTestCase):
     """
 
     def twistd(self, *runner: str) -> tuple[subprocess.Popen[bytes], Path]:
-        workdir = scratch(self)
+        workdir = temporaryDirectory(self)
         stdoutPath = workdir / "stdout.log"
         with stdoutPath.open("wb") as stdout:
             process = subprocess.Popen(
@@ -434,3 +494,152 @@ class WorkerLogTests(SynchronousTestCase):
         for clientPort in self.connectTwice(port):
             self.waitFor(log, rf"\[echotw worker \d\] Connection from 127.0.0.1:{clientPort} on")
         self.assertEqual((workdir / "stdout.log").read_text(), "")
+
+
+class WorkersBehaviourTests(ServerTestCase):
+    """
+    What README promises of --workers, seen from outside the processes.
+    """
+
+    def startWorkers(self, *args: str) -> tuple[EchoServer, set[int]]:
+        """
+        A supervisor with two workers, once both workers listen; returns it
+        and the workers' process ids.
+        """
+        server = self.start("--workers", "2", "--port", LOOPBACK, *args)
+        server.waitFor(r"(echotw worker \d\] Listening(.|\n)*){2}", timeout=30)
+        workers = waitUntil(
+            lambda: len(childrenOf(server.pid)) == 2 and childrenOf(server.pid),
+            "two worker processes",
+        )
+        self.addCleanup(killAll, workers)
+        return server, workers
+
+    def holdOnEachWorker(self, server: EchoServer) -> dict[str, socket.socket]:
+        """
+        Open connections until each worker holds one (the kernel picks which
+        worker accepts); return one held connection per worker index.
+        """
+        held: dict[str, socket.socket] = {}
+        deadline = time.monotonic() + 30
+        while len(held) < 2:
+            self.assertLess(time.monotonic(), deadline, f"one worker got every connection: {held}")
+            sock = connect(server.port)
+            self.addCleanup(sock.close)
+            port = sock.getsockname()[1]
+            worker = server.waitFor(
+                rf"echotw worker (\d)\] Connection from 127\.0\.0\.1:{port} on"
+            ).group(1)
+            held.setdefault(worker, sock)
+        return held
+
+    def test_hangupReachesEveryWorker(self) -> None:
+        """SIGHUP to the supervisor re-reads --deny-file in every worker:
+        each closes the connection it holds from a newly denied client, and
+        new connections are refused."""
+        deny = temporaryDirectory(self) / "deny.rules"
+        deny.write_text("# nobody yet\n")
+        server, _ = self.startWorkers("--deny-file", str(deny))
+        held = self.holdOnEachWorker(server)
+        deny.write_text("127.0.0.0/8\n")
+        os.kill(server.pid, signal.SIGHUP)
+        for worker, sock in held.items():
+            self.assertTrue(isClosedByServer(sock, timeout=20), f"worker {worker}")
+        for _ in range(10):
+            with connect(server.port) as sock:
+                self.assertTrue(isClosedByServer(sock))
+        self.assertEqual(len(re.findall(r"echotw worker \d\] Rules reloaded", server.output())), 2)
+        self.assertIsNone(server.process.poll())
+
+    def test_restartBacksOff(self) -> None:
+        """A worker that keeps dying is restarted later each time: at least
+        0.1 s, then 0.5 s, then 1 s after it died (README: after 0.1 s,
+        backing off to 5 s)."""
+        server, workers = self.startWorkers()
+        victim = min(workers)
+        delays = []
+        for _ in range(3):
+            before = childrenOf(server.pid)
+            os.kill(victim, signal.SIGKILL)
+            killed = time.monotonic()
+            [victim] = waitUntil(
+                lambda before=before: childrenOf(server.pid) - before,
+                "the worker restarted",
+                timeout=30,
+            )
+            delays.append(time.monotonic() - killed)
+            self.addCleanup(killAll, {victim})
+        for delay, least in zip(delays, (0.1, 0.5, 1.0), strict=True):
+            self.assertGreaterEqual(delay, least, delays)
+        with connect(server.port) as sock:
+            self.assertEqual(echo(sock, b"still served"), b"still served")
+
+    def test_workersExitWithTheSupervisor(self) -> None:
+        """Workers whose supervisor disappears (SIGKILL, no chance to stop
+        them) exit by themselves: none is left serving."""
+        server, workers = self.startWorkers()
+        server.process.kill()
+        server.process.wait(10)
+        waitUntil(
+            lambda: not any(running(pid) for pid in workers),
+            f"orphaned workers {workers} did not exit",
+            timeout=30,
+        )
+        with self.assertRaises(ConnectionRefusedError):
+            connect(server.port).close()
+
+    def test_udpServedBySupervisorAlone(self) -> None:
+        """With --workers, UDP is served by the supervisor only: it alone
+        binds and holds the UDP socket, and it echoes."""
+        server, workers = self.startWorkers("--udp", "udp:0:interface=127.0.0.1")
+        port = int(server.waitFor(r"Listening on udp:\S+ at 127\.0\.0\.1:(\d+)").group(1))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.bind(("127.0.0.1", 0))
+            client.settimeout(10)
+            client.sendto(b"datagram", ("127.0.0.1", port))
+            self.assertEqual(client.recvfrom(100), (b"datagram", ("127.0.0.1", port)))
+        holders = socketHolders(udpInode(port), workers | {server.pid})
+        self.assertEqual(holders, {server.pid})
+        systems = re.findall(r"\[([^\]]*)\] Listening on udp:", server.output())
+        self.assertEqual(len(systems), 1, systems)
+        self.assertNotIn("worker", systems[0])
+
+    def test_twistRunnerSharesOnePort(self) -> None:
+        """Under twist (which only starts services, never privileged-starts
+        them) the workers still serve the supervisor's one port, and a busy
+        port still ends the command with status 1."""
+        server = self.start("--workers", "2", "--port", LOOPBACK, runner="twist")
+        server.waitFor(r"(echotw worker \d\] Listening(.|\n)*){2}", timeout=30)
+        self.addCleanup(killAll, childrenOf(server.pid))
+        ports = set(re.findall(r"Listening on \S+ at 127\.0\.0\.1:(\d+)", server.output()))
+        self.assertEqual(ports, {str(server.port)})
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            listener = f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1"
+            result = subprocess.run(
+                twistdCommand("--workers", "2", "--port", listener, runner="twist"),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                stdin=subprocess.DEVNULL,
+            )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f"cannot listen on {listener}", result.stdout + result.stderr)
+
+
+def killAll(pids: set[int]) -> None:
+    """
+    Clean-up: SIGKILL those of C{pids} (worker processes this test started)
+    still running, checking each is still one of ours.
+    """
+    for pid in pids:
+        try:
+            ours = b"echotw.workermain" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if ours and running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from echotw.coercers import NamingCoerceParameter
 from echotw.probe.pattern import HEADER
 from echotw.probe.stats import Thresholds
 
@@ -103,21 +104,6 @@ def seed(value: str) -> int:
 
 
 seed.coerceDoc = "A whole number [default: a random one, printed in the summary]."  # type: ignore[attr-defined]
-
-
-class _NamedCoercion(usage.CoerceParameter):
-    """
-    A bad value's error names its option and says what was wrong, on one
-    line (Twisted's own names neither).
-    """
-
-    def dispatch(self, parameterName: str, value: str) -> None:
-        if value is None:
-            raise usage.UsageError(f"--{parameterName} needs a value")
-        try:
-            self.options.opts[parameterName] = self.coerce(value)
-        except ValueError as e:
-            raise usage.UsageError(f"--{parameterName} {value!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -236,7 +222,7 @@ class ProbeOptions(usage.Options):
         super().__init__()
         for name, handler in list(self._dispatch.items()):
             if isinstance(handler, usage.CoerceParameter):
-                self._dispatch[name] = _NamedCoercion(self, handler.coerce)
+                self._dispatch[name] = NamingCoerceParameter(self, handler.coerce)
 
     def opt_version(self) -> None:
         """Display echotw's version and exit."""
