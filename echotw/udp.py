@@ -199,6 +199,10 @@ class UDPEchoProtocol(DatagramProtocol):
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.dropLog = LogThrottle(logInterval, self.clock, maxSources, self._logUnloggedDrops)
 
+    def logPrefix(self) -> str:
+        # Twisted's own "... starting on PORT" line: echotw's, like the TCP ones.
+        return "echotw"
+
     def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
         host, port = addr[0], addr[1]
         if port in self.loopPorts:
