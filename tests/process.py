@@ -323,9 +323,7 @@ class ServerTestCase(SynchronousTestCase):
         """
         A new directory outside the checkout, removed after the test.
         """
-        directory = Path(tempfile.mkdtemp(prefix="echotw-test-"))
-        self.addCleanup(shutil.rmtree, directory, True)
-        return directory
+        return temporaryDirectory(self)
 
     def start(self, *args: str, **kw: object) -> EchoServer:
         server = EchoServer(*args, **kw)  # type: ignore[arg-type]
