@@ -92,13 +92,15 @@ def warnIfBacklogCapped(log: Logger, listener: str, backlog: int | None) -> None
         )
 
 
-def logListening(log: Logger, listener: str, address: Any, **more: Any) -> None:
+def logListening(log: Logger, listener: str, address: Any, note: str = "", **more: Any) -> None:
     """
-    Log the address a listener actually bound (so C{tcp:0} reports its port).
+    Log the address a listener actually bound (so C{tcp:0} reports its port),
+    with an optional C{note} in parentheses.
     """
     host, port = describeAddress(address)
     log.info(
-        "Listening on {listener} at {address}",
+        "Listening on {listener} at {address}" + (" ({note})" if note else ""),
+        note=note,
         event="listening",
         listener=listener,
         address=formatAddress(address),

@@ -57,10 +57,9 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import describeAddress, formatAddress
 from echotw.counters import WorkerCounters
 from echotw.interfaces import IServerReactor
-from echotw.listening import ListenFailed, listenNow
+from echotw.listening import ListenFailed, listenNow, logListening
 from echotw.reuseport import bindAddress, bindGroup, reusePortBalances
 from echotw.sharedcount import SharedCount, createSharedFile
 from echotw.steering import attachSteering, steeringProgram
@@ -188,17 +187,14 @@ class SharedListeners(Service):
             steered = self.steerPrefix is not None and not description.startswith("haproxy:")
             if steered:
                 steered = self._steer(name, group)
-            bound = _address(group[0])
-            host, port = describeAddress(bound)
-            self._log.info(
-                "Listening on {listener} at {address} ({count} sockets, one per worker, {spread})",
-                event="listening",
-                listener=name,
-                address=formatAddress(bound),
-                host=host,
-                port=port,
+            spread = "steered by source" if steered else "spread by the kernel"
+            logListening(
+                self._log,
+                name,
+                _address(group[0]),
+                f"{len(group)} sockets, one per worker, {spread}",
                 count=len(group),
-                spread="steered by source" if steered else "spread by the kernel",
+                spread=spread,
                 steered=steered,
             )
 
@@ -229,12 +225,7 @@ class SharedListeners(Service):
             raise ListenFailed(name, Failure(RuntimeError("did not bind at once")))
         port.stopReading()  # type: ignore[attr-defined]
         self.ports.append(port)
-        self._log.info(
-            "Listening on {listener} at {address} (shared with the workers)",
-            event="listening",
-            listener=name,
-            address=formatAddress(port.getHost()),
-        )
+        logListening(self._log, name, port.getHost(), "shared with the workers")
         return port
 
     def socketsFor(self, index: int) -> list[socket.socket]:
