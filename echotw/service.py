@@ -302,10 +302,9 @@ class EchoService(MultiService):
         if self._reloading is not None:
             self._reloadAgain = True
             return self._reloading
-        if self.ruleSource is None or not self.ruleSource.hasFiles:
-            self._log.info("SIGHUP: no rule files to reload", event="reload-skipped")
+        source = self._filesToReload()
+        if source is None:
             return succeed(False)
-        source = self.ruleSource
         if self.threads is None:
             loading: Deferred[AccessRules] = maybeDeferred(source.load)
         else:
@@ -339,16 +338,26 @@ class EchoService(MultiService):
         Re-read the rule files now, in the reactor thread; return whether
         the new rules are in force.
         """
-        if self.ruleSource is None or not self.ruleSource.hasFiles:
-            self._log.info("SIGHUP: no rule files to reload", event="reload-skipped")
+        source = self._filesToReload()
+        if source is None:
             return False
         try:
-            rules = self.ruleSource.load()
+            rules = source.load()
         except RuleFileError as e:
             self._reloadFailed(e)
             return False
         self.applyRules(rules)
         return True
+
+    def _filesToReload(self) -> RuleSource | None:
+        """
+        The rule source to re-read, or L{None} (and a line saying so) when
+        there are no rule files.
+        """
+        if self.ruleSource is None or not self.ruleSource.hasFiles:
+            self._log.info("SIGHUP: no rule files to reload", event="reload-skipped")
+            return None
+        return self.ruleSource
 
     def _reloadFailed(self, error: Exception) -> None:
         self._log.error(
