@@ -114,7 +114,7 @@ def logLevel(value: str) -> str:
     return value
 
 
-def _text(n: float) -> str:
+def numberText(n: float) -> str:
     """
     A bound as the help and the errors write it: C{0.1}, C{31536000}.
     """
@@ -132,7 +132,7 @@ def inRange(
     so it is refused before anything starts.  The bounds must appear in
     C{doc}, which C{--help} shows.
     """
-    expected = f"{'0 or ' if orZero else ''}between {_text(low)} and {_text(high)}"
+    expected = f"{'0 or ' if orZero else ''}between {numberText(low)} and {numberText(high)}"
 
     def bounded(value: str) -> N:
         n = coerce(value)
@@ -180,29 +180,29 @@ linesPerSecond = inRange(
     wholeNumber,
     1,
     int(MAX_RATE),
-    f"A whole number up to {_text(MAX_RATE)}; 0 means no limit.",
+    f"A whole number up to {numberText(MAX_RATE)}; 0 means no limit.",
     orZero=True,
 )
 perSecond = inRange(
     perSecondNumber,
     MIN_RATE,
     MAX_RATE,
-    f"Per second (N or N/s), {_text(MIN_RATE)} to {_text(MAX_RATE)}; 0 means no limit.",
+    f"Per second (N or N/s), {numberText(MIN_RATE)} to {numberText(MAX_RATE)}; 0 means no limit.",
     orZero=True,
 )
-burst = inRange(finiteNumber, 1.0, MAX_RATE, f"A number, 1 to {_text(MAX_RATE)}.")
+burst = inRange(finiteNumber, 1.0, MAX_RATE, f"A number, 1 to {numberText(MAX_RATE)}.")
 timeout = inRange(
     finiteNumber,
     MIN_TIMEOUT,
     float(YEAR),
-    f"Seconds (decimals allowed): 0, or {_text(MIN_TIMEOUT)} to {YEAR} (a year).",
+    f"Seconds (decimals allowed): 0, or {numberText(MIN_TIMEOUT)} to {YEAR} (a year).",
     orZero=True,
 )
 positiveTimeout = inRange(
     finiteNumber,
     MIN_TIMEOUT,
     float(YEAR),
-    f"Seconds (decimals allowed), {_text(MIN_TIMEOUT)} to {YEAR} (a year).",
+    f"Seconds (decimals allowed), {numberText(MIN_TIMEOUT)} to {YEAR} (a year).",
 )
 workerCount = inRange(wholeNumber, 1, 64, "1-64.")
 prefixLength = inRange(wholeNumber, 1, 128, "Prefix length, 1-128.")
@@ -210,7 +210,7 @@ interval = inRange(
     finiteNumber,
     MIN_INTERVAL,
     float(YEAR),
-    f"Seconds (decimals allowed): 0, or {_text(MIN_INTERVAL)} to {YEAR} (a year).",
+    f"Seconds (decimals allowed): 0, or {numberText(MIN_INTERVAL)} to {YEAR} (a year).",
     orZero=True,
 )
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from twisted.python import usage
 
+from echotw.coercers import numberText
 from echotw.version import __version__
 
 Group = tuple[str, Sequence[tuple[str, str]]]
@@ -82,8 +83,8 @@ def formatDefault(value: object) -> str | None:
     """
     if value is None or value == "" or value == []:
         return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+    if isinstance(value, float):
+        return numberText(value)
     return str(value)
 
 
