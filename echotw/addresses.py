@@ -51,13 +51,34 @@ def parseNetwork(text: str) -> IPNetwork:
     Host bits set below the prefix are an error, not silently masked, since
     C{10.1.2.3/8} is far more often a typo than an intent.
 
+    A network inside the IPv4-mapped block (C{::ffff:10.0.0.0/104}) is
+    returned as the IPv4 network it maps (C{10.0.0.0/8}): clients are
+    matched as IPv4 addresses (see L{clientIP}), so the IPv6 form would
+    match nobody, and a deny written that way would silently let its
+    clients in.
+
     @raise ValueError: with a message fit for a one-line usage error.
     """
     text = text.strip()
     try:
-        return ip_network(text, strict=True)
+        network = ip_network(text, strict=True)
     except ValueError as e:
         raise ValueError(f"{text!r} is not an IP address or CIDR network ({e})") from None
+    return foldMapped(network)
+
+
+def foldMapped(network: IPNetwork) -> IPNetwork:
+    """
+    The IPv4 network an IPv6 network inside C{::ffff:0:0/96} stands for;
+    any other network unchanged.  Wider IPv6 networks (C{::/0}) stay IPv6:
+    they speak of IPv6 clients, not of IPv4 ones.
+    """
+    if network.version != 6 or network.prefixlen < 96:
+        return network
+    mapped = network.network_address.ipv4_mapped
+    if mapped is None:
+        return network
+    return IPv4Network((mapped, network.prefixlen - 96))
 
 
 def clientIP(address: IAddress) -> tuple[int, int] | None:

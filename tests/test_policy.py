@@ -40,6 +40,24 @@ class ParseNetworkTests(SynchronousTestCase):
             self.assertIn(repr(bad.strip()), str(ctx.exception))
 
 
+class MappedNetworkTests(SynchronousTestCase):
+    def test_foldedToIPv4(self) -> None:
+        """A network inside ::ffff:0:0/96 is the IPv4 network it maps."""
+        self.assertEqual(str(parseNetwork("::ffff:10.0.0.0/104")), "10.0.0.0/8")
+        self.assertEqual(str(parseNetwork("::ffff:192.0.2.7")), "192.0.2.7/32")
+        self.assertEqual(str(parseNetwork("::ffff:0:0/96")), "0.0.0.0/0")
+
+    def test_widerNetworksStayIPv6(self) -> None:
+        """Networks reaching outside the mapped block speak of IPv6 clients."""
+        self.assertEqual(str(parseNetwork("::/0")), "::/0")
+        self.assertEqual(str(parseNetwork("::fffe:0:0/95")), "::fffe:0:0/95")
+        self.assertEqual(str(parseNetwork("64:ff9b::/96")), "64:ff9b::/96")
+
+    def test_hostBitsStillAnError(self) -> None:
+        """Host bits below the prefix are refused in the mapped form too."""
+        self.assertRaises(ValueError, parseNetwork, "::ffff:10.1.0.0/104")
+
+
 class ClientIPTests(SynchronousTestCase):
     def test_mappedFoldsToIPv4(self) -> None:
         """An IPv4-mapped IPv6 client is the same IP as the IPv4 one."""
@@ -140,6 +158,18 @@ class AccessRulesTests(SynchronousTestCase):
         allow = AccessRules(allow=[parseNetwork("10.0.0.0/8")])
         self.assertIsNone(allow(v6("::ffff:10.1.2.3"), "l"))
         self.assertEqual(allow(v6("::ffff:192.0.2.1"), "l"), "not allowed")
+
+    def test_mappedNetworkRules(self) -> None:
+        """A rule written as an IPv4-mapped network applies to its IPv4
+        clients, however the listener reports them: a deny written that way
+        must not let them in."""
+        deny = AccessRules(deny=[parseNetwork("::ffff:10.0.0.0/104")])
+        self.assertEqual(deny(v4("10.1.2.3"), "l"), "denied")
+        self.assertEqual(deny(v6("::ffff:10.1.2.3"), "l"), "denied")
+        self.assertIsNone(deny(v4("11.1.2.3"), "l"))
+        allow = AccessRules(allow=[parseNetwork("::ffff:192.0.2.7")])
+        self.assertIsNone(allow(v4("192.0.2.7"), "l"))
+        self.assertEqual(allow(v4("192.0.2.8"), "l"), "not allowed")
 
     def test_ipv6Rules(self) -> None:
         """IPv6 rules match IPv6 clients and never IPv4 ones."""

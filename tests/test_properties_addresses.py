@@ -6,15 +6,15 @@ does, for IPv4, IPv6 and IPv4-mapped clients.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, ip_address
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import address
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.addresses import IPNetwork, NetworkSet, clientIP, ipFromText
-from tests.properties import PROPERTIES, ipv4Addresses, ipv6Addresses, networks
+from echotw.addresses import IPNetwork, NetworkSet, clientIP, ipFromText, parseNetwork
+from tests.properties import PROPERTIES, ipv4Addresses, ipv4Networks, ipv6Addresses, networks
 
 
 def scan(rules: list[IPNetwork], host: str) -> bool:
@@ -77,3 +77,22 @@ class NetworkSetPropertyTests(SynchronousTestCase):
                 self.assertEqual(client, ipFromText(host))
                 assert client is not None
                 self.assertEqual(client in found, expected, (rules, host))
+
+
+class MappedNetworkPropertyTests(SynchronousTestCase):
+    """
+    A rule written as an IPv4-mapped network against the IPv4 one.
+    """
+
+    @PROPERTIES
+    @given(ipv4Networks(), ipv4Addresses())
+    def test_sameClientsAsIPv4(self, network: IPv4Network, ip: IPv4Address) -> None:
+        """C{::ffff:A/P+96} matches exactly the clients C{A/P} matches, in
+        every form a listener writes them."""
+        mapped = parseNetwork(f"::ffff:{network.network_address}/{network.prefixlen + 96}")
+        self.assertEqual(mapped, network)
+        found = NetworkSet([mapped])
+        for host in textForms(ip):
+            client = ipFromText(host)
+            assert client is not None
+            self.assertEqual(client in found, ip in network, (network, host))

@@ -117,6 +117,12 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual([str(n) for n in options["allow"]], ["10.0.0.0/8", "2001:db8::/32"])
         self.assertEqual([str(n) for n in options["deny"]], ["10.1.1.1/32"])
 
+    def test_mappedRules(self) -> None:
+        """A rule written in IPv4-mapped form is the IPv4 rule it means."""
+        options = parse("--deny", "::ffff:127.0.0.0/104", "--allow", "::ffff:10.0.0.1")
+        self.assertEqual([str(n) for n in options["deny"]], ["127.0.0.0/8"])
+        self.assertEqual([str(n) for n in options["allow"]], ["10.0.0.1/32"])
+
     def test_limits(self) -> None:
         """Numeric options are coerced."""
         options = parse(
