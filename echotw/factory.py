@@ -19,13 +19,7 @@ from echotw import loglevel
 from echotw.addresses import describeAddress, formatAddress, sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
-from echotw.ratelimit import (
-    LogThrottle,
-    PerSecondBudget,
-    TokenBuckets,
-    defaultClock,
-    unloggedNote,
-)
+from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets, defaultClock, unloggedNote
 from echotw.sharedcount import ServerCount
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
@@ -102,7 +96,7 @@ class EchoFactory(ServerFactory):
         self.maxSessionBytes = maxSessionBytes
         self.maxSessionSeconds = maxSessionSeconds
         self.clock = clock if clock is not None else defaultClock()
-        self.refusalLog = LogThrottle(1.0, self.clock)
+        self.refusalLog = LogThrottle(1.0, self.clock, report=self._logUnlogged)
         self.connectionLog = PerSecondBudget(logConnections, self.clock)
         self.openConnections = 0
         self.pendingConnections = 0
@@ -215,7 +209,7 @@ class EchoFactory(ServerFactory):
                 host, port = describeAddress(addr)
                 # A verifier that fails for every connection must not write
                 # a traceback for each: one per source a second.
-                held = self.refusalLog.admit(("verifier error", host))
+                held = self.refusalLog.admit(("verifier error", host), "verifier error")
                 if held is not None:
                     self._log.failure(
                         "Verifier {verifier!r} failed for {client}"
@@ -278,7 +272,7 @@ class EchoFactory(ServerFactory):
         """
         self.countRefusal(reason)
         host, port = describeAddress(addr)
-        held = self.refusalLog.admit(source or host)
+        held = self.refusalLog.admit(source or host, f"refused on {listener}: {reason}")
         if held is None:
             return
         self._log.info(
@@ -290,6 +284,18 @@ class EchoFactory(ServerFactory):
             listener=listener,
             reason=reason,
             unlogged=held,
+        )
+
+    def _logUnlogged(self, key: object, held: int, last: object) -> None:
+        # From refusalLog, which PROXY listeners share: a source gone quiet
+        # with events counted but not logged (one line per source a second).
+        source = key[1] if isinstance(key, tuple) else key
+        self._log.info(
+            "{unlogged} more from {source} not logged one by one (last: {last})",
+            event="unlogged",
+            source=source,
+            unlogged=held,
+            last=last,
         )
 
     def connectionOpened(self, p: EchoProtocol) -> None:

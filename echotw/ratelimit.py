@@ -122,6 +122,10 @@ class LogThrottle:
     stay until their next line.  At most C{maxKeys} are tracked, and past
     that new keys are not logged at all (their events are still counted by
     their callers).  TCP refusals and UDP drops share this one mechanism.
+
+    Pruning happens as events come in; an owner that wants a flood's count
+    logged even when its source then goes quiet calls L{flush} every
+    interval.
     """
 
     def __init__(
@@ -165,6 +169,13 @@ class LogThrottle:
         held = state.held
         state.at, state.held, state.detail = now, 0, detail
         return held
+
+    def flush(self) -> None:
+        """
+        Forget the keys not logged for an interval now rather than at the
+        next event, handing those with events held back to C{report}.
+        """
+        self._prune(self.clock.seconds(), None)
 
     def _prune(self, now: float, current: Any) -> None:
         # C{current} is about to be logged (or counted) anyway.

@@ -39,6 +39,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, MessageLengthError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -198,6 +199,7 @@ class UDPEchoProtocol(DatagramProtocol):
         self.bytesEchoed = 0
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.dropLog = LogThrottle(logInterval, self.clock, maxSources, self._logUnloggedDrops)
+        self._flushing: LoopingCall | None = None
 
     def logPrefix(self) -> str:
         # Twisted's own "... starting on PORT" line: echotw's, like the TCP ones.
@@ -316,9 +318,8 @@ class UDPEchoProtocol(DatagramProtocol):
     def _logUnloggedDrops(self, source: Any, suppressed: int, last: tuple[str, int, str]) -> None:
         """
         Report the drops from a source that were counted but not logged, once
-        it has not been logged for C{logInterval}.  This happens only when
-        some datagram is dropped, so such a report can come late; the
-        counters are exact.
+        it has not been logged for C{logInterval} (at the latest one more
+        interval later, when the log throttle is flushed).
         """
         host, port, reason = last
         self._log.info(
@@ -333,7 +334,15 @@ class UDPEchoProtocol(DatagramProtocol):
             interval=self.logInterval,
         )
 
+    def startProtocol(self) -> None:
+        # Drops from a source gone quiet are reported within two intervals.
+        self._flushing = LoopingCall(self.dropLog.flush)
+        self._flushing.clock = self.clock
+        self._flushing.start(self.logInterval, now=False)
+
     def stopProtocol(self) -> None:
+        if self._flushing is not None and self._flushing.running:
+            self._flushing.stop()
         delay = self.impairment.delay if self.impairment is not None else None
         if delay is not None:
             self.dropped["impairment-shutdown"] += delay.discard(self._send)

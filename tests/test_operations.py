@@ -124,7 +124,7 @@ class IdleTimeoutTests(SynchronousTestCase):
         """With 0 there is no sweep at all."""
         service = EchoService(self.factory, self.clock, 1.0, idleTimeout=0)
         service.startService()
-        self.assertEqual(service._loops, [])
+        self.assertNotIn(service.sweepIdle, [loop.f for loop in service._loops])
 
 
 class SessionLimitTests(SynchronousTestCase):
@@ -203,6 +203,27 @@ class ConnectionRateTests(SynchronousTestCase):
             [("10.0.0.1", 0), ("10.0.0.9", 0), ("10.0.0.1", 98)],
         )
         self.assertEqual(factory.refusals, {"rate": 101})
+
+    def test_quietFloodStillReported(self) -> None:
+        """When a flood of refusals stops, the running server logs how many
+        it held back within two seconds, with the last one's reason."""
+        clock = Clock()
+        factory = EchoFactory(connectionRate=TokenBuckets(1, 1, clock), clock=clock)
+        service = EchoService(factory, clock, 1.0)
+        service.startService()
+        with capturedLogs() as events:
+            for _ in range(100):
+                factory.buildProtocolFor(client(), "tcp:7")
+            clock.advance(2.0)
+        self.assertEqual(
+            [(e["event"], e["unlogged"]) for e in events],
+            [("refused", 0), ("unlogged", 98)],  # 99 refused: one line, 98 held
+        )
+        self.assertEqual(
+            (events[1]["source"], events[1]["last"]), ("10.0.0.1", "refused on tcp:7: rate")
+        )
+        service.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_unixClientsNotRateLimited(self) -> None:
         """Clients without an IP have no source to rate-limit."""

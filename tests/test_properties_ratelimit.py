@@ -159,17 +159,20 @@ class ThrottleModel:
         self.lastPrune = Fraction(0)
         self.reports: list[tuple[str, int, Any]] = []
 
+    def flush(self, now: Fraction, key: str | None = None) -> None:
+        self.lastPrune = now
+        for k, (at, held, last) in list(self.keys.items()):
+            if k == key or at > now - self.interval:
+                continue
+            if not held:
+                del self.keys[k]
+            elif self.reporting:
+                del self.keys[k]
+                self.reports.append((k, held, last))
+
     def admit(self, key: str, detail: int, now: Fraction) -> int | None:
         if now - self.lastPrune >= self.interval:
-            self.lastPrune = now
-            for k, (at, held, last) in list(self.keys.items()):
-                if k == key or at > now - self.interval:
-                    continue
-                if not held:
-                    del self.keys[k]
-                elif self.reporting:
-                    del self.keys[k]
-                    self.reports.append((k, held, last))
+            self.flush(now, key)
         if key not in self.keys:
             if len(self.keys) >= self.maxKeys:
                 return None
@@ -196,11 +199,18 @@ class LogThrottlePropertyTests(SynchronousTestCase):
         st.sampled_from([EIGHTH, Fraction(1), Fraction(3, 2)]),
         st.integers(1, 4),
         st.booleans(),
+        st.sets(st.integers(0, 60)),
     )
     def test_matchesModel(
-        self, sequence: list[Step], interval: Fraction, maxKeys: int, reporting: bool
+        self,
+        sequence: list[Step],
+        interval: Fraction,
+        maxKeys: int,
+        reporting: bool,
+        flushes: set[int],
     ) -> None:
-        """Every answer and every report equals the model's."""
+        """Every answer and every report equals the model's, with flushes
+        between some of the events."""
         clock = Clock()
         reports: list[tuple[str, int, Any]] = []
         report = (lambda *args: reports.append(args)) if reporting else None
@@ -210,6 +220,10 @@ class LogThrottlePropertyTests(SynchronousTestCase):
         for i, (eighths, key) in enumerate(sequence):
             clock.advance(eighths / 8)
             now += eighths * EIGHTH
+            if i in flushes:
+                throttle.flush()
+                model.flush(now)
+                self.assertEqual(reports, model.reports)
             self.assertEqual(throttle.admit(key, i), model.admit(key, i, now), (i, key))
             self.assertEqual(reports, model.reports)
             self.assertLessEqual(len(throttle), maxKeys)
@@ -251,11 +265,16 @@ class LogThrottlePropertyTests(SynchronousTestCase):
             clock.advance(eighths / 8)
             now += eighths * EIGHTH
             admit(key, i)
-        # An interval later, one more event per key brings out what each held.
+        # An interval later, a flush (when reporting) or else one more event
+        # per key brings out what each held.
         clock.advance(float(interval))
         now += interval
-        for key in list(events):
-            admit(key, "last")
+        if reporting:
+            throttle.flush()
+            self.assertEqual(len(throttle), 0)
+        else:
+            for key in list(events):
+                admit(key, "last")
         self.assertEqual(dict(counted), dict(events))
         for times in lines.values():
             self.assertTrue(all(b - a >= interval for a, b in pairwise(times)))

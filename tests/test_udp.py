@@ -430,8 +430,28 @@ class UDPEchoProtocolTests(SynchronousTestCase):
         self.assertEqual(first["client_port"], 40000)
         self.assertEqual(first["listener"], "udp:7")
         self.assertEqual(first["suppressed"], 0)
-        self.assertEqual(second["suppressed"], 4)
+        [more] = [e for e in events if e.get("event") == "udp-dropped-more"]
+        self.assertEqual((more["suppressed"], more["reason"]), (4, "denied"))
+        self.assertLess(events.index(more), events.index(second))
+        self.assertEqual(second["suppressed"], 0)
         self.assertEqual(proto.dropped["denied"], 6)
+
+    def test_unloggedDropsReportedWhenTheSourceGoesQuiet(self) -> None:
+        """A flood that stops still gets its unlogged count in the log, one
+        or two intervals later, without any further datagram."""
+        proto, _, clock = echoProtocol(logInterval=10)
+        with capturedLogs() as events:
+            for _ in range(50):
+                proto.datagramReceived(b"x", ("192.0.2.1", 19))
+            clock.advance(9)
+            self.assertEqual([e["event"] for e in events], ["udp-dropped"])
+            clock.advance(11)
+        self.assertEqual(
+            [(e["event"], e["suppressed"]) for e in events],
+            [("udp-dropped", 0), ("udp-dropped-more", 49)],
+        )
+        proto.stopProtocol()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_dropLogDefaultIntervalTenSeconds(self) -> None:
         """By default, drops from one source are logged at most once every
@@ -450,8 +470,16 @@ class UDPEchoProtocolTests(SynchronousTestCase):
                 proto.datagramReceived(b"x", CLIENT)
                 protoClock.advance(0.1)
                 proto.datagramReceived(b"x", CLIENT)
-            dropped = [e["suppressed"] for e in events if e.get("event") == "udp-dropped"]
-            self.assertEqual(dropped, [0, 1])
+            dropped = [
+                (e["event"], e["suppressed"])
+                for e in events
+                if e["event"].startswith("udp-dropped")
+            ]
+            # The one held back is reported when the interval is over, by
+            # the periodic flush, then the next drop is logged afresh.
+            self.assertEqual(
+                dropped, [("udp-dropped", 0), ("udp-dropped-more", 1), ("udp-dropped", 0)]
+            )
 
     def test_unloggedDropsReported(self) -> None:
         """Drops counted but not logged are reported once the source's interval is over."""

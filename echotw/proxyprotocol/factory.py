@@ -123,7 +123,7 @@ class ProxyProtocolFactory(Factory):
             reason = "untrusted proxy"
             self.reject(reason)
             host, port = describeAddress(addr)
-            held = self.problemLog.admit(host)
+            held = self.problemLog.admit(host, f"{reason} on {self.listener}")
             if held is not None:
                 self._log.warn(
                     "Refused connection from {proxy} on {listener}: {reason}"

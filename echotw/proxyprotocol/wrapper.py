@@ -217,7 +217,7 @@ class ProxyProtocolWrapper(Protocol):
         factory = self.proxyFactory
         factory.reject(reason)
         host, port, proxy = self._balancer()
-        held = factory.problemLog.admit(host)
+        held = factory.problemLog.admit(host, f"{reason} on {factory.listener}")
         if held is not None:
             self._log.warn(
                 "Aborted connection from {proxy} on {listener}: {reason} ({detail})"
@@ -291,7 +291,9 @@ class ProxyProtocolWrapper(Protocol):
         received = self.parser.bytesReceived
         host, port, proxy = self._balancer()
         if received:
-            held = self.proxyFactory.problemLog.admit(host)
+            held = self.proxyFactory.problemLog.admit(
+                host, f"PROXY header cut short on {self.proxyFactory.listener}"
+            )
             if held is None:
                 return
             log = self._log.info
