@@ -49,14 +49,21 @@ REPORT_INTERVAL = 1.0
 """Seconds between a worker's counter reports to the supervisor."""
 
 
-def workerConfig(config: EchoConfig) -> EchoConfig:
+def workerConfig(config: EchoConfig, index: int = 0) -> EchoConfig:
     """
-    A worker's view of the supervisor's configuration: one process, no UDP
-    and no metrics endpoint (the supervisor serves those).  The limits are
-    the whole server's: C{--max-connections} is checked against the count
-    all workers share.
+    Worker C{index}'s view of the supervisor's configuration: one process,
+    no UDP and no metrics endpoint (the supervisor serves those).  The
+    limits are the whole server's: C{--max-connections} is checked against
+    the count all workers share.  C{--log-connections} is shared out, so
+    that the workers together log no more than it says (each at least one
+    a second).
     """
-    return replace(config, workers=1, udpListeners=(), metrics=None)
+    logging = config.logging
+    perSecond = logging.connectionsPerSecond
+    if perSecond:
+        share, extra = divmod(perSecond, config.workers)
+        logging = replace(logging, connectionsPerSecond=max(1, share + (index < extra)))
+    return replace(config, workers=1, udpListeners=(), metrics=None, logging=logging)
 
 
 def installReactor(chosen: str) -> None:
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     index = int(environment.get(WORKER_INDEX, "0"))
     output = LogOutput.fromDescription(environment.get(WORKER_LOG, ""))
     globalLogBeginner.beginLoggingTo([workerObserver(output, index)], redirectStandardIO=False)
-    config = workerConfig(options.config)
+    config = workerConfig(options.config, index)
     service = makeService(
         config,
         reactor,

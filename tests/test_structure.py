@@ -198,3 +198,19 @@ class ConfigurationTests(SynchronousTestCase):
         self.assertEqual(supervisor.workers, 3)
         self.assertEqual(len(supervisor.udpListeners), 1)
         self.assertEqual(supervisor.metrics, "tcp:0")
+
+    def test_workersShareTheConnectionLog(self) -> None:
+        """The workers together log no more connections a second than
+        --log-connections says; each logs at least one; 0 stays 0 (all)."""
+        for workers, limit in [(3, 100), (4, 2), (2, 1), (8, 1000), (5, 0)]:
+            options = EchoOptions()
+            options.parseOptions(["--workers", str(workers), "--log-connections", str(limit)])
+            shares = [
+                workerConfig(options.config, i).logging.connectionsPerSecond for i in range(workers)
+            ]
+            if limit == 0:
+                self.assertEqual(shares, [0] * workers)
+                continue
+            self.assertEqual(sum(shares), max(limit, workers), (workers, limit))
+            self.assertLessEqual(max(shares) - min(shares), 1)
+            self.assertGreaterEqual(min(shares), 1)
