@@ -32,10 +32,11 @@ from echotw.ratelimit import TokenBuckets
 from echotw.service import EchoService, ListenerService
 from echotw.shaping import DatagramImpairment
 from echotw.sharedcount import ServerCount
+from echotw.sharedlisteners import SharedListeners
 from echotw.signals import ProcessSignals
 from echotw.udp import UDPEchoProtocol, UDPListenerService
 from echotw.workerlog import RELAY, LogOutput
-from echotw.workers import SharedListeners, WorkerPool
+from echotw.workers import WorkerPool
 
 Inherited = tuple[int, int]
 """A listening socket a worker inherited: C{(file descriptor, address family)}."""
@@ -123,6 +124,7 @@ def makeService(
     serverCount: ServerCount | None = None,
     workerLog: LogOutput = RELAY,
     handleSignals: bool = False,
+    worker: bool = False,
 ) -> EchoService:
     """
     Build the service tree: an L{EchoService} with one L{ListenerService}
@@ -131,7 +133,8 @@ def makeService(
     UDP listeners and the metrics service.  A worker passes the sockets it
     C{inherited}, in the order of C{config.listeners}, and the whole
     server's C{serverCount}.  A real process (not a test) asks to
-    C{handleSignals}: SIGHUP reloads, a second SIGTERM stops at once.
+    C{handleSignals}: SIGHUP reloads, a second SIGTERM stops at once (in a
+    C{worker}, the supervisor's stop-now signal does).
     """
     setLogLevel(config.logging.level)
     # One generator per process for every random choice impairment makes.
@@ -146,10 +149,12 @@ def makeService(
         # Each worker logs its own summary; the supervisor counts nothing itself.
         statsInterval=0 if supervising else config.logging.statsInterval,
         ruleSource=config.ruleSource,
-        drainDelay=config.drainDelay,
+        # Each worker waits out the drain delay, accepting; its supervisor not again.
+        drainDelay=0 if supervising else config.drainDelay,
         threads=reactor,
     )
     counters: WorkerCounters | None = None
+    pool: WorkerPool | None = None
     if supervising:
         limits = config.limits
         perSource = limits.maxPerSource or limits.rate
@@ -172,6 +177,7 @@ def makeService(
             config.shutdownTimeout,
             logOutput=workerLog,
             counters=counters,
+            drainDelay=config.drainDelay,
         )
         pool.setServiceParent(top)
     else:
@@ -186,7 +192,11 @@ def makeService(
                 backlogOf(listener.description),
             ).setServiceParent(top)
     udpProtocols = makeUDPServices(config, factory, reactor, top, random)
-    ready = top.isReady
+
+    def ready() -> bool:
+        # A supervisor is ready while at least one of its workers is.
+        return top.isReady() and (pool is None or pool.anyReady())
+
     if config.metrics is not None:
         source = factory if counters is None else counters
         MetricsService(config.metrics, source, udpProtocols, reactor, ready).setServiceParent(top)
@@ -194,8 +204,8 @@ def makeService(
         HealthService(config.health, ready, reactor).setServiceParent(top)
     if handleSignals:
         # A supervisor passes SIGHUP on to its workers instead of reloading.
-        onHangup = pool.forwardHangup if supervising else top.requestReload
-        ProcessSignals(reactor, onHangup, top.stopNow).setServiceParent(top)
+        onHangup = pool.forwardHangup if pool is not None else top.requestReload
+        ProcessSignals(reactor, onHangup, top.stopNow, worker).setServiceParent(top)
     return top
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.testing import MemoryReactor
@@ -85,6 +85,12 @@ def bindGroup(address: BindAddress, count: int) -> list[socket.socket]:
     C{address}; port 0 is resolved by the first and shared by the rest.
     They start listening in order, so socket M is the group's index M.
 
+    A port something already listens on is refused, as a plain bind would
+    refuse it: C{SO_REUSEPORT} alone would let this group join the
+    listening sockets of another server run by the same user (a second
+    C{twistd echo --workers} on the same port), which would then take a
+    share of the connections without a word.
+
     @raise OSError: if any cannot be made or bound (none is left open).
     """
     family, host, port, backlog = address
@@ -101,6 +107,7 @@ def bindGroup(address: BindAddress, count: int) -> list[socket.socket]:
             sock.setblocking(False)
             sock.bind(sockaddr)
             sockaddr = (sockaddr[0], sock.getsockname()[1], *sockaddr[2:])
+        _refuseIfListening(family, sockaddr)
         for sock in group:
             sock.listen(backlog)
     except OSError:
@@ -108,3 +115,12 @@ def bindGroup(address: BindAddress, count: int) -> list[socket.socket]:
             sock.close()
         raise
     return group
+
+
+def _refuseIfListening(family: int, sockaddr: tuple[Any, ...]) -> None:
+    # A socket without SO_REUSEPORT binds beside sockets that are bound but
+    # not listening (with SO_REUSEADDR, as this group's are so far), and
+    # fails with EADDRINUSE where any socket listens on the port.
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(sockaddr)

@@ -3,6 +3,12 @@ The process's signals, for a real C{twistd echo} process (and each worker):
 SIGHUP asks for a rule reload, and a second SIGTERM or SIGINT during a
 shutdown stops at once.
 
+A worker of C{--workers} counts no second signal: a SIGTERM or SIGINT sent
+to the whole process group (systemd's default C{KillMode=control-group},
+Ctrl-C in a terminal) reaches it directly and again through its
+supervisor, and those two must not add up to "stop now".  Its supervisor
+sends L{STOP_NOW_SIGNAL} instead when the user asks it to stop at once.
+
 Twisted handles the first SIGTERM or SIGINT itself: it stops the reactor and
 remembers the signal, so that twistd ends by the same signal (status 143 for
 SIGTERM).  A second one would make Twisted stop a reactor that is already
@@ -24,13 +30,16 @@ from twisted.application.service import Service
 from echotw.interfaces import IServerReactor
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_NOW_SIGNAL = signal.SIGUSR2
+"""What a supervisor sends its workers to make them stop at once."""
 
 
 class ProcessSignals(Service):
     """
     Route the process's signals: SIGHUP to C{onHangup}; after the first
-    SIGTERM or SIGINT, further ones to C{onStopNow(signal name)}.  Both are
-    called in the reactor thread, on its next turn.
+    SIGTERM or SIGINT, further ones to C{onStopNow(signal name)} (in a
+    C{worker}, those are ignored and L{STOP_NOW_SIGNAL} goes there
+    instead).  Both are called in the reactor thread, on its next turn.
     """
 
     def __init__(
@@ -38,15 +47,19 @@ class ProcessSignals(Service):
         reactor: IServerReactor,
         onHangup: Callable[[], object],
         onStopNow: Callable[[str], object],
+        worker: bool = False,
     ) -> None:
         self.reactor = reactor
         self.onHangup = onHangup
         self.onStopNow = onStopNow
+        self.worker = worker
         self.stopping = False
 
     def startService(self) -> None:
         Service.startService(self)
         signal.signal(signal.SIGHUP, self._hangup)
+        if self.worker:
+            signal.signal(STOP_NOW_SIGNAL, self._stopNowSignal)
         # Twisted installs its own handlers as the reactor starts; wrap them then.
         self.reactor.callWhenRunning(self._wrapStopSignals)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shuttingDown)
@@ -56,6 +69,13 @@ class ProcessSignals(Service):
 
     def _hangup(self, signum: int, frame: FrameType | None) -> None:
         self.reactor.callFromThread(self.onHangup)
+
+    def _stopNowSignal(self, signum: int, frame: FrameType | None) -> None:
+        # It may overtake the SIGTERM sent before it (lower signals first).
+        if not self.stopping:
+            self.stopping = True
+            self.reactor.callFromThread(self.reactor.stop)
+        self.reactor.callFromThread(self.onStopNow, "supervisor")
 
     def _wrapStopSignals(self) -> None:
         for signum in STOP_SIGNALS:
@@ -71,6 +91,7 @@ class ProcessSignals(Service):
                 else:
                     self.reactor.callFromThread(self.reactor.stop)
                 return
-            self.reactor.callFromThread(self.onStopNow, signal.Signals(signum).name)
+            if not self.worker:
+                self.reactor.callFromThread(self.onStopNow, signal.Signals(signum).name)
 
         return handler

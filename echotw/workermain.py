@@ -35,6 +35,7 @@ from echotw.reactor import installIfUnchosen
 from echotw.sharedcount import SharedCount
 from echotw.workerlog import LogOutput, workerObserver
 from echotw.workers import (
+    READY,
     WORKER_COUNT,
     WORKER_COUNT_FD,
     WORKER_INDEX,
@@ -52,7 +53,7 @@ REPORT_INTERVAL = 1.0
 def workerConfig(config: EchoConfig, index: int = 0) -> EchoConfig:
     """
     Worker C{index}'s view of the supervisor's configuration: one process,
-    no UDP and no metrics endpoint (the supervisor serves those).  The
+    no UDP, metrics or health endpoint (the supervisor serves those).  The
     limits are the whole server's: C{--max-connections} is checked against
     the count all workers share.  C{--log-connections} is shared out, so
     that the workers together log no more than it says (each at least one
@@ -63,7 +64,7 @@ def workerConfig(config: EchoConfig, index: int = 0) -> EchoConfig:
     if perSecond:
         share, extra = divmod(perSecond, config.workers)
         logging = replace(logging, connectionsPerSecond=max(1, share + (index < extra)))
-    return replace(config, workers=1, udpListeners=(), metrics=None, logging=logging)
+    return replace(config, workers=1, udpListeners=(), metrics=None, health=None, logging=logging)
 
 
 def installReactor(chosen: str) -> None:
@@ -90,17 +91,22 @@ class Reporter:
         self._last = b""
 
     def report(self) -> None:
-        if self.fd < 0:
-            return
         line = countersOf(self.factory).toJSON()
-        if line == self._last:
-            return
+        if line != self._last and self.send(line):
+            self._last = line
+
+    def send(self, line: bytes) -> bool:
+        """
+        Write one line to the supervisor; whether it went.
+        """
+        if self.fd < 0:
+            return False
         try:
             os.write(self.fd, line)
         except OSError:
             self.fd = -1
-            return
-        self._last = line
+            return False
+        return True
 
 
 class Orphan:
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         inherited=inheritedSockets(environment),
         serverCount=serverCount(environment, index),
         handleSignals=True,
+        worker=True,
     )
     Logger(observer=loglevel.observer).info(
         "Worker running on {reactor}", event="worker-reactor", reactor=qual(type(reactor))
@@ -176,12 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     if not orphan.check():
         return
     LoopingCall(orphan.check).start(1.0, now=False)
+    reporter = None
     if WORKER_REPORT_FD in environment:
         reporter = Reporter(service.factory, int(environment[WORKER_REPORT_FD]))
         LoopingCall(reporter.report).start(REPORT_INTERVAL, now=False)
         reactor.addSystemEventTrigger("after", "shutdown", reporter.report)
     service.privilegedStartService()
     service.startService()
+    if reporter is not None:
+        # After the service's own callWhenRunning: its signal handlers are in place then.
+        reactor.callWhenRunning(reporter.send, READY + b"\n")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
 

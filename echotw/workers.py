@@ -28,12 +28,17 @@ holds for the whole server through a count the workers share
 (L{echotw.sharedcount}), to within N - 1 connections in a burst.  The idle
 and session limits are per connection and hold anywhere.
 
-Processes.  The supervisor restarts a worker that dies, after a delay that
-grows while it keeps dying and starts again from the shortest once it has
-run for L{HEALTHY_AFTER} seconds; it forwards SIGHUP (rule reloads) to the
+Processes.  The supervisor restarts a worker that dies (or could not be
+started, e.g. for lack of descriptors), after a delay that grows while it
+keeps dying and starts again from the shortest once it has run for
+L{HEALTHY_AFTER} seconds.  It forwards SIGHUP (rule reloads) to the
 workers, and on SIGTERM/SIGINT closes its copies of the sockets, asks every
-worker to drain and waits for them.  Workers exit when the supervisor
-disappears, so none is left orphaned.  Workers send their counters about
+worker to drain (each waits out C{--drain-delay} itself) and waits for
+them; a second SIGTERM sends them L{STOP_NOW_SIGNAL}.  A worker says
+L{READY} once its signal handlers are in place, and signals meant for it
+wait until then: a signal's default action would kill a worker still
+starting, with the connections waiting in its socket's backlog.  Workers
+exit when the supervisor disappears, so none is left orphaned.  Workers send their counters about
 once a second for C{--metrics} (L{echotw.counters}) and write their log
 lines as L{echotw.workerlog} describes.  UDP listeners are served by the
 supervisor alone.
@@ -49,20 +54,18 @@ from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from echotw import loglevel
 from echotw.counters import WorkerCounters
 from echotw.interfaces import IServerReactor
-from echotw.listening import ListenFailed, listenNow, logListening
-from echotw.reuseport import bindAddress, bindGroup, reusePortBalances
 from echotw.sharedcount import SharedCount, createSharedFile
-from echotw.steering import attachSteering, steeringProgram
+from echotw.sharedlisteners import SharedListeners
+from echotw.signals import STOP_NOW_SIGNAL
 from echotw.workerlog import RELAY, LogOutput, relayRecords
 
 WORKER_FDS = "ECHOTW_WORKER_FDS"
@@ -73,6 +76,8 @@ WORKER_REPORT_FD = "ECHOTW_WORKER_REPORT_FD"
 WORKER_LOG = "ECHOTW_WORKER_LOG"
 WORKER_REACTOR = "ECHOTW_WORKER_REACTOR"
 WORKER_SUPERVISOR = "ECHOTW_WORKER_SUPERVISOR"
+READY = b"ready"
+"""The line a worker sends on its report descriptor once signals are safe to send it."""
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Seconds before restarting a worker that died, growing while it keeps dying."""
 HEALTHY_AFTER = 30.0
@@ -125,129 +130,6 @@ class Backoff:
         return delay
 
 
-class _NoConnections(Factory):
-    """The supervisor's own listening ports never accept."""
-
-    noisy = False
-
-    def logPrefix(self) -> str:
-        return "echotw supervisor"
-
-    def buildProtocol(self, addr: Any) -> None:
-        return None
-
-
-def _address(sock: socket.socket) -> IPv4Address | IPv6Address:
-    host, port = sock.getsockname()[:2]
-    if sock.family == socket.AF_INET6:
-        return IPv6Address("TCP", host, port)
-    return IPv4Address("TCP", host, port)
-
-
-class SharedListeners(Service):
-    """
-    Bind the listeners in the supervisor (before privileges are dropped) and
-    keep them, without accepting, for the workers to adopt: a C{SO_REUSEPORT}
-    group per TCP listener where that balances, else one shared socket.
-
-    @param listeners: C{(name, endpoint description, endpoint)} for each.
-    @param workers: how many workers, so how many sockets per group.
-    @param steerPrefix: with per-source limits, the IPv6 prefix length to
-        steer by (plain TCP groups are then steered by source); L{None}
-        leaves the spread to the kernel.
-    """
-
-    _log = Logger(observer=loglevel.observer)
-
-    def __init__(
-        self,
-        listeners: list[tuple[str, str, Any]],
-        workers: int = 1,
-        steerPrefix: int | None = None,
-    ) -> None:
-        self.listeners = listeners
-        self.workers = workers
-        self.steerPrefix = steerPrefix
-        self.ports: list[IListeningPort] = []
-        self.groups: list[list[socket.socket] | IListeningPort] = []
-
-    def privilegedStartService(self) -> None:
-        Service.privilegedStartService(self)
-        grouped = self.workers > 1 and reusePortBalances()
-        for name, description, endpoint in self.listeners:
-            address = bindAddress(description) if grouped else None
-            if address is None:
-                self.groups.append(self._shared(name, endpoint))
-                continue
-            try:
-                group = bindGroup(address, self.workers)
-            except OSError as e:
-                raise ListenFailed(name, Failure(e)) from None
-            self.groups.append(group)
-            steered = self.steerPrefix is not None and not description.startswith("haproxy:")
-            if steered:
-                steered = self._steer(name, group)
-            spread = "steered by source" if steered else "spread by the kernel"
-            logListening(
-                self._log,
-                name,
-                _address(group[0]),
-                f"{len(group)} sockets, one per worker, {spread}",
-                count=len(group),
-                spread=spread,
-                steered=steered,
-            )
-
-    def startService(self) -> None:
-        # twist only starts services; twistd has bound them already.
-        if not self.groups:
-            self.privilegedStartService()
-        Service.startService(self)
-
-    def _steer(self, name: str, group: list[socket.socket]) -> bool:
-        assert self.steerPrefix is not None
-        try:
-            attachSteering(group[0], steeringProgram(len(group), self.steerPrefix))
-        except OSError as e:
-            self._log.warn(
-                "Cannot steer {listener} by source ({error}): --max-per-ip and --rate "
-                "hold per worker there",
-                event="steering-unavailable",
-                listener=name,
-                error=str(e),
-            )
-            return False
-        return True
-
-    def _shared(self, name: str, endpoint: Any) -> IListeningPort:
-        port, _ = listenNow(name, endpoint, _NoConnections())
-        if port is None:
-            raise ListenFailed(name, Failure(RuntimeError("did not bind at once")))
-        port.stopReading()  # type: ignore[attr-defined]
-        self.ports.append(port)
-        logListening(self._log, name, port.getHost(), "shared with the workers")
-        return port
-
-    def socketsFor(self, index: int) -> list[socket.socket]:
-        """
-        Worker C{index}'s sockets, one per listener, in the order given.
-        """
-        return [
-            group[index] if isinstance(group, list) else group.socket  # type: ignore[attr-defined]
-            for group in self.groups
-        ]
-
-    def stopService(self) -> Deferred[Any]:
-        Service.stopService(self)
-        groups, self.groups = self.groups, []
-        for group in groups:
-            if isinstance(group, list):
-                for sock in group:
-                    sock.close()
-        ports, self.ports = self.ports, []
-        return DeferredList([maybeDeferred(p.stopListening) for p in ports])
-
-
 class _Worker(ProcessProtocol):
     """
     One worker process: relays its log records (when it does not write
@@ -259,14 +141,36 @@ class _Worker(ProcessProtocol):
         self.index = index
         self.reportFD = reportFD
         self.ended: Deferred[None] = Deferred()
+        self.ready = False
+        self.held: list[int] = []
         self._logs = b""
         self._reports = b""
+
+    def signal(self, sig: int) -> None:
+        """
+        Send C{sig} now if the worker is ready for it, else once it is
+        (each signal once, in order).
+        """
+        if not self.ready:
+            if sig not in self.held:
+                self.held.append(sig)
+            return
+        try:
+            self.transport.signalProcess(sig)  # type: ignore[union-attr]
+        except Exception:
+            pass  # it has just exited
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == self.reportFD:
             *lines, self._reports = (self._reports + data).split(b"\n")
-            if lines:
-                self.pool.counters.report(self.index, lines[-1])
+            if READY in lines and not self.ready:
+                self.ready = True
+                held, self.held = self.held, []
+                for sig in held:
+                    self.signal(sig)
+            reports = [line for line in lines if line != READY]
+            if reports:
+                self.pool.counters.report(self.index, reports[-1])
         elif childFD == 1:
             events, self._logs = relayRecords(self._logs, data)
             for event in events:
@@ -299,6 +203,7 @@ class WorkerPool(Service):
         shutdownTimeout: float,
         logOutput: LogOutput = RELAY,
         counters: WorkerCounters | None = None,
+        drainDelay: float = 0,
     ) -> None:
         self.reactor = reactor
         self.shared = shared
@@ -306,6 +211,7 @@ class WorkerPool(Service):
         self.arguments = arguments
         self.maxConnections = maxConnections
         self.shutdownTimeout = shutdownTimeout
+        self.drainDelay = drainDelay
         self.logOutput = logOutput
         self.counters = counters if counters is not None else WorkerCounters()
         self.workers: dict[int, _Worker] = {}
@@ -322,7 +228,13 @@ class WorkerPool(Service):
             self.countFD = createSharedFile(self.count)
             self.serverCount = SharedCount(self.countFD, self.count)
         for index in range(self.count):
-            self.spawn(index)
+            self._respawn(index)
+
+    def anyReady(self) -> bool:
+        """
+        Whether at least one worker is up to serve (for C{/readyz}).
+        """
+        return any(worker.ready for worker in self.workers.values())
 
     def forwardHangup(self) -> None:
         """
@@ -334,18 +246,17 @@ class WorkerPool(Service):
         """
         A second SIGTERM: the workers, draining already, stop at once too.
         """
-        self.signalAll(signal.SIGTERM)
+        self.signalAll(STOP_NOW_SIGNAL)
 
     def signalAll(self, sig: int) -> None:
         for worker in list(self.workers.values()):
-            try:
-                worker.transport.signalProcess(sig)  # type: ignore[union-attr]
-            except Exception:
-                pass  # it has just exited
+            worker.signal(sig)
 
     def spawn(self, index: int) -> None:
         """
         Start worker C{index} on its sockets.
+
+        @raise OSError: if the process cannot be started.
         """
         env = dict(os.environ)
         childFDs: dict[int, Any] = {
@@ -397,25 +308,33 @@ class WorkerPool(Service):
         self.counters.ended(index, restarting=not self.stopping)
         if self.stopping:
             return
+        self._restartLater(index, "Worker {index} ended ({why})", reason.getErrorMessage())
+
+    def _restartLater(self, index: int, what: str, why: str) -> None:
         delay = self.backoff[index].died(self.reactor.seconds())
         self._log.warn(
-            "Worker {index} ended ({why}); restarting in {delay}s",
+            what + "; restarting in {delay}s",
             event="worker-died",
             index=index,
-            why=reason.getErrorMessage(),
+            why=why,
             delay=delay,
         )
         self.restarts[index] = self.reactor.callLater(delay, self._respawn, index)
 
     def _respawn(self, index: int) -> None:
         self.restarts.pop(index, None)
-        if not self.stopping and index not in self.workers:
+        if self.stopping or index in self.workers:
+            return
+        try:
             self.spawn(index)
+        except OSError as e:
+            self.backoff[index].started(self.reactor.seconds())
+            self._restartLater(index, "Cannot start worker {index} ({why})", str(e))
 
     def stopService(self) -> Deferred[Any]:
         """
         Ask every worker to drain (SIGTERM); kill any still running after the
-        drain deadline plus a margin.
+        drain delay and deadline plus a margin.
         """
         Service.stopService(self)
         self.stopping = True
@@ -425,7 +344,7 @@ class WorkerPool(Service):
         self.restarts.clear()
         ended = [w.ended for w in self.workers.values()]
         self.signalAll(signal.SIGTERM)
-        killer = self.reactor.callLater(self.shutdownTimeout + 5, self.signalAll, signal.SIGKILL)
+        killer = self.reactor.callLater(self.drainDelay + self.shutdownTimeout + 5, self._killAll)
 
         def done(result: Any) -> Any:
             if killer.active():
@@ -436,3 +355,8 @@ class WorkerPool(Service):
             return result
 
         return DeferredList(ended).addBoth(done)
+
+    def _killAll(self) -> None:
+        for worker in list(self.workers.values()):
+            worker.ready = True  # SIGKILL needs no handler
+            worker.signal(signal.SIGKILL)

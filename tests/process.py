@@ -93,6 +93,7 @@ class EchoServer:
         reactor: str = "",
         listeners: int = 1,
         env: dict[str, str] | None = None,
+        newSession: bool = False,
     ) -> None:
         self.logPath = Path(tempfile.mkstemp(prefix="echotw-", suffix=".log")[1])
         self._log = self.logPath.open("wb")
@@ -103,6 +104,8 @@ class EchoServer:
             stdin=subprocess.DEVNULL,
             cwd=serverDirectory(),
             env=env,
+            # Its own process group, for tests that signal the whole group.
+            start_new_session=newSession,
         )
         self.addresses = self._waitListening(listeners)
 

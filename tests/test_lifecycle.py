@@ -31,7 +31,7 @@ from echotw.protocol import EchoProtocol
 from echotw.ratelimit import LogThrottle
 from echotw.rulefiles import RuleSource
 from echotw.service import EchoService
-from echotw.signals import ProcessSignals
+from echotw.signals import STOP_NOW_SIGNAL, ProcessSignals
 from echotw.systemd import UNNAMED, ListenFDs, parseListenFDs
 
 
@@ -415,7 +415,8 @@ class FakeReactor(Clock):
 class ProcessSignalsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.saved = {
-            s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            s: signal.getsignal(s)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, STOP_NOW_SIGNAL)
         }
         for s, handler in self.saved.items():
             self.addCleanup(signal.signal, s, handler)
@@ -453,6 +454,36 @@ class ProcessSignalsTests(SynchronousTestCase):
             trigger()
         cast(Any, signal.getsignal(signal.SIGTERM))(signal.SIGTERM, None)
         self.assertEqual(stoppedNow, ["SIGTERM"])
+
+    def test_workerCountsNoSecondSignal(self) -> None:
+        """In a worker, a SIGTERM or SIGINT after the first (the same signal
+        sent to the process group and relayed by the supervisor) does not
+        stop at once; the supervisor's stop-now signal does."""
+        fake = FakeReactor()
+        first: list[int] = []
+        signal.signal(signal.SIGTERM, lambda n, f: first.append(n))
+        stoppedNow: list[str] = []
+        service = ProcessSignals(cast(Any, fake), lambda: None, stoppedNow.append, worker=True)
+        service.startService()
+        fake.whenRunning[0]()
+        handler = cast(Any, signal.getsignal(signal.SIGTERM))
+        for _ in range(3):
+            handler(signal.SIGTERM, None)
+        cast(Any, signal.getsignal(signal.SIGINT))(signal.SIGINT, None)
+        self.assertEqual((first, stoppedNow), ([signal.SIGTERM], []))
+        cast(Any, signal.getsignal(STOP_NOW_SIGNAL))(STOP_NOW_SIGNAL, None)
+        self.assertEqual(stoppedNow, ["supervisor"])
+        self.assertEqual(fake.stopped, 0)
+
+    def test_workerStopNowBeforeStop(self) -> None:
+        """A stop-now signal that overtakes the SIGTERM before it stops the
+        worker's reactor too."""
+        fake = FakeReactor()
+        stoppedNow: list[str] = []
+        service = ProcessSignals(cast(Any, fake), lambda: None, stoppedNow.append, worker=True)
+        service.startService()
+        cast(Any, signal.getsignal(STOP_NOW_SIGNAL))(STOP_NOW_SIGNAL, None)
+        self.assertEqual((fake.stopped, stoppedNow), (1, ["supervisor"]))
 
 
 class LingeringCloseTests(TestCase):

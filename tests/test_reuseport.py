@@ -6,6 +6,7 @@ loopback source addresses.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -104,6 +105,22 @@ class GroupTests(SynchronousTestCase):
             port = holder.getsockname()[1]
             with self.assertRaises(OSError):
                 bindGroup(BindAddress(socket.AF_INET, "127.0.0.1", port, 8), 2)
+
+    def test_listeningGroupNotJoined(self) -> None:
+        """A port another server's group listens on (also SO_REUSEPORT, same
+        user) is refused as busy, not joined; once it is gone, the port is
+        free again."""
+        first = self.group(2)
+        port = first[0].getsockname()[1]
+        for host in ("127.0.0.1", ""):
+            with self.assertRaises(OSError) as caught:
+                bindGroup(BindAddress(socket.AF_INET, host, port, 8), 2)
+            self.assertEqual(caught.exception.errno, errno.EADDRINUSE)
+        for sock in first:
+            sock.close()
+        again = bindGroup(BindAddress(socket.AF_INET, "127.0.0.1", port, 8), 2)
+        for sock in again:
+            sock.close()
 
     def test_kernelSpreads(self) -> None:
         """Without steering, connections from one address reach several sockets."""

@@ -7,6 +7,7 @@ refuse nothing, and a stop that leaves no process behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,8 +18,10 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, cast
 
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -27,7 +30,7 @@ from echotw.addresses import ipFromText
 from echotw.options import EchoOptions
 from echotw.steering import sourceIndex
 from echotw.workermain import Orphan
-from echotw.workers import RESTART_DELAYS, Backoff
+from echotw.workers import READY, RESTART_DELAYS, Backoff, WorkerPool, _Worker
 from tests.process import (
     LOOPBACK,
     TWISTD,
@@ -226,6 +229,98 @@ class OrphanTests(SynchronousTestCase):
         reactor.advance(2)
         orphan.check()
         self.assertEqual(exits, [1])
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self.pid = 4242
+
+    def signalProcess(self, sig: int) -> None:
+        self.signals.append(sig)
+
+
+class FakeCounters:
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, bytes]] = []
+
+    def report(self, index: int, line: bytes) -> None:
+        self.reports.append((index, line))
+
+    def ended(self, index: int, restarting: bool) -> None:
+        pass
+
+
+class HeldSignalTests(SynchronousTestCase):
+    """
+    Signals for a worker wait until it says it is ready for them.
+    """
+
+    def worker(self) -> tuple[_Worker, FakeProcess, FakeCounters]:
+        counters = FakeCounters()
+        pool = cast(WorkerPool, type("Pool", (), {"counters": counters})())
+        worker = _Worker(pool, 1, reportFD=7)
+        process = FakeProcess()
+        worker.transport = cast(Any, process)
+        return worker, process, counters
+
+    def test_heldUntilReady(self) -> None:
+        """Before READY nothing is sent (each signal kept once, in order);
+        then they all are, and later ones at once."""
+        worker, process, _ = self.worker()
+        for sig in (signal.SIGHUP, signal.SIGHUP, signal.SIGTERM, signal.SIGHUP):
+            worker.signal(sig)
+        self.assertEqual(process.signals, [])
+        worker.childDataReceived(7, READY + b"\n")
+        self.assertEqual(process.signals, [signal.SIGHUP, signal.SIGTERM])
+        worker.signal(signal.SIGHUP)
+        self.assertEqual(process.signals[-1], signal.SIGHUP)
+
+    def test_readyAmongReports(self) -> None:
+        """READY may arrive in pieces and beside counter reports, which still
+        reach the counters (the latest of a batch)."""
+        worker, process, counters = self.worker()
+        worker.signal(signal.SIGHUP)
+        worker.childDataReceived(7, b'{"a": 1}\nrea')
+        self.assertEqual(process.signals, [])
+        worker.childDataReceived(7, b'dy\n{"a": 2}\n{"a": 3}\n')
+        self.assertEqual(process.signals, [signal.SIGHUP])
+        self.assertEqual(counters.reports, [(1, b'{"a": 1}'), (1, b'{"a": 3}')])
+
+
+class FailingSpawnReactor(Clock):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.spawned = 0
+
+    def spawnProcess(self, *args: Any, **kw: Any) -> FakeProcess:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        self.spawned += 1
+        return FakeProcess()
+
+
+class SpawnFailureTests(SynchronousTestCase):
+    def test_retriedWithBackoff(self) -> None:
+        """A worker that cannot be started (no descriptors left) is tried
+        again after the restart delays, with one line each time."""
+        reactor = FailingSpawnReactor(failures=2)
+        shared = cast(Any, type("Shared", (), {"socketsFor": lambda self, i: []})())
+        pool = WorkerPool(
+            cast(Any, reactor), shared, 1, [], 0, 10, counters=cast(Any, FakeCounters())
+        )
+        with capturedLogs() as events:
+            pool.startService()
+            self.assertEqual(reactor.spawned, 0)
+            reactor.advance(RESTART_DELAYS[0])
+            self.assertEqual(reactor.spawned, 0)
+            reactor.advance(RESTART_DELAYS[1])
+        self.assertEqual(reactor.spawned, 1)
+        failures = [e for e in events if e.get("event") == "worker-died"]
+        self.assertEqual(len(failures), 2)
+        self.assertIn("Too many open files", failures[0]["why"])
 
 
 class OptionsTests(SynchronousTestCase):
