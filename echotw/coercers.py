@@ -37,9 +37,13 @@ def documented(doc: str) -> Callable[[Callable[[str], T]], Callable[[str], T]]:
 
 def wholeNumber(value: str) -> int:
     """
-    C{value} as an integer, with an error a user can read.
+    C{value} as an integer, with an error a user can read.  Digits are
+    ASCII ones: Python would also read fullwidth or Arabic-Indic digits,
+    which no one types on purpose.
     """
     try:
+        if not value.isascii():
+            raise ValueError
         return int(value)
     except ValueError:
         raise ValueError("not a whole number") from None
@@ -47,14 +51,20 @@ def wholeNumber(value: str) -> int:
 
 def finiteNumber(value: str) -> float:
     """
-    C{value} as a finite float: C{nan} and C{inf} are refused here, once.
+    C{value} as a finite float, ASCII digits only: C{nan} and C{inf} are
+    refused here, once, and so is a number too small to be told from 0
+    (C{1e-400}), since 0 turns most limits off.
     """
     try:
+        if not value.isascii():
+            raise ValueError
         n = float(value)
     except ValueError:
         raise ValueError("not a number") from None
     if not math.isfinite(n):
         raise ValueError("not a finite number")
+    if n == 0 and any(digit in value.lower().split("e")[0] for digit in "123456789"):
+        raise ValueError("too small: it would read as 0")
     return n
 
 
@@ -79,9 +89,9 @@ _BYTE_RATE = re.compile(r"(?P<number>[0-9]*\.?[0-9]+)(?P<unit>[kKmMgG]?)(/s)?")
 def duration(value: str) -> float:
     text = value.strip()
     if text.endswith("ms"):
-        s = float(text[:-2]) / 1000
+        s = finiteNumber(text[:-2]) / 1000
     else:
-        s = float(text.removesuffix("s"))
+        s = finiteNumber(text.removesuffix("s"))
     if not 0 <= s <= MAX_DELAY:
         raise ValueError(f"must be between 0 and {MAX_DELAY:g} seconds")
     return s
@@ -101,7 +111,7 @@ def byteRate(value: str) -> float:
 @documented("A share from 0 to 1 (0.05), or a percentage (5%).")
 def fraction(value: str) -> float:
     text = value.strip()
-    f = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    f = finiteNumber(text[:-1]) / 100 if text.endswith("%") else finiteNumber(text)
     if not 0 <= f <= 1:
         raise ValueError("must be between 0 and 1 (or 0% and 100%)")
     return f

@@ -173,6 +173,8 @@ def checkDescription(description: str) -> None:
     parts = splitDescription(description)
     kind = parts[0]
     inner = parts[1:] if kind == "haproxy" else parts
+    if inner and inner[0] == "haproxy":
+        raise ValueError("haproxy: given twice (a balancer sends one PROXY header)")
     if inner and inner[0] == "systemd":
         systemdSocket(":".join(inner))
         return

@@ -110,6 +110,16 @@ class OptionRangeTests(SynchronousTestCase):
         ]:
             self.assertRaises(UsageError, parse, f"--{option}", value)
 
+    def test_zeroOnlyWhenWritten(self) -> None:
+        """A number too small to tell from 0 (which turns a limit off) is
+        refused, not read as 0; so are digits other than ASCII ones."""
+        for option in RANGES:
+            for value in ("1e-400", "0.5e-330", "\uff13", "\u0661"):
+                with self.assertRaises(UsageError, msg=(option, value)):
+                    parse(f"--{option}", value)
+        for value in ("0", "0.0", "0e5", "-0"):
+            self.assertEqual(parse("--idle-timeout", value)["idle-timeout"], 0)
+
 
 class OptionRangeEndToEndTests(SynchronousTestCase):
     def test_outOfRangeExitsWithOneLine(self) -> None:

@@ -148,6 +148,7 @@ class OptionsTests(SynchronousTestCase):
             (["--shutdown-timeout", "nan"], "--shutdown-timeout"),
             (["--port", "foo:1"], "--port"),
             (["--port", "tcp:notaport"], "--port"),
+            (["--port", "haproxy:haproxy:tcp:7"], "--port"),
             (["--port", "tcp:80:bogus=1"], "--port"),
             (["--port", "70000"], "--port"),
             (["--port", "tcp6:99999"], "--port"),
