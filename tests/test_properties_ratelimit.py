@@ -221,11 +221,12 @@ burstySteps = st.lists(
         st.one_of(st.just(0), st.just(0), st.integers(0, 8), st.integers(0, 80)),
         st.sampled_from(SOURCES),
     ),
+    min_size=10,
     max_size=120,
 )
 """
-Like C{steps}, with more events at one moment: enough to spend a small cap
-while sources still hold events back.
+Like C{steps}, longer and with more events at one moment: enough to spend
+a small cap while sources still hold events back, and windows after it.
 """
 
 
@@ -321,7 +322,10 @@ class LogThrottlePropertyTests(SynchronousTestCase):
             events[key] += 1
             held = throttle.admit(key, detail)
             if held is None:
-                latestHeld[key] = detail
+                # Held for its key's next line if that key had a line less
+                # than an interval ago; else past the cap or a full table.
+                if lines[key] and now - lines[key][-1] < interval:
+                    latestHeld[key] = detail
                 return False
             counted[key] += 1 + held
             lines[key].append(now)
