@@ -76,9 +76,7 @@ class RefusalLogCapTests(SynchronousTestCase):
                 proxy.buildProtocol(IPv4Address("TCP", source(SOURCES + i), 4000))
             self.clock.advance(1.0)
         names = [e.get("event") for e in events]
-        self.assertEqual(
-            names.count("refused") + names.count("proxy-untrusted"), LINES_PER_SECOND
-        )
+        self.assertEqual(names.count("refused") + names.count("proxy-untrusted"), LINES_PER_SECOND)
         [summary] = [e for e in events if e.get("event") == "refusals-unlogged"]
         self.assertEqual(summary["unlogged"], SOURCES - LINES_PER_SECOND)
 
