@@ -19,8 +19,9 @@ from echotw import loglevel
 from echotw.addresses import describeAddress, formatAddress, sourceKey
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
-from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets, defaultClock, unloggedNote
+from echotw.ratelimit import PerSecondBudget, TokenBuckets, defaultClock, unloggedNote
 from echotw.sharedcount import ServerCount
+from echotw.throttlelog import RefusalLog
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
@@ -96,7 +97,7 @@ class EchoFactory(ServerFactory):
         self.maxSessionBytes = maxSessionBytes
         self.maxSessionSeconds = maxSessionSeconds
         self.clock = clock if clock is not None else defaultClock()
-        self.refusalLog = LogThrottle(1.0, self.clock, report=self._logUnlogged)
+        self.refusalLog = RefusalLog(self.clock, self._log)
         self.connectionLog = PerSecondBudget(logConnections, self.clock)
         self.openConnections = 0
         self.pendingConnections = 0
@@ -267,36 +268,11 @@ class EchoFactory(ServerFactory):
     def refuse(self, addr: IAddress, listener: str, reason: str, source: str | None = None) -> None:
         """
         Count and log a refused connection; from one source, at most one line
-        a second (a flood must not flood the log), with the count of those
-        not logged.
+        a second, and L{echotw.throttlelog.LINES_PER_SECOND} over all (a
+        flood must not flood the log), with the count of those not logged.
         """
         self.countRefusal(reason)
-        host, port = describeAddress(addr)
-        held = self.refusalLog.admit(source or host, f"refused on {listener}: {reason}")
-        if held is None:
-            return
-        self._log.info(
-            "Refused connection from {client} on {listener}: {reason}" + unloggedNote(held),
-            event="refused",
-            client=formatAddress(addr),
-            client_host=host,
-            client_port=port,
-            listener=listener,
-            reason=reason,
-            unlogged=held,
-        )
-
-    def _logUnlogged(self, key: object, held: int, last: object) -> None:
-        # From refusalLog, which PROXY listeners share: a source gone quiet
-        # with events counted but not logged (one line per source a second).
-        source = key[1] if isinstance(key, tuple) else key
-        self._log.info(
-            "{unlogged} more from {source} not logged one by one (last: {last})",
-            event="unlogged",
-            source=source,
-            unlogged=held,
-            last=last,
-        )
+        self.refusalLog.refused(addr, listener, reason, source)
 
     def connectionOpened(self, p: EchoProtocol) -> None:
         """

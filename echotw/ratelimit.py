@@ -119,13 +119,23 @@ class LogThrottle:
     interval.  A key forgotten with events still held back is handed to
     C{report} (with the count and the C{detail} of its latest event), so
     the caller can log a closing line for it; without C{report} such keys
-    stay until their next line.  At most C{maxKeys} are tracked, and past
-    that new keys are not logged at all (their events are still counted by
-    their callers).  TCP refusals and UDP drops share this one mechanism.
+    stay until their next line.  At most C{maxKeys} are tracked.  TCP
+    refusals and UDP drops share this one mechanism.
 
-    Pruning happens as events come in; an owner that wants a flood's count
-    logged even when its source then goes quiet calls L{flush} every
-    interval.
+    Per key is not enough against a peer with many addresses, so there is
+    also a cap over all keys: at most C{perSecond} lines (those admitted
+    and those reported) in each one-second window (0: no cap).  An event
+    that would be logged past the cap, a report past the cap (all the
+    events it holds) and an event from a new key while C{maxKeys} are
+    tracked are only counted, and the count over a window is handed to
+    C{summary} once, when the next window begins: every event is a line, or
+    in exactly one held count, report or summary.  The key of an event
+    counted that way is left as it was, so its held count waits for its
+    next line.
+
+    Pruning and summaries happen as events come in; an owner that wants a
+    flood's counts logged even when it stops calls L{flush} every interval
+    (and every second, for the summary).
     """
 
     def __init__(
@@ -134,13 +144,22 @@ class LogThrottle:
         clock: IReactorTime,
         maxKeys: int = 65536,
         report: Callable[[Any, int, Any], None] | None = None,
+        perSecond: int = 0,
+        summary: Callable[[int], None] | None = None,
     ) -> None:
         self.interval = interval
         self.clock = clock
         self.maxKeys = maxKeys
         self.report = report
+        self.summary = summary
+        self._budget = PerSecondBudget(perSecond, clock)
         self._last: dict[Any, _Held] = {}
         self._lastPrune = clock.seconds()
+
+    @property
+    def perSecond(self) -> int:
+        """Lines a second over all keys (0: no cap)."""
+        return self._budget.limit
 
     def __len__(self) -> int:
         """Keys currently tracked."""
@@ -149,33 +168,57 @@ class LogThrottle:
     def admit(self, key: Any, detail: Any = None) -> int | None:
         """
         L{None} if C{key} was logged less than an interval ago (this event is
-        counted instead, and C{detail} kept as its latest); otherwise the
-        number of its events held back since its last line, and the caller
-        should log now.
+        counted instead, and C{detail} kept as its latest) or if the line
+        would pass the cap (counted for the summary); otherwise the number
+        of its events held back since its last line, and the caller should
+        log now.
         """
+        self.summarize()
         now = self.clock.seconds()
         if now - self._lastPrune >= self.interval:
             self._prune(now, key)
         state = self._last.get(key)
-        if state is None:
-            if len(self._last) >= self.maxKeys:
-                return None
-            self._last[key] = _Held(now, detail)
-            return 0
-        if now - state.at < self.interval:
+        if state is not None and now - state.at < self.interval:
             state.held += 1
             state.detail = detail
             return None
+        if state is None and len(self._last) >= self.maxKeys:
+            self._budget.skip()
+            return None
+        if not self._take(1):
+            return None
+        if state is None:
+            self._last[key] = _Held(now, detail)
+            return 0
         held = state.held
         state.at, state.held, state.detail = now, 0, detail
         return held
 
     def flush(self) -> None:
         """
-        Forget the keys not logged for an interval now rather than at the
-        next event, handing those with events held back to C{report}.
+        Hand the count of the last window to C{summary} if it has ended,
+        and forget the keys not logged for an interval now rather than at
+        the next event, handing those with events held back to C{report}.
         """
+        self.summarize()
         self._prune(self.clock.seconds(), None)
+
+    def summarize(self) -> None:
+        """
+        Hand the count of events not logged in the last window to
+        C{summary}, if that window has ended and there were any.
+        """
+        self._summarize(self._budget.roll())
+
+    def _take(self, events: int) -> bool:
+        # One line standing for C{events}: within the cap, or counted.
+        allowed, over = self._budget.take(events)
+        self._summarize(over)
+        return allowed
+
+    def _summarize(self, over: int) -> None:
+        if over and self.summary is not None:
+            self.summary(over)
 
     def _prune(self, now: float, current: Any) -> None:
         # C{current} is about to be logged (or counted) anyway.
@@ -188,7 +231,8 @@ class LogThrottle:
                 del self._last[key]
             elif report is not None:
                 del self._last[key]
-                report(key, state.held, state.detail)
+                if self._take(state.held):
+                    report(key, state.held, state.detail)
 
 
 def unloggedNote(held: int, whose: str = "from this source") -> str:
@@ -210,9 +254,10 @@ class _Held:
 
 class PerSecondBudget:
     """
-    Up to C{limit} events in each one-second window (0: no limit); the rest
-    are counted, and the count is handed back once, when the next window
-    begins.
+    Up to C{limit} lines in each one-second window (0: no limit); the events
+    of the rest are counted, and the count is handed back once, when the
+    next window begins (a window begins at the first call after the last
+    one ended).
     """
 
     def __init__(self, limit: int, clock: IReactorTime) -> None:
@@ -222,19 +267,35 @@ class PerSecondBudget:
         self._used = 0
         self._over = 0
 
-    def take(self) -> tuple[bool, int]:
+    def take(self, events: int = 1) -> tuple[bool, int]:
         """
-        C{(allowed, overLastWindow)}: whether this event fits the budget, and
-        how many did not fit in the window that just ended (0 otherwise).
+        C{(allowed, overLastWindow)}: whether a line (standing for
+        C{events}) fits the budget, and how many events did not fit in the
+        window that just ended (0 otherwise).
         """
-        overLastWindow = 0
-        now = self.clock.seconds()
-        if now >= self._windowEnd:
-            overLastWindow, self._over = self._over, 0
-            self._windowEnd = now + 1.0
-            self._used = 0
+        overLastWindow = self.roll()
         if not self.limit or self._used < self.limit:
             self._used += 1
             return True, overLastWindow
-        self._over += 1
+        self._over += events
         return False, overLastWindow
+
+    def skip(self, events: int = 1) -> None:
+        """
+        Count events not logged for another reason with those over the
+        budget in this window.
+        """
+        self._over += events
+
+    def roll(self) -> int:
+        """
+        Begin a new window if the last one has ended, and hand back how
+        many events did not fit in it (0 otherwise).
+        """
+        now = self.clock.seconds()
+        if now < self._windowEnd:
+            return 0
+        over, self._over = self._over, 0
+        self._windowEnd = now + 1.0
+        self._used = 0
+        return over

@@ -39,7 +39,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, MessageLengthError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -48,8 +47,9 @@ from echotw.addresses import formatAddress, ipFromText
 from echotw.endpoints import UDPListener
 from echotw.listening import ListenFailed, logListening, stopListening
 from echotw.policy import Verifier, refusalReason
-from echotw.ratelimit import LogThrottle, TokenBuckets, defaultClock, unloggedNote
+from echotw.ratelimit import TokenBuckets, defaultClock, unloggedNote
 from echotw.shaping import DatagramImpairment
+from echotw.throttlelog import DropLog
 
 MAX_DATAGRAM = 65535
 """
@@ -144,7 +144,9 @@ class UDPEchoProtocol(DatagramProtocol):
     Refused datagrams are dropped silently: telling a forged source "no"
     would be a reflection too.  Drops are logged at most once per source per
     C{logInterval} seconds, each line saying how many went unlogged before
-    it, so a flood costs a counter increment per datagram, not a log line.
+    it, and at most L{echotw.throttlelog.LINES_PER_SECOND} such lines a
+    second over all sources (the rest counted in one line a second), so a
+    flood costs a counter increment per datagram, not a log line.
 
     @param rules: the access rules (an L{echotw.policy.AccessRules}, or any
         verifier C{(address, listener) -> Verdict}); it sees an
@@ -198,8 +200,7 @@ class UDPEchoProtocol(DatagramProtocol):
         self.datagramsEchoed = 0
         self.bytesEchoed = 0
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
-        self.dropLog = LogThrottle(logInterval, self.clock, maxSources, self._logUnloggedDrops)
-        self._flushing: LoopingCall | None = None
+        self.dropLog = DropLog(self, self.clock, maxSources, self._log)
 
     def logPrefix(self) -> str:
         # Twisted's own "... starting on PORT" line: echotw's, like the TCP ones.
@@ -295,54 +296,18 @@ class UDPEchoProtocol(DatagramProtocol):
         Count a dropped datagram, and log it unless this source was logged
         less than C{logInterval} seconds ago (then it is only counted, and
         the count reported with the source's next line, or in a line of its
-        own once the source has been quiet for an interval).
+        own once the source has been quiet for an interval) or the drop log
+        has written its lines for this second (then it is counted in a
+        summary line).
         """
         self.dropped[reason] += 1
-        suppressed = self.dropLog.admit(host if source is None else source, (host, port, reason))
-        if suppressed is None:
-            return
-        self._log.info(
-            "Dropped datagram from {client} on {listener}: {detail}" + unloggedNote(suppressed),
-            event="udp-dropped",
-            client=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-            unlogged=suppressed,
-            client_host=host,
-            client_port=port,
-            listener=self.listener,
-            reason=reason,
-            detail=detail or reason,
-            suppressed=suppressed,
-            interval=self.logInterval,
-        )
-
-    def _logUnloggedDrops(self, source: Any, suppressed: int, last: tuple[str, int, str]) -> None:
-        """
-        Report the drops from a source that were counted but not logged, once
-        it has not been logged for C{logInterval} (at the latest one more
-        interval later, when the log throttle is flushed).
-        """
-        host, port, reason = last
-        self._log.info(
-            "{suppressed} more datagrams dropped from {client_host} on {listener}"
-            " in {interval}s (last: {reason})",
-            event="udp-dropped-more",
-            client_host=host,
-            client_port=port,
-            listener=self.listener,
-            reason=reason,
-            suppressed=suppressed,
-            interval=self.logInterval,
-        )
+        self.dropLog.dropped(reason, host, port, source, detail)
 
     def startProtocol(self) -> None:
-        # Drops from a source gone quiet are reported within two intervals.
-        self._flushing = LoopingCall(self.dropLog.flush)
-        self._flushing.clock = self.clock
-        self._flushing.start(self.logInterval, now=False)
+        self.dropLog.start()
 
     def stopProtocol(self) -> None:
-        if self._flushing is not None and self._flushing.running:
-            self._flushing.stop()
+        self.dropLog.stop()
         delay = self.impairment.delay if self.impairment is not None else None
         if delay is not None:
             self.dropped["impairment-shutdown"] += delay.discard(self._send)

@@ -79,6 +79,97 @@ class LogThrottleTests(SynchronousTestCase):
         self.assertEqual(len(throttle._last), 1)
 
 
+class LogThrottleCapTests(SynchronousTestCase):
+    """
+    The cap over all keys: at most C{perSecond} lines a window, the rest
+    only counted, and the count handed to C{summary} once the next window
+    begins.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.reports: list[tuple[object, int, object]] = []
+        self.summaries: list[int] = []
+        self.throttle = LogThrottle(
+            1.0,
+            self.clock,
+            report=lambda *args: self.reports.append(args),
+            perSecond=3,
+            summary=self.summaries.append,
+        )
+
+    def test_capOverAllKeys(self) -> None:
+        """Ten keys at once: three lines, seven counted; the count comes
+        out once, with the first event of the next window."""
+        admitted = [self.throttle.admit(key) for key in range(10)]
+        self.assertEqual(admitted, [0, 0, 0] + [None] * 7)
+        self.assertEqual(self.summaries, [])
+        self.clock.advance(1.0)
+        self.assertEqual(self.throttle.admit(99), 0)
+        self.assertEqual(self.summaries, [7])
+        self.clock.advance(1.0)
+        self.throttle.flush()
+        self.assertEqual(self.summaries, [7])
+
+    def test_flushHandsOverTheSummary(self) -> None:
+        """Without further events, L{LogThrottle.flush} or
+        L{LogThrottle.summarize} brings out the count once its window
+        has ended; keys refused by the cap are not tracked."""
+        for key in range(5):
+            self.throttle.admit(key)
+        self.assertEqual(len(self.throttle), 3)
+        self.throttle.summarize()
+        self.clock.advance(0.5)
+        self.throttle.flush()
+        self.assertEqual(self.summaries, [])
+        self.clock.advance(0.5)
+        self.throttle.summarize()
+        self.assertEqual(self.summaries, [2])
+
+    def test_heldCountWaitsForTheNextLine(self) -> None:
+        """A key due for a line when the cap is spent keeps its held count
+        for its next line; only the event itself goes to the summary."""
+        throttle = LogThrottle(1.0, self.clock, perSecond=3, summary=self.summaries.append)
+        self.assertEqual(throttle.admit("a"), 0)
+        self.assertIsNone(throttle.admit("a"))
+        self.clock.advance(1.0)
+        self.assertEqual([throttle.admit(key) for key in "bcd"], [0, 0, 0])
+        self.assertIsNone(throttle.admit("a"))
+        self.clock.advance(1.0)
+        self.assertEqual(throttle.admit("a"), 1)
+        self.assertEqual(self.summaries, [1])
+
+    def test_reportsCountAgainstTheCap(self) -> None:
+        """Closing reports of quiet keys are lines too: past the cap, what
+        a key held goes to the summary, and the key is forgotten."""
+        self.throttle.interval = 0.5
+        for key in "ab":
+            for _ in range(3):
+                self.throttle.admit(key)
+        self.clock.advance(0.5)
+        self.throttle.flush()
+        self.assertEqual(self.reports, [("a", 2, None)])
+        self.assertEqual(len(self.throttle), 0)
+        self.clock.advance(0.5)
+        self.throttle.flush()
+        self.assertEqual(self.summaries, [2])
+
+    def test_fullTableCounted(self) -> None:
+        """Events of new keys while C{maxKeys} are tracked are counted in
+        the summary, so none is lost from the log's accounting."""
+        throttle = LogThrottle(10.0, self.clock, 2, perSecond=0, summary=self.summaries.append)
+        self.assertEqual([throttle.admit(key) for key in range(5)], [0, 0, None, None, None])
+        self.clock.advance(1.0)
+        throttle.summarize()
+        self.assertEqual(self.summaries, [3])
+
+    def test_noCapByDefault(self) -> None:
+        """A plain throttle has no cap: one line per key, however many."""
+        throttle = LogThrottle(1.0, self.clock)
+        self.assertEqual({throttle.admit(key) for key in range(1000)}, {0})
+        self.assertEqual(throttle.perSecond, 0)
+
+
 class PerSecondBudgetTests(SynchronousTestCase):
     def test_budgetPerWindow(self) -> None:
         """Up to the limit per second; the overflow is reported once, when
@@ -91,6 +182,20 @@ class PerSecondBudgetTests(SynchronousTestCase):
         clock.advance(1.0)
         self.assertEqual(budget.take(), (True, 3))
         self.assertEqual(budget.take(), (True, 0))
+
+    def test_eventsAndSkips(self) -> None:
+        """A line refused stands for its C{events}; skipped events join the
+        count, and L{PerSecondBudget.roll} hands it back once the window
+        ends."""
+        clock = Clock()
+        budget = PerSecondBudget(1, clock)
+        self.assertEqual(budget.take(5), (True, 0))
+        self.assertEqual(budget.take(5), (False, 0))
+        budget.skip(2)
+        self.assertEqual(budget.roll(), 0)
+        clock.advance(1.0)
+        self.assertEqual(budget.roll(), 7)
+        self.assertEqual(budget.roll(), 0)
 
     def test_unlimited(self) -> None:
         """A limit of 0 allows everything."""

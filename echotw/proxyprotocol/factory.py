@@ -17,6 +17,7 @@ from echotw import loglevel
 from echotw.addresses import IPNetwork, NetworkSet, clientIP, describeAddress, formatAddress
 from echotw.proxyprotocol.wrapper import DEFAULT_HEADER_TIMEOUT, ProxyProtocolWrapper
 from echotw.ratelimit import LogThrottle, unloggedNote
+from echotw.throttlelog import RefusalLog
 
 DEFAULT_TRUSTED_PROXIES: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -73,7 +74,7 @@ class ProxyProtocolFactory(Factory):
         self.clock: IReactorTime = clock
         self.listener = str(getattr(wrapped, "listener", ""))
         self.rejections = rejections if rejections is not None else {}
-        self.problemLog = problemLog if problemLog is not None else LogThrottle(1.0, clock)
+        self.problemLog = problemLog if problemLog is not None else RefusalLog(clock, self._log)
         self._holdPending = getattr(wrapped, "holdPending", None)
         self._releasePending = getattr(wrapped, "releasePending", None)
 
