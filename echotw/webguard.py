@@ -9,7 +9,11 @@ timeout with each byte, a request body is spooled to disk whatever its
 announced size, and connections are not capped.  L{GuardedSite} keeps
 twisted.web's parsing and resources and adds, per listener:
 
-  - at most L{MAX_CONNECTIONS} connections at once; more are closed at once;
+  - at most L{MAX_CONNECTIONS} connections at once: a new one past that
+    closes the oldest connection waiting for a request (idle, or still
+    sending one), as nginx reuses idle connections, so a flood of idle
+    connections cannot lock out a probe; when every one is being answered,
+    the new one is closed at once;
   - a request head (request line and headers) of at most L{MAX_HEAD} bytes,
     else C{431} and the connection closes;
   - no request body: a request announcing one (a C{Content-Length} above 0,
@@ -112,7 +116,7 @@ class GuardedChannel(http.HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self._reading = IPushProducer(self.transport, None)
-        self.site.opened()
+        self.site.opened(self)
         self._arm(self.site.requestTimeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -153,6 +157,26 @@ class GuardedChannel(http.HTTPChannel):
             self._reading.pauseProducing()
         else:
             self._reading.resumeProducing()
+
+    def waiting(self) -> bool:
+        """
+        Whether this connection waits for a request (idle, or receiving one)
+        rather than being answered or closed.
+        """
+        return not (self._busy or self._full or self._closing)
+
+    def evict(self) -> None:
+        """
+        Close at once, to make room for a new connection.
+        """
+        self._closing = True
+        self._pending = bytearray()
+        transport: Any = self.transport
+        getattr(transport, "abortConnection", transport.loseConnection)()
+
+    def peer(self) -> IAddress:
+        peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
+        return peer
 
     def _disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))
@@ -236,7 +260,7 @@ class GuardedChannel(http.HTTPChannel):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
-        self.site.closed()
+        self.site.closed(self)
         super().connectionLost(reason)
 
 
@@ -282,7 +306,7 @@ class GuardedSite(Site):
         self.maxHead = MAX_HEAD
         self.requestTimeout = REQUEST_TIMEOUT
         self.linger = LINGER
-        self.connections = 0
+        self._channels: dict[GuardedChannel, None] = {}  # oldest first
         self.rejected: dict[str, int] = {}
         clock: IReactorTime = self.reactor
         self.throttle = LogThrottle(LOG_INTERVAL, clock, report=self._logHeld)
@@ -295,17 +319,31 @@ class GuardedSite(Site):
     def logPrefix(self) -> str:
         return f"echotw {self.name}"
 
+    @property
+    def connections(self) -> int:
+        """Connections open now, less those evicted and not yet gone."""
+        return len(self._channels)
+
     def buildProtocol(self, addr: Any) -> Any:
-        if self.connections >= self.maxConnections:
+        if self.connections >= self.maxConnections and not self._evictOne():
             self.reject("too many connections", addr)
             return Refused()
         return super().buildProtocol(addr)
 
-    def opened(self) -> None:
-        self.connections += 1
+    def _evictOne(self) -> bool:
+        for channel in self._channels:
+            if channel.waiting():
+                del self._channels[channel]
+                self.reject("too many connections", channel.peer())
+                channel.evict()
+                return True
+        return False
 
-    def closed(self) -> None:
-        self.connections -= 1
+    def opened(self, channel: GuardedChannel) -> None:
+        self._channels[channel] = None
+
+    def closed(self, channel: GuardedChannel) -> None:
+        self._channels.pop(channel, None)
 
     def countRejected(self, reason: str) -> None:
         """
