@@ -371,15 +371,18 @@ class GuardedSite(Site):
             unlogged=held,
         )
 
-    def _logHeld(self, reason: Any, held: int, last: Any) -> None:
-        # A reason gone quiet with lines held back: say how many.
+    def _logHeld(self, key: Any, held: int, last: Any) -> None:
+        # A reason gone quiet with lines held back: say how many.  The
+        # port's accept errors (L{echotw.listening.AcceptErrors}) share this
+        # throttle under a key of their own.
+        reason = key if isinstance(key, str) else "cannot accept"
         self._log.info(
             "{unlogged} more HTTP connections on {listener} closed ({reason}),"
-            " not logged one by one (last from {client})",
+            " not logged one by one",
             event="http-rejected-unlogged",
             listener=self.listener,
-            reason=str(reason),
-            client=str(last),
+            reason=reason,
+            client=str(last or ""),
             unlogged=held,
         )
 

@@ -271,6 +271,17 @@ class ConnectionCapTests(GuardTestCase):
         self.assertEqual(logged[1]["unlogged"], 49)
         self.assertEqual(self.site.rejected, {"too many connections": 50})
 
+    def test_heldAcceptErrorsReported(self) -> None:
+        """Accept errors held back by the shared throttle are reported, once
+        quiet, as accept errors of this listener."""
+        for _ in range(3):
+            self.site.throttle.admit(("accept", "tcp:9999"))
+        with capturedLogs() as events:
+            self.clock.advance(1.5)
+            self.site.throttle.flush()
+        (event,) = [e for e in events if e.get("event") == "http-rejected-unlogged"]
+        self.assertEqual((event["reason"], event["unlogged"]), ("cannot accept", 2))
+
 
 class ServiceTests(TestCase):
     timeout = 30
