@@ -23,10 +23,12 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
 from echotw.addresses import describeAddress, formatAddress
+from echotw.listening import watchAcceptErrors
 from echotw.service import ListenerService
+from echotw.webguard import GuardedSite
 
 
 class HealthResource(Resource):
@@ -60,26 +62,6 @@ class ReadyResource(Resource):
         return b"shutting down\n"
 
 
-class QuietSite(Site):
-    """
-    A L{Site} that keeps no access log: a probe or a scrape every few
-    seconds would otherwise put a line in the server's log for each one.
-    """
-
-    noisy = False
-    displayTracebacks = False
-
-    def __init__(self, resource: IResource, name: str) -> None:
-        super().__init__(resource)
-        self.name = name
-
-    def log(self, request: http.Request) -> None:
-        pass
-
-    def logPrefix(self) -> str:
-        return f"echotw {self.name}"
-
-
 class Root(Resource):
     """
     A site's root: only its named children; a plain 404 for anything else.
@@ -102,18 +84,22 @@ class WebService(ListenerService):
     A small HTTP listener of echotw's own (metrics, health): it listens like
     the echo listeners (in C{privilegedStartService}, one-line exit if it
     cannot), logs what it serves where, and stops only after the drain.
+    Its site guards it (L{echotw.webguard}), and when C{accept} fails, for
+    lack of file descriptors say, the port's log lines are counted and
+    throttled as the echo listeners' are (L{watchAcceptErrors}).
     """
 
     servesThroughDrain = True
     what = "health checks"
     event = "health-listening"
 
-    def __init__(self, description: str, site: Site, reactor: IReactorCore | None = None) -> None:
+    def __init__(
+        self, description: str, site: GuardedSite, reactor: IReactorCore | None = None
+    ) -> None:
         if reactor is None:
-            from twisted.internet import reactor as globalReactor
-
-            reactor = cast(IReactorCore, globalReactor)
+            reactor = defaultReactor()
         endpoint = serverFromString(reactor, description)
+        self.site = site
         # Site's Factory parameter is typed loosely in Twisted's stubs.
         super().__init__(description, endpoint, site)  # type: ignore[arg-type]
 
@@ -121,6 +107,10 @@ class WebService(ListenerService):
         if isinstance(port, Failure):
             return super()._listening(port)
         self.port = port
+        site = self.site
+        self._acceptErrors = watchAcceptErrors(
+            port, self.description, site.reactor, site.throttle, site.countRejected
+        )
         address = port.getHost()
         host, portNumber = describeAddress(address)
         self._log.info(
@@ -145,4 +135,14 @@ class HealthService(WebService):
     ) -> None:
         root = Root()
         addHealth(root, ready)
-        super().__init__(description, QuietSite(root, "health"), reactor)
+        reactor = reactor or defaultReactor()
+        super().__init__(description, GuardedSite(root, "health", description, reactor), reactor)
+
+
+def defaultReactor() -> IReactorCore:
+    """
+    The global reactor, for a service given none.
+    """
+    from twisted.internet import reactor
+
+    return cast(IReactorCore, reactor)

@@ -32,6 +32,8 @@ Metrics (all prefixed C{echotw_}):
     C{udp_bytes_echoed_total{listener}}: counters, UDP replies sent;
   - C{udp_dropped_total{listener, reason}}: counter, datagrams not answered
     (reasons in L{echotw.udp.DROP_REASONS});
+  - C{http_rejected_total{reason}}: counter, connections to this metrics
+    listener closed by its limits (see L{echotw.webguard});
 
 with C{--workers}, served by the supervisor and summed over the workers
 (see L{echotw.counters}), and also per worker:
@@ -66,12 +68,13 @@ from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 from twisted.internet.interfaces import IReactorCore
 from twisted.web.resource import EncodingResourceWrapper, Resource
-from twisted.web.server import GzipEncoderFactory, Request, Site
+from twisted.web.server import GzipEncoderFactory, Request
 
 from echotw.counters import Counters, CounterSource, FactoryCounters, WorkerSummary
 from echotw.factory import DURATION_BUCKETS, EchoFactory
-from echotw.health import QuietSite, Root, WebService, addHealth
+from echotw.health import Root, WebService, addHealth, defaultReactor
 from echotw.udp import UDPEchoProtocol
+from echotw.webguard import GuardedSite
 
 __all__ = [
     "EchoCollector",
@@ -281,11 +284,36 @@ class MetricsResource(Resource):
         return output
 
 
-def metricsSite(registry: CollectorRegistry, ready: Callable[[], bool] | None = None) -> Site:
+class GuardCollector:
+    """
+    The refusals of an HTTP listener's limits, read at scrape time.
+    """
+
+    def __init__(self, site: GuardedSite) -> None:
+        self.site = site
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "echotw_http_rejected_total",
+            "Connections to this HTTP listener closed by its limits, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.site.rejected.items()):
+            family.add_metric([reason], count)
+        yield family
+
+
+def metricsSite(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool] | None = None,
+    listener: str = "",
+    reactor: IReactorCore | None = None,
+) -> GuardedSite:
     """
     A web site serving C{registry} at C{/metrics}, gzip-compressed for
     scrapers that accept it, and C{/healthz} and C{/readyz} when C{ready}
-    is given (see L{echotw.health}).
+    is given (see L{echotw.health}); the counts of its own limits are added
+    to C{registry}.
     """
     root = Root()
     root.putChild(
@@ -293,7 +321,9 @@ def metricsSite(registry: CollectorRegistry, ready: Callable[[], bool] | None = 
     )
     if ready is not None:
         addHealth(root, ready)
-    return QuietSite(root, "metrics")
+    site = GuardedSite(root, "metrics", listener, reactor or defaultReactor())
+    registry.register(GuardCollector(site))
+    return site
 
 
 class MetricsService(WebService):
@@ -324,4 +354,6 @@ class MetricsService(WebService):
         ready: Callable[[], bool] | None = None,
     ) -> None:
         self.registry = metricsRegistry(source, udp)
-        super().__init__(description, metricsSite(self.registry, ready), reactor)
+        reactor = reactor or defaultReactor()
+        site = metricsSite(self.registry, ready, description, reactor)
+        super().__init__(description, site, reactor)

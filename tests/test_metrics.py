@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -279,7 +279,7 @@ class MetricsServiceTests(SynchronousTestCase):
         """The service listens on its endpoint in privilegedStartService and
         logs the bound address with named fields, as a metrics event (not
         an echo "listening" one)."""
-        memory = MemoryReactor()
+        memory = MemoryReactorClock()
         service = MetricsService("tcp:9100:interface=127.0.0.1", EchoFactory(), (), memory)
         with capturedLogs() as events:
             service.privilegedStartService()
@@ -305,7 +305,7 @@ class MetricsServiceTests(SynchronousTestCase):
 
     def test_siteDoesNotLogRequests(self) -> None:
         """The site keeps no access log, so scrapes do not fill the log."""
-        service = MetricsService("tcp:9100", EchoFactory(), (), MemoryReactor())
+        service = MetricsService("tcp:9100", EchoFactory(), (), MemoryReactorClock())
         request = DummyRequest([b"metrics"])
         with capturedLogs() as events:
             service.factory.log(request)  # type: ignore[attr-defined]

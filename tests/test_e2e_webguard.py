@@ -1,0 +1,88 @@
+"""
+End-to-end tests of the metrics listener's limits against a real
+C{twistd -n echo --metrics} process: a pipelining client that never reads
+and a flood of idle connections cost it bounded memory and descriptors.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+
+from tests.process import LOOPBACK, EchoServer, ServerTestCase, connect, echo, waitUntil
+
+GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def metricsPort(server: EchoServer) -> int:
+    address = server.waitFor(r"Serving metrics on \S+ at (127\.0\.0\.1:\d+)").group(1)
+    return int(address.rsplit(":", 1)[1])
+
+
+def openDescriptors(server: EchoServer) -> int:
+    return len(os.listdir(f"/proc/{server.pid}/fd"))
+
+
+class MetricsGuardTests(ServerTestCase):
+    def test_pipeliningNonReaderBounded(self) -> None:
+        """A client pipelining /metrics requests for seconds without reading
+        grows the server by a few megabytes at most (unguarded, it grew by
+        about 19 MB a second), and is closed within the request timeout."""
+        server = self.start("--port", LOOPBACK, "--metrics", LOOPBACK)
+        port = metricsPort(server)
+        before = server.rssKiB()
+        sock = connect(port)
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        burst = GET_METRICS * 200
+        closed = False
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            try:
+                sock.send(burst)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                closed = True
+                break
+        grown = server.rssKiB() - before
+        self.assertLess(grown, 30 * 1024, f"RSS grew by {grown} KiB")
+
+        def gone() -> bool:
+            try:
+                sock.send(burst)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            return False
+
+        self.assertTrue(closed or waitUntil(gone, "the server to close the connection", 30))
+        server.waitFor(r"closed \(request timeout\)|: request timeout")
+
+    def test_connectionFloodLeavesEchoServed(self) -> None:
+        """Hundreds of half-sent requests on the metrics port hold at most
+        its connection cap of descriptors; echo clients are served and a
+        health probe still gets its answer."""
+        server = self.start("--port", LOOPBACK, "--metrics", LOOPBACK)
+        port = metricsPort(server)
+        baseline = openDescriptors(server)
+        flood = []
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            self.addCleanup(sock.close)
+            try:
+                sock.send(b"GET /metr")
+            except OSError:
+                pass
+            flood.append(sock)
+        waitUntil(lambda: openDescriptors(server) <= baseline + 64 + 2, "descriptors to settle")
+        with connect(server.port) as client:
+            self.assertEqual(echo(client, b"ping"), b"ping")
+        url = f"http://127.0.0.1:{port}/healthz"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            self.assertEqual(response.status, 200)
+        self.assertLessEqual(openDescriptors(server), baseline + 64 + 2)
+        server.waitFor(r"too many connections")

@@ -1,0 +1,307 @@
+"""
+Tests for L{echotw.webguard}: the limits of the metrics and health
+listeners, on a fake transport and clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import generate_latest
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from echotw.factory import EchoFactory
+from echotw.health import HealthService, Root, addHealth
+from echotw.metrics import MetricsService
+from echotw.webguard import LINGER, MAX_HEAD, REQUEST_TIMEOUT, GuardedChannel, GuardedSite
+from tests.process import LOOPBACK
+
+GET = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+OK = b"HTTP/1.1 200 OK"
+
+
+class SendBuffer(StringTransport):
+    """
+    A transport whose send buffer fills, as Twisted's do: past C{limit}
+    unsent bytes it pauses its producer; L{drain} sends them and resumes it.
+    """
+
+    def __init__(self, limit: int = 10**9) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.limit = limit
+        self.full = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.limit and self.producer is not None and not self.full:
+            self.full = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def drain(self) -> bytes:
+        sent = self.value()
+        self.clear()
+        if self.full and self.producer is not None:
+            self.full = False
+            self.producer.resumeProducing()
+        return sent
+
+
+class GuardTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        root = Root()
+        addHealth(root, lambda: True)
+        self.site = GuardedSite(root, "health", "tcp:9999", self.clock, maxConnections=3)
+
+    def connect(self, limit: int = 10**9) -> tuple[GuardedChannel, SendBuffer]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = SendBuffer(limit)
+        channel.makeConnection(transport)
+        return channel, transport
+
+
+class PipeliningTests(GuardTestCase):
+    def test_pipelinedRequestsWaitForTheSendBuffer(self) -> None:
+        """A client pipelining requests without reading gets only what fits
+        the send buffer, and reading stops; as it reads, the rest follow,
+        each answered once and in order."""
+        channel, transport = self.connect(limit=1000)
+        channel.dataReceived(GET * 500)
+        first = transport.value().count(OK)
+        self.assertGreater(first, 0)
+        self.assertLess(first, 20)
+        self.assertEqual(transport.producerState, "paused")
+        answered = 0
+        for _ in range(1000):
+            answered += transport.drain().count(OK)
+            if answered == 500:
+                break
+        self.assertEqual(answered, 500)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertFalse(transport.disconnecting)
+
+    def test_readingStopsWhileARequestWaits(self) -> None:
+        """With the send buffer full, reading stops even for a single
+        pipelined request, so unread input stays in the kernel."""
+        channel, transport = self.connect(limit=10)
+        channel.dataReceived(GET)
+        self.assertEqual(transport.producerState, "paused")
+        channel.dataReceived(GET)
+        self.assertEqual(transport.value().count(OK), 1)
+        self.assertEqual(transport.producerState, "paused")
+
+    def test_requestSplitAcrossReads(self) -> None:
+        """A request arriving a few bytes at a time is answered once whole."""
+        channel, transport = self.connect()
+        for i in range(0, len(GET), 5):
+            channel.dataReceived(GET[i : i + 5])
+        self.assertEqual(transport.value().count(OK), 1)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_http10ClosesAfterResponse(self) -> None:
+        """An HTTP/1.0 request is answered and the connection closes."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /readyz HTTP/1.0\r\n\r\n" + GET)
+        self.assertEqual(transport.value().count(b" 200 OK"), 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_otherMethodsNotAllowed(self) -> None:
+        """A POST with no body is answered 405, as before."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "))
+
+
+class RequestLimitTests(GuardTestCase):
+    def assertRefused(self, transport: SendBuffer, status: bytes, reason: str) -> None:
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 " + status), transport.value())
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.site.rejected, {reason: 1})
+
+    def test_contentLengthRefused(self) -> None:
+        """A request announcing a body gets 413 and the connection closes;
+        the body is not stored."""
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST /healthz HTTP/1.1\r\nContent-Length: 1000000000000\r\n\r\n" + b"A" * 10000
+        )
+        self.assertRefused(transport, b"413 ", "request body")
+        self.assertEqual(channel.requests[0].content, None)
+
+    def test_chunkedRefused(self) -> None:
+        """A chunked request gets 413 too."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertRefused(transport, b"413 ", "request body")
+
+    def test_emptyBodyAccepted(self) -> None:
+        """Content-Length: 0 is no body: the GET is answered."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(OK))
+
+    def test_headTooLarge(self) -> None:
+        """Headers past MAX_HEAD bytes get 431, before their end arrives."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /healthz HTTP/1.1\r\nX-Big: ")
+        channel.dataReceived(b"a" * MAX_HEAD)
+        self.assertRefused(transport, b"431 ", "headers too large")
+
+    def test_headJustUnderLimit(self) -> None:
+        """A head of exactly MAX_HEAD bytes is served."""
+        channel, transport = self.connect()
+        start = b"GET /healthz HTTP/1.1\r\nX-Big: "
+        channel.dataReceived(start + b"a" * (MAX_HEAD - len(start) - 4) + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(OK))
+
+    def test_lingerThenAbort(self) -> None:
+        """A refused connection that the client keeps open is aborted after
+        LINGER seconds; what it sends meanwhile is discarded."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\n")
+        channel.dataReceived(b"more body" * 1000)
+        self.clock.advance(LINGER - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnected)
+
+
+class DeadlineTests(GuardTestCase):
+    def test_slowRequestTimesOut(self) -> None:
+        """Bytes trickling in do not extend the deadline: a request not
+        complete REQUEST_TIMEOUT seconds after the connection opened closes
+        it, counted, and it is aborted LINGER seconds later."""
+        channel, transport = self.connect()
+        for _ in range(9):
+            channel.dataReceived(b"X")
+            self.clock.advance(REQUEST_TIMEOUT / 10)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(REQUEST_TIMEOUT / 10)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.site.rejected, {"request timeout": 1})
+        self.clock.advance(LINGER)
+        self.assertTrue(transport.disconnected)
+
+    def test_idleKeepAliveClosedQuietly(self) -> None:
+        """A kept-alive connection idle REQUEST_TIMEOUT seconds after its
+        last response closes without a count or a log line."""
+        channel, transport = self.connect()
+        self.clock.advance(REQUEST_TIMEOUT - 1)
+        channel.dataReceived(GET)
+        with capturedLogs() as events:
+            self.clock.advance(REQUEST_TIMEOUT - 0.1)
+            self.assertFalse(transport.disconnecting)
+            self.clock.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.site.rejected, {})
+        self.assertEqual(events, [])
+
+    def test_unreadResponsesTimeOut(self) -> None:
+        """A client that pipelines and never reads is closed after
+        REQUEST_TIMEOUT seconds, and aborted LINGER seconds later."""
+        channel, transport = self.connect(limit=100)
+        channel.dataReceived(GET * 50)
+        self.clock.advance(REQUEST_TIMEOUT)
+        self.assertEqual(self.site.rejected, {"request timeout": 1})
+        self.clock.advance(LINGER)
+        self.assertTrue(transport.disconnected)
+
+    def test_closedConnectionLeavesNoTimer(self) -> None:
+        """A connection that goes away cancels its deadline and is no longer
+        counted as open."""
+        channel, _ = self.connect()
+        self.assertEqual(self.site.connections, 1)
+        channel.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.site.connections, 0)
+
+
+class ConnectionCapTests(GuardTestCase):
+    def test_oldestWaitingEvicted(self) -> None:
+        """Past maxConnections, a new connection closes the oldest one
+        waiting for a request, so a probe still gets in."""
+        (first, firstT), (_, secondT), _ = [self.connect() for _ in range(3)]
+        first.dataReceived(b"GET /metr")
+        newest, newestT = self.connect()
+        self.assertTrue(firstT.disconnected)
+        self.assertFalse(secondT.disconnecting)
+        newest.dataReceived(GET)
+        self.assertTrue(newestT.value().startswith(OK))
+        self.assertEqual(self.site.rejected, {"too many connections": 1})
+        first.connectionLost(None)
+        self.assertEqual(self.site.connections, 3)
+
+    def test_refusedWhenAllBusy(self) -> None:
+        """When every connection is being answered, a new one is closed at
+        once."""
+        for _ in range(3):
+            channel, _ = self.connect(limit=10)
+            channel.dataReceived(GET * 2)
+        refused = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        self.assertNotIsInstance(refused, GuardedChannel)
+        transport = StringTransport()
+        refused.makeConnection(transport)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.site.rejected, {"too many connections": 1})
+
+    def test_refusalsLoggedOncePerSecond(self) -> None:
+        """A flood of refusals logs one line, then one saying how many more
+        once it stops."""
+        self.site.startFactory()
+        self.addCleanup(self.site.stopFactory)
+        for _ in range(3):
+            channel, _ = self.connect(limit=10)
+            channel.dataReceived(GET * 2)
+        with capturedLogs() as events:
+            for port in range(50):
+                self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+            self.clock.advance(2.5)
+        logged = [e for e in events if str(e.get("event", "")).startswith("http-rejected")]
+        self.assertEqual([e["event"] for e in logged], ["http-rejected", "http-rejected-unlogged"])
+        self.assertEqual(logged[0]["reason"], "too many connections")
+        self.assertEqual(logged[1]["unlogged"], 49)
+        self.assertEqual(self.site.rejected, {"too many connections": 50})
+
+    def test_heldAcceptErrorsReported(self) -> None:
+        """Accept errors held back by the shared throttle are reported, once
+        quiet, as accept errors of this listener."""
+        for _ in range(3):
+            self.site.throttle.admit(("accept", "tcp:9999"))
+        with capturedLogs() as events:
+            self.clock.advance(1.5)
+            self.site.throttle.flush()
+        (event,) = [e for e in events if e.get("event") == "http-rejected-unlogged"]
+        self.assertEqual((event["reason"], event["unlogged"]), ("cannot accept", 2))
+
+
+class ServiceTests(TestCase):
+    timeout = 30
+
+    async def test_acceptErrorsCountedAndThrottled(self) -> None:
+        """The HTTP port's accept-time EMFILE lines are counted as
+        rejections and throttled, as the echo ports' are."""
+        service = HealthService(LOOPBACK, lambda: True, reactor)
+        service.privilegedStartService()
+        port: Any = service.port
+        with capturedLogs() as events:
+            for _ in range(100):
+                port._logger.info("EMFILE recovery: Closed socket from {address}", address="x")
+        await service.stopService()
+        self.assertEqual(service.site.rejected, {"no file descriptors": 100})
+        self.assertEqual(len([e for e in events if e.get("event") == "accept-refused"]), 1)
+
+    def test_rejectionsServedAsMetric(self) -> None:
+        """The metrics listener's rejections are a counter by reason."""
+        service = MetricsService("tcp:9100", EchoFactory(), (), MemoryReactorClock())
+        service.site.countRejected("request body")
+        text = generate_latest(service.registry).decode()
+        self.assertIn('echotw_http_rejected_total{reason="request body"} 1.0', text)
