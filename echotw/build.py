@@ -73,6 +73,7 @@ def makeFactory(
         maxSessionSeconds=limits.maxSessionSeconds,
         clock=clock,
         logConnections=config.logging.connectionsPerSecond,
+        refusalLines=config.logging.refusalsPerSecond,
         protocol=protocol,
         serverCount=serverCount if limits.maxConnections else None,
     )

@@ -75,11 +75,15 @@ class LogSettings:
     @ivar level: the least important echotw events logged.
     @ivar connectionsPerSecond: connections logged one by one per second (0: all).
     @ivar statsInterval: seconds between summary lines (0: none).
+    @ivar refusalsPerSecond: refusal lines per second over all sources (no
+        option sets it: a peer decides how many refusals there are, so this
+        bound cannot be turned off; workers share it out).
     """
 
     level: str = "info"
     connectionsPerSecond: int = 100
     statsInterval: float = 0.0
+    refusalsPerSecond: int = 20
 
 
 @dataclass(frozen=True)

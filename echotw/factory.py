@@ -21,7 +21,7 @@ from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
 from echotw.ratelimit import PerSecondBudget, TokenBuckets, defaultClock, unloggedNote
 from echotw.sharedcount import ServerCount
-from echotw.throttlelog import RefusalLog
+from echotw.throttlelog import LINES_PER_SECOND, RefusalLog
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
@@ -86,6 +86,7 @@ class EchoFactory(ServerFactory):
         logConnections: int = 100,
         protocol: Callable[[], EchoProtocol] = EchoProtocol,
         serverCount: ServerCount | None = None,
+        refusalLines: int = LINES_PER_SECOND,
     ) -> None:
         self.protocol = protocol  # type: ignore[assignment]
         self.rules = rules if rules is not None else AccessRules()
@@ -97,7 +98,7 @@ class EchoFactory(ServerFactory):
         self.maxSessionBytes = maxSessionBytes
         self.maxSessionSeconds = maxSessionSeconds
         self.clock = clock if clock is not None else defaultClock()
-        self.refusalLog = RefusalLog(self.clock, self._log)
+        self.refusalLog = RefusalLog(self.clock, self._log, refusalLines)
         self.connectionLog = PerSecondBudget(logConnections, self.clock)
         self.openConnections = 0
         self.pendingConnections = 0

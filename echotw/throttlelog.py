@@ -33,12 +33,12 @@ class RefusalLog(LogThrottle):
     """
     The throttle for refused TCP connections, shared with the PROXY
     listeners and the accept-error watchers: one line per source a second,
-    L{LINES_PER_SECOND} in all, written to C{log} (its owner's logger).
+    C{perSecond} in all, written to C{log} (its owner's logger).
     """
 
-    def __init__(self, clock: IReactorTime, log: Logger) -> None:
+    def __init__(self, clock: IReactorTime, log: Logger, perSecond: int = LINES_PER_SECOND) -> None:
         super().__init__(
-            1.0, clock, report=self._unlogged, perSecond=LINES_PER_SECOND, summary=self._capped
+            1.0, clock, report=self._unlogged, perSecond=perSecond, summary=self._capped
         )
         self.log = log
 

@@ -62,9 +62,17 @@ def workerConfig(config: EchoConfig, index: int = 0) -> EchoConfig:
     logging = config.logging
     perSecond = logging.connectionsPerSecond
     if perSecond:
-        share, extra = divmod(perSecond, config.workers)
-        logging = replace(logging, connectionsPerSecond=max(1, share + (index < extra)))
+        logging = replace(logging, connectionsPerSecond=_share(perSecond, config.workers, index))
+    logging = replace(
+        logging, refusalsPerSecond=_share(logging.refusalsPerSecond, config.workers, index)
+    )
     return replace(config, workers=1, udpListeners=(), metrics=None, health=None, logging=logging)
+
+
+def _share(total: int, workers: int, index: int) -> int:
+    # Worker index's part of a per-second budget the workers split: at least 1.
+    share, extra = divmod(total, workers)
+    return max(1, share + (index < extra))
 
 
 def installReactor(chosen: str) -> None:

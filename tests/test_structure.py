@@ -214,3 +214,16 @@ class ConfigurationTests(SynchronousTestCase):
             self.assertEqual(sum(shares), max(limit, workers), (workers, limit))
             self.assertLessEqual(max(shares) - min(shares), 1)
             self.assertGreaterEqual(min(shares), 1)
+
+    def test_workersShareTheRefusalCap(self) -> None:
+        """The cap on refusal lines holds for the whole server: the workers'
+        shares add up to it (each at least one)."""
+        for workers in (1, 2, 3, 7, 64):
+            options = EchoOptions()
+            options.parseOptions(["--workers", str(workers)])
+            total = options.config.logging.refusalsPerSecond
+            shares = [
+                workerConfig(options.config, i).logging.refusalsPerSecond for i in range(workers)
+            ]
+            self.assertEqual(sum(shares), max(total, workers))
+            self.assertGreaterEqual(min(shares), 1)
