@@ -1,7 +1,9 @@
 """
-A worker process of C{--workers N} (C{python -m echotw.workermain ARGS}): it
-parses the supervisor's command line, derives its own configuration from it
-and serves the listening sockets it inherited (see L{echotw.workers}).
+A worker process of C{--workers N} (L{echotw.workers.WORKER_BOOT}, which
+takes signals at once and then runs L{main}; C{python -m echotw.workermain
+ARGS} works too): it parses the supervisor's command line, derives its own
+configuration from it and serves the listening sockets it inherited (see
+L{echotw.workers}).
 
 What the supervisor hands it, besides the command line (the C{ECHOTW_WORKER_*}
 environment variables name the descriptors): its index; its listening
@@ -16,6 +18,7 @@ stream, to write finished lines to, or a pipe to relay log events through
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import replace
@@ -32,7 +35,9 @@ from echotw.factory import EchoFactory
 from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
 from echotw.reactor import installIfUnchosen
+from echotw.service import EchoService
 from echotw.sharedcount import SharedCount
+from echotw.signals import STOP_SIGNALS
 from echotw.workerlog import LogOutput, workerObserver
 from echotw.workers import (
     READY,
@@ -158,10 +163,23 @@ def serverCount(environment: Mapping[str, str], index: int) -> SharedCount | Non
     return count
 
 
-def main(argv: list[str] | None = None) -> None:
+def actOnEarlySignals(early: list[int], reactor: IServerReactor, service: EchoService) -> None:
+    """
+    Do what the signals that came before the worker's handlers were in
+    place asked for: a stop (as a first SIGTERM does), else a reload.
+    """
+    if any(signum in STOP_SIGNALS for signum in early):
+        reactor.stop()
+    elif signal.SIGHUP in early:
+        service.requestReload()
+
+
+def main(argv: list[str] | None = None, early: list[int] | None = None) -> None:
     """
     Serve the inherited listeners with the supervisor's options until told
-    to stop, or until the supervisor is gone.
+    to stop, or until the supervisor is gone.  C{early} collects the
+    signals that came while the worker was starting (see
+    L{echotw.workers.WORKER_BOOT}).
     """
     environment = os.environ
     installReactor(environment.get(WORKER_REACTOR, ""))
@@ -198,8 +216,10 @@ def main(argv: list[str] | None = None) -> None:
         reactor.addSystemEventTrigger("after", "shutdown", reporter.report)
     service.privilegedStartService()
     service.startService()
+    # After the service's own callWhenRunning: its signal handlers are in place then.
+    if early is not None:
+        reactor.callWhenRunning(actOnEarlySignals, early, reactor, service)
     if reporter is not None:
-        # After the service's own callWhenRunning: its signal handlers are in place then.
         reactor.callWhenRunning(reporter.send, READY + b"\n")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

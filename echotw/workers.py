@@ -80,6 +80,21 @@ READY = b"ready"
 """The line a worker sends on its report descriptor once signals are safe to send it."""
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Seconds before restarting a worker that died, growing while it keeps dying."""
+WORKER_BOOT = """\
+# echotw.workermain: a worker of twistd echo --workers
+import signal
+early = []
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, lambda n, f: early.append(n))
+from echotw.workermain import main
+main(early=early)
+"""
+"""
+What a worker process runs (C{python -c}): it takes the signals it serves
+before anything is imported, since its imports take a while and a signal's
+default action would kill it meanwhile; L{echotw.workermain.main} acts on
+those that came early once its own handlers are in place.
+"""
 HEALTHY_AFTER = 30.0
 """A worker that ran this many seconds before dying is restarted after the shortest delay."""
 
@@ -286,7 +301,7 @@ class WorkerPool(Service):
         transport = self.reactor.spawnProcess(
             worker,
             sys.executable,
-            [sys.executable, "-m", "echotw.workermain", *self.arguments],
+            [sys.executable, "-c", WORKER_BOOT, *self.arguments],
             env=env,
             childFDs=childFDs,
         )

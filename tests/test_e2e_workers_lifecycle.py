@@ -135,6 +135,24 @@ class WorkerSignalTests(ServerTestCase):
         self.assertClientsComplete(clients)
         self.assertEqual(server.wait(timeout=30), -signal.SIGTERM)
 
+    def test_groupTermWhileAWorkerStarts(self) -> None:
+        """A SIGTERM to the whole group while a worker is still importing
+        (it restarted a moment ago) does not kill it: it drains the
+        connections that waited for it, like the others."""
+        server = self.start("--workers", "2", "--port", LOOPBACK, newSession=True)
+        pids = workerPids(server, 2)
+        os.kill(pids[0], signal.SIGKILL)
+        waitUntil(lambda: not alive(pids[0]) or None, "the worker died")
+        clients = [Client(server.port, 4096) for _ in range(16)]
+        for client in clients:
+            client.finish()
+        server.waitFor(rf"Started worker 0 \(pid (?!{pids[0]}\))")
+        time.sleep(0.15)  # in its imports, long before its handlers are installed
+        os.killpg(server.pid, signal.SIGTERM)
+        self.assertClientsComplete(clients)
+        self.assertEqual(server.wait(timeout=30), -signal.SIGTERM)
+        self.assertEqual(len(re.findall(r"Worker \d ended", server.output())), 1)  # the SIGKILL
+
     def test_secondTermDuringDrainDelay(self) -> None:
         """A second SIGTERM during the drain delay stops the workers too,
         at once."""
