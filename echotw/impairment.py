@@ -110,7 +110,7 @@ class ImpairedEchoProtocol(EchoProtocol):
     second, 0 for none) on what it sends back; see the module docstring.
 
     Its overrides of L{EchoProtocol} are few on purpose: L{dataReceived}
-    queues instead of writing, L{pendingBytes} and L{isIdle} count what
+    queues instead of writing (L{_echo}), L{pendingBytes} and L{isIdle} count what
     waits in the shaper, and L{finish} and L{readConnectionLost} run the
     plain echo's own close once the shaper is empty.
     """
@@ -144,13 +144,20 @@ class ImpairedEchoProtocol(EchoProtocol):
             super().dataReceived(data)
             return
         self.bytesEchoed += len(data)
+        if self.byteLimit and self.bytesEchoed >= self.byteLimit:
+            self._echoLast(data)
+            return
+        self._echo(data)
+
+    def _echo(self, data: bytes) -> None:
+        """
+        Queue C{data} in the shaper, and stop reading if that fills it.
+        """
         shaper = self.shaper
         shaper.put(data)
         gate = self.gate
         if shaper.pendingBytes > PAUSE_ABOVE and gate is not None and not gate.queueFull:
             gate.holdForQueue(True)
-        if self.byteLimit and self.bytesEchoed >= self.byteLimit:
-            self.finish("max-session-bytes")
 
     def _release(self, data: bytes) -> None:
         """

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotw.fastpath import canWriteDirectly, writeDirectly
-from echotw.transportstate import canHalfClose, pendingBytes
+from echotw.transportstate import canHalfClose, kernelPendingBytes, pendingBytes
 
 LINGER_TIME = 30.0
 """Seconds a lingering close waits, at most, for the client to close its side."""
@@ -83,7 +83,8 @@ class EchoProtocol(Protocol):
 
     @ivar bytesEchoed: bytes received and queued to be sent back.
     @ivar bytesDiscarded: bytes received and not echoed, because the server
-        was closing the connection (see L{finish}).
+        was closing the connection (see L{finish}) or they came past
+        C{byteLimit}.
     @ivar bytesUnsent: once closed, bytes that were queued to be sent back
         but never handed to the kernel (the connection was aborted or reset).
     @ivar peer: the client address the connection was verified with.
@@ -93,7 +94,8 @@ class EchoProtocol(Protocol):
         server's L{finish}, or the client's half-close).
     @ivar closed: whether the connection is gone.
     @ivar direct: whether echoes are sent at once (L{echotw.fastpath}).
-    @ivar byteLimit: close (after echoing) once this many bytes were echoed.
+    @ivar byteLimit: echo this many bytes at most, then close (L{finish});
+        a read that crosses it is echoed up to it.
     @ivar noDelay: whether to set C{TCP_NODELAY} (not needed where the
         listening socket has it: Linux copies it to accepted sockets).
     @ivar logged: whether this connection's events are logged (see
@@ -124,6 +126,8 @@ class EchoProtocol(Protocol):
     _sessionTimer: IDelayedCall | None = None
     _linger: _Linger | None = None
     _idleMark = -1
+    _idleBuffered = 0
+    _idleInKernel = 0
     _idleSince = 0.0
     dispatchWithoutLogContext = True
 
@@ -168,15 +172,31 @@ class EchoProtocol(Protocol):
         calls (the server's idle sweep) at times C{now}: a connection costs
         no timer of its own and a read costs nothing extra.  A lingering
         close has deadlines of its own and is never idle.
+
+        Bytes move when the client sends them, and when the echo leaves:
+        Twisted's buffer emptying into the kernel, or the kernel's send
+        queue shrinking as the client reads (L{kernelPendingBytes}).  A
+        client that sent everything at once and reads its echo slowly is
+        busy until the last byte is delivered; one that neither sends nor
+        reads is idle, whatever is queued for it.
         """
         if self._linger is not None:
             return False
         echoed = self.bytesEchoed
-        if echoed != self._idleMark:
-            self._idleMark = echoed
-            self._idleSince = now
-            return False
-        return now - self._idleSince >= timeout
+        buffered = self.pendingBytes()
+        if echoed == self._idleMark and buffered == self._idleBuffered:
+            # Nothing was read, nor handed to the kernel: only the kernel's
+            # queue may have moved, and an empty one cannot have.
+            inKernel = self._idleInKernel and kernelPendingBytes(self.transport)
+            if inKernel == self._idleInKernel:
+                return now - self._idleSince >= timeout
+        else:
+            inKernel = kernelPendingBytes(self.transport)
+        self._idleMark = echoed
+        self._idleBuffered = buffered
+        self._idleInKernel = inKernel
+        self._idleSince = now
+        return False
 
     def connectionMade(self) -> None:
         self.startedAt = monotonic()
@@ -198,12 +218,37 @@ class EchoProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesEchoed += len(data)
+        if self.byteLimit and self.bytesEchoed >= self.byteLimit:
+            self._echoLast(data)
+            return
         if self.direct:
             writeDirectly(self.transport, data)
         else:
             self.transport.write(data)  # type: ignore[union-attr]
-        if self.byteLimit and self.bytesEchoed >= self.byteLimit:
-            self.finish("max-session-bytes")
+
+    def _echoLast(self, data: bytes) -> None:
+        """
+        C{data} reached C{byteLimit}: echo the part of it within the limit,
+        count the rest as discarded, and close (L{finish}).
+        """
+        over = self.bytesEchoed - self.byteLimit
+        if over:
+            self.bytesEchoed = self.byteLimit
+            self.bytesDiscarded += over
+            data = data[: len(data) - over]
+        if data:
+            self._echo(data)
+        self.finish("max-session-bytes")
+
+    def _echo(self, data: bytes) -> None:
+        """
+        Send C{data} back: what L{dataReceived} does inline, to keep a
+        call off the path every read takes.
+        """
+        if self.direct:
+            writeDirectly(self.transport, data)
+        else:
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def readConnectionLost(self) -> None:
         """
@@ -284,14 +329,15 @@ class EchoProtocol(Protocol):
         """
         linger = self._linger
         assert linger is not None
-        progress = (self.bytesDiscarded, self.pendingBytes())
+        buffered = self.pendingBytes()
+        progress = (self.bytesDiscarded, buffered, kernelPendingBytes(self.transport))
         if progress != linger.progress:
             linger.progress = progress
             linger.movedAt = now
         if now < linger.giveUp and now - linger.movedAt < LINGER_TIMEOUT:
             return True
         self._linger = None
-        if progress[1]:
+        if buffered:
             self.abort(self.closeReason or "linger timeout")
         else:
             # Everything echoed is with the kernel; the client just never
@@ -334,7 +380,7 @@ class _Linger:
         self.giveUp = giveUp
         self.check = check
         self.movedAt = clock.seconds()
-        self.progress: tuple[int, int] = (-1, -1)
+        self.progress: tuple[int, int, int] = (-1, -1, -1)
         self._call = clock.callLater(LINGER_CHECK, self._tick)
 
     def _tick(self) -> None:

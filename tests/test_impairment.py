@@ -240,7 +240,8 @@ class ImpairedEchoTests(SynchronousTestCase):
         self.assertGreaterEqual(len(calls), 1)
 
     def test_sessionBytesAfterEchoing(self) -> None:
-        """--max-session-bytes closes once the delayed bytes went out."""
+        """--max-session-bytes echoes up to the limit and closes once those
+        delayed bytes went out; the rest of the crossing read is discarded."""
         factory = EchoFactory(
             clock=self.clock, maxSessionBytes=10, protocol=impairedProtocols(self.clock, 0.2)
         )
@@ -248,8 +249,22 @@ class ImpairedEchoTests(SynchronousTestCase):
         p.dataReceived(b"0123456789abc")
         self.assertFalse(t.disconnecting)
         self.clock.advance(0.2)
-        self.assertEqual((t.value(), t.disconnecting), (b"0123456789abc", True))
+        self.assertEqual((t.value(), t.disconnecting), (b"0123456789", True))
         self.assertEqual(p.closeReason, "max-session-bytes")
+
+    def test_sessionBytesExactAcrossReads(self) -> None:
+        """Reads that come after the limit was reached, while the echo still
+        waits on the delay (TLS hands several records over at once), are
+        discarded, not echoed; the close event counts the limit."""
+        factory = impairedFactory(self.clock, delay=0.2)
+        factory.maxSessionBytes = 10
+        p, t = connect(factory)
+        p.dataReceived(b"0123")
+        p.dataReceived(b"456789ab")
+        p.dataReceived(b"cdef")
+        self.assertEqual((p.bytesEchoed, p.bytesDiscarded, p.pendingBytes()), (10, 6, 10))
+        self.clock.advance(0.2)
+        self.assertEqual((t.value(), t.disconnecting), (b"0123456789", True))
 
     def test_connectionLostCancelsTimer(self) -> None:
         """A lost connection leaves no timer and nothing waiting."""

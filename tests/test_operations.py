@@ -129,17 +129,19 @@ class IdleTimeoutTests(SynchronousTestCase):
 
 class SessionLimitTests(SynchronousTestCase):
     def test_maxBytesClosesAfterEchoing(self) -> None:
-        """Past the byte limit the connection closes gracefully, the last
-        chunk echoed whole."""
+        """At the byte limit the connection closes gracefully, having echoed
+        exactly the limit: the read that crosses it is echoed up to it, and
+        the rest counted as discarded."""
         factory = EchoFactory(maxSessionBytes=10, clock=Clock())
         p, t = connect(factory)
         p.dataReceived(b"12345")
         self.assertFalse(t.disconnecting)
         p.dataReceived(b"6789012")
-        self.assertEqual(t.value(), b"123456789012")
+        self.assertEqual(t.value(), b"1234567890")
         self.assertTrue(t.disconnecting)
         self.assertFalse(t.aborted)
         self.assertEqual(p.closeReason, "max-session-bytes")
+        self.assertEqual((p.bytesEchoed, p.bytesDiscarded), (10, 2))
 
     def test_maxSecondsClosesAndTimerCancelled(self) -> None:
         """After the session time the connection closes gracefully; a
