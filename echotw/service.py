@@ -136,8 +136,9 @@ class EchoService(MultiService):
     housekeeping that spans connections.
 
     Idle connections: one sweep every C{idleTimeout / 4} seconds (5 at most)
-    aborts connections whose byte count has not moved for C{idleTimeout}
-    seconds, so a connection costs no timer of its own and a read costs
+    aborts connections on which nothing has moved (bytes received, or the
+    echo leaving: Twisted's buffer, on Linux the kernel's send queue) for
+    C{idleTimeout} seconds, so a connection costs no timer of its own and a read costs
     nothing extra; the timeout is honoured to within one sweep.  Abort, not
     a graceful close: a peer that stopped reading would hold that open.
 
