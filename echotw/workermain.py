@@ -1,9 +1,7 @@
 """
-A worker process of C{--workers N} (L{echotw.workers.WORKER_BOOT}, which
-takes signals at once and then runs L{main}; C{python -m echotw.workermain
-ARGS} works too): it parses the supervisor's command line, derives its own
-configuration from it and serves the listening sockets it inherited (see
-L{echotw.workers}).
+A worker process of C{--workers N} (C{python -m echotw.workermain ARGS}): it
+parses the supervisor's command line, derives its own configuration from it
+and serves the listening sockets it inherited (see L{echotw.workers}).
 
 What the supervisor hands it, besides the command line (the C{ECHOTW_WORKER_*}
 environment variables name the descriptors): its index; its listening
@@ -35,11 +33,10 @@ from echotw.factory import EchoFactory
 from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
 from echotw.reactor import installIfUnchosen
-from echotw.service import EchoService
 from echotw.sharedcount import SharedCount
-from echotw.signals import STOP_SIGNALS
 from echotw.workerlog import LogOutput, workerObserver
 from echotw.workers import (
+    HELD_SIGNALS,
     READY,
     WORKER_COUNT,
     WORKER_COUNT_FD,
@@ -163,23 +160,13 @@ def serverCount(environment: Mapping[str, str], index: int) -> SharedCount | Non
     return count
 
 
-def actOnEarlySignals(early: list[int], reactor: IServerReactor, service: EchoService) -> None:
-    """
-    Do what the signals that came before the worker's handlers were in
-    place asked for: a stop (as a first SIGTERM does), else a reload.
-    """
-    if any(signum in STOP_SIGNALS for signum in early):
-        reactor.stop()
-    elif signal.SIGHUP in early:
-        service.requestReload()
-
-
-def main(argv: list[str] | None = None, early: list[int] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """
     Serve the inherited listeners with the supervisor's options until told
-    to stop, or until the supervisor is gone.  C{early} collects the
-    signals that came while the worker was starting (see
-    L{echotw.workers.WORKER_BOOT}).
+    to stop, or until the supervisor is gone.  The signals the supervisor
+    started it with blocked (L{echotw.workers.HELD_SIGNALS}) are unblocked
+    once the reactor runs with the worker's handlers in place; any that
+    came meanwhile are delivered to them then.
     """
     environment = os.environ
     installReactor(environment.get(WORKER_REACTOR, ""))
@@ -217,8 +204,7 @@ def main(argv: list[str] | None = None, early: list[int] | None = None) -> None:
     service.privilegedStartService()
     service.startService()
     # After the service's own callWhenRunning: its signal handlers are in place then.
-    if early is not None:
-        reactor.callWhenRunning(actOnEarlySignals, early, reactor, service)
+    reactor.callWhenRunning(signal.pthread_sigmask, signal.SIG_UNBLOCK, HELD_SIGNALS)
     if reporter is not None:
         reactor.callWhenRunning(reporter.send, READY + b"\n")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

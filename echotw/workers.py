@@ -36,8 +36,10 @@ workers, and on SIGTERM/SIGINT closes its copies of the sockets, asks every
 worker to drain (each waits out C{--drain-delay} itself) and waits for
 them; a second SIGTERM sends them L{STOP_NOW_SIGNAL}.  A worker says
 L{READY} once its signal handlers are in place, and signals meant for it
-wait until then: a signal's default action would kill a worker still
-starting, with the connections waiting in its socket's backlog.  Workers
+wait until then; it starts with L{HELD_SIGNALS} blocked, so that those sent
+to it some other way (to the whole process group) wait too: a signal's
+default action would kill a worker still starting, with the connections
+waiting in its socket's backlog.  Workers
 exit when the supervisor disappears, so none is left orphaned.  Workers send their counters about
 once a second for C{--metrics} (L{echotw.counters}) and write their log
 lines as L{echotw.workerlog} describes.  UDP listeners are served by the
@@ -80,20 +82,13 @@ READY = b"ready"
 """The line a worker sends on its report descriptor once signals are safe to send it."""
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Seconds before restarting a worker that died, growing while it keeps dying."""
-WORKER_BOOT = """\
-# echotw.workermain: a worker of twistd echo --workers
-import signal
-early = []
-for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(signum, lambda n, f: early.append(n))
-from echotw.workermain import main
-main(early=early)
+HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 """
-"""
-What a worker process runs (C{python -c}): it takes the signals it serves
-before anything is imported, since its imports take a while and a signal's
-default action would kill it meanwhile; L{echotw.workermain.main} acts on
-those that came early once its own handlers are in place.
+Signals a worker is started with blocked, so that they wait (pending) until
+its handlers are in place (L{echotw.workermain.main} unblocks them): the
+interpreter's start and the worker's imports take a while, and a signal's
+default action would kill it meanwhile, with the connections in its
+socket's backlog.  A blocked mask survives C{exec}.
 """
 HEALTHY_AFTER = 30.0
 """A worker that ran this many seconds before dying is restarted after the shortest delay."""
@@ -298,13 +293,18 @@ class WorkerPool(Service):
         env[WORKER_REACTOR] = type(self.reactor).__module__
         env[WORKER_SUPERVISOR] = str(os.getpid())
         worker = _Worker(self, index, nextFD)
-        transport = self.reactor.spawnProcess(
-            worker,
-            sys.executable,
-            [sys.executable, "-c", WORKER_BOOT, *self.arguments],
-            env=env,
-            childFDs=childFDs,
-        )
+        # The child inherits the mask; the supervisor's own signals wait a moment.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            transport = self.reactor.spawnProcess(
+                worker,
+                sys.executable,
+                [sys.executable, "-m", "echotw.workermain", *self.arguments],
+                env=env,
+                childFDs=childFDs,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[index] = worker
         self.backoff[index].started(self.reactor.seconds())
         self._log.info(

@@ -81,16 +81,26 @@ class WorkerSignalTests(ServerTestCase):
         self.assertEqual(results, [(True, "eof")] * len(clients))
 
     def groupStop(self, sig: int) -> None:
-        server = self.start("--workers", "2", "--port", LOOPBACK, newSession=True)
+        server = self.start(
+            "--workers", "2", "--port", LOOPBACK, "--shutdown-timeout", "30", newSession=True
+        )
         workerPids(server, 2)
         clients = [Client(server.port) for _ in range(6)]
         waitUntil(lambda: all(c.received for c in clients), "every client echoed")
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        self.addCleanup(idle.close)
         os.killpg(server.pid, sig)
+        stoppedAt = time.monotonic()
         for client in clients:
             client.finish()
         results = [client.drained() for client in clients]
         self.assertEqual(results, [(True, "eof")] * len(clients))
-        self.assertEqual(server.wait(timeout=30), -sig)
+        # An idle connection is closed by the drain, not at the kill deadline (35 s).
+        self.assertEqual(idle.recv(16), b"")
+        self.assertEqual(server.wait(timeout=60), -sig)
+        self.assertLess(time.monotonic() - stoppedAt, 15)
+        name = signal.Signals(sig).name
+        self.assertEqual(len(re.findall(rf"worker \d\] Received {name}", server.output())), 2)
         self.assertNotIn("Stopping now", server.output())
 
     def test_groupTermDrains(self) -> None:
@@ -136,7 +146,7 @@ class WorkerSignalTests(ServerTestCase):
         self.assertEqual(server.wait(timeout=30), -signal.SIGTERM)
 
     def test_groupTermWhileAWorkerStarts(self) -> None:
-        """A SIGTERM to the whole group while a worker is still importing
+        """A SIGTERM to the whole group while a worker is still starting
         (it restarted a moment ago) does not kill it: it drains the
         connections that waited for it, like the others."""
         server = self.start("--workers", "2", "--port", LOOPBACK, newSession=True)
@@ -146,8 +156,8 @@ class WorkerSignalTests(ServerTestCase):
         clients = [Client(server.port, 4096) for _ in range(16)]
         for client in clients:
             client.finish()
-        server.waitFor(rf"Started worker 0 \(pid (?!{pids[0]}\))")
-        time.sleep(0.15)  # in its imports, long before its handlers are installed
+        server.waitFor(rf"Started worker 0 \(pid (?!{pids[0]}\))", timeout=10)
+        # At once: its interpreter is starting, long before its handlers exist.
         os.killpg(server.pid, signal.SIGTERM)
         self.assertClientsComplete(clients)
         self.assertEqual(server.wait(timeout=30), -signal.SIGTERM)

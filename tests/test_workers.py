@@ -288,32 +288,6 @@ class HeldSignalTests(SynchronousTestCase):
         self.assertEqual(counters.reports, [(1, b'{"a": 1}'), (1, b'{"a": 3}')])
 
 
-class EarlySignalTests(SynchronousTestCase):
-    """
-    Signals that came while a worker was starting are acted on once it runs.
-    """
-
-    def act(self, early: list[int]) -> tuple[int, int]:
-        reactor = FakeReactor()
-        reloads: list[bool] = []
-        service = cast(
-            Any, type("Service", (), {"requestReload": lambda s: reloads.append(True)})()
-        )
-        workermain.actOnEarlySignals(early, cast(Any, reactor), service)
-        return int(not reactor.running), len(reloads)
-
-    def test_stopWins(self) -> None:
-        """A SIGTERM or SIGINT stops (gracefully, as a first one does); a
-        reload alongside it is moot."""
-        self.assertEqual(self.act([signal.SIGHUP, signal.SIGTERM]), (1, 0))
-        self.assertEqual(self.act([signal.SIGINT]), (1, 0))
-
-    def test_reload(self) -> None:
-        """SIGHUPs are one reload; none is nothing."""
-        self.assertEqual(self.act([signal.SIGHUP, signal.SIGHUP]), (0, 1))
-        self.assertEqual(self.act([]), (0, 0))
-
-
 class FailingSpawnReactor(Clock):
     def __init__(self, failures: int) -> None:
         super().__init__()
