@@ -21,7 +21,6 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IRequest
-from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
@@ -31,24 +30,49 @@ from echotw.service import ListenerService
 from echotw.webguard import GuardedSite
 
 
-class HealthResource(Resource):
+class Page(Resource):
     """
-    C{/healthz}: 200 whenever it can answer.
+    A leaf that answers GET, and HEAD with GET's headers and no body
+    (twisted.web would otherwise log a warning for every HEAD request it
+    answers with a body: a log line any peer could repeat at will).
     """
 
     isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        raise NotImplementedError
+
+    def render_HEAD(self, request: Request) -> bytes:
+        body = self.render_GET(request)
+        request.setHeader(b"content-length", b"%d" % (len(body),))
+        return b""
+
+
+class NotFound(Page):
+    """
+    A plain 404.
+    """
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setResponseCode(http.NOT_FOUND)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"not found\n"
+
+
+class HealthResource(Page):
+    """
+    C{/healthz}: 200 whenever it can answer.
+    """
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"ok\n"
 
 
-class ReadyResource(Resource):
+class ReadyResource(Page):
     """
     C{/readyz}: 200 while C{ready()} says so, else 503.
     """
-
-    isLeaf = True
 
     def __init__(self, ready: Callable[[], bool]) -> None:
         super().__init__()
@@ -68,7 +92,7 @@ class Root(Resource):
     """
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
-        return notFound()
+        return NotFound()
 
 
 def addHealth(root: Resource, ready: Callable[[], bool]) -> None:

@@ -67,12 +67,12 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.utils import floatToGoString
 from twisted.internet.interfaces import IReactorCore
-from twisted.web.resource import EncodingResourceWrapper, Resource
+from twisted.web.resource import EncodingResourceWrapper
 from twisted.web.server import GzipEncoderFactory, Request
 
 from echotw.counters import Counters, CounterSource, FactoryCounters, WorkerSummary
 from echotw.factory import DURATION_BUCKETS, EchoFactory
-from echotw.health import Root, WebService, addHealth, defaultReactor
+from echotw.health import Page, Root, WebService, addHealth, defaultReactor
 from echotw.udp import UDPEchoProtocol
 from echotw.webguard import GuardedSite
 
@@ -258,7 +258,7 @@ def metricsRegistry(source: Source, udp: Sequence[UDPEchoProtocol] = ()) -> Coll
     return registry
 
 
-class MetricsResource(Resource):
+class MetricsResource(Page):
     """
     Renders a registry in the reactor thread, in the format the scraper
     asks for (Prometheus text, or OpenMetrics if its C{Accept} header says
@@ -303,6 +303,18 @@ class GuardCollector:
         yield family
 
 
+class GzipUnlessHead(GzipEncoderFactory):
+    """
+    Gzip for scrapers that accept it, but not for HEAD: the encoder would
+    still send gzip's header and trailer, a body where HEAD allows none.
+    """
+
+    def encoderForRequest(self, request: Any) -> Any:
+        if request.method == b"HEAD":
+            return None
+        return super().encoderForRequest(request)
+
+
 def metricsSite(
     registry: CollectorRegistry,
     ready: Callable[[], bool] | None = None,
@@ -317,7 +329,7 @@ def metricsSite(
     """
     root = Root()
     root.putChild(
-        b"metrics", EncodingResourceWrapper(MetricsResource(registry), [GzipEncoderFactory()])
+        b"metrics", EncodingResourceWrapper(MetricsResource(registry), [GzipUnlessHead()])
     )
     if ready is not None:
         addHealth(root, ready)

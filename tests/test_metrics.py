@@ -25,6 +25,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
 from echotw.addresses import parseNetwork
@@ -388,6 +389,32 @@ class MetricsLoopbackTests(TestCase):
         self.assertEqual(sum(v for (n, _), v in samples.items() if n.endswith("refused_total")), 1)
         self.assertEqual(samples[key("echotw_bytes_echoed_total")], 2)
         self.assertFalse([e for e in events if "/metrics" in (formatEvent(e) or "")])
+
+    async def test_headHasNoBodyAndNoLogLine(self) -> None:
+        """HEAD gets GET's status and length and no body, gzip asked for or
+        not, on every path (so the next request on the connection parses),
+        and writes no log line: a peer repeating it cannot fill the log."""
+        port = self.startMetrics(EchoFactory())
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 1
+        self.addCleanup(pool.closeCachedConnections)
+        agent = Agent(reactor, pool=pool)
+        with capturedLogs() as events:
+            for path in (b"/metrics", b"/nope"):
+                for encoding in (b"identity", b"gzip"):
+                    url = b"http://127.0.0.1:%d%s" % (port, path)
+                    headers = Headers({b"accept-encoding": [encoding]})
+                    head = await agent.request(b"HEAD", url, headers)
+                    await readBody(head)
+                    got = await agent.request(b"GET", url, headers)
+                    body = await readBody(got)
+                    self.assertEqual(head.code, got.code, path)
+                    [length] = head.headers.getRawHeaders(b"content-length")
+                    if path == b"/nope":
+                        self.assertEqual(int(length), len(body))
+                    else:  # the process metrics move between the two scrapes
+                        self.assertGreater(int(length), 1000)
+        self.assertEqual([e for e in events if "HEAD" in (formatEvent(e) or "")], [])
 
     async def test_otherPathsNotFound(self) -> None:
         """Only /metrics is served."""
