@@ -3,6 +3,9 @@ The process's signals, for a real C{twistd echo} process (and each worker):
 SIGHUP asks for a rule reload, and a second SIGTERM or SIGINT during a
 shutdown stops at once.
 
+L{STOP_NOW_SIGNAL} (SIGUSR2) stops at once in any process, shutting down
+first if need be (its default action would kill the process outright).
+
 A worker of C{--workers} counts no second signal: a SIGTERM or SIGINT sent
 to the whole process group (systemd's default C{KillMode=control-group},
 Ctrl-C in a terminal) reaches it directly and again through its
@@ -58,8 +61,7 @@ class ProcessSignals(Service):
     def startService(self) -> None:
         Service.startService(self)
         signal.signal(signal.SIGHUP, self._hangup)
-        if self.worker:
-            signal.signal(STOP_NOW_SIGNAL, self._stopNowSignal)
+        signal.signal(STOP_NOW_SIGNAL, self._stopNowSignal)
         # Twisted installs its own handlers as the reactor starts; wrap them then.
         self.reactor.callWhenRunning(self._wrapStopSignals)
         self.reactor.addSystemEventTrigger("before", "shutdown", self._shuttingDown)
@@ -75,7 +77,7 @@ class ProcessSignals(Service):
         if not self.stopping:
             self.stopping = True
             self.reactor.callFromThread(self.reactor.stop)
-        self.reactor.callFromThread(self.onStopNow, "supervisor")
+        self.reactor.callFromThread(self.onStopNow, "supervisor" if self.worker else "SIGUSR2")
 
     def _wrapStopSignals(self) -> None:
         for signum in STOP_SIGNALS:

@@ -90,6 +90,8 @@ interpreter's start and the worker's imports take a while, and a signal's
 default action would kill it meanwhile, with the connections in its
 socket's backlog.  A blocked mask survives C{exec}.
 """
+STOP_NOW_GRACE = 5.0
+"""Seconds workers get to stop once told to stop at once, before they are killed."""
 HEALTHY_AFTER = 30.0
 """A worker that ran this many seconds before dying is restarted after the shortest delay."""
 
@@ -230,6 +232,7 @@ class WorkerPool(Service):
         self.stopping = False
         self.countFD: int | None = None
         self.serverCount: SharedCount | None = None
+        self._killer: IDelayedCall | None = None
 
     def startService(self) -> None:
         Service.startService(self)
@@ -254,9 +257,16 @@ class WorkerPool(Service):
 
     def stopNow(self) -> None:
         """
-        A second SIGTERM: the workers, draining already, stop at once too.
+        A second SIGTERM: the workers, draining already, stop at once too;
+        any still running L{STOP_NOW_GRACE} seconds later (one stopped with
+        SIGSTOP, say) is killed.
         """
         self.signalAll(STOP_NOW_SIGNAL)
+        killer = self._killer
+        if killer is not None and killer.active():
+            due = self.reactor.seconds() + STOP_NOW_GRACE
+            if killer.getTime() > due:
+                killer.reset(STOP_NOW_GRACE)
 
     def signalAll(self, sig: int) -> None:
         for worker in list(self.workers.values()):
@@ -359,7 +369,8 @@ class WorkerPool(Service):
         self.restarts.clear()
         ended = [w.ended for w in self.workers.values()]
         self.signalAll(signal.SIGTERM)
-        killer = self.reactor.callLater(self.drainDelay + self.shutdownTimeout + 5, self._killAll)
+        deadline = self.drainDelay + self.shutdownTimeout + 5
+        killer = self._killer = self.reactor.callLater(deadline, self._killAll)
 
         def done(result: Any) -> Any:
             if killer.active():

@@ -178,6 +178,22 @@ class WorkerSignalTests(ServerTestCase):
         self.assertLess(time.monotonic() - stoppedAt, 10)
         self.assertEqual(len(re.findall(r"worker \d\] Stopping now", server.output())), 2)
 
+    def test_stopNowWithAStuckWorker(self) -> None:
+        """A second SIGTERM ends the server within seconds even when a worker
+        is stopped (SIGSTOP) and cannot answer it."""
+        server = self.start(
+            "--workers", "2", "--port", LOOPBACK, "--drain-delay", "5", "--shutdown-timeout", "30"
+        )
+        pids = workerPids(server, 2)
+        os.kill(pids[0], signal.SIGSTOP)
+        self.addCleanup(lambda: alive(pids[0]) and os.kill(pids[0], signal.SIGKILL))
+        os.kill(server.pid, signal.SIGTERM)
+        server.waitFor(r"worker 1\] Shutting down")
+        os.kill(server.pid, signal.SIGTERM)
+        stoppedAt = time.monotonic()
+        server.wait(timeout=30)
+        self.assertLess(time.monotonic() - stoppedAt, 15)
+
     def test_drainDelayOnce(self) -> None:
         """With workers, the drain delay is waited out once, as with one
         process: new connections are echoed during it and refused after."""

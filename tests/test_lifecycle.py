@@ -475,6 +475,16 @@ class ProcessSignalsTests(SynchronousTestCase):
         self.assertEqual(stoppedNow, ["supervisor"])
         self.assertEqual(fake.stopped, 0)
 
+    def test_stopNowSignalAnywhere(self) -> None:
+        """SIGUSR2 stops a process at once, not only a worker: it shuts down
+        (its default action would kill it outright) and stops now."""
+        fake = FakeReactor()
+        stoppedNow: list[str] = []
+        service = ProcessSignals(cast(Any, fake), lambda: None, stoppedNow.append)
+        service.startService()
+        cast(Any, signal.getsignal(STOP_NOW_SIGNAL))(STOP_NOW_SIGNAL, None)
+        self.assertEqual((fake.stopped, stoppedNow), (1, ["SIGUSR2"]))
+
     def test_workerStopNowBeforeStop(self) -> None:
         """A stop-now signal that overtakes the SIGTERM before it stops the
         worker's reactor too."""

@@ -30,7 +30,7 @@ from echotw.addresses import ipFromText
 from echotw.options import EchoOptions
 from echotw.steering import sourceIndex
 from echotw.workermain import Orphan
-from echotw.workers import READY, RESTART_DELAYS, Backoff, WorkerPool, _Worker
+from echotw.workers import READY, RESTART_DELAYS, STOP_NOW_GRACE, Backoff, WorkerPool, _Worker
 from tests.process import (
     LOOPBACK,
     TWISTD,
@@ -321,6 +321,28 @@ class SpawnFailureTests(SynchronousTestCase):
         failures = [e for e in events if e.get("event") == "worker-died"]
         self.assertEqual(len(failures), 2)
         self.assertIn("Too many open files", failures[0]["why"])
+
+
+class StopNowTests(SynchronousTestCase):
+    def test_stuckWorkerKilledSoon(self) -> None:
+        """After stop-now, a worker that does not end (stopped with SIGSTOP,
+        say) is killed within STOP_NOW_GRACE seconds, not at the drain
+        deadline."""
+        reactor = FailingSpawnReactor(failures=0)
+        shared = cast(Any, type("Shared", (), {"socketsFor": lambda self, i: []})())
+        pool = WorkerPool(
+            cast(Any, reactor), shared, 1, [], 0, 60, counters=cast(Any, FakeCounters())
+        )
+        pool.startService()
+        [worker] = pool.workers.values()
+        process = FakeProcess()
+        worker.transport = cast(Any, process)
+        worker.childDataReceived(worker.reportFD, READY + b"\n")
+        pool.stopService()
+        pool.stopNow()
+        self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGUSR2])
+        reactor.advance(STOP_NOW_GRACE)
+        self.assertEqual(process.signals[-1], signal.SIGKILL)
 
 
 class OptionsTests(SynchronousTestCase):
