@@ -10,10 +10,12 @@ announced size, and connections are not capped.  L{GuardedSite} keeps
 twisted.web's parsing and resources and adds, per listener:
 
   - at most L{MAX_CONNECTIONS} connections at once: a new one past that
-    closes the oldest connection waiting for a request (idle, or still
-    sending one), as nginx reuses idle connections, so a flood of idle
-    connections cannot lock out a probe; when every one is being answered,
-    the new one is closed at once;
+    closes a connection waiting for a request (idle, or still sending one),
+    as nginx reuses idle connections, so a flood of idle connections cannot
+    lock out a probe: first the oldest that never completed a request, then
+    the one served least recently, so a scraper's keep-alive connection
+    outlasts a flood of connections that never ask for anything; when every
+    one is being answered, the new one is closed at once;
   - a request head (request line and headers) of at most L{MAX_HEAD} bytes,
     else C{431} and the connection closes;
   - no request body: a request announcing one (a C{Content-Length} above 0,
@@ -110,6 +112,7 @@ class GuardedChannel(http.HTTPChannel):
         self._full = False  # the transport asked us to stop writing
         self._feeding = False
         self._closing = False
+        self.hasBeenServed = False
         self._deadline: IDelayedCall | None = None
         self._reading: IPushProducer | None = None
 
@@ -190,6 +193,7 @@ class GuardedChannel(http.HTTPChannel):
 
     def requestDone(self, request: http.Request) -> None:
         super().requestDone(request)
+        self.site.served(self)
         self._busy = False
         self._arm(self.site.requestTimeout)
         self._feed()
@@ -306,7 +310,7 @@ class GuardedSite(Site):
         self.maxHead = MAX_HEAD
         self.requestTimeout = REQUEST_TIMEOUT
         self.linger = LINGER
-        self._channels: dict[GuardedChannel, None] = {}  # oldest first
+        self._channels: dict[GuardedChannel, None] = {}  # least recently served first
         self.rejected: dict[str, int] = {}
         clock: IReactorTime = self.reactor
         self.throttle = LogThrottle(LOG_INTERVAL, clock, report=self._logHeld)
@@ -331,13 +335,20 @@ class GuardedSite(Site):
         return super().buildProtocol(addr)
 
     def _evictOne(self) -> bool:
-        for channel in self._channels:
-            if channel.waiting():
-                del self._channels[channel]
-                self.reject("too many connections", channel.peer())
-                channel.evict()
-                return True
+        waiting = [channel for channel in self._channels if channel.waiting()]
+        unserved = [channel for channel in waiting if not channel.hasBeenServed]
+        for channel in unserved or waiting:
+            del self._channels[channel]
+            self.reject("too many connections", channel.peer())
+            channel.evict()
+            return True
         return False
+
+    def served(self, channel: GuardedChannel) -> None:
+        # Served last, evicted last among the served.
+        channel.hasBeenServed = True
+        if self._channels.pop(channel, False) is None:
+            self._channels[channel] = None
 
     def opened(self, channel: GuardedChannel) -> None:
         self._channels[channel] = None

@@ -240,6 +240,21 @@ class ConnectionCapTests(GuardTestCase):
         first.connectionLost(None)
         self.assertEqual(self.site.connections, 3)
 
+    def test_servedKeepAliveOutlastsAFlood(self) -> None:
+        """A keep-alive connection that has been answered (a scraper's) is
+        evicted only after every waiting connection that never completed a
+        request, however much older it is."""
+        scraper, scraperT = self.connect()
+        scraper.dataReceived(GET)
+        self.assertTrue(scraperT.value().startswith(OK))
+        flood = [self.connect() for _ in range(2)]
+        for _ in range(5):
+            flood.append(self.connect())
+        self.assertFalse(scraperT.disconnecting or scraperT.disconnected)
+        self.assertEqual(sum(t.disconnected for _, t in flood), 5)
+        scraper.dataReceived(GET)
+        self.assertEqual(scraperT.value().count(OK), 2)
+
     def test_refusedWhenAllBusy(self) -> None:
         """When every connection is being answered, a new one is closed at
         once."""
