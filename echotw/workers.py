@@ -39,8 +39,8 @@ L{READY} once its signal handlers are in place, and signals meant for it
 wait until then; it starts with L{HELD_SIGNALS} blocked, so that those sent
 to it some other way (to the whole process group) wait too: a signal's
 default action would kill a worker still starting, with the connections
-waiting in its socket's backlog.  Workers
-exit when the supervisor disappears, so none is left orphaned.  Workers send their counters about
+waiting in its socket's backlog.  Workers exit when the supervisor
+disappears, so none is left orphaned.  Workers send their counters about
 once a second for C{--metrics} (L{echotw.counters}) and write their log
 lines as L{echotw.workerlog} describes.  UDP listeners are served by the
 supervisor alone.
@@ -161,9 +161,10 @@ class _Worker(ProcessProtocol):
     def signal(self, sig: int) -> None:
         """
         Send C{sig} now if the worker is ready for it, else once it is
-        (each signal once, in order).
+        (each signal once, in order); SIGKILL, which needs no handler, is
+        always sent now.
         """
-        if not self.ready:
+        if not self.ready and sig != signal.SIGKILL:
             if sig not in self.held:
                 self.held.append(sig)
             return
@@ -370,7 +371,7 @@ class WorkerPool(Service):
         ended = [w.ended for w in self.workers.values()]
         self.signalAll(signal.SIGTERM)
         deadline = self.drainDelay + self.shutdownTimeout + 5
-        killer = self._killer = self.reactor.callLater(deadline, self._killAll)
+        killer = self._killer = self.reactor.callLater(deadline, self.signalAll, signal.SIGKILL)
 
         def done(result: Any) -> Any:
             if killer.active():
@@ -381,8 +382,3 @@ class WorkerPool(Service):
             return result
 
         return DeferredList(ended).addBoth(done)
-
-    def _killAll(self) -> None:
-        for worker in list(self.workers.values()):
-            worker.ready = True  # SIGKILL needs no handler
-            worker.signal(signal.SIGKILL)

@@ -276,6 +276,12 @@ class HeldSignalTests(SynchronousTestCase):
         worker.signal(signal.SIGHUP)
         self.assertEqual(process.signals[-1], signal.SIGHUP)
 
+    def test_killNeverHeld(self) -> None:
+        """SIGKILL needs no handler: it is sent at once, ready or not."""
+        worker, process, _ = self.worker()
+        worker.signal(signal.SIGKILL)
+        self.assertEqual(process.signals, [signal.SIGKILL])
+
     def test_readyAmongReports(self) -> None:
         """READY may arrive in pieces and beside counter reports, which still
         reach the counters (the latest of a batch)."""
