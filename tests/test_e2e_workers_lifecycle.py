@@ -54,13 +54,16 @@ class Client:
         except OSError:
             pass  # the reader says how it ended
 
+    def _ended(self, timeout: float) -> bytes:
+        self._reader.join(timeout)
+        self.sock.close()
+        return bytes(self.received)
+
     def result(self, timeout: float = 30) -> tuple[bool, str]:
         """
         Whether it got all it sent back, and how the stream ended.
         """
-        self._reader.join(timeout)
-        self.sock.close()
-        return bytes(self.received) == self.payload, self.ending
+        return self._ended(timeout) == self.payload, self.ending
 
     def drained(self, timeout: float = 30) -> tuple[bool, str]:
         """
@@ -68,9 +71,7 @@ class Client:
         first half (the server may have closed the connection as quiet
         before the second half came), and how the stream ended.
         """
-        self._reader.join(timeout)
-        self.sock.close()
-        received = bytes(self.received)
+        received = self._ended(timeout)
         half = len(self.payload) // 2
         return len(received) >= half and self.payload.startswith(received), self.ending
 
@@ -79,6 +80,21 @@ class WorkerSignalTests(ServerTestCase):
     def assertClientsComplete(self, clients: list[Client]) -> None:
         results = [client.result() for client in clients]
         self.assertEqual(results, [(True, "eof")] * len(clients))
+
+    def restartWithClientsWaiting(self, server: EchoServer, count: int = 16) -> list[Client]:
+        """
+        SIGKILL worker 0, start C{count} clients (sent and half-closed)
+        while it is gone, and return them once its successor has been
+        started, before it can have its handlers in place.
+        """
+        pids = workerPids(server, 2)
+        os.kill(pids[0], signal.SIGKILL)
+        waitUntil(lambda: not alive(pids[0]) or None, "the worker died")
+        clients = [Client(server.port, 4096) for _ in range(count)]
+        for client in clients:
+            client.finish()
+        server.waitFor(rf"Started worker 0 \(pid (?!{pids[0]}\))", timeout=10)
+        return clients
 
     def groupStop(self, sig: int) -> None:
         server = self.start(
@@ -119,9 +135,7 @@ class WorkerSignalTests(ServerTestCase):
         rules = self.temporaryDirectory() / "allow"
         rules.write_text("127.0.0.0/8\n")
         server = self.start("--workers", "2", "--port", LOOPBACK, "--allow-file", str(rules))
-        pids = workerPids(server, 2)
-        os.kill(pids[0], signal.SIGKILL)
-        server.waitFor(rf"Started worker 0 \(pid (?!{pids[0]}\))")
+        self.restartWithClientsWaiting(server, count=0)
         for _ in range(10):
             os.kill(server.pid, signal.SIGHUP)
             time.sleep(0.03)
@@ -134,13 +148,7 @@ class WorkerSignalTests(ServerTestCase):
         """A SIGTERM just after a worker was restarted: the connections
         waiting for the new worker are served, not reset."""
         server = self.start("--workers", "2", "--port", LOOPBACK)
-        pids = workerPids(server, 2)
-        os.kill(pids[0], signal.SIGKILL)
-        waitUntil(lambda: not alive(pids[0]) or None, "the worker died")
-        clients = [Client(server.port, 4096) for _ in range(16)]
-        for client in clients:
-            client.finish()
-        server.waitFor(rf"Started worker 0 \(pid (?!{pids[0]}\))")
+        clients = self.restartWithClientsWaiting(server)
         os.kill(server.pid, signal.SIGTERM)
         self.assertClientsComplete(clients)
         self.assertEqual(server.wait(timeout=30), -signal.SIGTERM)
@@ -150,13 +158,7 @@ class WorkerSignalTests(ServerTestCase):
         (it restarted a moment ago) does not kill it: it drains the
         connections that waited for it, like the others."""
         server = self.start("--workers", "2", "--port", LOOPBACK, newSession=True)
-        pids = workerPids(server, 2)
-        os.kill(pids[0], signal.SIGKILL)
-        waitUntil(lambda: not alive(pids[0]) or None, "the worker died")
-        clients = [Client(server.port, 4096) for _ in range(16)]
-        for client in clients:
-            client.finish()
-        server.waitFor(rf"Started worker 0 \(pid (?!{pids[0]}\))", timeout=10)
+        clients = self.restartWithClientsWaiting(server)
         # At once: its interpreter is starting, long before its handlers exist.
         os.killpg(server.pid, signal.SIGTERM)
         self.assertClientsComplete(clients)
@@ -242,6 +244,3 @@ class WorkerStartTests(ServerTestCase):
         client.finish()
         self.assertEqual(client.result(), (True, "eof"))
         self.assertNotIn("ended", server.output())
-
-
-__all__ = ["EchoServer"]
