@@ -17,6 +17,7 @@ from echotw.endpoints import DEFAULT_BACKLOG, Listener, UDPListener
 from echotw.policy import AccessRules, Verifier
 from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT
 from echotw.rulefiles import RuleSource
+from echotw.throttlelog import LINES_PER_SECOND
 from echotw.udp import DEFAULT_BURST, DEFAULT_RATE
 
 DEFAULT_PORT = "8080"
@@ -83,7 +84,7 @@ class LogSettings:
     level: str = "info"
     connectionsPerSecond: int = 100
     statsInterval: float = 0.0
-    refusalsPerSecond: int = 20
+    refusalsPerSecond: int = LINES_PER_SECOND
 
 
 @dataclass(frozen=True)
