@@ -115,8 +115,10 @@ class WorkerSignalTests(ServerTestCase):
         self.assertEqual(idle.recv(16), b"")
         self.assertEqual(server.wait(timeout=60), -sig)
         self.assertLess(time.monotonic() - stoppedAt, 15)
-        name = signal.Signals(sig).name
-        self.assertEqual(len(re.findall(rf"worker \d\] Received {name}", server.output())), 2)
+        # Each worker stops once, gracefully: on the group's signal or, if
+        # that reaches it second, on the one its supervisor relays.
+        received = re.findall(r"worker (\d)\] Received SIG(?:INT|TERM)", server.output())
+        self.assertEqual(sorted(received), ["0", "1"], server.output())
         self.assertNotIn("Stopping now", server.output())
 
     def test_groupTermDrains(self) -> None:
