@@ -280,7 +280,8 @@ class EchoFactory(ServerFactory):
         Count a connection whose protocol has just been connected.
         """
         self.openConnections += 1
-        self._publish()
+        if self.serverCount is not None:
+            self._publish()
         self.connectionsTotal += 1
         self.protocols.add(p)
         listener = p.listener
@@ -325,7 +326,8 @@ class EchoFactory(ServerFactory):
             return
         self.protocols.discard(p)
         self.openConnections -= 1
-        self._publish()
+        if self.serverCount is not None:
+            self._publish()
         self.openByListener[p.listener] -= 1
         source = p.source
         if source is not None:

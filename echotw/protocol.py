@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotw.fastpath import canWriteDirectly, writeDirectly
+from echotw.fastpath import canWriteDirectly, closeIfFlushed, writeDirectly
 from echotw.transportstate import canHalfClose, kernelPendingBytes, pendingBytes
 
 LINGER_TIME = 30.0
@@ -266,6 +266,8 @@ class EchoProtocol(Protocol):
         assert transport is not None
         # A registered producer would keep loseConnection from ever finishing.
         IConsumer(transport).unregisterProducer()
+        if self.direct and closeIfFlushed(transport):
+            return
         transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
@@ -363,7 +365,8 @@ class EchoProtocol(Protocol):
         timer = self._sessionTimer
         if timer is not None and timer.active():
             timer.cancel()
-        self._stopLingering()
+        if self._linger is not None:
+            self._stopLingering()
         self.closed = True
         self.bytesUnsent = self.pendingBytes()
         self.factory.connectionClosed(self, reason)

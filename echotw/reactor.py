@@ -17,29 +17,44 @@ themselves (L{echotw.tcpport.EchoPort}); every other descriptor (TLS and
 PROXY-protocol connections, the metrics server's connections, UDP) is
 dispatched exactly as Twisted does.  Its TCP listening ports, bound or
 adopted, are L{echotw.tcpport.EchoPort}s, which accept with less Python
-per connection.  The subclass overrides one method and uses the
-reactor's own C{_poller}, C{_selectables} and C{_doReadOrWrite}; if a
-Twisted release lacks them it falls back to its parent's loop.  When the
+per connection.  Their echo connections' reads are dispatched straight to
+C{doRead}, and a closing one goes straight to its own C{connectionLost},
+which leaves the reactor in one step (L{EchoReactor.forgetDescriptor}).
+The subclass overrides the loop and the disconnection, and uses the
+reactor's own C{_poller}, C{_selectables}, C{_reads}, C{_writes} and
+C{_doReadOrWrite}; if a Twisted release lacks them it falls back to its
+parent's loop.  When the
 user picked a reactor (C{twistd -r NAME}), that reactor runs unchanged.
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 from typing import Any
 
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.python import log
+from twisted.python.failure import Failure
 
-from echotw.tcpport import EchoPort
+from echotw.tcpport import EchoPort, EchoServer
 
 try:
     from twisted.internet.epollreactor import EPollReactor
 except ImportError:  # no epoll on this platform
     EPollReactor = None  # type: ignore[assignment,misc]
 
-_INTERNALS = ("_poller", "_selectables", "_doReadOrWrite")
+_INTERNALS = ("_poller", "_selectables", "_doReadOrWrite", "_reads", "_writes")
+
+_IN = getattr(select, "EPOLLIN", 1)
+_OUT = getattr(select, "EPOLLOUT", 4)
+
+_ENDED = {
+    ConnectionDone: Failure(ConnectionDone()),
+    ConnectionLost: Failure(ConnectionLost()),
+}
 
 
 if EPollReactor is not None:
@@ -73,12 +88,59 @@ if EPollReactor is not None:
                     continue
                 # A connection's protocol, or the listening port itself.
                 owner = getattr(selectable, "protocol", selectable)
-                if getattr(owner, "dispatchWithoutLogContext", False):
-                    dispatch(selectable, fd, event)
-                else:
+                if not getattr(owner, "dispatchWithoutLogContext", False):
                     log.callWithLogger(selectable, dispatch, selectable, fd, event)
+                elif selectable.__class__ is EchoServer and event & _IN and not event & _OUT:
+                    # An echo connection with input, or its end, to read:
+                    # what _doReadOrWrite does, less its checks for cases
+                    # that cannot arise here (the descriptor is watched only
+                    # while open).
+                    why: BaseException | None
+                    try:
+                        why = selectable.doRead()
+                    except BaseException:
+                        why = sys.exc_info()[1]
+                        log.err()
+                    if why:
+                        self._disconnectSelectable(selectable, why, True)
+                else:
+                    dispatch(selectable, fd, event)
 
         doIteration = doPoll
+
+        def forgetDescriptor(self, selectable: Any) -> None:
+            """
+            Stop watching C{selectable} for reading and writing, in one
+            step: what C{removeReader} and C{removeWriter} do together.
+            """
+            fd = selectable.fileno()
+            selectables = self._selectables
+            if self.quietDispatch and fd != -1 and selectables.get(fd) is selectable:
+                del selectables[fd]
+                self._reads.discard(fd)
+                self._writes.discard(fd)
+                self._poller.unregister(fd)
+                return
+            self.removeReader(selectable)
+            self.removeWriter(selectable)
+
+        def _disconnectSelectable(
+            self, selectable: Any, why: Any, isRead: bool, *args: Any, **kwargs: Any
+        ) -> None:
+            """
+            End a descriptor whose read or write reported C{why}.  An
+            L{EchoServer} that is closing (anything but its client's
+            half-close, which its protocol answers) leaves the reactor in
+            its own C{connectionLost}, so it goes straight there; everything
+            else as Twisted does it.
+            """
+            if isinstance(selectable, EchoServer) and not (
+                isRead and why.__class__ is ConnectionDone
+            ):
+                ended = _ENDED.get(why.__class__)
+                selectable.connectionLost(ended if ended is not None else Failure(why))
+                return
+            super()._disconnectSelectable(selectable, why, isRead, *args, **kwargs)
 
         def listenTCP(
             self,

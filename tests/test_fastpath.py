@@ -8,11 +8,13 @@ from __future__ import annotations
 import socket
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.fastpath import canWriteDirectly, writeDirectly
+from echotw.fastpath import canWriteDirectly, closeIfFlushed, writeDirectly
 
 
 class FastPathTests(SynchronousTestCase):
@@ -91,3 +93,49 @@ class FastPathTests(SynchronousTestCase):
         self.far.close()
         writeDirectly(self.transport, b"x" * 10)
         self.assertEqual(self.transport._tempDataLen, 10)
+
+
+class CloseIfFlushedTests(SynchronousTestCase):
+    """
+    L{closeIfFlushed} closes a connection whose client has finished at once,
+    and only when nothing of the echo would be lost by it.
+    """
+
+    def setUp(self) -> None:
+        self.near, self.far = socket.socketpair()
+        self.addCleanup(self.near.close)
+        self.addCleanup(self.far.close)
+        self.far.settimeout(5)
+        self.lost: list[Failure] = []
+        protocol = Protocol()
+        protocol.connectionLost = self.lost.append  # type: ignore[method-assign]
+        self.transport = tcp.Connection(self.near, protocol, MemoryReactor())
+        self.transport.connected = True
+
+    def test_closesAtOnceWhenNothingQueued(self) -> None:
+        """With nothing queued the protocol hears a clean close before the
+        call returns, and the client reads the end of the stream."""
+        self.near.send(b"echoed")
+        self.assertTrue(closeIfFlushed(self.transport))
+        [reason] = self.lost
+        self.assertIsInstance(reason.value, ConnectionDone)
+        self.assertEqual(self.far.recv(100), b"echoed")
+        self.assertEqual(self.far.recv(100), b"")
+
+    def test_waitsForQueuedBytes(self) -> None:
+        """Bytes still queued in the transport, a producer, or a close under
+        way leave the connection to Twisted's own close."""
+        self.transport.startWriting = lambda: None  # type: ignore[method-assign]
+        self.transport.write(b"queued")
+        self.assertFalse(closeIfFlushed(self.transport))
+        self.transport.doWrite()
+        self.transport.registerProducer(self.transport, True)
+        self.assertFalse(closeIfFlushed(self.transport))
+        self.transport.unregisterProducer()
+        self.transport._writeDisconnecting = True
+        self.assertFalse(closeIfFlushed(self.transport))
+        self.transport._writeDisconnecting = False
+        self.transport.disconnecting = True
+        self.assertFalse(closeIfFlushed(self.transport))
+        self.assertEqual(self.lost, [])
+        self.assertEqual(self.far.recv(100), b"queued")

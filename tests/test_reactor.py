@@ -135,6 +135,24 @@ class DispatchTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(len(reader.lost), 1)
 
+    def test_forgetDescriptor(self) -> None:
+        """C{forgetDescriptor} stops reads and writes together, and does
+        nothing to a descriptor that is not watched."""
+        reader = Reader(self.near, EchoProtocol())
+        self.reactor.addReader(reader)
+        self.reactor.addWriter(reader)
+        self.reactor.forgetDescriptor(reader)
+        self.assertNotIn(reader, self.reactor.getReaders())
+        self.assertNotIn(reader, self.reactor.getWriters())
+        self.assertNotIn(self.near.fileno(), self.reactor._selectables)
+        self.reactor.forgetDescriptor(reader)
+        self.reactor.addReader(reader)
+        self.reactor.forgetDescriptor(reader)
+        self.assertNotIn(reader, self.reactor.getReaders())
+        self.far.send(b"x")
+        self.reactor.doIteration(0.01)
+        self.assertEqual(reader.systems, [])
+
 
 class SelectablesView(UserDict):  # type: ignore[type-arg]
     """

@@ -8,18 +8,22 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import struct
 import tempfile
 from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.testing import MemoryReactor
 from twisted.python import context, log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from zope.interface import implementer
 
+from echotw.factory import EchoFactory
 from echotw.tcpport import EchoPort, EchoServer
 from tests.test_reactor import newReactor
 
@@ -201,3 +205,166 @@ class EchoServerTests(SynchronousTestCase):
         transport.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(transport.logstr, "NoneType,7,10.0.0.1")
         self.assertEqual(repr(transport), "<NoneType #7 on None>")
+
+
+@implementer(IHalfCloseableProtocol)
+class Ending(Protocol):
+    """
+    Records how its connection ends; dispatched as echo connections are.
+    C{onData} decides what each read does.
+    """
+
+    dispatchWithoutLogContext = True
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: list[Failure] = []
+        self.readLost = 0
+        self.onData: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.onData is not None:
+            self.onData(self)
+
+    def readConnectionLost(self) -> None:
+        self.readLost += 1
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(reason)
+
+
+class EchoServerEndingTests(SynchronousTestCase):
+    """
+    An L{EchoServer} driven by an L{echotw.reactor.EchoReactor} over real
+    loopback TCP ends each way as Twisted's transport does, and leaves the
+    reactor in one step.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = newReactor(self)
+        self.protocols: list[Ending] = []
+
+        class Building(Factory):
+            def buildProtocol(inner, addr: Any) -> Ending:
+                p = Ending()
+                self.protocols.append(p)
+                return p
+
+        self.port = self.reactor.listenTCP(0, Building(), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    def connected(self) -> tuple[socket.socket, Ending, EchoServer]:
+        client = socket.create_connection(("127.0.0.1", self.port.getHost().port), timeout=5)
+        self.addCleanup(client.close)
+        self.spinUntil(lambda: self.protocols)
+        protocol = self.protocols[-1]
+        transport = protocol.transport
+        assert isinstance(transport, EchoServer)
+        return client, protocol, transport
+
+    def spinUntil(self, condition: Any) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            self.reactor.iterate(0.05)
+        self.fail("the reactor never got there")
+
+    def assertForgotten(self, fd: int) -> None:
+        """The reactor watches the descriptor no more."""
+        self.assertNotIn(fd, self.reactor._selectables)
+        self.assertNotIn(fd, self.reactor._reads)
+        self.assertNotIn(fd, self.reactor._writes)
+
+    def test_resetByClient(self) -> None:
+        """A client's reset reaches the protocol once, as C{ConnectionLost},
+        and the socket is closed and forgotten."""
+        client, protocol, transport = self.connected()
+        fd = transport.fileno()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        self.spinUntil(lambda: protocol.lost)
+        [reason] = protocol.lost
+        self.assertIsInstance(reason.value, ConnectionLost)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.fileno(), -1)
+        self.assertRaises(OSError, os.fstat, fd)
+        self.assertForgotten(fd)
+
+    def test_orderlyClose(self) -> None:
+        """C{loseConnection} after a write: the client reads every byte, then
+        the end of the stream, never a reset."""
+        client, protocol, transport = self.connected()
+        fd = transport.fileno()
+        protocol.onData = lambda p: (p.transport.write(p.received), p.transport.loseConnection())
+        client.sendall(b"x" * 1000)
+        self.spinUntil(lambda: protocol.lost)
+        self.assertIsInstance(protocol.lost[0].value, ConnectionDone)
+        got = b""
+        while chunk := client.recv(4096):
+            got += chunk
+        self.assertEqual(got, b"x" * 1000)
+        self.assertForgotten(fd)
+
+    def test_abort(self) -> None:
+        """C{abortConnection} resets the client, as with Twisted's transport."""
+        client, protocol, _ = self.connected()
+        protocol.onData = lambda p: p.transport.abortConnection()
+        client.sendall(b"x")
+        self.spinUntil(lambda: protocol.lost)
+        self.assertIsInstance(protocol.lost[0].value, ConnectionAborted)
+        self.assertRaises(ConnectionResetError, client.recv, 10)
+
+    def test_errorInProtocol(self) -> None:
+        """An exception from C{dataReceived} is logged once and ends only that
+        connection, with the end of the stream for its client."""
+        client, protocol, _ = self.connected()
+        other, _, _ = self.connected()
+
+        def broken(p: Ending) -> None:
+            raise ZeroDivisionError()
+
+        protocol.onData = broken
+        client.sendall(b"x")
+        self.spinUntil(lambda: protocol.lost)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertIsInstance(protocol.lost[0].value, ZeroDivisionError)
+        self.assertEqual(client.recv(10), b"")
+        other.sendall(b"still here")
+        self.spinUntil(lambda: self.protocols[1].received == b"still here")
+
+    def test_halfClose(self) -> None:
+        """The client's half-close goes to the protocol and leaves the
+        connection open for the rest of the echo."""
+        client, protocol, transport = self.connected()
+        client.shutdown(socket.SHUT_WR)
+        self.spinUntil(lambda: protocol.readLost)
+        self.assertEqual(protocol.lost, [])
+        transport.write(b"late")
+        transport.loseConnection()
+        self.spinUntil(lambda: protocol.lost)
+        self.assertEqual(client.recv(10), b"late")
+        self.assertEqual(client.recv(10), b"")
+
+    def test_echoClosedAtOnceAfterHalfClose(self) -> None:
+        """An echo connection whose client half-closes with everything echoed
+        is closed in the same turn, without waiting to be writable; the
+        client reads its echo, then the end of the stream."""
+        factory = EchoFactory(logConnections=0)
+        port = self.reactor.listenTCP(0, factory.forListener("l"), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        writers: list[object] = []
+        addWriter = self.reactor.addWriter
+        self.patch(self.reactor, "addWriter", lambda w: (writers.append(w), addWriter(w)))
+        client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        self.addCleanup(client.close)
+        client.sendall(b"hello")
+        self.spinUntil(lambda: factory.openConnections and factory.echoedBytes() == 5)
+        client.shutdown(socket.SHUT_WR)
+        self.spinUntil(lambda: not factory.openConnections)
+        self.assertEqual(writers, [])
+        self.assertEqual(client.recv(10), b"hello")
+        self.assertEqual(client.recv(10), b"")
