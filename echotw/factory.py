@@ -339,12 +339,12 @@ class EchoFactory(ServerFactory):
         sent = p.bytesEchoed - p.bytesUnsent
         self.bytesEchoedTotal += sent
         self.bytesDiscardedTotal += p.bytesDiscarded
-        reason = p.closeReason or closeReason(why)
         duration = monotonic() - p.startedAt
         self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.durationSum += duration
         if not p.logged:
             return
+        reason = p.closeReason or closeReason(why)
         host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.debug if p.healthCheck else LogLevel.info,

@@ -44,9 +44,12 @@ class AccessRules:
         self.allow = NetworkSet(allow)
         self.deny = NetworkSet(deny)
         self.restrict = restrict or bool(self.allow)
+        # Asked for every connection; the rules never change (a reload
+        # makes new ones).
+        self._active = self.restrict or bool(self.deny)
 
     def __bool__(self) -> bool:
-        return self.restrict or bool(self.deny)
+        return self._active
 
     def __call__(self, address: IAddress, listener: str = "") -> str | None:
         if not self:

@@ -273,7 +273,8 @@ class PerSecondBudget:
         C{events}) fits the budget, and how many events did not fit in the
         window that just ended (0 otherwise).
         """
-        overLastWindow = self.roll()
+        # roll(), less the call while the window lasts (every connection).
+        overLastWindow = 0 if self.clock.seconds() < self._windowEnd else self.roll()
         if not self.limit or self._used < self.limit:
             self._used += 1
             return True, overLastWindow

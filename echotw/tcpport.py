@@ -86,6 +86,18 @@ class EchoServer(tcp.Server):
         reactor.addReader(self)
         self.connected = 1
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        Register a producer; a connection that is its own streaming producer
+        (every echo connection) is registered in one step.
+        """
+        if producer is self and streaming and self.producer is None and not self.TLS:
+            if not self.disconnected:
+                self.producer = self
+                self.streamingProducer = True
+                return
+        super().registerProducer(producer, streaming)
+
     def doRead(self) -> ConnectionLost | None:  # type: ignore[override]
         """
         Read once and hand the bytes to the protocol; as Twisted's, less a

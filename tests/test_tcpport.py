@@ -197,6 +197,28 @@ class EchoServerTests(SynchronousTestCase):
         for name in ("client", "sessionno", "hostname", "connected", "disconnected"):
             self.assertEqual(theirs.get(name), ours.get(name), name)
 
+    def test_registersProducersAsTwistedDoes(self) -> None:
+        """The transport as its own streaming producer, another producer, a
+        second one, and one on a closed transport: as Twisted's transport."""
+        near, far = socket.socketpair()
+        self.addCleanup(far.close)
+        transport = EchoServer(near, Recorder(), ("10.0.0.1", 5), None, 7, MemoryReactor())
+        transport.registerProducer(transport, True)
+        self.assertIs(transport.producer, transport)
+        self.assertTrue(transport.streamingProducer)
+        self.assertRaises(RuntimeError, transport.registerProducer, transport, True)
+        transport.unregisterProducer()
+        other = Recorder()
+        transport.registerProducer(other, True)  # type: ignore[arg-type]
+        self.assertIs(transport.producer, other)
+        transport.unregisterProducer()
+        transport.connectionLost(Failure(ConnectionDone()))
+        stopped = []
+        transport.stopProducing = lambda: stopped.append(True)  # type: ignore[method-assign]
+        transport.registerProducer(transport, True)
+        self.assertIsNone(transport.producer)
+        self.assertEqual(stopped, [True])
+
     def test_stringsAfterClose(self) -> None:
         """The log prefix and repr still read once the protocol is gone."""
         near, far = socket.socketpair()
