@@ -46,18 +46,19 @@ class AccessRules:
         self.restrict = restrict or bool(self.allow)
         # Asked for every connection; the rules never change (a reload
         # makes new ones).
-        self._active = self.restrict or bool(self.deny)
+        self._denies = bool(self.deny)
+        self._active = self.restrict or self._denies
 
     def __bool__(self) -> bool:
         return self._active
 
     def __call__(self, address: IAddress, listener: str = "") -> str | None:
-        if not self:
+        if not self._active:
             return None
         ip = clientIP(address)
         if ip is None:
             return None
-        if self.deny and ip in self.deny:
+        if self._denies and ip in self.deny:
             return "denied"
         if self.restrict and ip not in self.allow:
             return "not allowed"
