@@ -318,13 +318,20 @@ def collectClients(procs: list[Any], deadline: float) -> list[dict[str, Any]]:
 
 def measure(loadgen: Path, server: Any, wl: Any, args: argparse.Namespace) -> dict[str, Any]:
     """One cell: every client process at once, the server's processes read from /proc."""
-    from servers import foreignCpu, foreignDelta, processCpuSeconds, socketCount
+    from servers import (
+        foreignCpu,
+        foreignDelta,
+        processCpuSeconds,
+        processUserSeconds,
+        socketCount,
+    )
     from workloads import rateLimit
 
     supervisor, workers = roles(server)
     tree = ([supervisor] if supervisor else []) + workers
     sockets = {pid: socketCount(pid) for pid in workers}
     cpu0 = {pid: processCpuSeconds(pid) for pid in tree}
+    user0 = {pid: processUserSeconds(pid) for pid in tree}
     foreign0, usage0, t0 = foreignCpu(server.pgid), _childCpu(), time.monotonic()
     deadline = t0 + rateLimit(args)
     procs = startClients(loadgen, server, wl, args)
@@ -338,15 +345,18 @@ def measure(loadgen: Path, server: Any, wl: Any, args: argparse.Namespace) -> di
                 proc.wait(timeout=5)
     wall = max(time.monotonic() - t0, 1e-6)
     cpu1 = {pid: processCpuSeconds(pid) for pid in tree}
+    user1 = {pid: processUserSeconds(pid) for pid in tree}
     other, top = foreignDelta(foreign0, foreignCpu(server.pgid))
     res = combine(parts, wl)
     shares = _shares(cpu0, cpu1, wall)
+    userShares = _shares(user0, user1, wall)
     workerShares = shares[1:] if supervisor else shares
     known = [s for s in workerShares if s is not None]
     res.update(
         worker_cpu_pct=workerShares,
         supervisor_cpu_pct=shares[0] if supervisor else None,
         server_cpu_pct=round(sum(s for s in shares if s is not None), 1),
+        server_user_pct=round(sum(s for s in userShares if s is not None), 1),
         spread=round(min(known) / (sum(known) / len(known)), 2) if known and sum(known) else None,
         worker_conns=[peak[p] for p in workers] if wl.mode != "churn" else None,
         workers_replaced=sum(1 for s in workerShares if s is None),

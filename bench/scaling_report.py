@@ -74,11 +74,13 @@ def _row(cells: Cells, kind: str, workers: int, wl: Workload, args: Any) -> list
         return None
     v = value(r)
     if v is None:
-        return [str(workers), f"FAIL: {r.get('fatal', '?')}", *["-"] * 8]
+        return [str(workers), f"FAIL: {r.get('fatal', '?')}", *["-"] * 9]
     eff = efficiency(cells, kind, workers, wl)
     ratio = ratioToUvloop(cells, workers, wl) if kind == "echotw" else None
     sup = r.get("supervisor_cpu_pct")
     cost = r["server_cpu_pct"] / 100 / v * 1e6 if v else None
+    user = r.get("server_user_pct")
+    userCost = user / 100 / v * 1e6 if v and user is not None else None
     return [
         str(workers),
         _fmt(v),
@@ -88,6 +90,7 @@ def _row(cells: Cells, kind: str, workers: int, wl: Workload, args: Any) -> list
         _workers(r),
         "-" if r.get("spread") is None else f"{r['spread']:.2f}",
         "-" if cost is None else f"{cost:,.1f}",
+        "-" if userCost is None else f"{userCost:,.1f}",
         f"{r.get('client_idle_pct', 0):.0f}",
         "; ".join(f"**{f}**" for f in cellFlags(r, args)),
     ]
@@ -103,6 +106,7 @@ def workloadSection(cells: Cells, wl: Workload, args: Any) -> list[str]:
         "CPU % per worker (connections)",
         "spread",
         f"server CPU µs {COST_UNITS[wl.mode]}",
+        "of which user space",
         "client idle %",
         "flags",
     ]
@@ -160,7 +164,9 @@ LEGEND = [
     "run (ping-pong and stream; churn's connections are too brief to count): a worker at "
     "0 got no work. **spread** is the lowest worker's CPU share over the average (1 is "
     "even). **server CPU µs** is the server's CPU time over the run divided by the "
-    "measured rate. **client idle %** near 0 means the clients, not the server, set the pace.",
+    "measured rate, and **of which user space** its part outside the kernel (what the "
+    "server's own code costs; the rest is system calls and the TCP stack). **client idle %** "
+    "near 0 means the clients, not the server, set the pace.",
 ]
 
 

@@ -296,6 +296,14 @@ def processCpuSeconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def processUserSeconds(pid: int) -> float | None:
+    """utime alone of one process (the part of its CPU spent outside the kernel), or None if gone."""
+    fields = _procStat(pid)
+    if fields is None:
+        return None
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK")
+
+
 def lastCpu(pid: int) -> int | None:
     """The CPU the process last ran on (/proc/PID/stat field 39)."""
     fields = _procStat(pid)
