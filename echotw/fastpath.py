@@ -25,11 +25,14 @@ per 1 KiB round trip on 20 Unix connections).
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
+
+from echotw.transportstate import kernelPendingBytes
 
 _BUFFER_ATTRIBUTES = (
     "dataBuffer",
@@ -42,6 +45,9 @@ _BUFFER_ATTRIBUTES = (
 )
 
 _CLOSED = Failure(ConnectionDone())
+
+_SEES_KERNEL_QUEUE = sys.platform.startswith("linux")
+"""Whether L{kernelPendingBytes} can tell an empty send queue from an unknown one."""
 
 
 def canWriteDirectly(transport: Any) -> bool:
@@ -94,16 +100,22 @@ def writeDirectly(transport: Any, data: bytes) -> None:
 def closeIfFlushed(transport: Any) -> bool:
     """
     Close a transport that passed L{canWriteDirectly} now, if nothing is
-    queued for it, no producer is registered and it has not begun closing;
-    return whether it did.
+    queued for it, in Twisted or in the kernel, no producer is registered
+    and it has not begun closing; return whether it did.
 
     C{loseConnection} would close it a reactor turn later: it registers the
     socket for writing, waits for the event and finds nothing to send, two
     more C{epoll_ctl} calls and a dispatch for every connection its client
     ends.  This is what Twisted itself does when a connection whose write
     side is already shut down is lost: stop watching it and call
-    C{connectionLost} at once, with a clean C{ConnectionDone}.  Bytes
-    already with the kernel still go out, ahead of the FIN.
+    C{connectionLost} at once, with a clean C{ConnectionDone}.
+
+    The kernel's send queue must be empty too (the client has acknowledged
+    every byte: on Linux, one C{ioctl}; elsewhere this never closes early).
+    Closed with echo still queued there, the socket would live on in the
+    kernel, holding it, outside the server's count and limits; left to
+    C{loseConnection}, it stays open and counted until that queue drains
+    or the idle timeout ends it.
     """
     if (
         transport.dataBuffer
@@ -113,6 +125,8 @@ def closeIfFlushed(transport: Any) -> bool:
         or transport._writeDisconnecting
         or not transport.connected
     ):
+        return False
+    if not _SEES_KERNEL_QUEUE or kernelPendingBytes(transport):
         return False
     transport.stopReading()
     transport.stopWriting()

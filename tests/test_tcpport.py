@@ -6,9 +6,11 @@ uses accepts as Twisted's does, with real loopback sockets.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 from typing import Any
 
@@ -25,6 +27,7 @@ from zope.interface import implementer
 
 from echotw.factory import EchoFactory
 from echotw.tcpport import EchoPort, EchoServer
+from echotw.transportstate import kernelPendingBytes
 from tests.test_reactor import newReactor
 
 
@@ -390,3 +393,52 @@ class EchoServerEndingTests(SynchronousTestCase):
         self.assertEqual(writers, [])
         self.assertEqual(client.recv(10), b"hello")
         self.assertEqual(client.recv(10), b"")
+
+    def test_echoStillInTheKernelKeepsTheConnection(self) -> None:
+        """A client that half-closes before reading its echo, while the
+        kernel still holds some of it, keeps its connection open and counted
+        until it reads, then gets every byte and the end of the stream."""
+        if not sys.platform.startswith("linux"):
+            raise SkipTest("the kernel's send queue is read on Linux only")
+        factory = EchoFactory(logConnections=0)
+        port = self.reactor.listenTCP(0, factory.forListener("l"), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = socket.socket()
+        self.addCleanup(client.close)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.settimeout(5)
+        client.connect(("127.0.0.1", port.getHost().port))
+        self.spinUntil(lambda: factory.protocols)
+        [protocol] = factory.protocols
+        server = protocol.transport.socket  # type: ignore[union-attr]
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        sent = 0
+        for _ in range(200):
+            client.sendall(b"e" * 500)
+            sent += 500
+            self.spinUntil(lambda: protocol.bytesEchoed == sent)
+            writable = select.select([], [server], [], 0)[1]
+            if not protocol.pendingBytes() and kernelPendingBytes(protocol.transport):
+                if not writable:
+                    # What Twisted's own close would wait on: it stays open.
+                    break
+        else:
+            self.fail("the kernel never held echo that Twisted did not")
+        client.shutdown(socket.SHUT_WR)
+        self.spinUntil(lambda: protocol.finishing)
+        for _ in range(5):
+            self.reactor.iterate(0.01)
+        self.assertEqual(factory.openConnections, 1)
+        client.setblocking(False)
+        got = b""
+        for _ in range(2000):
+            try:
+                chunk = client.recv(65536)
+            except BlockingIOError:
+                self.reactor.iterate(0.005)
+                continue
+            if not chunk:
+                break
+            got += chunk
+        self.assertEqual(got, b"e" * sent)
+        self.assertEqual(factory.openConnections, 0)
