@@ -36,6 +36,10 @@ closes the sending side and reads and discards for up to L{LINGER} seconds,
 so the client reads a C{413} rather than a reset; then it aborts.  Every
 refusal is counted by reason (L{GuardedSite.rejected}, served as a metric)
 and logged at most once a second per reason.
+
+A client that half-closes after its requests (C{printf ... | nc -N}, some
+probe scripts) gets its answers, then the end of the stream: twisted.web
+alone would drop them when the client's side closes.
 """
 
 from __future__ import annotations
@@ -43,13 +47,20 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import abstract
-from twisted.internet.interfaces import IAddress, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from echotw import loglevel
 from echotw.addresses import formatAddress
@@ -92,6 +103,7 @@ def closingResponse(status: bytes, text: bytes) -> bytes:
     )
 
 
+@implementer(IHalfCloseableProtocol)
 class GuardedChannel(http.HTTPChannel):
     """
     An L{http.HTTPChannel} fed one complete request head at a time, never a
@@ -112,6 +124,7 @@ class GuardedChannel(http.HTTPChannel):
         self._full = False  # the transport asked us to stop writing
         self._feeding = False
         self._closing = False
+        self._clientDone = False  # the client closed its sending side
         self.hasBeenServed = False
         self._deadline: IDelayedCall | None = None
         self._reading: IPushProducer | None = None
@@ -150,7 +163,44 @@ class GuardedChannel(http.HTTPChannel):
                 super().dataReceived(head)
         finally:
             self._feeding = False
-        self._steerReading()
+        if self._clientDone:
+            self._endIfAnswered()
+        else:
+            self._steerReading()
+
+    def readConnectionLost(self) -> None:
+        """
+        The client will send nothing more: answer the requests it
+        completed, one at a time as ever, then close.
+        """
+        self._clientDone = True
+        if self._closing:
+            # A lingering close (see _close) was waiting for this.
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._feed()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our side's half-close (see L{_close}) went out; the client's end,
+        or the linger deadline, comes next.
+        """
+
+    def _endIfAnswered(self) -> None:
+        """
+        After the client's half-close: close once no request remains to
+        answer (a partial head never will be) and the answers are flushed.
+        """
+        if self._busy or self._full or self._closing or self._disconnecting():
+            return
+        if self._pending.find(HEAD_END, 0, self.site.maxHead) >= 0:
+            return
+        self._closing = True
+        self._pending = bytearray()
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.loseConnection()
+        self._arm(self.site.linger)
 
     def _steerReading(self) -> None:
         if self._reading is None or self._closing or self._disconnecting():
@@ -231,7 +281,10 @@ class GuardedChannel(http.HTTPChannel):
         self._pending = bytearray()
         transport: Any = self.transport
         transport.unregisterProducer()
-        if isinstance(transport, abstract.FileDescriptor):
+        if self._clientDone:
+            # Nothing more will come to read and discard: flush and close.
+            transport.loseConnection()
+        elif isinstance(transport, abstract.FileDescriptor):
             transport.loseWriteConnection()
             transport.resumeProducing()
         else:  # TLS: no half-close

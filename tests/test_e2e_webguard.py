@@ -86,3 +86,32 @@ class MetricsGuardTests(ServerTestCase):
             self.assertEqual(response.status, 200)
         self.assertLessEqual(openDescriptors(server), baseline + 64 + 2)
         server.waitFor(r"too many connections")
+
+    def test_halfClosedRequestsAnswered(self) -> None:
+        """A client that sends its requests and then shuts down its sending
+        side, as C{printf ... | nc -N} does, gets every answer and then the
+        end of the stream (twisted.web alone answered none of them); a
+        refused request gets its 413 without waiting out the linger."""
+        server = self.start("--port", LOOPBACK, "--metrics", LOOPBACK)
+        metrics = metricsPort(server)
+
+        def halfClosed(port: int, requests: bytes) -> bytes:
+            sock = connect(port)
+            self.addCleanup(sock.close)
+            sock.sendall(requests)
+            sock.shutdown(socket.SHUT_WR)
+            started, got = time.monotonic(), b""
+            while chunk := sock.recv(65536):
+                got += chunk
+            self.assertLess(time.monotonic() - started, 1.5)
+            return got
+
+        for _ in range(20):
+            answer = halfClosed(metrics, GET_METRICS)
+            self.assertTrue(answer.startswith(b"HTTP/1.1 200 OK"), answer[:100])
+            self.assertIn(b"echotw_connections_total", answer)
+        probes = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+        for _ in range(20):
+            self.assertEqual(halfClosed(metrics, probes).count(b"HTTP/1.1 200 OK"), 2)
+        refused = halfClosed(metrics, b"POST /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertTrue(refused.startswith(b"HTTP/1.1 413 "), refused[:100])

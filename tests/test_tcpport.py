@@ -416,7 +416,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         for _ in range(200):
             client.sendall(b"e" * 500)
             sent += 500
-            self.spinUntil(lambda: protocol.bytesEchoed == sent)
+            self.spinUntil(lambda target=sent: protocol.bytesEchoed == target)
             writable = select.select([], [server], [], 0)[1]
             if not protocol.pendingBytes() and kernelPendingBytes(protocol.transport):
                 if not writable:

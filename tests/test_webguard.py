@@ -120,6 +120,44 @@ class PipeliningTests(GuardTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "))
 
 
+class HalfCloseTests(GuardTestCase):
+    """
+    A client that half-closes after its requests (C{printf ... | nc -N})
+    gets every answer, then the end of the stream.
+    """
+
+    def test_answeredThenClosed(self) -> None:
+        """A request followed by the client's half-close is answered, and
+        the connection then closes."""
+        channel, transport = self.connect()
+        channel.dataReceived(GET)
+        channel.readConnectionLost()
+        self.assertEqual(transport.value().count(OK), 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_pipelinedAllAnswered(self) -> None:
+        """Pipelined requests before the half-close are each answered, in
+        order and one at a time, as the client reads; then it closes."""
+        channel, transport = self.connect(limit=200)
+        channel.dataReceived(GET * 5)
+        channel.readConnectionLost()
+        answered = transport.drain().count(OK)
+        for _ in range(10):
+            if transport.disconnecting:
+                break
+            answered += transport.drain().count(OK)
+        self.assertEqual(answered + transport.value().count(OK), 5)
+        self.assertTrue(transport.disconnecting)
+
+    def test_partialHeadGetsNothing(self) -> None:
+        """Half a request head then the half-close: no answer, closed."""
+        channel, transport = self.connect()
+        channel.dataReceived(GET[:10])
+        channel.readConnectionLost()
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+
+
 class RequestLimitTests(GuardTestCase):
     def assertRefused(self, transport: SendBuffer, status: bytes, reason: str) -> None:
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 " + status), transport.value())
