@@ -297,13 +297,7 @@ class EchoFactory(ServerFactory):
             return
         logged, unlogged = self.connectionLog.take()
         if unlogged:
-            self._log.info(
-                "{unlogged} more connections in the last second were not logged "
-                "one by one (--log-connections {limit})",
-                event="connections-unlogged",
-                unlogged=unlogged,
-                limit=self.connectionLog.limit,
-            )
+            self._logUnlogged(unlogged)
         if not logged:
             return
         p.logEvents()
@@ -316,6 +310,25 @@ class EchoFactory(ServerFactory):
             client_host=host,
             client_port=port,
             listener=p.listener,
+        )
+
+    def flushConnectionLog(self) -> None:
+        """
+        Log how many connections of a second that has ended were not logged
+        one by one, even if no connection follows to say so (the echo
+        service calls this every second): the end of a flood is counted too.
+        """
+        unlogged = self.connectionLog.roll()
+        if unlogged:
+            self._logUnlogged(unlogged)
+
+    def _logUnlogged(self, unlogged: int) -> None:
+        self._log.info(
+            "{unlogged} more connections in the last second were not logged "
+            "one by one (--log-connections {limit})",
+            event="connections-unlogged",
+            unlogged=unlogged,
+            limit=self.connectionLog.limit,
         )
 
     def connectionClosed(self, p: EchoProtocol, why: Failure) -> None:

@@ -195,9 +195,11 @@ class EchoService(MultiService):
             self._every(min(self.idleTimeout / 4, 5.0), self.sweepIdle)
         if self.statsInterval:
             self._every(self.statsInterval, self.logStats, now=False)
-        # A flood's count of unlogged refusals is logged even if it stops.
+        # A flood's count of unlogged refusals and connections is logged
+        # even if it stops.
         refusalLog = self.factory.refusalLog
         self._every(refusalLog.interval, refusalLog.flush, now=False)
+        self._every(1.0, self.factory.flushConnectionLog, now=False)
         self.ready = True
 
     def isReady(self) -> bool:

@@ -156,6 +156,22 @@ class ServiceLifecycleTests(SynchronousTestCase):
         service.stopService()
         self.assertFalse(service.isReady())
 
+    def test_connectionLogFlushedEverySecond(self) -> None:
+        """The running service logs the count of connections a flood left
+        unlogged within about a second of the flood's end, with no
+        connection after it."""
+        factory = EchoFactory(clock=self.clock, logConnections=2)
+        service = EchoService(factory, self.clock, 1.0)
+        service.startService()
+        self.addCleanup(service.stopService)
+        with capturedLogs() as events:
+            for _ in range(7):
+                connect(factory)
+            self.clock.advance(1.0)
+            self.clock.advance(1.0)
+        unlogged = [e["unlogged"] for e in events if e["event"] == "connections-unlogged"]
+        self.assertEqual(unlogged, [5])
+
     def test_drainDelayKeepsListening(self) -> None:
         """With a drain delay the listeners stop only after it, while
         readiness is off at once."""

@@ -246,6 +246,25 @@ class EchoFactoryTests(SynchronousTestCase):
         self.assertEqual(events[4]["unlogged"], 3)
         self.assertEqual(factory.connectionsTotal, 6)
 
+    def test_connectionLogBudgetFlushed(self) -> None:
+        """The count of connections not logged in a second is logged by the
+        periodic flush once that second has ended, though no connection
+        follows; a flush within the second, or with nothing held, logs
+        nothing."""
+        clock = Clock()
+        factory = EchoFactory(logConnections=2, clock=clock)
+        with capturedLogs() as events:
+            for _ in range(5):
+                connect(factory)
+            factory.flushConnectionLog()
+            clock.advance(1)
+            factory.flushConnectionLog()
+            clock.advance(1)
+            factory.flushConnectionLog()
+        unlogged = [e for e in events if e["event"] == "connections-unlogged"]
+        self.assertEqual([e["unlogged"] for e in unlogged], [3])
+        self.assertEqual(len(events), 3)
+
     def test_closeReasons(self) -> None:
         """The close reason says who ended the connection and how."""
         factory = EchoFactory()
