@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from echotw.factory import EchoFactory
 from echotw.health import HealthService, Root, addHealth
 from echotw.metrics import MetricsService
-from echotw.webguard import LINGER, MAX_HEAD, REQUEST_TIMEOUT, GuardedChannel, GuardedSite
+from echotw.webchannel import GuardedChannel
+from echotw.webguard import LINGER, MAX_HEAD, REQUEST_TIMEOUT, GuardedSite
 from tests.process import LOOPBACK
 
 GET = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -1,0 +1,261 @@
+"""
+One connection of echotw's guarded HTTP listeners (L{echotw.webguard}): an
+L{http.HTTPChannel} handed one complete request head at a time, never a
+body, with its own deadline, a lingering close, and answers for a client
+that half-closes after its requests.
+
+What it enforces per connection (the head's size, no bodies, one request at
+a time, the request deadline) comes from its site's attributes, so that the
+limits stay in one place, L{echotw.webguard.GuardedSite}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import abstract
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+)
+from twisted.web import http
+from zope.interface import implementer
+
+HEAD_END = b"\r\n\r\n"
+
+RESPONSES = {
+    "request body": b"413 Content Too Large",
+    "headers too large": b"431 Request Header Fields Too Large",
+}
+
+
+def closingResponse(status: bytes, text: bytes) -> bytes:
+    """
+    A complete response that ends its connection, for a request refused
+    before twisted.web sees it.
+    """
+    body = text + b"\n"
+    return (
+        b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
+    )
+
+
+@implementer(IHalfCloseableProtocol)
+class GuardedChannel(http.HTTPChannel):
+    """
+    An L{http.HTTPChannel} fed one complete request head at a time, never a
+    body, and only while no response is pending (see L{echotw.webguard}).
+
+    Bytes read but not yet handed on wait in C{_pending}; reading stops
+    while C{_pending} holds a complete request that cannot be handled yet,
+    so it never holds more than L{MAX_HEAD} and one read.
+    """
+
+    site: Any  # echotw.webguard.GuardedSite, which imports this module
+    callLater: Any
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = bytearray()
+        self._busy = False  # a request handed on, its response not finished
+        self._full = False  # the transport asked us to stop writing
+        self._feeding = False
+        self._closing = False
+        self._clientDone = False  # the client closed its sending side
+        self.hasBeenServed = False
+        self._deadline: IDelayedCall | None = None
+        self._reading: IPushProducer | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._reading = IPushProducer(self.transport, None)
+        self.site.opened(self)
+        self._arm(self.site.requestTimeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return  # read and discarded while closing
+        self._pending += data
+        self._feed()
+
+    def _feed(self) -> None:
+        """
+        Hand complete request heads to twisted.web one at a time, while
+        nothing stops us; then read only if we could take more.
+        """
+        if self._feeding:
+            return
+        self._feeding = True
+        try:
+            while not (self._busy or self._full or self._closing or self._disconnecting()):
+                end = self._pending.find(HEAD_END, 0, self.site.maxHead)
+                if end < 0:
+                    if len(self._pending) >= self.site.maxHead:
+                        self._refuse("headers too large")
+                    break
+                end += len(HEAD_END)
+                head = bytes(self._pending[:end])
+                del self._pending[:end]
+                self._busy = True
+                super().dataReceived(head)
+        finally:
+            self._feeding = False
+        if self._clientDone:
+            self._endIfAnswered()
+        else:
+            self._steerReading()
+
+    def readConnectionLost(self) -> None:
+        """
+        The client will send nothing more: answer the requests it
+        completed, one at a time as ever, then close.
+        """
+        self._clientDone = True
+        if self._closing:
+            # A lingering close (see _close) was waiting for this.
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._feed()
+
+    def writeConnectionLost(self) -> None:
+        """
+        Our side's half-close (see L{_close}) went out; the client's end,
+        or the linger deadline, comes next.
+        """
+
+    def _endIfAnswered(self) -> None:
+        """
+        After the client's half-close: close once no request remains to
+        answer (a partial head never will be) and the answers are flushed.
+        """
+        if self._busy or self._full or self._closing or self._disconnecting():
+            return
+        if self._pending.find(HEAD_END, 0, self.site.maxHead) >= 0:
+            return
+        self._closing = True
+        self._pending = bytearray()
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.loseConnection()
+        self._arm(self.site.linger)
+
+    def _steerReading(self) -> None:
+        if self._reading is None or self._closing or self._disconnecting():
+            return
+        waiting = self._pending.find(HEAD_END, 0, self.site.maxHead) >= 0
+        if self._busy or self._full or waiting:
+            self._reading.pauseProducing()
+        else:
+            self._reading.resumeProducing()
+
+    def waiting(self) -> bool:
+        """
+        Whether this connection waits for a request (idle, or receiving one)
+        rather than being answered or closed.
+        """
+        return not (self._busy or self._full or self._closing)
+
+    def evict(self) -> None:
+        """
+        Close at once, to make room for a new connection.
+        """
+        self._closing = True
+        self._pending = bytearray()
+        transport: Any = self.transport
+        getattr(transport, "abortConnection", transport.loseConnection)()
+
+    def peer(self) -> IAddress:
+        peer: IAddress = self.transport.getPeer()  # type: ignore[union-attr]
+        return peer
+
+    def _disconnecting(self) -> bool:
+        return bool(getattr(self.transport, "disconnecting", False))
+
+    def allHeadersReceived(self) -> None:
+        # A length of 0 means neither Content-Length above 0 nor chunked.
+        if self.length != 0:
+            self._refuse("request body")
+            return
+        super().allHeadersReceived()
+
+    def requestDone(self, request: http.Request) -> None:
+        super().requestDone(request)
+        self.site.served(self)
+        self._busy = False
+        self._arm(self.site.requestTimeout)
+        self._feed()
+
+    def pauseProducing(self) -> None:
+        self._full = True
+        super().pauseProducing()
+        if not self._feeding:
+            self._steerReading()
+
+    def resumeProducing(self) -> None:
+        self._full = False
+        super().resumeProducing()
+        self._feed()
+
+    def _refuse(self, reason: str) -> None:
+        """
+        Answer a request twisted.web must not handle, and close.
+        """
+        transport: Any = self.transport
+        self.site.reject(reason, transport.getPeer())
+        status = RESPONSES[reason]
+        transport.write(closingResponse(status, status.split(b" ", 1)[1]))
+        self._close()
+
+    def _close(self) -> None:
+        """
+        Flush, close the sending side, and read and discard until the
+        client closes or L{LINGER} seconds pass: closing with unread input
+        would reset the connection, and the client would lose the response.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._pending = bytearray()
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        if self._clientDone:
+            # Nothing more will come to read and discard: flush and close.
+            transport.loseConnection()
+        elif isinstance(transport, abstract.FileDescriptor):
+            transport.loseWriteConnection()
+            transport.resumeProducing()
+        else:  # TLS: no half-close
+            transport.loseConnection()
+        self._arm(self.site.linger)
+
+    def _arm(self, seconds: float) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = self.callLater(seconds, self._expired)
+
+    def _expired(self) -> None:
+        self._deadline = None
+        transport: Any = self.transport
+        if self._closing or self._disconnecting():
+            getattr(transport, "abortConnection", transport.loseConnection)()
+            return
+        if self._pending or self._busy or self._full:
+            # A request not finished in time, or a response not read.
+            self.site.reject("request timeout", transport.getPeer())
+        # else an idle keep-alive connection: closed without a word.
+        self._close()
+
+    def timeoutConnection(self) -> None:
+        # twisted.web's own idle timeout, off in a GuardedSite; were it on,
+        # it would log a line per connection.
+        self._close()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self.site.closed(self)
+        super().connectionLost(reason)
