@@ -27,10 +27,10 @@ L{EchoServer} also reads and closes with less Python than Twisted's
 transport: a read is one C{recv} and the protocol's C{dataReceived}, and a
 closing connection leaves the reactor in one step (see
 L{EchoServer.connectionLost}).  Together with the reactor's direct dispatch
-of its reads, that took the server's user CPU per connection in the
-benchmark's churn from 12.3 to 10.5 µs (2 shared vCPUs, medians of 3) and
+of its reads, that took the server's user-space CPU per connection in the
+benchmark's churn from 12.5 to 10.4 µs (2 shared vCPUs, medians of 3) and
 its instructions per connection, counted by callgrind, from 123,000 to
-92,000.
+90,000; the kernel's part, the larger one, is unchanged.
 
 L{echotw.reactor.EchoReactor} listens and adopts TCP sockets with
 L{EchoPort}; other reactors use Twisted's port unchanged.
