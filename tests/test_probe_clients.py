@@ -9,7 +9,7 @@ import select
 import socket
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -77,6 +77,21 @@ class StreamProbeTests(SynchronousTestCase):
         self.assertAlmostEqual(result.rtt["min"], 0.010)
         self.assertAlmostEqual(result.rtt["max"], 0.030)
 
+    def test_closeThatNeverEndsIsDropped(self) -> None:
+        """A close the server never completes (a TLS close_notify left
+        unanswered) is dropped after the timeout, so the probe ends, and
+        the verified run still counts as verified."""
+        self.connect(count=1)
+        self.probe.dataReceived(self.sent())
+        self.assertTrue(self.transport.disconnecting)
+        self.clock.advance(self.plan.timeout - 0.1)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(self.transport.disconnected)
+        self.lose(Failure(ConnectionAborted()))
+        self.assertEqual(self.done, [None])
+        self.assertEqual(self.report().exitCode, 0)
+
     def test_interval(self) -> None:
         """With an interval, messages go out on their timetable whether or
         not earlier ones came back, and one timer stands for all the
@@ -90,6 +105,9 @@ class StreamProbeTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         self.probe.dataReceived(self.expected.nextBytes(500))
         self.assertTrue(self.transport.disconnecting)
+        # Only the bound on the close is left, and it goes with the connection.
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.lose(Failure(ConnectionDone()))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         trips = self.run.roundTrips
         self.assertEqual((trips.count, trips.minimum, trips.maximum), (5, 0.0, 4.0))

@@ -197,6 +197,8 @@ class StreamProbe(Protocol):
         self._inFlight: deque[tuple[int, float]] = deque()
         self._schedule = Schedule(flow, self._send, self._maybeFinish)
         self._deadline = Deadline(flow, self._timedOut)
+        self._clock = flow.clock
+        self._closing: IDelayedCall | None = None
         self._over = False
 
     def connectionMade(self) -> None:
@@ -263,8 +265,19 @@ class StreamProbe(Protocol):
             self.transport.abortConnection()  # type: ignore[attr-defined]
         else:
             self.transport.loseConnection()
+            # A TLS close waits for the server's close_notify, which a
+            # broken server may never send: the outcome is known, so give
+            # it C{timeout} seconds, then drop the connection.
+            self._closing = self._clock.callLater(self._plan.timeout, self._closeTimedOut)
+
+    def _closeTimedOut(self) -> None:
+        self._closing = None
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        self._closing = None
         if not self._over:
             self._over = True
             if reason.check(ConnectionDone):
