@@ -38,11 +38,12 @@ def documented(doc: str) -> Callable[[Callable[[str], T]], Callable[[str], T]]:
 def wholeNumber(value: str) -> int:
     """
     C{value} as an integer, with an error a user can read.  Digits are
-    ASCII ones: Python would also read fullwidth or Arabic-Indic digits,
-    which no one types on purpose.
+    ASCII ones, without Python's C{_} separators: Python would also read
+    fullwidth or Arabic-Indic digits, and C{1_0}, which no one types on
+    purpose.
     """
     try:
-        if not value.isascii():
+        if not value.isascii() or "_" in value:
             raise ValueError
         return int(value)
     except ValueError:
@@ -56,7 +57,7 @@ def finiteNumber(value: str) -> float:
     (C{1e-400}), since 0 turns most limits off.
     """
     try:
-        if not value.isascii():
+        if not value.isascii() or "_" in value:
             raise ValueError
         n = float(value)
     except ValueError:

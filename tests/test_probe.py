@@ -490,6 +490,30 @@ class OptionTests(SynchronousTestCase):
         self.assertUsageError("--max-loss: invalid value '2'", "--udp", "--max-loss", "2", "h", "7")
         self.assertUsageError("--size: invalid value '0'", "--size", "0", "h", "7")
 
+    def test_numbersAsTyped(self) -> None:
+        """Numbers are ASCII digits without separators, as typed on purpose:
+        Arabic-Indic or fullwidth digits and C{1_0}, which Python would
+        read, are refused like any other bad value."""
+        self.assertUsageError("--connections: invalid value '\u0663'", "-C", "\u0663", "h", "7")
+        self.assertUsageError("--connections: invalid value '1_0'", "-C", "1_0", "h", "7")
+        self.assertUsageError("--seed: invalid value '\uff11'", "--seed", "\uff11", "h", "7")
+        self.assertUsageError("PORT '\u0669' is not a number", "h", "\u0669")
+        self.assertUsageError(
+            "--max-loss: invalid value '\u0660.\u0665'",
+            "-u",
+            "--max-loss",
+            "\u0660.\u0665",
+            "h",
+            "7",
+        )
+
+    def test_hostNames(self) -> None:
+        """A host name that name resolution could never take (an empty
+        label, a label over 63 characters) is refused at once."""
+        self.assertUsageError("HOST 'a..b' is not a valid host name", "a..b", "7")
+        self.assertUsageError("is not a valid host name", "x" * 64 + ".example", "7")
+        self.assertEqual(parse("echo.example", "7")["config"].host, "echo.example")
+
     def test_arguments(self) -> None:
         """HOST and PORT are required, the port checked; options after them
         are pointed out."""
@@ -545,8 +569,7 @@ class OptionTests(SynchronousTestCase):
         self.assertEqual(caught.exception.code, 2)
         self.assertEqual(
             err.getvalue(),
-            "echotw-probe: error: --count: invalid value 'many': invalid literal for int() with base 10: "
-            "'many' (see --help)\n",
+            "echotw-probe: error: --count: invalid value 'many': not a whole number (see --help)\n",
         )
 
     def test_exports(self) -> None:

@@ -112,9 +112,10 @@ class OptionRangeTests(SynchronousTestCase):
 
     def test_zeroOnlyWhenWritten(self) -> None:
         """A number too small to tell from 0 (which turns a limit off) is
-        refused, not read as 0; so are digits other than ASCII ones."""
+        refused, not read as 0; so are digits other than ASCII ones, and
+        Python's C{_} separators."""
         for option in RANGES:
-            for value in ("1e-400", "0.5e-330", "\uff13", "\u0661"):
+            for value in ("1e-400", "0.5e-330", "\uff13", "\u0661", "1_0"):
                 with self.assertRaises(UsageError, msg=(option, value)):
                     parse(f"--{option}", value)
         for value in ("0", "0.0", "0e5", "-0"):

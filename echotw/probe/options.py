@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from echotw.coercers import NamingCoerceParameter
+from echotw.coercers import NamingCoerceParameter, finiteNumber, wholeNumber
 from echotw.probe.pattern import HEADER
 from echotw.probe.stats import Thresholds
 
@@ -77,7 +77,7 @@ size.coerceDoc = "Bytes: 1024, 64k or 1M (k = 1000)."  # type: ignore[attr-defin
 
 
 def positiveInteger(value: str) -> int:
-    n = int(value)
+    n = wholeNumber(value)
     if n < 1:
         raise ValueError("must be at least 1")
     return n
@@ -87,7 +87,7 @@ positiveInteger.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-d
 
 
 def fraction(value: str) -> float:
-    share = float(value)
+    share = finiteNumber(value)
     if not 0 <= share <= 1:
         raise ValueError("must be between 0 and 1")
     return share
@@ -97,7 +97,7 @@ fraction.coerceDoc = "A share between 0 and 1 (0.01 is 1 %)."  # type: ignore[at
 
 
 def seed(value: str) -> int:
-    n = int(value)
+    n = wholeNumber(value)
     if not 0 <= n < 2**64:
         raise ValueError("must be between 0 and 2**64 - 1")
     return n
@@ -237,13 +237,19 @@ class ProbeOptions(usage.Options):
         host, port = args
         if not host:
             raise usage.UsageError("HOST must not be empty")
+        host = host.removeprefix("[").removesuffix("]")
         try:
-            number = int(port)
+            # What name resolution will need; an empty or 64-character label fails.
+            host.encode("idna")
+        except UnicodeError:
+            raise usage.UsageError(f"HOST {host!r} is not a valid host name") from None
+        try:
+            number = wholeNumber(port)
         except ValueError:
             raise usage.UsageError(f"PORT {port!r} is not a number") from None
         if not 1 <= number <= 65535:
             raise usage.UsageError(f"PORT {port!r} must be between 1 and 65535")
-        self["host"] = host.removeprefix("[").removesuffix("]")
+        self["host"] = host
         self["port"] = number
 
     def _conflicts(self) -> None:
