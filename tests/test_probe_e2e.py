@@ -9,6 +9,7 @@ deadline.  Probes a test needs several of run side by side.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -300,6 +301,30 @@ class OtherPeerTests(SynchronousTestCase):
         self.assertEqual(code, 2, out + err)
         [failure] = summary(out)["failures"]
         self.assertIn("refused", failure["reason"])
+
+    def test_reportCannotBeWritten(self) -> None:
+        """Standard output that cannot be written (a full disk here; a
+        closed pipe alike) costs the report, not the verdict: the exit
+        status is still the run's, with one line on standard error."""
+        if not os.path.exists("/dev/full"):
+            raise SkipTest("no /dev/full")
+        port = self.peer(corruptAt=10)
+        for args, expected in [((), 2), (("--json",), 2)]:
+            with open("/dev/full", "w") as full:
+                result = subprocess.run(
+                    [*PROBE, *args, "-c", "2", "127.0.0.1", str(port)],
+                    stdout=full,
+                    stderr=subprocess.PIPE,
+                    stdin=subprocess.DEVNULL,
+                    text=True,
+                    cwd=serverDirectory(),
+                    env=environmentWithRoot(),
+                    timeout=PROBE_TIMEOUT,
+                )
+            self.assertEqual(result.returncode, expected, result.stderr)
+            self.assertEqual(
+                result.stderr, "echotw-probe: cannot write the report: No space left on device\n"
+            )
 
     def test_silentPeer(self) -> None:
         """A peer that accepts and never answers: exit 2 after --timeout."""

@@ -6,6 +6,7 @@ found.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -220,7 +221,29 @@ def printReport(result: Report, json_: bool, interrupted: bool = False) -> None:
         if interrupted:
             document["exit_code"] = FAILED
         lines.append(json.dumps(document))
-    print("\n".join(lines), flush=True)
+    try:
+        print("\n".join(lines), flush=True)
+    except OSError as e:  # a closed pipe, a full disk
+        outputFailed(e)
+
+
+def outputFailed(error: OSError) -> None:
+    """
+    Standard output cannot take the report: say so on standard error, and
+    point standard output at the null device so that Python's own flush
+    at exit does not fail again.  The exit status still gives the outcome,
+    which is what a monitoring system reads.
+    """
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):
+        pass
+    try:
+        print(f"echotw-probe: cannot write the report: {error.strerror or error}", file=sys.stderr)
+    except OSError:
+        pass
 
 
 class _Session:
