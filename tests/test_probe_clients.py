@@ -77,6 +77,44 @@ class StreamProbeTests(SynchronousTestCase):
         self.assertAlmostEqual(result.rtt["min"], 0.010)
         self.assertAlmostEqual(result.rtt["max"], 0.030)
 
+    def test_tlsRoundTripsLeaveOutTheHandshake(self) -> None:
+        """Over TLS the first message waits for the handshake, and its
+        round trip is the echo's alone, however slow the handshake."""
+        self.clock = Clock()
+        self.run = ProbeRun(self.clock.seconds)
+        self.plan = plan(count=2)
+        self.probe = StreamProbe(
+            Flow(0, self.plan, self.run, self.clock, self.clock.seconds), handshake=True
+        )
+        self.transport = StringTransport()
+        self.probe.makeConnection(self.transport)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(3.0)
+        self.probe.handshakeCompleted()
+        for _ in range(2):
+            message = self.sent()
+            self.clock.advance(0.010)
+            self.probe.dataReceived(message)
+        self.assertEqual(self.report().exitCode, 0)
+        self.assertAlmostEqual(self.report().rtt["max"], 0.010)
+
+    def test_tlsHandshakeTimesOut(self) -> None:
+        """A handshake that never completes fails the connection after the
+        timeout, saying so."""
+        self.clock = Clock()
+        self.run = ProbeRun(self.clock.seconds)
+        self.plan = plan()
+        self.probe = StreamProbe(
+            Flow(0, self.plan, self.run, self.clock, self.clock.seconds), handshake=True
+        )
+        self.transport = StringTransport()
+        self.probe.makeConnection(self.transport)
+        self.clock.advance(self.plan.timeout)
+        self.assertTrue(self.transport.disconnected)
+        result = self.report()
+        self.assertEqual(result.exitCode, 2)
+        self.assertIn("TLS handshake not completed within 5 s", "\n".join(result.lines()))
+
     def test_closeThatNeverEndsIsDropped(self) -> None:
         """A close the server never completes (a TLS close_notify left
         unanswered) is dropped after the timeout, so the probe ends, and

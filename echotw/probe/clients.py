@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from echotw.probe.pattern import DatagramCheck, StreamCheck
 from echotw.probe.stats import ProbeRun
@@ -176,16 +177,24 @@ def describeFailure(reason: Failure) -> str:
     return f"{name}: {message}" if message else name
 
 
+@implementer(IHandshakeListener)
 class StreamProbe(Protocol):
     """
     One verified TCP or TLS connection: C{plan.count} messages (or until
     C{plan.stopAt}), each checked byte for byte; then a clean close.
 
+    Over TLS (C{handshake}), the first message goes out once the handshake
+    is over, which has C{plan.timeout} of its own: a round trip is the
+    echo's, not the handshake's, so that a slow handshake does not decide
+    the p99 of a short run.
+
     @ivar finished: fires with C{None} once the connection is closed and
         everything it found is reported.
     """
 
-    def __init__(self, flow: Flow, header: HeaderBuilder | None = None) -> None:
+    def __init__(
+        self, flow: Flow, header: HeaderBuilder | None = None, handshake: bool = False
+    ) -> None:
         self.finished: Deferred[None] = Deferred()
         self._index = flow.index
         self._plan = flow.plan
@@ -199,12 +208,23 @@ class StreamProbe(Protocol):
         self._deadline = Deadline(flow, self._timedOut)
         self._clock = flow.clock
         self._closing: IDelayedCall | None = None
+        self._handshaking = handshake
         self._over = False
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         if self._header is not None:
             self.transport.write(self._header(self.transport.getHost(), self.transport.getPeer()))
+        if self._handshaking:
+            self._deadline.arm(self._now())
+        else:
+            self._schedule.start()
+
+    def handshakeCompleted(self) -> None:
+        if not self._handshaking or self._over:
+            return
+        self._handshaking = False
+        self._deadline.arm(None)
         self._schedule.start()
 
     def _send(self) -> None:
@@ -242,11 +262,11 @@ class StreamProbe(Protocol):
         self._deadline.arm(oldest)
 
     def _timedOut(self) -> None:
-        self._run.failed(
-            self._index,
-            f"timed out: byte offset {self._check.verified} not echoed within "
-            f"{self._plan.timeout:g} s",
-        )
+        if self._handshaking:
+            what = "the TLS handshake not completed"
+        else:
+            what = f"byte offset {self._check.verified} not echoed"
+        self._run.failed(self._index, f"timed out: {what} within {self._plan.timeout:g} s")
         self._end(abort=True)
 
     def _maybeFinish(self) -> None:

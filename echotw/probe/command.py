@@ -149,9 +149,10 @@ def probe(
     else:
         endpoint = streamEndpoint(reactor, config)
         header: HeaderBuilder | None = {1: v1Header, 2: v2Header}.get(config.proxy)
+        handshake = config.transport == "tls"
         finished = gatherResults(
             [
-                _connect(endpoint, index, plan, run, reactor, now, header)
+                _connect(endpoint, index, plan, run, reactor, now, header, handshake)
                 for index in range(config.connections)
             ]
         )
@@ -167,9 +168,10 @@ def _connect(
     reactor: Any,
     now: Callable[[], float],
     header: HeaderBuilder | None,
+    handshake: bool = False,
 ) -> Deferred[None]:
     connecting = endpoint.connect(
-        _OneProtocol(lambda: StreamProbe(Flow(index, plan, run, reactor, now), header))
+        _OneProtocol(lambda: StreamProbe(Flow(index, plan, run, reactor, now), header, handshake))
     )
 
     def connected(protocol: StreamProbe) -> Deferred[None]:
