@@ -15,10 +15,11 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.probe.clients import DatagramProbe, Flow, Plan, StreamProbe
+from echotw.probe.clients import DatagramProbe, StreamProbe
 from echotw.probe.pattern import StreamCheck
 from echotw.probe.proxyheader import v1Header
 from echotw.probe.stats import ProbeRun, Report, Thresholds
+from echotw.probe.timing import Flow, Plan
 
 
 def plan(**changes: object) -> Plan:

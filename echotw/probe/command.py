@@ -33,17 +33,11 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotw.probe.clients import (
-    DatagramProbe,
-    Flow,
-    HeaderBuilder,
-    Plan,
-    StreamProbe,
-    describeFailure,
-)
+from echotw.probe.clients import DatagramProbe, HeaderBuilder, StreamProbe, describeFailure
 from echotw.probe.options import ProbeConfig, ProbeOptions
 from echotw.probe.proxyheader import v1Header, v2Header
 from echotw.probe.stats import FAILED, ProbeRun, Report
+from echotw.probe.timing import Flow, Plan
 
 USAGE_ERROR = 2
 
