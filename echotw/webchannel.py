@@ -135,12 +135,7 @@ class GuardedChannel(http.HTTPChannel):
             return
         if self._pending.find(HEAD_END, 0, self.site.maxHead) >= 0:
             return
-        self._closing = True
-        self._pending = bytearray()
-        transport: Any = self.transport
-        transport.unregisterProducer()
-        transport.loseConnection()
-        self._arm(self.site.linger)
+        self._close()
 
     def _steerReading(self) -> None:
         if self._reading is None or self._closing or self._disconnecting():
