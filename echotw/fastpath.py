@@ -107,8 +107,8 @@ def closeIfFlushed(transport: Any) -> bool:
     socket for writing, waits for the event and finds nothing to send, two
     more C{epoll_ctl} calls and a dispatch for every connection its client
     ends.  This is what Twisted itself does when a connection whose write
-    side is already shut down is lost: stop watching it and call
-    C{connectionLost} at once, with a clean C{ConnectionDone}.
+    side is already shut down is lost: call C{connectionLost} at once, with
+    a clean C{ConnectionDone}.
 
     The kernel's send queue must be empty too (the client has acknowledged
     every byte: on Linux, one C{ioctl}; elsewhere this never closes early).
@@ -128,7 +128,7 @@ def closeIfFlushed(transport: Any) -> bool:
         return False
     if not _SEES_KERNEL_QUEUE or kernelPendingBytes(transport):
         return False
-    transport.stopReading()
-    transport.stopWriting()
+    # Its connectionLost stops watching the socket (FileDescriptor's, or
+    # EchoServer's in one step).
     transport.connectionLost(_CLOSED)
     return True

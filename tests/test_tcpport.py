@@ -388,9 +388,12 @@ class EchoServerEndingTests(SynchronousTestCase):
         self.addCleanup(client.close)
         client.sendall(b"hello")
         self.spinUntil(lambda: factory.openConnections and factory.echoedBytes() == 5)
+        [protocol] = factory.protocols
+        fd = protocol.transport.fileno()  # type: ignore[union-attr]
         client.shutdown(socket.SHUT_WR)
         self.spinUntil(lambda: not factory.openConnections)
         self.assertEqual(writers, [])
+        self.assertForgotten(fd)
         self.assertEqual(client.recv(10), b"hello")
         self.assertEqual(client.recv(10), b"")
 
