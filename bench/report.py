@@ -34,6 +34,7 @@ def machine(python: str) -> dict[str, str]:
     uvloop = _run([python, "-c", "import uvloop; print(uvloop.__version__)"])
     pyver = _run([python, "-c", "import platform; print(platform.python_version())"])
     return {
+        **calibration(python),
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "cpu": model,
         "nproc": str(os.cpu_count()),
@@ -42,6 +43,53 @@ def machine(python: str) -> dict[str, str]:
         "twisted": twisted,
         "uvloop": uvloop,
         "gcc": _run(["gcc", "-dumpfullversion"]),
+    }
+
+
+_CALIBRATE = """
+import os, sysconfig, time
+def f(): pass
+def best(fn, n):
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter_ns(); fn(n); runs.append((time.perf_counter_ns() - t) / n)
+    return min(runs)
+def calls(n):
+    for _ in range(n): f()
+def clock(n):
+    now = time.time
+    for _ in range(n): now()
+def syscall(n):
+    ppid = os.getppid
+    for _ in range(n): ppid()
+args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+build = [w for w in ("--enable-optimizations", "--with-lto") if w in args]
+if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+    build.append("--enable-shared")
+print(f"{best(calls, 200000):.0f} {best(clock, 200000):.0f} {best(syscall, 50000):.0f}",
+      " ".join(build) or "none")
+"""
+
+
+def calibration(python: str) -> dict[str, str]:
+    """
+    What one Python call, one clock reading and one system call cost on this
+    machine, in ns, and how the interpreter was built: the same server can
+    cost twice as much per connection on another machine, and these tell
+    whether its interpreter or its kernel is the slower part there.
+    """
+    try:
+        call, clock, syscall, build = _run([python, "-c", _CALIBRATE]).split(" ", 3)
+    except ValueError:
+        return {}
+    try:
+        source = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        clocksource = source.read_text().strip()
+    except OSError:
+        clocksource = "?"
+    return {
+        "calibration": f"a Python call {call} ns, time.time() {clock} ns ({clocksource} "
+        f"clock), a system call (getppid) {syscall} ns; Python built with {build}",
     }
 
 
@@ -272,6 +320,7 @@ def machineLines(info: dict[str, str], args: Any) -> list[str]:
         f"- CPU: {info['cpu']}, {info['nproc']} CPUs; kernel {info['kernel']}",
         f"- Python {info['python']}, Twisted {info['twisted']}, uvloop {info['uvloop']}, "
         f"gcc {info['gcc']}",
+        *([f"- Calibration: {info['calibration']}"] if "calibration" in info else []),
         f"- Server pinned to CPU {SERVER_CPU}, loadgen to CPU {CLIENT_CPU} "
         f"({'blocking' if args.block_client else 'busy-polling'} epoll)",
         f"- {args.warmup:g} s warm-up + {args.seconds:g} s measured per cell, "

@@ -138,6 +138,7 @@ def machineLines(info: dict[str, str], args: Any) -> list[str]:
         f"- Date: {info['date']}",
         f"- CPU: {info['cpu']}, {info['nproc']} CPUs; kernel {info['kernel']}",
         f"- Python {info['python']}, Twisted {info['twisted']}, uvloop {info['uvloop']}",
+        *([f"- Calibration: {info['calibration']}"] if "calibration" in info else []),
         f"- Servers pinned to CPUs {_cpuList(plan.serverCpus)} ({len(plan.serverCpus)}); "
         f"{len(plan.clientCpus)} loadgen process(es), one pinned to each of CPUs "
         f"{_cpuList(plan.clientCpus)} ({'blocking' if args.block_client else 'busy-polling'} "
