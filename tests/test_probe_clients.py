@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.probe.clients import DatagramProbe, StreamProbe
+from echotw.probe.clients import CHUNK, DatagramProbe, StreamProbe
 from echotw.probe.pattern import StreamCheck
 from echotw.probe.proxyheader import v1Header
 from echotw.probe.stats import ProbeRun, Report, Thresholds
@@ -34,13 +34,27 @@ def plan(**changes: object) -> Plan:
     return Plan(**values)  # type: ignore[arg-type]
 
 
+class PausingTransport(StringTransport):
+    """
+    A transport that asks its streaming producer to pause once more than
+    C{limit} bytes are queued, as Twisted's own do past their buffer size.
+    """
+
+    limit = 100_000
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and len(self.value()) > self.limit:
+            self.producer.pauseProducing()
+
+
 class StreamProbeTests(SynchronousTestCase):
-    def connect(self, **changes: object) -> None:
+    def connect(self, transport: StringTransport | None = None, **changes: object) -> None:
         self.clock = Clock()
         self.run = ProbeRun(self.clock.seconds)
         self.plan = plan(**changes)
         self.probe = StreamProbe(Flow(0, self.plan, self.run, self.clock, self.clock.seconds))
-        self.transport = StringTransport()
+        self.transport = StringTransport() if transport is None else transport
         self.probe.makeConnection(self.transport)
         self.expected = StreamCheck(self.plan.seed, 0)
         self.done: list[None] = []
@@ -150,6 +164,48 @@ class StreamProbeTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         trips = self.run.roundTrips
         self.assertEqual((trips.count, trips.minimum, trips.maximum), (5, 0.0, 4.0))
+
+    def test_intervalWaitsForAPausedTransport(self) -> None:
+        """Messages that fall due while the transport is paused (a path
+        that stopped reading) are written once it resumes, in order, and
+        their round trips run from when they were due; until then they
+        take no memory and do not count as sent."""
+        self.connect(interval=1.0, count=5)
+        self.assertEqual(self.sent(), self.expected.nextBytes(100))
+        self.probe.pauseProducing()
+        self.clock.advance(4.0)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.report().messagesSent, 1)
+        self.probe.resumeProducing()
+        self.assertEqual(self.sent(), self.expected.nextBytes(400))
+        self.assertEqual(self.report().messagesSent, 5)
+        self.clock.advance(0.5)
+        self.probe.dataReceived(self.expectedEcho(500))
+        trips = self.run.roundTrips
+        self.assertEqual((trips.count, trips.minimum, trips.maximum), (5, 0.5, 4.5))
+
+    def expectedEcho(self, length: int) -> bytes:
+        return StreamCheck(self.plan.seed, 0).nextBytes(length)
+
+    def test_largeMessageWrittenAsTheTransportTakesIt(self) -> None:
+        """A message larger than the transport's buffer is written a chunk
+        at a time while the transport takes more, not all at once."""
+        self.connect(transport=PausingTransport(), size=1_000_000, count=1)
+        queued = len(self.sent())
+        self.assertLessEqual(queued, PausingTransport.limit + CHUNK)
+        self.assertEqual(self.report().messagesSent, 0)
+        written = queued
+        while written < 1_000_000:
+            self.probe.resumeProducing()
+            chunk = len(self.sent())
+            self.assertGreater(chunk, 0)
+            self.assertLessEqual(chunk, PausingTransport.limit + CHUNK)
+            written += chunk
+        self.assertEqual(written, 1_000_000)
+        self.assertEqual(self.report().messagesSent, 1)
+        self.probe.dataReceived(self.expectedEcho(1_000_000))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.transport.producer)
 
     def test_duration(self) -> None:
         """With a stop time and no count, messages go out until then."""

@@ -338,3 +338,52 @@ class OtherPeerTests(SynchronousTestCase):
         self.assertGreater(time.monotonic() - started, 0.5)
         [failure] = summary(out)["failures"]
         self.assertEqual(failure["reason"], "timed out: byte offset 0 not echoed within 0.5 s")
+
+    def test_peerThatStopsReadingBoundsMemory(self) -> None:
+        """Messages due on an interval while the peer reads nothing wait
+        their turn instead of piling up in the probe: 128 kB every 2 ms for
+        2 s is 128 MB due, and the probe stays far below that, then fails
+        on the timeout with exit 2."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        process = subprocess.Popen(
+            [
+                *PROBE,
+                "--json",
+                "-s",
+                "128k",
+                "-i",
+                "2ms",
+                "-t",
+                "2",
+                "-c",
+                "100000",
+                "127.0.0.1",
+                str(listener.getsockname()[1]),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=serverDirectory(),
+            env=environmentWithRoot(),
+        )
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait(5)
+                raise AssertionError(f"echotw-probe still running after {PROBE_TIMEOUT}s")
+            time.sleep(0.05)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        assert process.stdout is not None
+        out = process.stdout.read()
+        process.stdout.close()
+        self.assertEqual(process.returncode, 2, out)
+        [failure] = summary(out)["failures"]
+        self.assertEqual(failure["reason"], "timed out: byte offset 0 not echoed within 2 s")
+        # ru_maxrss is in KiB on Linux; the probe itself takes about 45 MiB.
+        self.assertLess(usage.ru_maxrss, 100 * 1024)

@@ -18,7 +18,12 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+)
 from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -27,6 +32,9 @@ from echotw.probe.pattern import DatagramCheck, StreamCheck
 from echotw.probe.timing import Deadline, Flow, Schedule
 
 REFUSED = "connection refused: nothing listens on that UDP port"
+
+CHUNK = 64 * 1024
+"""Bytes of a message handed to the transport at a time."""
 
 HeaderBuilder = Callable[[IAddress, IAddress], bytes]
 """Builds the bytes sent before the stream from (local, peer) addresses."""
@@ -41,11 +49,19 @@ def describeFailure(reason: Failure) -> str:
     return f"{name}: {message}" if message else name
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class StreamProbe(Protocol):
     """
     One verified TCP or TLS connection: C{plan.count} messages (or until
     C{plan.stopAt}), each checked byte for byte; then a clean close.
+
+    A message is written in chunks, and only while the transport takes
+    more (the probe is its own streaming producer): against a path that
+    stops reading, messages due on an interval wait their turn as stream
+    offsets, not as bytes, so the probe's memory stays a chunk or two per
+    connection whatever C{--size} and C{--interval} say.  A round trip
+    runs from when its message was due, so time spent waiting here counts
+    as the path's, as it would in a send buffer.
 
     Over TLS (C{handshake}), the first message goes out once the handshake
     is over, which has C{plan.timeout} of its own: a round trip is the
@@ -66,8 +82,13 @@ class StreamProbe(Protocol):
         self._now = flow.now
         self._header = header
         self._check = StreamCheck(flow.plan.seed, flow.index)
-        # (stream offset where the message ends, when it was sent), oldest first.
+        # (stream offset where the message ends, when it was due), oldest first.
         self._inFlight: deque[tuple[int, float]] = deque()
+        # Where each message not yet wholly written ends; the stream is due
+        # up to the last of them.
+        self._unwritten: deque[int] = deque()
+        self._due = 0
+        self._paused = False
         self._schedule = Schedule(flow, self._send, self._maybeFinish)
         self._deadline = Deadline(flow, self._timedOut)
         self._clock = flow.clock
@@ -77,6 +98,7 @@ class StreamProbe(Protocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
         if self._header is not None:
             self.transport.write(self._header(self.transport.getHost(), self.transport.getPeer()))
         if self._handshaking:
@@ -92,13 +114,35 @@ class StreamProbe(Protocol):
         self._schedule.start()
 
     def _send(self) -> None:
-        assert self.transport is not None
-        data = self._check.nextBytes(self._plan.size)
-        self._inFlight.append((self._check.sent, self._now()))
-        self._run.sent(len(data))
+        self._due += self._plan.size
+        self._inFlight.append((self._due, self._now()))
+        self._unwritten.append(self._due)
         if len(self._inFlight) == 1:
             self._armTimer()
-        self.transport.write(data)
+        self._write()
+
+    def _write(self) -> None:
+        """
+        Hand the transport what is due, a chunk at a time, until it is all
+        written or the transport asks for a pause.
+        """
+        check, transport, unwritten = self._check, self.transport, self._unwritten
+        assert transport is not None
+        while not self._paused and not self._over and check.sent < self._due:
+            transport.write(check.nextBytes(min(CHUNK, self._due - check.sent)))
+            while unwritten and unwritten[0] <= check.sent:
+                unwritten.popleft()
+                self._run.sent(self._plan.size)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._write()
+
+    def stopProducing(self) -> None:
+        self._paused = True
 
     def dataReceived(self, data: bytes) -> None:
         if self._over:
@@ -145,6 +189,8 @@ class StreamProbe(Protocol):
         self._schedule.stop()
         self._armTimer()
         assert self.transport is not None
+        # A TLS transport would put off its close until the producer goes.
+        self.transport.unregisterProducer()  # type: ignore[attr-defined]
         if abort:
             self.transport.abortConnection()  # type: ignore[attr-defined]
         else:
