@@ -460,8 +460,9 @@ class OptionTests(SynchronousTestCase):
             ("0", 0.0),
         ]:
             self.assertAlmostEqual(duration(text), seconds)
-        for text in ["", "-1", "abc", "1h", "nan", "inf", "1e999", "5 ms s"]:
+        for text in ["", "-1", "abc", "1h", "nan", "inf", "1e999", "5 ms s", "1e300", "525601m"]:
             self.assertRaises(ValueError, duration, text)
+        self.assertEqual(duration("525600m"), 365 * 24 * 3600)
 
     @given(st.integers(0, 10**9))
     def test_millisecondsAgree(self, n: int) -> None:

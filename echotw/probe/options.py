@@ -16,7 +16,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from echotw.coercers import NamingCoerceParameter, finiteNumber, wholeNumber
+from echotw.coercers import YEAR, NamingCoerceParameter, finiteNumber, wholeNumber
 from echotw.probe.pattern import HEADER
 from echotw.probe.stats import Thresholds
 
@@ -44,10 +44,13 @@ def duration(value: str) -> float:
     seconds = float(match["number"]) * _UNITS[match["unit"]]
     if not math.isfinite(seconds):
         raise ValueError("must be finite")
+    if seconds > YEAR:
+        # Twisted would wait that long without complaint; nobody means it.
+        raise ValueError(f"must be at most a year ({YEAR} s)")
     return seconds
 
 
-duration.coerceDoc = "Seconds: 0.2, 200ms, 5s or 1m."  # type: ignore[attr-defined]
+duration.coerceDoc = "Seconds: 0.2, 200ms, 5s or 1m; at most a year."  # type: ignore[attr-defined]
 
 
 def positiveDuration(value: str) -> float:
