@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotw.probe.clients import DatagramProbe, HeaderBuilder, StreamProbe, describeFailure
+from echotw.probe.descriptors import NotEnoughDescriptors, ensureDescriptors
 from echotw.probe.options import ProbeConfig, ProbeOptions
 from echotw.probe.proxyheader import v1Header, v2Header
 from echotw.probe.stats import FAILED, ProbeRun, Report
@@ -256,8 +257,16 @@ class _Session:
 
     def __call__(self, reactor: Any) -> Deferred[None]:
         reactor.addSystemEventTrigger("before", "shutdown", self._stopping)
-        self._run, finished = probe(reactor, self._config)
-        return finished.addCallback(lambda _: self._finished())
+        over: Deferred[None] = Deferred()
+
+        def start() -> None:
+            # Once running: the reactor has set up its own descriptors
+            # (its waker, signal handling) before the connections take theirs.
+            self._run, finished = probe(reactor, self._config)
+            finished.chainDeferred(over)
+
+        reactor.callWhenRunning(start)
+        return over.addCallback(lambda _: self._finished())
 
     def _finished(self) -> None:
         assert self._run is not None
@@ -288,7 +297,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except usage.UsageError as e:
         print(f"echotw-probe: error: {e} (see --help)", file=sys.stderr)
         raise SystemExit(USAGE_ERROR) from None
-    session = _Session(options["config"])
+    config = options["config"]
+    try:
+        ensureDescriptors(config.connections)
+    except NotEnoughDescriptors as e:
+        print(f"echotw-probe: error: {e}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR) from None
+    session = _Session(config)
     try:
         react(session)
     except SystemExit:
