@@ -353,6 +353,24 @@ class ReportTests(SynchronousTestCase):
         clock.advance(2)
         return run
 
+    def test_elapsedEndsWithTheLastOutcome(self) -> None:
+        """A run whose connections all concluded ends with the last outcome,
+        not with the closes after it; an interrupted one ends when it is
+        stopped."""
+        for allConcluded, elapsed in ((True, 3.0), (False, 8.0)):
+            clock = Clock()
+            run = ProbeRun(clock.seconds)
+            clock.advance(2)
+            run.sent(100)
+            run.echoed(0.5, 100)
+            run.concluded()
+            clock.advance(1)
+            run.concluded()
+            clock.advance(5)  # a TLS close waiting for its answer
+            run.finish(allConcluded=allConcluded)
+            result = run.report("tls", "h:7", 2, 100, 1, Thresholds())
+            self.assertEqual(result.elapsed, elapsed)
+
     def test_clean(self) -> None:
         """Everything verified: exit 0, and the JSON has the promised keys."""
         run = self.run_()

@@ -143,7 +143,11 @@ class StreamProbeTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnected)
         self.lose(Failure(ConnectionAborted()))
         self.assertEqual(self.done, [None])
-        self.assertEqual(self.report().exitCode, 0)
+        self.run.finish(allConcluded=True)
+        result = self.report()
+        self.assertEqual(result.exitCode, 0)
+        # The wait for the close is not the run's time.
+        self.assertEqual(result.elapsed, 0.0)
 
     def test_interval(self) -> None:
         """With an interval, messages go out on their timetable whether or

@@ -186,6 +186,7 @@ class StreamProbe(Protocol):
         The outcome is recorded: stop sending and close.
         """
         self._over = True
+        self._run.concluded()
         self._schedule.stop()
         self._armTimer()
         assert self.transport is not None
@@ -210,6 +211,7 @@ class StreamProbe(Protocol):
         self._closing = None
         if not self._over:
             self._over = True
+            self._run.concluded()
             if reason.check(ConnectionDone):
                 mismatch = self._check.closed()
                 if mismatch is not None:
@@ -355,6 +357,7 @@ class DatagramProbe(DatagramProtocol):
 
     def _end(self, stopListening: bool = True) -> None:
         self._over = True
+        self._run.concluded()
         self._schedule.stop()
         self._inFlight.clear()
         self._armTimer()

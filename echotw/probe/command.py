@@ -151,7 +151,7 @@ def probe(
                 for index in range(config.connections)
             ]
         )
-    finished.addBoth(lambda _: run.finish())
+    finished.addBoth(lambda _: run.finish(allConcluded=True))
     return run, finished
 
 
@@ -174,6 +174,7 @@ def _connect(
 
     def failed(reason: Failure) -> None:
         run.failed(index, describeFailure(reason))
+        run.concluded()
 
     return connecting.addCallbacks(connected, failed)
 

@@ -248,6 +248,7 @@ class ProbeRun:
         self._now = now
         self._started = now()
         self._ended: float | None = None
+        self._lastOutcome: float | None = None
         self.roundTrips = RoundTrips()
         self._sent = 0
         self._sentBytes = 0
@@ -298,8 +299,23 @@ class ProbeRun:
         """A datagram came back after the echo of one sent later."""
         self._reordered += 1
 
-    def finish(self) -> None:
-        self._ended = self._now()
+    def concluded(self) -> None:
+        """
+        A connection or flow's outcome is known; closing it may still take
+        a while (a TLS close waits for the server's answer).
+        """
+        self._lastOutcome = self._now()
+
+    def finish(self, allConcluded: bool = False) -> None:
+        """
+        The run is over: when every connection concluded (C{allConcluded}),
+        its time ends with the last outcome, leaving out the closes that
+        followed; otherwise (interrupted) now.
+        """
+        if allConcluded and self._lastOutcome is not None:
+            self._ended = self._lastOutcome
+        else:
+            self._ended = self._now()
 
     def report(
         self,
