@@ -15,9 +15,14 @@ of a loop or a reflection, in the spirit of OpenBSD inetd's C{dg_badinput}
     client's ephemeral port;
   - datagrams from sources that are not one unicast host (multicast,
     limited broadcast, the unspecified address) are dropped;
-  - replies to each source are capped by a token bucket (L{TokenBuckets}),
-    which also breaks loops with echo servers on unlisted ports: a loop
-    spends the bucket, then a datagram is dropped and the loop is over;
+  - datagrams from the listener's own port number are dropped too: they
+    come from this very server (a source forged to name it) or from another
+    echo server on the same port, such as the rest of a fleet;
+  - replies to each source are capped by a token bucket (L{TokenBuckets}).
+    A loop with an echo server on another port that answers faster than the
+    cap spends the bucket, then a datagram is dropped and the loop is over;
+    a slower one (a distant peer, or one delaying on purpose) is held to
+    the cap for as long as it answers;
   - a reply is the request itself, so never larger than it.
 
 Impairment on purpose (C{--udp-loss}, C{--bandwidth}, C{--delay},
@@ -158,7 +163,8 @@ class UDPEchoProtocol(DatagramProtocol):
     @param clock: the time source for rate limits and log intervals.
     @param rateLimiter: a limiter to share with other listeners; C{rate},
         C{burst} and C{maxSources} are then ignored.
-    @param loopPorts: source ports never answered.
+    @param loopPorts: source ports never answered; the listener's own port
+        is added when it starts.
     @param ipv6Prefix: IPv6 sources count as one per prefix of this length
         for rate limits and logs (one IPv6 host usually owns a /64).
     @param maxSources: sources tracked at once for rate limits and for logs.
@@ -305,6 +311,13 @@ class UDPEchoProtocol(DatagramProtocol):
 
     def startProtocol(self) -> None:
         self.dropLog.start()
+        # A datagram from this listener's own port number is this server
+        # (a forged source naming it) or another echo server on the same
+        # port, as a fleet runs them: answered, it would start a loop that,
+        # slower than the rate cap, never ends.
+        port = getattr(self.transport.getHost(), "port", 0) if self.transport else 0
+        if port:
+            self.loopPorts = self.loopPorts | {port}
 
     def stopProtocol(self) -> None:
         self.dropLog.stop()
@@ -370,7 +383,8 @@ class UDPListenerService(Service):
             self._log.info(
                 "UDP replies on {listener} are limited to {rate}/s per source, {burst} at"
                 " once (--udp-rate, --udp-burst; --udp-rate 0 lifts it); datagrams from"
-                " ports below 1024 and from broadcast or multicast sources are dropped",
+                " ports below 1024, from its own port and from broadcast or multicast"
+                " sources are dropped",
                 event="udp-limits",
                 listener=self.listener.name,
                 rate=_number(rate),
@@ -379,7 +393,8 @@ class UDPListenerService(Service):
         else:
             self._log.info(
                 "UDP replies on {listener} are not rate-limited (--udp-rate 0); datagrams"
-                " from ports below 1024 and from broadcast or multicast sources are dropped",
+                " from ports below 1024, from its own port and from broadcast or multicast"
+                " sources are dropped",
                 event="udp-limits",
                 listener=self.listener.name,
                 rate=0,

@@ -297,7 +297,9 @@ class UDPEchoProtocolTests(SynchronousTestCase):
 
     def test_customLoopPorts(self) -> None:
         """The set of refused source ports can be replaced."""
-        proto, transport, _ = echoProtocol(loopPorts={40000})
+        proto, transport, _ = echoProtocol(
+            transport=FakeDatagramTransport(port=7007), loopPorts={40000}
+        )
         proto.datagramReceived(b"x", CLIENT)
         proto.datagramReceived(b"y", ("192.0.2.10", 7))
         self.assertEqual(transport.written, [(b"y", ("192.0.2.10", 7))])
@@ -403,15 +405,63 @@ class UDPEchoProtocolTests(SynchronousTestCase):
         self.assertEqual(len(t1.written) + len(t2.written), 2)
 
     def test_echoLoopEnds(self) -> None:
-        """Two echo servers on unlisted ports forged to talk to each other stop
-        once the burst is spent."""
+        """Two echo servers on different unlisted ports forged to talk to
+        each other stop once the burst is spent."""
         clock = Clock()
         a, ta, _ = echoProtocol(clock, FakeDatagramTransport("192.0.2.1", 8007), burst=20)
-        b, tb, _ = echoProtocol(clock, FakeDatagramTransport("192.0.2.2", 8007), burst=20)
+        b, tb, _ = echoProtocol(clock, FakeDatagramTransport("192.0.2.2", 8008), burst=20)
         ta.peer, tb.peer = b, a
-        a.datagramReceived(b"ping", ("192.0.2.2", 8007))
+        a.datagramReceived(b"ping", ("192.0.2.2", 8008))
         self.assertEqual(a.datagramsEchoed + b.datagramsEchoed, 40)
         self.assertEqual(a.dropped["rate-limited"] + b.dropped["rate-limited"], 1)
+
+    def test_sameEchoPortNeverLoops(self) -> None:
+        """Two echo servers on the same port, as a fleet runs them, forged to
+        talk to each other: the first datagram from the other's port (its
+        own port number) gets no reply, so no loop starts, however slowly it
+        would have turned."""
+        clock = Clock()
+        a, ta, _ = echoProtocol(clock, FakeDatagramTransport("192.0.2.1", 8007))
+        b, tb, _ = echoProtocol(clock, FakeDatagramTransport("192.0.2.2", 8007))
+        ta.peer, tb.peer = b, a
+        a.datagramReceived(b"ping", ("192.0.2.2", 8007))
+        self.assertEqual(a.datagramsEchoed + b.datagramsEchoed, 0)
+        self.assertEqual(a.dropped["loop-port"], 1)
+
+    def test_selfLoopNeverStarts(self) -> None:
+        """A datagram forged to come from the listener's own address and
+        port gets no reply: the server would be answering itself."""
+        transport = FakeDatagramTransport("192.0.2.1", 8007)
+        proto, _, _ = echoProtocol(transport=transport)
+        transport.peer = proto
+        proto.datagramReceived(b"ping", ("192.0.2.1", 8007))
+        self.assertEqual((proto.datagramsEchoed, proto.dropped["loop-port"]), (0, 1))
+        proto.datagramReceived(b"hello", CLIENT)
+        self.assertEqual(transport.written, [(b"hello", CLIENT)])
+
+    def test_slowLoopHeldToTheCap(self) -> None:
+        """A loop with an echo server on another port that answers more
+        slowly than the cap (20 ms away, 50 a second against 100) is not
+        ended by it, but its replies never exceed the burst plus the rate
+        over the time it runs."""
+        clock = Clock()
+        a, ta, _ = echoProtocol(clock, FakeDatagramTransport("192.0.2.1", 8007), rate=10, burst=5)
+        slowPeer = ("192.0.2.2", 9000)
+        answers: list[bytes] = []
+        ta.peer = None
+
+        def echoLater(data: bytes, addr: tuple[str, int]) -> None:
+            ta.written.append((data, addr))
+            answers.append(data)
+            clock.callLater(0.020, a.datagramReceived, data, slowPeer)
+
+        ta.write = echoLater  # type: ignore[method-assign]
+        for _ in range(20):
+            a.datagramReceived(b"ping", slowPeer)
+        for _ in range(10 * 50):
+            clock.advance(0.020)
+        self.assertLessEqual(len(answers), 5 + 10 * 10)
+        self.assertGreater(a.dropped["rate-limited"], 0)
 
     def test_dropLoggedOncePerInterval(self) -> None:
         """Drops from one source are logged once per interval, with the count unlogged."""
@@ -727,6 +777,8 @@ class UDPLoopbackTests(TestCase):
     listener = "udp:0:interface=127.0.0.1"
     directedBroadcast: str | None = "127.255.255.255"
     """The loopback network's broadcast address (IPv6 has none)."""
+    otherHost: str | None = "127.0.0.2"
+    """Another loopback address (IPv6 has only one)."""
 
     def setUp(self) -> None:
         self.requireFamily()
@@ -831,6 +883,20 @@ class UDPLoopbackTests(TestCase):
             probe.close()
         return "127.0.0.2", "127.0.0.1"
 
+    async def test_ownPortDropped(self) -> None:
+        """A datagram from another address on the listener's own port number
+        (another echo server on the same port, as in a fleet) gets no reply."""
+        if self.otherHost is None:
+            raise SkipTest("loopback has only one address in this family")
+        proto, server = self.serve()
+        twin = self.client(host=self.otherHost, port=server[1])
+        other = self.client()
+        twin.send(b"loop?", server)
+        other.send(b"fine", server)
+        await other.waitFor(1)
+        await waitUntil(lambda: proto.dropped["loop-port"] == 1, "the own-port drop")
+        self.assertEqual(twin.received, [])
+
     async def test_loopPortDropped(self) -> None:
         """A datagram from a source port on the loop list gets no reply."""
         blocked = self.client()
@@ -898,6 +964,7 @@ class UDP6LoopbackTests(UDPLoopbackTests):
     host = "::1"
     listener = r"udp6:0:interface=\:\:1"
     directedBroadcast = None
+    otherHost = None
 
     def requireFamily(self) -> None:
         if not socket.has_ipv6:
