@@ -14,6 +14,7 @@ from typing import NamedTuple
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
+from echotw.files import MAX_TLS_FILE_BYTES, checkSmallRegularFile
 from echotw.systemd import inheritedSockets
 
 DEFAULT_BACKLOG = socket.SOMAXCONN
@@ -178,6 +179,8 @@ def checkDescription(description: str) -> None:
     if inner and inner[0] == "systemd":
         systemdSocket(":".join(inner))
         return
+    if inner and inner[0] == "ssl":
+        _checkTLSFiles(inner[1:])
     try:
         serverFromString(MemoryReactor(), description)
     except ModuleNotFoundError as e:
@@ -190,6 +193,30 @@ def checkDescription(description: str) -> None:
     if kind in ("tcp", "tcp6", "ssl") and len(inner) > 1 and "=" not in inner[1]:
         if not 0 <= int(inner[1]) <= 65535:
             raise ValueError(f"port {inner[1]} is out of range 0-65535")
+
+
+_TLS_FILES = ("privateKey", "certKey", "extraCertChain", "dhParameters")
+
+
+def _checkTLSFiles(arguments: list[str]) -> None:
+    """
+    Check the files an C{ssl:} string names before Twisted reads them whole
+    (see L{echotw.files}); C{privateKey} defaults to C{server.pem}, as
+    Twisted's, and C{certKey} to C{privateKey}.
+    """
+    given = {}
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        if equals and key in _TLS_FILES:
+            given[key] = unescape(value)
+    given.setdefault("privateKey", "server.pem")
+    given.setdefault("certKey", given["privateKey"])
+    for key in _TLS_FILES:
+        if key in given:
+            try:
+                checkSmallRegularFile(given[key], MAX_TLS_FILE_BYTES)
+            except ValueError as e:
+                raise ValueError(f"{key}={e}") from None
 
 
 FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from echotw.addresses import IPNetwork, parseNetwork
+from echotw.files import fileKind
 from echotw.policy import AccessRules
 
 MAX_LINE_BYTES = 1024
@@ -72,26 +73,12 @@ def _openRegular(path: str) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise RuleFileError(path, f"{path}: not a regular file ({_fileKind(mode)})")
+            raise RuleFileError(path, f"{path}: not a regular file ({fileKind(mode)})")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
-
-
-def _fileKind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISCHR(mode):
-        return "a character device"
-    if stat.S_ISBLK(mode):
-        return "a block device"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a plain file"
 
 
 def _lines(path: str, f: BinaryIO) -> Iterator[tuple[int, str]]:
