@@ -216,7 +216,7 @@ def _checkTLSFiles(arguments: list[str]) -> None:
             try:
                 checkSmallRegularFile(given[key], MAX_TLS_FILE_BYTES)
             except ValueError as e:
-                raise ValueError(f"{key}={e}") from None
+                raise ValueError(f"{key}={given[key]}: {e}") from None
 
 
 FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}

@@ -36,15 +36,15 @@ def checkSmallRegularFile(path: str, maxBytes: int) -> None:
     Check that C{path} is a regular file (or a link to one) of at most
     C{maxBytes}, without opening it.
 
-    @raise ValueError: naming the path and what is wrong with it.
+    @raise ValueError: saying what is wrong with it (the caller names it).
     """
     try:
         status = os.stat(path)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise ValueError(f"cannot read: {e.strerror or e}") from None
     if not stat.S_ISREG(status.st_mode):
-        raise ValueError(f"{path}: not a regular file ({fileKind(status.st_mode)})")
+        raise ValueError(f"not a regular file ({fileKind(status.st_mode)})")
     if status.st_size > maxBytes:
         raise ValueError(
-            f"{path}: {status.st_size} bytes, more than a key or certificate file holds ({maxBytes} at most)"
+            f"{status.st_size} bytes, more than a key or certificate file holds ({maxBytes} at most)"
         )

@@ -572,6 +572,10 @@ class OptionTests(SynchronousTestCase):
         with os.fdopen(descriptor, "w") as f:
             f.write("not a certificate\n")
         self.assertUsageError("no PEM certificate", "--tls", "--ca", path, "h", "7")
+        self.assertUsageError(
+            "--ca '/dev/zero': not a regular file (a character device)",
+            *("--tls", "--ca", "/dev/zero", "h", "7"),
+        )
         self.assertUsageError("contradict", "--tls", "--ca", path, "--insecure", "h", "7")
 
     def test_seed(self) -> None:

@@ -58,10 +58,10 @@ class CheckSmallRegularFileTests(SynchronousTestCase):
             reason = make(path)
             with self.assertRaises(ValueError) as caught:
                 checkSmallRegularFile(str(path), MAX_TLS_FILE_BYTES)
-            self.assertIn(reason, str(caught.exception), name)
+            self.assertEqual(str(caught.exception), reason, name)
         with self.assertRaises(ValueError) as caught:
             checkSmallRegularFile(str(self.directory / "missing"), MAX_TLS_FILE_BYTES)
-        self.assertIn("missing: cannot read: No such file or directory", str(caught.exception))
+        self.assertEqual(str(caught.exception), "cannot read: No such file or directory")
 
 
 def limitMemory() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.python import usage
 
 from echotw.coercers import YEAR, NamingCoerceParameter, finiteNumber, wholeNumber
+from echotw.files import MAX_TLS_FILE_BYTES, checkSmallRegularFile
 from echotw.probe.pattern import HEADER
 from echotw.probe.stats import Thresholds
 
@@ -331,9 +332,12 @@ def tlsCreator(serverName: str, caFile: str | None, insecure: bool) -> Any:
     if caFile is None:
         return verifyingCreator(serverName, None)
     try:
+        # Not a device or a FIFO, which would be read for ever or block.
+        checkSmallRegularFile(caFile, MAX_TLS_FILE_BYTES)
         pem = Path(caFile).read_bytes()
-    except OSError as e:
-        raise usage.UsageError(f"--ca {caFile!r}: {e.strerror or e}") from None
+    except (ValueError, OSError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise usage.UsageError(f"--ca {caFile!r}: {reason}") from None
     try:
         return verifyingCreator(serverName, pem)
     except ValueError as e:
