@@ -29,6 +29,7 @@ from echotw.metrics import MetricsService
 from echotw.protocol import EchoProtocol
 from echotw.proxyprotocol import ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
+from echotw.rulesnapshot import RuleSnapshot, SupervisorRuleSource
 from echotw.service import EchoService, ListenerService
 from echotw.shaping import DatagramImpairment
 from echotw.sharedcount import ServerCount
@@ -142,6 +143,10 @@ def makeService(
     random = Random() if config.impairment.active else None
     factory = makeFactory(config, reactor, random, serverCount)
     supervising = config.workers > 1
+    ruleSource = config.ruleSource
+    if supervising and ruleSource.hasFiles:
+        # The supervisor reads the files and writes what they held for its workers.
+        ruleSource = SupervisorRuleSource(ruleSource, RuleSnapshot())
     top = EchoService(
         factory,
         reactor,
@@ -149,7 +154,7 @@ def makeService(
         idleTimeout=config.limits.idleTimeout,
         # Each worker logs its own summary; the supervisor counts nothing itself.
         statsInterval=0 if supervising else config.logging.statsInterval,
-        ruleSource=config.ruleSource,
+        ruleSource=ruleSource,
         # Each worker waits out the drain delay, accepting; its supervisor not again.
         drainDelay=0 if supervising else config.drainDelay,
         threads=reactor,
@@ -179,6 +184,7 @@ def makeService(
             logOutput=workerLog,
             counters=counters,
             drainDelay=config.drainDelay,
+            rules=ruleSource if isinstance(ruleSource, SupervisorRuleSource) else None,
         )
         pool.setServiceParent(top)
     else:
@@ -204,8 +210,15 @@ def makeService(
     if config.health is not None:
         HealthService(config.health, ready, reactor).setServiceParent(top)
     if handleSignals:
-        # A supervisor passes SIGHUP on to its workers instead of reloading.
-        onHangup = pool.forwardHangup if pool is not None else top.requestReload
+        onHangup: Callable[[], object] = top.requestReload
+        if pool is not None:
+            supervisor = pool
+
+            def onHangup() -> None:
+                # It reloads first (its UDP listeners use the rules too), then
+                # passes SIGHUP on to its workers if the rules loaded.
+                supervisor.forwardAfter(top.requestReload())
+
         ProcessSignals(reactor, onHangup, top.stopNow, worker).setServiceParent(top)
     return top
 

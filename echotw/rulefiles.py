@@ -126,6 +126,8 @@ class RuleSource:
         self.deny = list(deny)
         self.allowFiles = list(allowFiles)
         self.denyFiles = list(denyFiles)
+        # What the files held at the last load that succeeded.
+        self.fileNetworks: tuple[list[IPNetwork], list[IPNetwork]] = ([], [])
 
     @property
     def hasFiles(self) -> bool:
@@ -137,10 +139,13 @@ class RuleSource:
 
         @raise RuleFileError: if any file cannot be used; nothing is built.
         """
-        allow = list(self.allow)
-        deny = list(self.deny)
+        allowed: list[IPNetwork] = []
+        denied: list[IPNetwork] = []
         for path in self.allowFiles:
-            allow += readRuleFile(path)
+            allowed += readRuleFile(path)
         for path in self.denyFiles:
-            deny += readRuleFile(path)
-        return AccessRules(allow, deny, restrict=bool(self.allow or self.allowFiles))
+            denied += readRuleFile(path)
+        self.fileNetworks = (allowed, denied)
+        return AccessRules(
+            self.allow + allowed, self.deny + denied, restrict=bool(self.allow or self.allowFiles)
+        )

@@ -8,9 +8,11 @@ environment variables name the descriptors): its index; its listening
 sockets, one per listener (its own socket of each C{SO_REUSEPORT} group, or
 the socket all workers share); the shared connection count when
 C{--max-connections} is set, in which it writes its own slot; a pipe for
-its counter reports; and as its standard output either the supervisor's log
+its counter reports; as its standard output either the supervisor's log
 stream, to write finished lines to, or a pipe to relay log events through
-(L{echotw.workerlog}).
+(L{echotw.workerlog}); and, with rule files, the directory of the rules the
+supervisor loaded (L{echotw.rulesnapshot}), which it reads instead of the
+operator's files.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from echotw.factory import EchoFactory
 from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
 from echotw.reactor import installIfUnchosen
+from echotw.rulesnapshot import SnapshotRuleSource, currentGeneration
 from echotw.sharedcount import SharedCount
 from echotw.workerlog import LogOutput, workerObserver
 from echotw.workers import (
@@ -44,6 +47,7 @@ from echotw.workers import (
     WORKER_LOG,
     WORKER_REACTOR,
     WORKER_REPORT_FD,
+    WORKER_RULES,
     WORKER_SUPERVISOR,
     inheritedSockets,
 )
@@ -52,14 +56,42 @@ REPORT_INTERVAL = 1.0
 """Seconds between a worker's counter reports to the supervisor."""
 
 
-def workerConfig(config: EchoConfig, index: int = 0) -> EchoConfig:
+class WorkerOptions(EchoOptions):
+    """
+    The supervisor's command line as a worker reads it: with the rules the
+    supervisor wrote (C{rules}, see L{echotw.rulesnapshot}), the rule files
+    read are that snapshot's, never the operator's.
+    """
+
+    def __init__(self, rules: str | None = None) -> None:
+        super().__init__()
+        self._generation = currentGeneration(rules) if rules else None
+
+    def opt_allow_file(self, path: str) -> None:
+        if self._generation is None:
+            super().opt_allow_file(path)
+        elif not self["allow-file"]:
+            self["allow-file"].append(os.path.join(self._generation, "allow"))
+
+    def opt_deny_file(self, path: str) -> None:
+        if self._generation is None:
+            super().opt_deny_file(path)
+        elif not self["deny-file"]:
+            self["deny-file"].append(os.path.join(self._generation, "deny"))
+
+    opt_allow_file.__doc__ = EchoOptions.opt_allow_file.__doc__
+    opt_deny_file.__doc__ = EchoOptions.opt_deny_file.__doc__
+
+
+def workerConfig(config: EchoConfig, index: int = 0, rules: str | None = None) -> EchoConfig:
     """
     Worker C{index}'s view of the supervisor's configuration: one process,
     no UDP, metrics or health endpoint (the supervisor serves those).  The
     limits are the whole server's: C{--max-connections} is checked against
     the count all workers share.  C{--log-connections} is shared out, so
     that the workers together log no more than it says (each at least one
-    a second).
+    a second).  With the supervisor's C{rules} directory, reloads read its
+    current generation.
     """
     logging = config.logging
     perSecond = logging.connectionsPerSecond
@@ -68,7 +100,10 @@ def workerConfig(config: EchoConfig, index: int = 0) -> EchoConfig:
     logging = replace(
         logging, refusalsPerSecond=_share(logging.refusalsPerSecond, config.workers, index)
     )
-    return replace(config, workers=1, udpListeners=(), metrics=None, health=None, logging=logging)
+    config = replace(config, workers=1, udpListeners=(), metrics=None, health=None, logging=logging)
+    if rules and config.ruleSource.hasFiles:
+        config = replace(config, ruleSource=SnapshotRuleSource(config.ruleSource, rules))
+    return config
 
 
 def _share(total: int, workers: int, index: int) -> int:
@@ -174,12 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.task import LoopingCall
 
     reactor = cast(IServerReactor, globalReactor)
-    options = EchoOptions()
+    rules = environment.get(WORKER_RULES)
+    options = WorkerOptions(rules)
     options.parseOptions(sys.argv[1:] if argv is None else argv)
     index = int(environment.get(WORKER_INDEX, "0"))
     output = LogOutput.fromDescription(environment.get(WORKER_LOG, ""))
     globalLogBeginner.beginLoggingTo([workerObserver(output, index)], redirectStandardIO=False)
-    config = workerConfig(options.config, index)
+    config = workerConfig(options.config, index, rules)
     service = makeService(
         config,
         reactor,

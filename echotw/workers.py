@@ -31,10 +31,14 @@ and session limits are per connection and hold anywhere.
 Processes.  The supervisor restarts a worker that dies (or could not be
 started, e.g. for lack of descriptors), after a delay that grows while it
 keeps dying and starts again from the shortest once it has run for
-L{HEALTHY_AFTER} seconds.  It forwards SIGHUP (rule reloads) to the
-workers, and on SIGTERM/SIGINT closes its copies of the sockets, asks every
-worker to drain (each waits out C{--drain-delay} itself) and waits for
-them; a second SIGTERM sends them L{STOP_NOW_SIGNAL}.  A worker says
+L{HEALTHY_AFTER} seconds.  On SIGHUP it reloads the rule files itself
+and, if they loaded, passes SIGHUP on to the workers, which read the rules
+it wrote (L{echotw.rulesnapshot}), so that a worker started later gets the
+same ones whatever became of the files.  On SIGTERM/SIGINT it starts any
+worker waiting to be restarted (to drain the connections queued on its
+sockets), closes its copies of the sockets, asks every worker to drain
+(each waits out C{--drain-delay} itself) and waits for them; a second
+SIGTERM sends them L{STOP_NOW_SIGNAL}.  A worker says
 L{READY} once its signal handlers are in place, and signals meant for it
 wait until then; it starts with L{HELD_SIGNALS} blocked, so that those sent
 to it some other way (to the whole process group) wait too: a signal's
@@ -65,6 +69,7 @@ from twisted.python.failure import Failure
 from echotw import loglevel
 from echotw.counters import WorkerCounters
 from echotw.interfaces import IServerReactor
+from echotw.rulesnapshot import SupervisorRuleSource
 from echotw.sharedcount import SharedCount, createSharedFile
 from echotw.sharedlisteners import SharedListeners
 from echotw.signals import STOP_NOW_SIGNAL
@@ -78,6 +83,7 @@ WORKER_REPORT_FD = "ECHOTW_WORKER_REPORT_FD"
 WORKER_LOG = "ECHOTW_WORKER_LOG"
 WORKER_REACTOR = "ECHOTW_WORKER_REACTOR"
 WORKER_SUPERVISOR = "ECHOTW_WORKER_SUPERVISOR"
+WORKER_RULES = "ECHOTW_WORKER_RULES"
 READY = b"ready"
 """The line a worker sends on its report descriptor once signals are safe to send it."""
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
@@ -217,8 +223,12 @@ class WorkerPool(Service):
         logOutput: LogOutput = RELAY,
         counters: WorkerCounters | None = None,
         drainDelay: float = 0,
+        rules: SupervisorRuleSource | None = None,
     ) -> None:
         self.reactor = reactor
+        self.rules = rules
+        self.rulesDirectory: str | None = None
+        self._forwarding: Deferred[bool] | None = None
         self.shared = shared
         self.count = workers
         self.arguments = arguments
@@ -241,6 +251,16 @@ class WorkerPool(Service):
         if self.maxConnections:
             self.countFD = createSharedFile(self.count)
             self.serverCount = SharedCount(self.countFD, self.count)
+        if self.rules is not None:
+            try:
+                self.rulesDirectory = self.rules.writeSnapshot()
+            except OSError as e:
+                self._log.warn(
+                    "Cannot write the rules for the workers ({why}); each reads the rule"
+                    " files itself",
+                    event="rules-snapshot-failed",
+                    why=e.strerror or str(e),
+                )
         for index in range(self.count):
             self._respawn(index)
 
@@ -255,6 +275,24 @@ class WorkerPool(Service):
         SIGHUP: each worker reloads its rules.
         """
         self.signalAll(signal.SIGHUP)
+
+    def forwardAfter(self, reloading: Deferred[bool]) -> None:
+        """
+        Pass SIGHUP on to the workers once the supervisor's own reload
+        succeeded (and wrote the rules they read); after one that failed
+        they keep theirs, which are the supervisor's.  Requests that joined
+        one reload pass it on once.
+        """
+        if reloading is self._forwarding:
+            return
+        self._forwarding = reloading
+
+        def forward(reloaded: bool) -> bool:
+            if reloaded and not self.stopping:
+                self.forwardHangup()
+            return reloaded
+
+        reloading.addCallback(forward)
 
     def stopNow(self) -> None:
         """
@@ -303,6 +341,8 @@ class WorkerPool(Service):
         env[WORKER_LOG] = self.logOutput.describe()
         env[WORKER_REACTOR] = type(self.reactor).__module__
         env[WORKER_SUPERVISOR] = str(os.getpid())
+        if self.rulesDirectory is not None:
+            env[WORKER_RULES] = self.rulesDirectory
         worker = _Worker(self, index, nextFD)
         # The child inherits the mask; the supervisor's own signals wait a moment.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
@@ -368,6 +408,20 @@ class WorkerPool(Service):
             if pending.active():
                 pending.cancel()
         self.restarts.clear()
+        for index in range(self.count):
+            if index not in self.workers:
+                # Dead and waiting for its restart: the connections queued on
+                # its sockets would be reset when the supervisor closes its
+                # copies, so a worker starts now to drain them.
+                try:
+                    self.spawn(index)
+                except OSError as e:
+                    self._log.warn(
+                        "Cannot start worker {index} to drain its sockets ({why})",
+                        event="worker-drain-failed",
+                        index=index,
+                        why=str(e),
+                    )
         ended = [w.ended for w in self.workers.values()]
         self.signalAll(signal.SIGTERM)
         deadline = self.drainDelay + self.shutdownTimeout + 5
@@ -379,6 +433,9 @@ class WorkerPool(Service):
             if self.countFD is not None:
                 os.close(self.countFD)
                 self.countFD = None
+            if self.rules is not None:
+                self.rules.snapshot.remove()
+                self.rulesDirectory = None
             return result
 
         return DeferredList(ended).addBoth(done)

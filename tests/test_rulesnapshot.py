@@ -1,0 +1,254 @@
+"""
+The rules the supervisor of C{--workers} writes for its workers: the
+generations and their C{current} link, the supervisor's source that writes
+one per successful load, the worker's source that reads the newest, the
+worker's command line, and the supervisor passing SIGHUP on only after a
+reload that succeeded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, cast
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase
+
+from echotw.addresses import IPNetwork, parseNetwork
+from echotw.rulefiles import RuleFileError, RuleSource, readRuleFile
+from echotw.rulesnapshot import (
+    KEPT_GENERATIONS,
+    RuleSnapshot,
+    SnapshotRuleSource,
+    SupervisorRuleSource,
+    currentGeneration,
+)
+from echotw.workermain import WorkerOptions
+from echotw.workers import READY, WorkerPool
+from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
+
+V4 = parseNetwork("10.0.0.0/8")
+V6 = parseNetwork("2001:db8::/32")
+
+
+def client(host: str) -> IPv4Address:
+    return IPv4Address("TCP", host, 40000)
+
+
+class RuleSnapshotTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.snapshot = RuleSnapshot()
+        self.addCleanup(self.snapshot.remove)
+
+    def test_generations(self) -> None:
+        """Each write is a new generation that C{current} names; old ones go
+        once more than KEPT_GENERATIONS were written; remove takes it all."""
+        directory = self.snapshot.write([V4], [V6])
+        generation = currentGeneration(directory)
+        self.assertEqual(readRuleFile(os.path.join(generation, "allow")), [V4])
+        self.assertEqual(readRuleFile(os.path.join(generation, "deny")), [V6])
+        for _ in range(KEPT_GENERATIONS):
+            self.assertEqual(self.snapshot.write([], [V4]), directory)
+        newest = currentGeneration(directory)
+        self.assertEqual(readRuleFile(os.path.join(newest, "deny")), [V4])
+        self.assertFalse(os.path.exists(generation))
+        self.assertEqual(len(os.listdir(directory)), KEPT_GENERATIONS + 1)
+        self.assertEqual(os.stat(directory).st_mode & 0o777, 0o700)
+        self.snapshot.remove()
+        self.assertFalse(os.path.exists(directory))
+
+    @given(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just(4), st.integers(0, 2**32 - 1), st.integers(0, 32)),
+                st.tuples(st.just(6), st.integers(0, 2**128 - 1), st.integers(0, 128)),
+            ),
+            max_size=20,
+        )
+    )
+    def test_networksReadBackAsWritten(self, specs: list[tuple[int, int, int]]) -> None:
+        """Whatever networks the files held come back the same from a
+        generation (IPv4, IPv6, any prefix)."""
+        networks: list[IPNetwork] = [
+            parseNetwork(str(ipaddress.ip_network((value, prefix), strict=False)))
+            if version == 4
+            else parseNetwork(str(ipaddress.IPv6Network((value, prefix), strict=False)))
+            for version, value, prefix in specs
+        ]
+        directory = self.snapshot.write(networks, [])
+        read = readRuleFile(os.path.join(currentGeneration(directory), "allow"))
+        self.assertEqual(read, networks)
+
+
+class SupervisorRuleSourceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.files = Path(tempfile.mkdtemp())
+        self.deny = self.files / "deny.rules"
+        self.deny.write_text("10.0.0.0/8\n")
+        self.snapshot = RuleSnapshot()
+        self.addCleanup(self.snapshot.remove)
+        source = RuleSource(deny=[V6], denyFiles=[str(self.deny)])
+        source.load()
+        self.source = SupervisorRuleSource(source, self.snapshot)
+
+    def snapshotDeny(self) -> list[IPNetwork]:
+        assert self.snapshot.directory is not None
+        return readRuleFile(os.path.join(currentGeneration(self.snapshot.directory), "deny"))
+
+    def test_writesWhatTheFilesHeld(self) -> None:
+        """The first snapshot is what the files held when the options were
+        read; each load that succeeds writes the new contents (the command
+        line's networks stay on the command line)."""
+        self.source.writeSnapshot()
+        self.assertEqual(self.snapshotDeny(), [V4])
+        self.deny.write_text("192.0.2.0/24\n")
+        rules = self.source.load()
+        self.assertEqual(rules(client("192.0.2.9")), "denied")
+        self.assertEqual(self.snapshotDeny(), [parseNetwork("192.0.2.0/24")])
+
+    def test_badFileWritesNothing(self) -> None:
+        """A load that fails leaves the snapshot as it was."""
+        self.source.writeSnapshot()
+        self.deny.write_text("10.0.0.0/33\n")
+        self.assertRaises(RuleFileError, self.source.load)
+        self.assertEqual(self.snapshotDeny(), [V4])
+
+    def test_snapshotThatCannotBeWrittenFailsTheLoad(self) -> None:
+        """If the rules cannot be written for the workers, the reload fails
+        as a bad file does, so the supervisor does not tell them to reload."""
+
+        def full(*args: object) -> str:
+            raise OSError(28, "No space left on device")
+
+        self.patch(self.snapshot, "write", full)
+        with self.assertRaises(RuleFileError) as caught:
+            self.source.load()
+        self.assertIn(
+            "cannot write the rules for the workers: No space left", str(caught.exception)
+        )
+
+
+class SnapshotRuleSourceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.snapshot = RuleSnapshot()
+        self.addCleanup(self.snapshot.remove)
+        self.directory = self.snapshot.write([], [V4])
+
+    def test_readsTheNewestGeneration(self) -> None:
+        """Each load reads the generation current then, with the command
+        line's networks; the operator's paths are never read."""
+        given = RuleSource(deny=[parseNetwork("192.0.2.1")], denyFiles=["/nonexistent"])
+        source = SnapshotRuleSource(given, self.directory)
+        rules = source.load()
+        self.assertEqual(rules(client("10.1.2.3")), "denied")
+        self.assertEqual(rules(client("192.0.2.1")), "denied")
+        self.assertIsNone(rules(client("172.16.0.1")))
+        self.snapshot.write([], [parseNetwork("172.16.0.0/12")])
+        rules = source.load()
+        self.assertIsNone(rules(client("10.1.2.3")))
+        self.assertEqual(rules(client("172.16.0.1")), "denied")
+
+    def test_emptyAllowFileStillRestricts(self) -> None:
+        """An allow file that holds nothing for now still means "only those
+        listed", through the snapshot as directly."""
+        self.snapshot.write([], [])
+        source = SnapshotRuleSource(RuleSource(allowFiles=["/operator/allow"]), self.directory)
+        self.assertEqual(source.load()(client("192.0.2.1")), "not allowed")
+        self.assertEqual(source.denyFiles, [])
+
+
+class WorkerOptionsTests(SynchronousTestCase):
+    def test_readsTheSnapshot(self) -> None:
+        """Given the supervisor's rules, a worker's command line reads them
+        instead of the operator's files, which may have gone bad since."""
+        snapshot = RuleSnapshot()
+        self.addCleanup(snapshot.remove)
+        directory = snapshot.write([V4], [V6])
+        options = WorkerOptions(directory)
+        options.parseOptions(
+            ["--allow-file", "/nonexistent/a", "--allow-file", "/b", "--deny-file", "/c"]
+        )
+        generation = currentGeneration(directory)
+        self.assertEqual(options["allow-file"], [os.path.join(generation, "allow")])
+        self.assertEqual(options["deny-file"], [os.path.join(generation, "deny")])
+        self.assertEqual(options.config.rules(client("10.0.0.1")), None)
+        self.assertEqual(options.config.rules(client("192.0.2.1")), "not allowed")
+
+    def test_withoutSnapshot(self) -> None:
+        """Without one (it could not be written), the files are read as ever."""
+        self.assertRaises(
+            UsageError, WorkerOptions(None).parseOptions, ["--deny-file", "/nonexist"]
+        )
+
+
+def pool(workers: int = 1) -> tuple[WorkerPool, FailingSpawnReactor]:
+    reactor = FailingSpawnReactor(failures=0)
+    shared = cast(Any, type("Shared", (), {"socketsFor": lambda self, i: []})())
+    return (
+        WorkerPool(
+            cast(Any, reactor), shared, workers, [], 0, 60, counters=cast(Any, FakeCounters())
+        ),
+        reactor,
+    )
+
+
+def readyProcesses(workerPool: WorkerPool) -> dict[int, FakeProcess]:
+    processes = {}
+    for index, worker in workerPool.workers.items():
+        if worker.ready:
+            processes[index] = cast(FakeProcess, worker.transport)
+            continue
+        process = processes[index] = FakeProcess()
+        worker.transport = cast(Any, process)
+        worker.childDataReceived(worker.reportFD, READY + b"\n")
+    return processes
+
+
+class ForwardAfterReloadTests(SynchronousTestCase):
+    def test_onlyAfterSuccess(self) -> None:
+        """SIGHUP reaches the workers once per reload that succeeded, however
+        many requests joined it, and not after one that failed."""
+        workerPool, _ = pool()
+        workerPool.startService()
+        [process] = readyProcesses(workerPool).values()
+        failing: Deferred[bool] = Deferred()
+        workerPool.forwardAfter(failing)
+        failing.callback(False)
+        self.assertEqual(process.signals, [])
+        reloading: Deferred[bool] = Deferred()
+        for _ in range(3):
+            workerPool.forwardAfter(reloading)
+        reloading.callback(True)
+        self.assertEqual(process.signals, [signal.SIGHUP])
+
+
+class StopWithDeadWorkerTests(SynchronousTestCase):
+    def test_deadWorkerStartedToDrain(self) -> None:
+        """A worker waiting to be restarted when the supervisor stops is
+        started at once and told to drain, so the connections queued on its
+        socket are served, not reset when the supervisor closes its copy."""
+        workerPool, reactor = pool(workers=2)
+        workerPool.startService()
+        processes = readyProcesses(workerPool)
+        dead = workerPool.workers[0]
+        workerPool.workerEnded(dead, Failure(Exception("killed")))
+        self.assertNotIn(0, workerPool.workers)
+        self.assertEqual(reactor.spawned, 2)
+        workerPool.stopService()
+        self.assertEqual(reactor.spawned, 3)
+        self.assertIn(0, workerPool.workers)
+        replacement = readyProcesses(workerPool)[0]
+        self.assertEqual(replacement.signals, [signal.SIGTERM])
+        self.assertEqual(processes[1].signals, [signal.SIGTERM])
+        # Nothing else is restarted later.
+        reactor.advance(60)
+        self.assertEqual(reactor.spawned, 3)
