@@ -57,9 +57,27 @@ def listenNow(
     if not outcome:
         return None, d
     if isinstance(outcome[0], Failure):
+        _releaseOwnLock(endpoint)
         raise ListenFailed(description, outcome[0])
     port: IListeningPort = outcome[0]
     return port, None
+
+
+def _releaseOwnLock(endpoint: IStreamServerEndpoint) -> None:
+    """
+    Remove the C{PATH.lock} a Unix listener that failed to bind took: Twisted
+    leaves it behind, naming this process, which is about to exit.  A lock
+    naming another process is not touched.
+    """
+    path = getattr(endpoint, "_address", None)
+    if not getattr(endpoint, "_wantPID", False) or not isinstance(path, (str, bytes)):
+        return
+    lock = os.fsdecode(path) + ".lock"
+    try:
+        if os.readlink(lock) == str(os.getpid()):
+            os.remove(lock)
+    except OSError:
+        pass
 
 
 def kernelBacklogCap(path: str = "/proc/sys/net/core/somaxconn") -> int | None:

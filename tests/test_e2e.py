@@ -6,17 +6,21 @@ plain sockets.  Each test is bounded by socket and process timeouts.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import select
 import selectors
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -307,6 +311,21 @@ class StartupErrorTests(SynchronousTestCase):
         [line] = [line for line in output.splitlines() if "cannot listen" in line]
         self.assertIn(f"tcp:{port}:interface=127.0.0.1", line)
         self.assertIn("Address already in use", line)
+
+    def test_unixPathTakenLeavesNoLock(self) -> None:
+        """A Unix listener whose path is an ordinary file exits with status 1
+        and one line, and leaves no PATH.lock behind (Twisted's, naming the
+        exited process)."""
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory)
+        path = directory / "taken"
+        path.write_text("not a socket\n")
+        result = run("--port", f"unix:{path}")
+        self.assertEqual(result.returncode, 1)
+        output = result.stdout + result.stderr
+        [line] = [line for line in output.splitlines() if "cannot listen" in line]
+        self.assertIn("Address already in use", line)
+        self.assertEqual(sorted(os.listdir(directory)), ["taken"])
 
     def test_listenerErrorsExitWith1(self) -> None:
         """Every way a listener can fail to start (README: "Start-up errors
