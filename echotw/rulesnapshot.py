@@ -96,6 +96,16 @@ class SupervisorRuleSource(RuleSource):
         super().__init__(source.allow, source.deny, source.allowFiles, source.denyFiles)
         self.fileNetworks = source.fileNetworks
         self.snapshot = snapshot
+        self.writing = True
+
+    def stopWriting(self) -> None:
+        """
+        Write no more snapshots (the first could not be written, so the
+        workers read the files themselves): a reload then depends on the
+        files alone.
+        """
+        self.writing = False
+        self.snapshot.remove()
 
     def writeSnapshot(self) -> str:
         """
@@ -107,6 +117,8 @@ class SupervisorRuleSource(RuleSource):
 
     def load(self) -> AccessRules:
         rules = super().load()
+        if not self.writing:
+            return rules
         try:
             self.writeSnapshot()
         except OSError as e:

@@ -255,6 +255,7 @@ class WorkerPool(Service):
             try:
                 self.rulesDirectory = self.rules.writeSnapshot()
             except OSError as e:
+                self.rules.stopWriting()
                 self._log.warn(
                     "Cannot write the rules for the workers ({why}); each reads the rule"
                     " files itself",

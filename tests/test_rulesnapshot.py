@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -252,3 +253,33 @@ class StopWithDeadWorkerTests(SynchronousTestCase):
         # Nothing else is restarted later.
         reactor.advance(60)
         self.assertEqual(reactor.spawned, 3)
+
+
+class SnapshotFailsAtStartTests(SynchronousTestCase):
+    def test_workersReadTheFilesThemselves(self) -> None:
+        """If the first snapshot cannot be written (no writable temporary
+        directory, say), one warning says so, the workers are told nothing
+        of it and read the files as before, and the supervisor's reloads no
+        longer try to write one."""
+        deny = Path(tempfile.mkdtemp()) / "deny.rules"
+        deny.write_text("10.0.0.0/8\n")
+        given = RuleSource(denyFiles=[str(deny)])
+        given.load()
+        snapshot = RuleSnapshot()
+        attempts: list[object] = []
+
+        def full(*args: object) -> str:
+            attempts.append(args)
+            raise OSError(30, "Read-only file system")
+
+        self.patch(snapshot, "write", full)
+        source = SupervisorRuleSource(given, snapshot)
+        workerPool, _ = pool()
+        workerPool.rules = source
+        with capturedLogs() as events:
+            workerPool.startService()
+        [warning] = [e for e in events if e.get("event") == "rules-snapshot-failed"]
+        self.assertEqual(warning["why"], "Read-only file system")
+        self.assertIsNone(workerPool.rulesDirectory)
+        self.assertEqual(source.load()(client("10.0.0.1")), "denied")
+        self.assertEqual(len(attempts), 1)
