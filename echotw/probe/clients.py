@@ -84,10 +84,10 @@ class StreamProbe(Protocol):
         self._check = StreamCheck(flow.plan.seed, flow.index)
         # (stream offset where the message ends, when it was due), oldest first.
         self._inFlight: deque[tuple[int, float]] = deque()
-        # Where each message not yet wholly written ends; the stream is due
-        # up to the last of them.
-        self._unwritten: deque[int] = deque()
+        # The stream is due up to here; messages are all plan.size bytes, so
+        # those wholly written are check.sent // plan.size.
         self._due = 0
+        self._counted = 0  # messages reported sent
         self._paused = False
         self._schedule = Schedule(flow, self._send, self._maybeFinish)
         self._deadline = Deadline(flow, self._timedOut)
@@ -116,7 +116,6 @@ class StreamProbe(Protocol):
     def _send(self) -> None:
         self._due += self._plan.size
         self._inFlight.append((self._due, self._now()))
-        self._unwritten.append(self._due)
         if len(self._inFlight) == 1:
             self._armTimer()
         self._write()
@@ -126,13 +125,13 @@ class StreamProbe(Protocol):
         Hand the transport what is due, a chunk at a time, until it is all
         written or the transport asks for a pause.
         """
-        check, transport, unwritten = self._check, self.transport, self._unwritten
+        check, transport, size = self._check, self.transport, self._plan.size
         assert transport is not None
         while not self._paused and not self._over and check.sent < self._due:
             transport.write(check.nextBytes(min(CHUNK, self._due - check.sent)))
-            while unwritten and unwritten[0] <= check.sent:
-                unwritten.popleft()
-                self._run.sent(self._plan.size)
+            while self._counted < check.sent // size:
+                self._counted += 1
+                self._run.sent(size)
 
     def pauseProducing(self) -> None:
         self._paused = True
