@@ -143,10 +143,12 @@ def makeService(
     random = Random() if config.impairment.active else None
     factory = makeFactory(config, reactor, random, serverCount)
     supervising = config.workers > 1
-    ruleSource = config.ruleSource
-    if supervising and ruleSource.hasFiles:
-        # The supervisor reads the files and writes what they held for its workers.
-        ruleSource = SupervisorRuleSource(ruleSource, RuleSnapshot())
+    # A supervisor reads the rule files and writes what they held for its workers.
+    snapshotting = (
+        SupervisorRuleSource(config.ruleSource, RuleSnapshot())
+        if supervising and config.ruleSource.hasFiles
+        else None
+    )
     top = EchoService(
         factory,
         reactor,
@@ -154,7 +156,7 @@ def makeService(
         idleTimeout=config.limits.idleTimeout,
         # Each worker logs its own summary; the supervisor counts nothing itself.
         statsInterval=0 if supervising else config.logging.statsInterval,
-        ruleSource=ruleSource,
+        ruleSource=snapshotting if snapshotting is not None else config.ruleSource,
         # Each worker waits out the drain delay, accepting; its supervisor not again.
         drainDelay=0 if supervising else config.drainDelay,
         threads=reactor,
@@ -184,7 +186,7 @@ def makeService(
             logOutput=workerLog,
             counters=counters,
             drainDelay=config.drainDelay,
-            rules=ruleSource if isinstance(ruleSource, SupervisorRuleSource) else None,
+            rules=snapshotting,
         )
         pool.setServiceParent(top)
     else:

@@ -59,7 +59,7 @@ class RuleSnapshot:
         path = os.path.join(self.directory, name)
         os.mkdir(path)
         for kind, networks in (("allow", allow), ("deny", deny)):
-            with open(os.path.join(path, kind), "w", encoding="utf-8") as f:
+            with open(generationFile(path, kind), "w", encoding="utf-8") as f:
                 f.writelines(f"{network}\n" for network in networks)
         link = os.path.join(self.directory, CURRENT + ".new")
         os.symlink(name, link)
@@ -83,6 +83,13 @@ def currentGeneration(directory: str) -> str:
     The directory of the generation C{current} names now.
     """
     return os.path.realpath(os.path.join(directory, CURRENT))
+
+
+def generationFile(generation: str, kind: str) -> str:
+    """
+    The file of a generation holding its C{kind} ("allow" or "deny") rules.
+    """
+    return os.path.join(generation, kind)
 
 
 class SupervisorRuleSource(RuleSource):
@@ -146,8 +153,8 @@ class SnapshotRuleSource(RuleSource):
         Read C{generation}'s files on the next load.
         """
         allow, deny = self._kinds
-        self.allowFiles = [os.path.join(generation, "allow")] if allow else []
-        self.denyFiles = [os.path.join(generation, "deny")] if deny else []
+        self.allowFiles = [generationFile(generation, "allow")] if allow else []
+        self.denyFiles = [generationFile(generation, "deny")] if deny else []
 
     def load(self) -> AccessRules:
         self.pointAt(currentGeneration(self.directory))

@@ -35,7 +35,7 @@ from echotw.factory import EchoFactory
 from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
 from echotw.reactor import installIfUnchosen
-from echotw.rulesnapshot import SnapshotRuleSource, currentGeneration
+from echotw.rulesnapshot import SnapshotRuleSource, currentGeneration, generationFile
 from echotw.sharedcount import SharedCount
 from echotw.workerlog import LogOutput, workerObserver
 from echotw.workers import (
@@ -67,17 +67,19 @@ class WorkerOptions(EchoOptions):
         super().__init__()
         self._generation = currentGeneration(rules) if rules else None
 
-    def opt_allow_file(self, path: str) -> None:
+    def _ruleFile(self, kind: str, path: str) -> None:
+        # Every --KIND-file stands for the one KIND file of the generation.
+        files = self[f"{kind}-file"]
         if self._generation is None:
-            super().opt_allow_file(path)
-        elif not self["allow-file"]:
-            self["allow-file"].append(os.path.join(self._generation, "allow"))
+            files.append(path)
+        elif not files:
+            files.append(generationFile(self._generation, kind))
+
+    def opt_allow_file(self, path: str) -> None:
+        self._ruleFile("allow", path)
 
     def opt_deny_file(self, path: str) -> None:
-        if self._generation is None:
-            super().opt_deny_file(path)
-        elif not self["deny-file"]:
-            self["deny-file"].append(os.path.join(self._generation, "deny"))
+        self._ruleFile("deny", path)
 
     opt_allow_file.__doc__ = EchoOptions.opt_allow_file.__doc__
     opt_deny_file.__doc__ = EchoOptions.opt_deny_file.__doc__

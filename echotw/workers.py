@@ -227,7 +227,6 @@ class WorkerPool(Service):
     ) -> None:
         self.reactor = reactor
         self.rules = rules
-        self.rulesDirectory: str | None = None
         self._forwarding: Deferred[bool] | None = None
         self.shared = shared
         self.count = workers
@@ -253,7 +252,7 @@ class WorkerPool(Service):
             self.serverCount = SharedCount(self.countFD, self.count)
         if self.rules is not None:
             try:
-                self.rulesDirectory = self.rules.writeSnapshot()
+                self.rules.writeSnapshot()
             except OSError as e:
                 self.rules.stopWriting()
                 self._log.warn(
@@ -264,6 +263,14 @@ class WorkerPool(Service):
                 )
         for index in range(self.count):
             self._respawn(index)
+
+    @property
+    def rulesDirectory(self) -> str | None:
+        """
+        Where the workers read the rules, or L{None} when they read the
+        rule files themselves (none given, or no snapshot could be written).
+        """
+        return self.rules.snapshot.directory if self.rules is not None else None
 
     def anyReady(self) -> bool:
         """
@@ -342,8 +349,9 @@ class WorkerPool(Service):
         env[WORKER_LOG] = self.logOutput.describe()
         env[WORKER_REACTOR] = type(self.reactor).__module__
         env[WORKER_SUPERVISOR] = str(os.getpid())
-        if self.rulesDirectory is not None:
-            env[WORKER_RULES] = self.rulesDirectory
+        rules = self.rulesDirectory
+        if rules is not None:
+            env[WORKER_RULES] = rules
         worker = _Worker(self, index, nextFD)
         # The child inherits the mask; the supervisor's own signals wait a moment.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
@@ -436,7 +444,6 @@ class WorkerPool(Service):
                 self.countFD = None
             if self.rules is not None:
                 self.rules.snapshot.remove()
-                self.rulesDirectory = None
             return result
 
         return DeferredList(ended).addBoth(done)
