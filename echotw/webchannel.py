@@ -133,15 +133,20 @@ class GuardedChannel(http.HTTPChannel):
         """
         if self._busy or self._full or self._closing or self._disconnecting():
             return
-        if self._pending.find(HEAD_END, 0, self.site.maxHead) >= 0:
+        if self._requestWaiting():
             return
         self._close()
+
+    def _requestWaiting(self) -> bool:
+        """
+        Whether C{_pending} holds a complete request head not yet handed on.
+        """
+        return self._pending.find(HEAD_END, 0, self.site.maxHead) >= 0
 
     def _steerReading(self) -> None:
         if self._reading is None or self._closing or self._disconnecting():
             return
-        waiting = self._pending.find(HEAD_END, 0, self.site.maxHead) >= 0
-        if self._busy or self._full or waiting:
+        if self._busy or self._full or self._requestWaiting():
             self._reading.pauseProducing()
         else:
             self._reading.resumeProducing()
