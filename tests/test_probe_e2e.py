@@ -347,44 +347,20 @@ class OtherPeerTests(SynchronousTestCase):
         on the timeout with exit 2."""
         listener = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listener.close)
-        process = subprocess.Popen(
-            [
-                *PROBE,
-                "--json",
-                "-s",
-                "128k",
-                "-i",
-                "2ms",
-                "-t",
-                "2",
-                "-c",
-                "100000",
-                "127.0.0.1",
-                str(listener.getsockname()[1]),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            cwd=serverDirectory(),
-            env=environmentWithRoot(),
+        running = Probe(
+            *("--json", "-s", "128k", "-i", "2ms", "-t", "2", "-c", "100000"),
+            *("127.0.0.1", str(listener.getsockname()[1])),
         )
         # The peak of the probe's own memory, read while it runs: the
         # exited child's ru_maxrss would also count the test runner's, which
         # it was forked from.
         peakKiB = 0
         deadline = time.monotonic() + PROBE_TIMEOUT
-        while process.poll() is None:
-            if time.monotonic() > deadline:
-                process.kill()
-                process.wait(5)
-                raise AssertionError(f"echotw-probe still running after {PROBE_TIMEOUT}s")
-            peakKiB = max(peakKiB, highWaterKiB(process.pid))
+        while running.process.poll() is None and time.monotonic() < deadline:
+            peakKiB = max(peakKiB, highWaterKiB(running.process.pid))
             time.sleep(0.02)
-        assert process.stdout is not None
-        out = process.stdout.read()
-        process.stdout.close()
-        self.assertEqual(process.returncode, 2, out)
+        code, out, err = running.finish()
+        self.assertEqual(code, 2, out + err)
         [failure] = summary(out)["failures"]
         self.assertEqual(failure["reason"], "timed out: byte offset 0 not echoed within 2 s")
         # Seen: 46 MiB, and 166 MiB when every message due was built.

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.files import MAX_TLS_FILE_BYTES, checkSmallRegularFile
 from tests.process import serverDirectory, twistdCommand
-from tests.test_e2e_rulefiles import linkToDevZero, makeDirectory, makeFifo
+from tests.test_e2e_rulefiles import BAD_FILES as BAD_RULE_FILES
 
 
 def writeHugeFile(path: Path) -> str:
@@ -31,11 +31,10 @@ def writeHugeFile(path: Path) -> str:
 
 
 BAD_FILES = {
-    "device": linkToDevZero,
-    "FIFO": makeFifo,
-    "directory": makeDirectory,
+    **{name: make for name, make in BAD_RULE_FILES.items() if name != "long line"},
     "huge": writeHugeFile,
 }
+"""The bad rule files that are not regular files, and one too large."""
 
 
 class CheckSmallRegularFileTests(SynchronousTestCase):

@@ -883,6 +883,20 @@ class UDPLoopbackTests(TestCase):
             probe.close()
         return "127.0.0.2", "127.0.0.1"
 
+    async def assertNoReply(
+        self, blocked: EchoClient, proto: UDPEchoProtocol, server: tuple[str, int]
+    ) -> None:
+        """
+        C{blocked}'s datagram gets no reply and counts as a loop-port drop,
+        while another client's is echoed meanwhile.
+        """
+        other = self.client()
+        blocked.send(b"loop?", server)
+        other.send(b"fine", server)
+        await other.waitFor(1)
+        await waitUntil(lambda: proto.dropped["loop-port"] == 1, "the loop-port drop")
+        self.assertEqual(blocked.received, [])
+
     async def test_ownPortDropped(self) -> None:
         """A datagram from another address on the listener's own port number
         (another echo server on the same port, as in a fleet) gets no reply."""
@@ -890,12 +904,7 @@ class UDPLoopbackTests(TestCase):
             raise SkipTest("loopback has only one address in this family")
         proto, server = self.serve()
         twin = self.client(host=self.otherHost, port=server[1])
-        other = self.client()
-        twin.send(b"loop?", server)
-        other.send(b"fine", server)
-        await other.waitFor(1)
-        await waitUntil(lambda: proto.dropped["loop-port"] == 1, "the own-port drop")
-        self.assertEqual(twin.received, [])
+        await self.assertNoReply(twin, proto, server)
 
     async def test_loopPortDropped(self) -> None:
         """A datagram from a source port on the loop list gets no reply."""
@@ -903,12 +912,7 @@ class UDPLoopbackTests(TestCase):
         assert blocked.transport is not None
         blockedPort = blocked.transport.getHost().port
         proto, server = self.serve(loopPorts={blockedPort})
-        other = self.client()
-        blocked.send(b"loop?", server)
-        other.send(b"fine", server)
-        await other.waitFor(1)
-        await waitUntil(lambda: proto.dropped["loop-port"] == 1, "the loop-port drop")
-        self.assertEqual(blocked.received, [])
+        await self.assertNoReply(blocked, proto, server)
 
     async def test_privilegedSourcePortDropped(self) -> None:
         """With the default list, a datagram from a port below 1024 gets no reply."""
@@ -921,12 +925,7 @@ class UDPLoopbackTests(TestCase):
                 continue
         else:
             raise SkipTest("cannot bind a client to a port below 1024 (needs root)")
-        other = self.client()
-        blocked.send(b"loop?", server)
-        other.send(b"fine", server)
-        await other.waitFor(1)
-        await waitUntil(lambda: proto.dropped["loop-port"] == 1, "the loop-port drop")
-        self.assertEqual(blocked.received, [])
+        await self.assertNoReply(blocked, proto, server)
 
     async def test_rateLimit(self) -> None:
         """Fifty datagrams at rate 5, burst 5 get about five replies."""
