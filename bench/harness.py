@@ -12,7 +12,7 @@ used, and where the results go.
 - loadgen: compiled from loadgen.c into bench/build/ whenever the source is
   newer and gcc exists; a binary built elsewhere can be named with --loadgen.
 - Results: bench/results/local/ (ignored by git) unless --publish NAME writes
-  into bench/results/ (tracked, with the stable chart name README shows) or
+  into bench/results/ (tracked, with the stable chart name docs/performance.md shows) or
   --out DIR writes into DIR.
 """
 
@@ -149,7 +149,7 @@ def addCommonOptions(
     where.add_argument(
         "--publish",
         metavar="NAME",
-        help="write the results as bench/results/NAME.* (tracked) and refresh the chart README shows",
+        help="write the results as bench/results/NAME.* (tracked) and refresh the chart docs/performance.md shows",
     )
     where.add_argument(
         "--out", metavar="DIR", help="write the results into DIR instead of bench/results/local/"

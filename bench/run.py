@@ -3,7 +3,7 @@
 echotw benchmark: run echotw (a real `twistd -n echo` process) and its peers
 one after another on 127.0.0.1 under the same C load client, and write a
 markdown table, raw JSON lines and a chart to bench/results/local/ (or, with
---publish NAME, to bench/results/, refreshing the chart README shows).
+--publish NAME, to bench/results/, refreshing the chart docs/performance.md shows).
 
     python3 bench/run.py                      # everything (see bench/README.md)
     python3 bench/run.py --seconds 2 --rounds 1 --only echotw,uvloop_proto

@@ -1,5 +1,5 @@
 """
-The order of the checks a new connection meets, as README states it: the IP
+The order of the checks a new connection meets, as docs/operations.md states it: the IP
 rules, C{--rate}, C{--max-connections}, C{--max-per-ip}, then C{--verifier}
 ("consulted after the built-in rules and limits").  The order decides a
 refused connection's logged reason, whether it spends one of its source's
@@ -21,7 +21,7 @@ from echotw.policy import AccessRules
 from echotw.ratelimit import TokenBuckets
 
 ORDER = ("rules", "rate", "max-connections", "max-per-ip", "verifier")
-"""README's order, by the name of each check."""
+"""The documented order, by the name of each check."""
 
 REASONS = {
     "rules": "denied",
@@ -118,7 +118,7 @@ def refusingSets() -> list[frozenset[str]]:
 class CheckOrderTests(SynchronousTestCase):
     def test_firstRefusingCheckGivesTheReason(self) -> None:
         """Whichever checks would refuse a connection, the reason is that of
-        the earliest in README's order: rules, rate, max-connections,
+        the earliest in the documented order: rules, rate, max-connections,
         max-per-ip, verifier."""
         for refusing in refusingSets():
             first = min(refusing, key=ORDER.index)

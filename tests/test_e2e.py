@@ -254,7 +254,7 @@ class EchoEndToEndTests(ServerTestCase):
 
     def test_twistWithEchotwReactor(self) -> None:
         """twist installs its own default reactor first, so --reactor=echotw
-        is how it runs echotw's (README): it is found, and echoes; a name
+        is how it runs echotw's (docs/performance.md): it is found, and echoes; a name
         twist does not know is refused, so the option is really read."""
         payload = random.Random(12).randbytes(300_000)
         server = self.start("--port", LOOPBACK, runner="twist", reactor="echotw")
@@ -328,8 +328,8 @@ class StartupErrorTests(SynchronousTestCase):
         self.assertEqual(sorted(os.listdir(directory)), ["taken"])
 
     def test_listenerErrorsExitWith1(self) -> None:
-        """Every way a listener can fail to start (README: "Start-up errors
-        exit with status 1") ends twistd with status 1 and one line naming
+        """Every way a listener can fail to start (docs/operations.md: "Start-up
+        errors exit with status 1") ends twistd with status 1 and one line naming
         it: a busy UDP port, a busy metrics port, a busy port the --workers
         supervisor binds.  (Option errors are test_badOptions, a busy TCP
         port test_portInUse.)"""
@@ -360,7 +360,7 @@ class StartupErrorTests(SynchronousTestCase):
         """twistd --help lists echo; twistd echo --help documents every
         option echo has (taken from the options class, so a new option
         without help fails), each with help text and its default, and
-        README's option tables list the same options."""
+        the option reference in docs/options.md lists the same options."""
         result = subprocess.run(
             [sys.executable, "-c", TWISTD, "--help"], capture_output=True, text=True, timeout=30
         )
@@ -377,7 +377,7 @@ class StartupErrorTests(SynchronousTestCase):
         for short in options.shortOpt.replace(":", ""):
             self.assertIn(f"-{short}, --{options.synonyms[short]} ", help.stdout)
         self.assertIn("[default: 8080", help.stdout)
-        self.assertEqual(readmeOptions(), names)
+        self.assertEqual(documentedOptions() - twisteds, names)
 
 
 def helpByOption(text: str) -> dict[str, str]:
@@ -398,17 +398,14 @@ def helpByOption(text: str) -> dict[str, str]:
     return documented
 
 
-def readmeOptions() -> set[str]:
+def documentedOptions() -> set[str]:
     """
-    The long options in README's option tables (rows whose first cell names one).
+    The long options in the option tables of docs/options.md (rows whose
+    first cell names one).
     """
     names = set()
-    probe = False
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if line.startswith("#"):
-            # The client's own options are documented in its own section.
-            probe = "echotw-probe" in line
+    for line in (ROOT / "docs" / "options.md").read_text().splitlines():
         cells = line.split("|")
-        if not probe and line.startswith("| `-") and len(cells) > 2:
+        if line.startswith("| `-") and len(cells) > 2:
             names.update(re.findall(r"`--([\w-]+)", cells[1]))
     return names

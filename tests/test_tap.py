@@ -207,7 +207,7 @@ class OptionsTests(SynchronousTestCase):
 
 class DocumentedDefaultsTests(SynchronousTestCase):
     """
-    Defaults README promises, checked on what a server built from an empty
+    Defaults docs/options.md promises, checked on what a server built from an empty
     command line does (on a fake reactor that is also its clock).
     """
 
@@ -462,7 +462,7 @@ class HelpTests(SynchronousTestCase):
         return EchoOptions().getUsage(width=80)
 
     def test_groups(self) -> None:
-        """--help lists the options under the README's groups, in order."""
+        """--help lists the options under docs/options.md's groups, in order."""
         text = self.usage()
         headings = [
             "Listeners (echotw ",

@@ -505,7 +505,7 @@ class UDPEchoProtocolTests(SynchronousTestCase):
 
     def test_dropLogDefaultIntervalTenSeconds(self) -> None:
         """By default, drops from one source are logged at most once every
-        10 seconds (README), here and as the server builds the protocol."""
+        10 seconds (docs/deployment.md), here and as the server builds the protocol."""
         config = EchoOptions()
         config.parseOptions(["--udp", "udp:7", "--deny", "192.0.2.0/24"])
         clock = MemoryReactorClock()

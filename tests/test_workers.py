@@ -621,7 +621,7 @@ class WorkerLogTests(SynchronousTestCase):
 
 class WorkersBehaviourTests(ServerTestCase):
     """
-    What README promises of --workers, seen from outside the processes.
+    What docs/deployment.md promises of --workers, seen from outside the processes.
     """
 
     def startWorkers(self, *args: str) -> tuple[EchoServer, set[int]]:
@@ -676,7 +676,7 @@ class WorkersBehaviourTests(ServerTestCase):
 
     def test_restartBacksOff(self) -> None:
         """A worker that keeps dying is restarted later each time: at least
-        0.1 s, then 0.5 s, then 1 s after it died (README: after 0.1 s,
+        0.1 s, then 0.5 s, then 1 s after it died (docs/deployment.md: after 0.1 s,
         backing off to 5 s)."""
         server, workers = self.startWorkers()
         victim = min(workers)
