@@ -29,6 +29,11 @@ COMMAND = "python tools/optionsdoc.py"
 PROSE = {"none", "nobody", "everyone", "off", "loopback"}
 """Defaults that are words, not values one types."""
 
+PLATFORM_DEFAULTS = {"backlog": "socket.SOMAXCONN"}
+"""Defaults that differ by platform, named rather than shown as this machine's
+value (C{--help} prints the number), so the page is the same wherever it is
+made."""
+
 _DEFAULT = re.compile(r"\s*\[default:\s*([^]]*)\]\.?")
 
 
@@ -55,7 +60,7 @@ def optionTables(options: EchoOptions | None = None, groups: list[Group] = HELP_
             if short:
                 label = f"`-{short}`, {label}"
             doc = " ".join((options.docs.get(name) or "").split())
-            default = formatDefault(options.defaults.get(name))
+            default = PLATFORM_DEFAULTS.get(name) or formatDefault(options.defaults.get(name))
             stated = _DEFAULT.search(doc)
             if stated:
                 default = stated[1]
