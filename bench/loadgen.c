@@ -7,7 +7,7 @@
  *
  *   loadgen --mode pingpong|stream|churn|hold --port P [--host 127.0.0.1]
  *           [--conns N] [--size BYTES] [--seconds S] [--warmup S]
- *           [--window BYTES] [--setup-timeout S] [--block]
+ *           [--window BYTES] [--setup-timeout S] [--block] [--count N] [--gate]
  *
  * Every connection carries one byte stream cut from a fixed pseudo-random
  * table, starting at an offset derived from the connection's number: byte i
@@ -38,6 +38,17 @@
  * The JSON line reports client_idle_pct, the share of the measured time spent
  * in empty polls: near 0 means the client, not the server, set the pace.
  *
+ * --count N bounds the work instead of the clock: N round trips (pingpong),
+ * N bytes echoed (stream) or N completed cycles (churn), counted from the
+ * first byte after setup, with no warm-up; SECONDS is then only a limit (a
+ * run cut short by it reports "fatal").  The JSON line's ops and bytes are
+ * then all the work done after setup, drain included.  --gate (with
+ * --count) hands the timing to the caller: after setup loadgen prints
+ * {"event":"ready"} and waits for a line on stdin before the first byte,
+ * and after its result line it waits for another before closing anything,
+ * so a caller can measure the server over exactly the counted work
+ * (bench/instructions.py switches callgrind on and off there).
+ *
  * Only 127.x.x.x is accepted as HOST, and an alarm ends the process at
  * setup-timeout + warmup + seconds + GRACE_S whatever happens.
  */
@@ -47,6 +58,7 @@
 #include <getopt.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -65,6 +77,7 @@
 #define DRAIN_S 2.0               /* at most this long to collect bytes in flight at the end */
 #define CYCLE_TIMEOUT_S 3.0       /* churn: a cycle older than this is abandoned */
 #define GRACE_S 6                 /* added to the alarm */
+#define GATE_S 60                 /* --gate: longest wait for each line on stdin */
 #define MAX_EVENTS 1024
 #define MAX_SLOTS 3600            /* per-second progress counters */
 #define SUB 64                    /* log-linear histogram: sub-buckets per power of two */
@@ -89,7 +102,8 @@ static struct {
     enum mode mode;
     const char *mode_name;
     struct sockaddr_in addr;
-    int conns, block;
+    int conns, block, gate;
+    uint64_t count;
     size_t size, window;
     double seconds, warmup, setup_timeout;
 } cfg = {.conns = 1, .size = 64, .window = 256u << 10, .seconds = 5, .warmup = 1,
@@ -103,6 +117,7 @@ static int ep;
 static int measuring, stopping, opened, connecting, checked, lost, held, peak;
 static uint64_t t_measure, t_stop, t_last_progress, idle_ns;
 static uint64_t ops, bytes, errors, timeouts, mismatches;
+static uint64_t started, budget; /* --count: messages/cycles begun, stream bytes not yet sent */
 static uint64_t per_second[MAX_SLOTS];
 static uint64_t hist[NBUCKETS], hist_n, lat_max;
 static double cpu_at_measure, setup_s, held_s;
@@ -234,6 +249,9 @@ static void report(const char *fatal) {
     }
     printf(",\"errors\":%llu,\"mismatches\":%llu", (unsigned long long)errors,
            (unsigned long long)mismatches);
+    if (cfg.count)
+        printf(",\"count\":%llu,\"bytes\":%llu", (unsigned long long)cfg.count,
+               (unsigned long long)bytes);
     if (fatal) printf(",\"fatal\":\"%s\"", fatal);
     printf("}\n");
     fflush(stdout);
@@ -291,6 +309,9 @@ static int pump(struct conn *c, uint64_t limit) {
     while (c->sent < limit) {
         size_t n = limit - c->sent;
         if (n > cfg.size) n = cfg.size;
+        int budgeted = cfg.count && cfg.mode == STREAM && c->state == LOADED;
+        if (budgeted && n > budget) n = (size_t)budget;
+        if (n == 0) break;
         ssize_t w = write(c->fd, table + (c->start + c->sent) % TABLE, n);
         if (w < 0) {
             if (errno == EINTR) continue;
@@ -298,6 +319,7 @@ static int pump(struct conn *c, uint64_t limit) {
             return -1;
         }
         c->sent += (uint64_t)w;
+        if (budgeted) budget -= (uint64_t)w;
     }
     watch(c, 0);
     return 0;
@@ -344,6 +366,8 @@ static void on_echoed(struct conn *c, uint64_t t) {
         return;
     }
     count_op(t, t - c->t_msg);
+    if (cfg.count && started >= cfg.count) return;
+    started++;
     if (!stopping && cfg.mode == PINGPONG) {
         next_message(c, t);
         if (pump(c, c->goal) < 0) drop(c, 1);
@@ -461,7 +485,11 @@ static void kick_all(uint64_t t) {
     for (int i = 0; i < cfg.conns; i++) {
         struct conn *c = &conn[i];
         if (c->state != LOADED) continue;
-        if (cfg.mode == PINGPONG) next_message(c, t);
+        if (cfg.mode == PINGPONG) {
+            if (cfg.count && started >= cfg.count) break;
+            started++;
+            next_message(c, t);
+        }
         if (pump(c, send_limit(c)) < 0) drop(c, 1);
     }
 }
@@ -477,9 +505,72 @@ static void advance_phase(uint64_t t, uint64_t warm_end, uint64_t *end, uint64_t
     }
 }
 
+static void expire_cycles(uint64_t t);
+
+/* --gate: print EVENT (if any), then wait for a line or EOF on stdin (at most GATE_S) */
+static void gate(const char *event) {
+    if (!cfg.gate) return;
+    if (event) {
+        printf("{\"event\":\"%s\"}\n", event);
+        fflush(stdout);
+    }
+    struct pollfd in = {.fd = 0, .events = POLLIN};
+    uint64_t end = now_ns() + (uint64_t)GATE_S * 1000000000ull;
+    char b[128];
+    while (now_ns() < end) {
+        if (poll(&in, 1, 100) <= 0) continue;
+        ssize_t r = read(0, b, sizeof b);
+        if (r <= 0 || memchr(b, '\n', (size_t)r)) return;
+    }
+}
+
+/* --count: the counted work is done (and, for pingpong and stream, all echoed back) */
+static int counted_done(void) {
+    if (cfg.mode == CHURN) return started >= cfg.count && connecting == 0 && opened == 0;
+    if (cfg.mode == STREAM) return budget == 0 && inflight() == 0;
+    return started >= cfg.count && inflight() == 0;
+}
+
+/* --count: COUNT units of work after setup, bounded by SECONDS; 1 if the clock cut it short */
+static int run_counted(void) {
+    gate("ready");
+    uint64_t t = now_ns(), end = t + (uint64_t)(cfg.seconds * 1e9), drain_end = 0;
+    int cut = 0;
+    budget = cfg.count;
+    start_measuring();
+    if (cfg.mode != CHURN) kick_all(t);
+    for (;;) {
+        t = now_ns();
+        if (cfg.mode == CHURN && !stopping) {
+            for (int i = 0; i < cfg.conns && started < cfg.count; i++)
+                if (conn[i].state == FREE || conn[i].state == CLOSED) {
+                    started++;
+                    open_conn(&conn[i]);
+                }
+            expire_cycles(t);
+        }
+        if (!stopping && counted_done()) {
+            stop_measuring();
+            break;
+        }
+        if (!stopping && t >= end) {
+            cut = 1;
+            stop_measuring();
+            drain_end = t + (uint64_t)(DRAIN_S * 1e9);
+        }
+        if (stopping && (counted_done() || t >= drain_end)) break;
+        if (cfg.mode != CHURN && !checked) break;
+        poll_once(5);
+    }
+    report(cut ? "--count not reached within --seconds" : NULL);
+    gate(NULL);
+    return cut;
+}
+
 static int run_load(void) {
     setup_all();
     if (!checked) { report("no connection completed its first echo"); return 1; }
+    if (cfg.count) return run_counted();
     uint64_t t = now_ns(), warm_end = t + (uint64_t)(cfg.warmup * 1e9), end = 0, drain_end = 0;
     kick_all(t);
     for (;;) {
@@ -505,6 +596,7 @@ static void expire_cycles(uint64_t t) {
 }
 
 static int run_churn(void) {
+    if (cfg.count) return run_counted();
     uint64_t t = now_ns(), warm_end = t + (uint64_t)(cfg.warmup * 1e9), end = 0, drain_end = 0;
     uint64_t next_expiry = t;
     for (;;) {
@@ -559,7 +651,7 @@ static int run_hold(void) {
 static void usage_exit(const char *why) {
     fprintf(stderr, "loadgen: %s\nusage: loadgen --mode pingpong|stream|churn|hold --port P "
             "[--host 127.x.x.x] [--conns N] [--size B] [--seconds S] [--warmup S] "
-            "[--window B] [--setup-timeout S] [--block]\n", why);
+            "[--window B] [--setup-timeout S] [--block] [--count N] [--gate]\n", why);
     exit(1);
 }
 
@@ -568,7 +660,7 @@ static void parse_args(int argc, char **argv) {
         {"mode", 1, 0, 'm'}, {"host", 1, 0, 'h'}, {"port", 1, 0, 'p'},
         {"conns", 1, 0, 'c'}, {"size", 1, 0, 's'}, {"seconds", 1, 0, 't'},
         {"warmup", 1, 0, 'w'}, {"window", 1, 0, 'W'}, {"setup-timeout", 1, 0, 'S'},
-        {"block", 0, 0, 'B'}, {0, 0, 0, 0}};
+        {"block", 0, 0, 'B'}, {"count", 1, 0, 'n'}, {"gate", 0, 0, 'g'}, {0, 0, 0, 0}};
     const char *host = "127.0.0.1", *mode = NULL;
     int port = 0, o;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -583,6 +675,8 @@ static void parse_args(int argc, char **argv) {
         case 'W': cfg.window = strtoul(optarg, NULL, 10); break;
         case 'S': cfg.setup_timeout = atof(optarg); break;
         case 'B': cfg.block = 1; break;
+        case 'n': cfg.count = strtoull(optarg, NULL, 10); break;
+        case 'g': cfg.gate = 1; break;
         default: usage_exit("unknown option");
         }
     }
@@ -603,6 +697,9 @@ static void parse_args(int argc, char **argv) {
         !(cfg.setup_timeout > 0 && cfg.setup_timeout < 600))
         usage_exit("--seconds, --warmup, --setup-timeout out of range");
     if (cfg.window < cfg.size) cfg.window = cfg.size;
+    if (cfg.gate && !cfg.count) usage_exit("--gate needs --count");
+    if (cfg.count > 1000000000000ull || (cfg.count && cfg.mode == HOLD))
+        usage_exit("--count must be 1-10^12, and not with hold");
 }
 
 static void raise_fd_limit(void) {
@@ -617,7 +714,8 @@ int main(int argc, char **argv) {
     parse_args(argc, argv);
     signal(SIGPIPE, SIG_IGN);
     signal(SIGALRM, on_alarm);
-    alarm((unsigned)(cfg.setup_timeout + cfg.warmup + cfg.seconds) + GRACE_S);
+    alarm((unsigned)(cfg.setup_timeout + cfg.warmup + cfg.seconds) + GRACE_S +
+          (cfg.gate ? 2 * GATE_S : 0));
     raise_fd_limit();
     fill_table();
     conn = calloc((size_t)cfg.conns, sizeof *conn);
