@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import harness  # noqa: E402  (the directory is put on sys.path just above)
+from instructions_report import markdown  # noqa: E402
 
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 # echotw as a cautious operator runs it; --log-level warn because the peers log nothing
@@ -89,7 +90,6 @@ PEERS = [
     Peer("asyncio_proto", "{python} asyncio_proto.py {port}", "asyncio Protocol"),
     Peer("twisted_naive", "{python} twisted_naive.py {port}", "textbook Twisted"),
 ]
-YARDSTICK = "uvloop_proto"
 
 
 def parseArgs(argv: list[str]) -> argparse.Namespace:
@@ -266,8 +266,10 @@ class Measured:
         return f"port not accepting after {limit:g} s"
 
     def logTail(self) -> str:
+        """The server's last line of its own (valgrind's lines start with ==PID==)."""
         lines = self.log.read_text(errors="replace").strip().splitlines()
-        return lines[-1][-200:] if lines else ""
+        own = [line for line in lines if line.strip() and not line.startswith("==")]
+        return own[-1][-200:] if own else ""
 
     def loadgenArgv(self, work: Work, count: int) -> list[str]:
         return [
@@ -317,9 +319,6 @@ class Measured:
         self, work: Work, res: dict[str, Any] | None, ir: int | None, rc: int | None, err: Any
     ) -> dict[str, Any]:
         out: dict[str, Any] = {"server": self.peer.name, "workload": work.name, "unit": work.unit}
-        out["command"] = self.peer.argv.replace("{python} -c {twistd}", "twistd").format(
-            python="python", build="bench/build", port="{port}"
-        )
         if res is None:
             tail = err.read()[-200:] if err else ""
             return {**out, "fatal": f"no result from loadgen (status {rc}) {tail}".strip()}
@@ -330,7 +329,9 @@ class Measured:
             out["fatal"] = res["fatal"]
         elif ir is None:
             out["fatal"] = "no callgrind dump"
-        elif units:
+        elif not units:
+            out["fatal"] = "no work done"
+        else:
             out["per_unit"] = ir / units
         return out
 
@@ -340,6 +341,12 @@ class Measured:
         server = Server(Spec(self.peer.name, ""), Path(self.outfile).parent)
         server.proc = self.proc  # the same group-wide SIGTERM, then SIGKILL
         server.stop()
+
+
+def shown(peer: Peer) -> str:
+    """The command as a reader would type it."""
+    text = peer.argv.replace("{python} -c {twistd}", "twistd")
+    return text.format(python="python", build="bench/build", port="{port}")
 
 
 def runPeer(peer: Peer, works: list[Work], loadgen: Path, args: Any, scratch: Path) -> list[Any]:
@@ -353,58 +360,13 @@ def runPeer(peer: Peer, works: list[Work], loadgen: Path, args: Any, scratch: Pa
                 err = f"died: {server.logTail()}"
             res = server.measure(work) if err is None else {"fatal": err}
             res.update(server=peer.name, workload=work.name, unit=work.unit)
+            res["command"] = shown(peer)
             out.append(res)
-            shown = f"{res['per_unit']:,.0f}" if res.get("per_unit") else res.get("fatal")
-            print(f"   {work.name:10s} {shown} per {work.unit}", file=sys.stderr, flush=True)
+            got = res.get("fatal") or f"{res['per_unit']:,.0f} per {work.unit}"
+            print(f"   {work.name:10s} {got}", file=sys.stderr, flush=True)
     finally:
         server.stop()
     return out
-
-
-def markdown(
-    results: list[dict[str, Any]], peers: list[Peer], works: list[Work], scale: float, cmd: str
-) -> str:
-    """The table (servers across, as bench/README.md shows it), then ratios to uvloop."""
-    cell = {(r["server"], r["workload"]): r for r in results}
-
-    def figure(peer: Peer, work: Work) -> str:
-        r = cell.get((peer.name, work.name), {})
-        if r.get("mismatches"):
-            return "**mismatch**"
-        if "per_unit" not in r:
-            return "failed" if r else "-"
-        flag = f" ({r['errors']} errors)" if r.get("errors") else ""
-        text = f"{r['per_unit']:,.0f}{flag}"
-        return f"**{text}**" if peer.name.startswith("echotw") else text
-
-    def ratio(peer: Peer, work: Work) -> str:
-        a = cell.get((peer.name, work.name), {}).get("per_unit")
-        b = cell.get((YARDSTICK, work.name), {}).get("per_unit")
-        if not (a and b):
-            return "-"
-        return f"{a / b:.2f}" if a / b >= 0.1 else f"{a / b:.3f}"
-
-    head = "| user-space instructions per unit | " + " | ".join(
-        f"**{p.title}**" if p.name.startswith("echotw") else p.title for p in peers
-    )
-    lines = [
-        "# User-space instructions per unit of work (callgrind)",
-        "",
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, `{cmd}`",
-        "",
-        head + " |",
-        "|---" * (len(peers) + 1) + "|",
-    ]
-    lines += [f"| {w.title} | " + " | ".join(figure(p, w) for p in peers) + " |" for w in works]
-    lines += ["", f"Ratio to {YARDSTICK} (below 1: fewer instructions than uvloop):", ""]
-    lines += ["| workload | " + " | ".join(p.name for p in peers) + " |"]
-    lines += ["|---" * (len(peers) + 1) + "|"]
-    lines += [f"| {w.name} | " + " | ".join(ratio(p, w) for p in peers) + " |" for w in works]
-    done = ", ".join(f"{w.name} {round(w.count * scale):,}" for w in works)
-    lines += ["", f"Work counted per cell (round trips, bytes, connections): {done}."]
-    lines += ["", "Commands:", ""]
-    lines += sorted({f"- {r['server']}: `{r['command']}`" for r in results if r.get("command")})
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
