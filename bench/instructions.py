@@ -369,6 +369,34 @@ def runPeer(peer: Peer, works: list[Work], loadgen: Path, args: Any, scratch: Pa
     return out
 
 
+def machine() -> str:
+    """What the counts depend on: the interpreter and libraries more than the CPU."""
+    import importlib.metadata
+    import os
+    import platform
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    valgrind = subprocess.run(["valgrind", "--version"], capture_output=True, text=True)
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}; "
+        f"Python {platform.python_version()}, Twisted {version('twisted')}, "
+        f"uvloop {version('uvloop')}, {valgrind.stdout.strip()}"
+    )
+
+
 def main(argv: list[str]) -> int:
     harness.ensureInterpreter(argv)
     harness.exitOnSigterm()
@@ -391,7 +419,7 @@ def main(argv: list[str]) -> int:
         jsonl, 1, "instr", lambda s: (runPeer(p, works, loadgen, args, s) for p in peers)
     )
     cmd = shlex.join(["python3", "bench/instructions.py", *argv])
-    md = markdown(results, peers, works, args.scale, cmd)
+    md = markdown(results, peers, works, args.scale, cmd, machine())
     Path(f"{prefix}.md").write_text(md)
     print(md)
     print(f"wrote {prefix}.md, {jsonl}", file=sys.stderr)

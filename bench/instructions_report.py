@@ -13,7 +13,12 @@ YARDSTICK = "uvloop_proto"
 
 
 def markdown(
-    results: list[dict[str, Any]], peers: list[Any], works: list[Any], scale: float, cmd: str
+    results: list[dict[str, Any]],
+    peers: list[Any],
+    works: list[Any],
+    scale: float,
+    cmd: str,
+    machine: str,
 ) -> str:
     """The table (servers across, as bench/README.md shows it), then ratios to uvloop."""
     cell = {(r["server"], r["workload"]): r for r in results}
@@ -42,6 +47,8 @@ def markdown(
         "# User-space instructions per unit of work (callgrind)",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}, `{cmd}`",
+        "",
+        f"On {machine}.",
         "",
         head + " |",
         "|---" * (len(peers) + 1) + "|",
