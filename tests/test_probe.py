@@ -293,13 +293,29 @@ class DatagramCheckTests(SynchronousTestCase):
         self.assertEqual(self.check.received(self.sent[3][1])[:2], ("ok", 3))
         self.assertEqual(self.check.received(self.sent[1][1])[:2], ("reordered", 1))
 
-    def test_truncated(self) -> None:
-        """A shortened echo is corrupt and says how much came back."""
-        kind, _, mismatch = self.check.received(self.sent[0][1][:60])
+    @given(st.integers(min_value=HEADER, max_value=99))
+    def test_truncated(self, length: int) -> None:
+        """A shortened echo of a datagram in flight, cut anywhere after its
+        sequence number, settles that datagram as truncated (it came back,
+        so it is not lost) and says how much came back; a whole copy after
+        it is a duplicate."""
+        check = DatagramCheck(5, 0, 100)
+        sent = [check.nextDatagram() for _ in range(3)]
+        kind, sequence, mismatch = check.received(sent[1][1][:length])
         assert mismatch is not None
-        self.assertEqual(kind, "corrupt")
-        self.assertIn("60 bytes came back of 100", mismatch.detail)
+        self.assertEqual((kind, sequence, mismatch.datagram), ("truncated", 1, 1))
+        self.assertEqual(mismatch.offset, length)
+        self.assertIn(f"{length} bytes came back of 100", mismatch.detail)
+        self.assertEqual(check.received(sent[1][1])[:2], ("duplicate", 1))
+        self.assertEqual(check.received(sent[0][1])[:2], ("reordered", 0))
+
+    def test_truncatedUnsettled(self) -> None:
+        """A shortened reply that cannot be pinned on a datagram in flight
+        settles nothing: too short to carry a sequence number, or the echo
+        of one already lost."""
         self.assertEqual(self.check.received(b"abc")[:2], ("corrupt", None))
+        self.check.lost(2)
+        self.assertEqual(self.check.received(self.sent[2][1][:60])[:2], ("corrupt", None))
 
     def test_tooSmall(self) -> None:
         """A datagram must have room for the pattern after its header."""

@@ -389,6 +389,21 @@ class DatagramProbeTests(SynchronousTestCase):
         result = self.report()
         self.assertEqual((result.duplicated, result.mismatches, result.exitCode), (1, 2, 2))
 
+    def test_truncatedReplies(self) -> None:
+        """A server that shortens every reply: each datagram came back, so
+        none is lost and the flow does not say that no echo came back;
+        each is a mismatch (exit 2)."""
+        port = self.start(count=3, timeout=1.0)
+        for i in range(3):
+            self.assertEqual(len(port.written), i + 1)
+            self.probe.datagramReceived(port.written[i][:40], None)
+        self.assertEqual(self.done, [None])
+        result = self.report()
+        self.assertEqual((result.mismatches, result.lost, result.failures), (3, 0, []))
+        self.assertEqual(result.exitCode, 2)
+        assert result.firstMismatch is not None
+        self.assertIn("40 bytes came back of 100", result.firstMismatch[1].describe())
+
     def test_nothingBack(self) -> None:
         """A flow that got no echo at all failed: nothing answers there."""
         self.start(count=2, timeout=0.5)

@@ -49,18 +49,23 @@ async def runProbe(*args: str) -> Report:
 class UnreliableEcho(DatagramProtocol):
     """
     A UDP echo that drops every C{drop}-th datagram, sends every C{twice}-th
-    twice, and holds the first one back for C{delay} seconds.
+    twice, holds the first one back for C{delay} seconds, and sends back
+    at most C{truncate} bytes of each.
     """
 
-    def __init__(self, drop: int = 0, twice: int = 0, delay: float = 0.0) -> None:
+    def __init__(
+        self, drop: int = 0, twice: int = 0, delay: float = 0.0, truncate: int | None = None
+    ) -> None:
         self._drop = drop
         self._twice = twice
         self._delay = delay
+        self._truncate = truncate
         self._seen = 0
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self._seen += 1
         assert self.transport is not None
+        data = data[: self._truncate]
         if self._drop and self._seen % self._drop == 0:
             return
         copies = 2 if self._twice and self._seen % self._twice == 0 else 1
@@ -123,6 +128,16 @@ class LoopbackTests(TestCase):
         result = await runProbe("-u", "-c", "5", "-i", "0.02", "127.0.0.1", str(port))
         self.assertEqual((result.reordered, result.lost, result.messagesEchoed), (1, 0, 5))
         self.assertEqual(result.exitCode, 0)
+
+    async def test_udpTruncated(self) -> None:
+        """A server that cuts every reply short: mismatches, not losses
+        and not a flow that got no echo."""
+        port = self.listenUDP(UnreliableEcho(truncate=512))
+        result = await runProbe("-u", "-c", "5", "-s", "1000", "127.0.0.1", str(port))
+        self.assertEqual((result.mismatches, result.lost, result.failures), (5, 0, []))
+        self.assertEqual(result.exitCode, 2)
+        assert result.firstMismatch is not None
+        self.assertIn("512 bytes came back of 1000", result.firstMismatch[1].detail)
 
     async def test_udpRefused(self) -> None:
         """UDP to a port nobody listens on fails as refused."""

@@ -269,18 +269,19 @@ class DatagramProbe(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: object) -> None:
         if self._over:
             return
+        # Whatever it is, something answers at the far end.
+        self._answers += 1
         kind, sequence, mismatch = self._check.received(data)
         if kind == DatagramCheck.DUPLICATE:
             assert mismatch is not None
             self._run.duplicated(self._index, mismatch)
-        elif kind == DatagramCheck.CORRUPT:
+        elif kind in (DatagramCheck.CORRUPT, DatagramCheck.TRUNCATED):
             assert mismatch is not None
             self._run.mismatch(self._index, mismatch)
         elif kind == DatagramCheck.LATE:
             self._run.late()
         else:
             assert sequence is not None
-            self._answers += 1
             if kind == DatagramCheck.REORDERED:
                 self._run.reordered()
             self._run.echoed(self._now() - self._inFlight[sequence], len(data))

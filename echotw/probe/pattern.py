@@ -217,6 +217,7 @@ class DatagramCheck:
     DUPLICATE = "duplicate"
     LATE = "late"
     CORRUPT = "corrupt"
+    TRUNCATED = "truncated"
 
     def __init__(self, seed: int, stream: int, size: int) -> None:
         if size <= HEADER:
@@ -261,11 +262,14 @@ class DatagramCheck:
 
     def received(self, data: bytes) -> tuple[str, int | None, Mismatch | None]:
         """
-        Classify a reply: C{(kind, sequence, mismatch)}.  A corrupt reply or
-        a duplicate comes with a mismatch.  A corrupt reply settles no
-        datagram (its sequence is C{None}; the mismatch names the number it
-        carries), since that number may be what was damaged: the datagram
-        it was meant to echo is counted lost unless an intact echo follows.
+        Classify a reply: C{(kind, sequence, mismatch)}.  A corrupt reply, a
+        truncated one or a duplicate comes with a mismatch.  A corrupt reply
+        settles no datagram (its sequence is C{None}; the mismatch names the
+        number it carries), since that number may be what was damaged: the
+        datagram it was meant to echo is counted lost unless an intact echo
+        follows.  A truncated reply (the start of a datagram still in
+        flight, sequence number included, and nothing else) settles that
+        datagram: it came back, short, which is a mismatch and not a loss.
         """
         sequence = int.from_bytes(data[:HEADER], "big")
         if len(data) < HEADER or sequence >= self.sent:
@@ -286,6 +290,12 @@ class DatagramCheck:
             mismatch = Mismatch(
                 at, expected[at : at + SHOWN], data[at : at + SHOWN], detail, sequence
             )
+            inFlight = not self._isAnswered(sequence) and sequence not in self._lost
+            if at == len(data) and inFlight:
+                self._answered.add(sequence)
+                self._settle()
+                self._highest = max(self._highest, sequence)
+                return self.TRUNCATED, sequence, mismatch
             # Not settled: the sequence number itself may be what was damaged.
             return self.CORRUPT, None, mismatch
         duplicate = (self.DUPLICATE, sequence, Mismatch(0, b"", b"", "came back twice", sequence))
