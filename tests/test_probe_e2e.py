@@ -163,6 +163,71 @@ class EchotwTests(ServerTestCase):
         self.assertEqual(result["verified_bytes"], 0)
         self.assertIn("certificate verify failed", result["failures"][0]["reason"])
 
+    def test_tlsCertificateMustNameTheServer(self) -> None:
+        """A trusted certificate that does not name the server is refused,
+        exit 2 with one line saying so: one for other names, and one
+        without subjectAltName (made as README's openssl recipe without
+        -addext), whose common name RFC 6125 clients do not use."""
+        try:
+            import trustme
+            from cryptography.hazmat.primitives import serialization
+        except ImportError as e:
+            raise SkipTest(f"TLS needs pyOpenSSL and trustme: {e}") from None
+        directory = self.temporaryDirectory()
+        ca = trustme.CA()
+        issued = ca.issue_cert("localhost", "127.0.0.1")
+        key, chain, caFile = directory / "key.pem", directory / "cert.pem", directory / "ca.pem"
+        issued.private_key_pem.write_to_path(str(key))
+        issued.cert_chain_pems[0].write_to_path(str(chain))
+        ca.cert_pem.write_to_path(str(caFile))
+        commonKey, commonOnly = commonNameOnlyCertificate("localhost")
+        commonKeyFile, commonFile = directory / "cn-key.pem", directory / "cn.pem"
+        commonKeyFile.write_bytes(
+            commonKey.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        commonFile.write_bytes(commonOnly.public_bytes(serialization.Encoding.PEM))
+        server = self.start(
+            "--port", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={chain}",
+            "--port", f"ssl:0:interface=127.0.0.1:privateKey={commonKeyFile}:certKey={commonFile}",
+            listeners=2,
+        )  # fmt: skip
+        sanPort, commonPort = (address.rsplit(":", 1)[1] for address in server.addresses)
+        wrongName = Probe(
+            "--json", "--tls", "--ca", str(caFile), "--sni", "wrong.example", "127.0.0.1", sanPort
+        )
+        named = Probe(
+            "--json", "--tls", "--ca", str(caFile), "--sni", "localhost", "127.0.0.1", sanPort
+        )
+        commonName = Probe(
+            "--json",
+            "--tls",
+            "--ca",
+            str(commonFile),
+            "--sni",
+            "localhost",
+            "127.0.0.1",
+            commonPort,
+        )
+        insecure = Probe("--json", "--tls", "--insecure", "127.0.0.1", commonPort)
+        for p, expected in [
+            (wrongName, "not for 'wrong.example': it names DNS:localhost, IP:127.0.0.1"),
+            (commonName, "no subjectAltName"),
+        ]:
+            code, out, err = p.finish()
+            self.assertEqual(code, 2, out + err)
+            self.assertEqual(summary(out)["verified_bytes"], 0)
+            [failure] = [line for line in out.splitlines() if line.startswith("FAILED")]
+            self.assertIn(expected, failure)
+            self.assertIn("result: FAILED (exit 2)", out)
+            self.assertEqual(err, "")
+        for p in (named, insecure):
+            code, out, err = p.finish()
+            self.assertEqual(code, 0, out + err)
+
     def test_proxyProtocol(self) -> None:
         """With --proxy-v1 or --proxy-v2 the probe gets through a haproxy:
         listener, whose log shows the header naming the probe's own
@@ -182,6 +247,36 @@ class EchotwTests(ServerTestCase):
                 rf"PROXY v{version} header from 127\.0\.0\.1:(\d+) on \S+: client 127\.0\.0\.1:(\d+)"
             )
             self.assertEqual(match[1], match[2])
+
+
+def commonNameOnlyCertificate(name: str) -> tuple[Any, Any]:
+    """
+    A self-signed certificate (and its key) naming C{name} in its subject's
+    common name alone, with no subjectAltName, as C{openssl req -x509
+    -subj /CN=NAME} makes.
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, certificate
 
 
 class EchoPeer:
