@@ -11,13 +11,14 @@
 
 ARG PYTHON_VERSION=3.12
 
-# Stage 1: build echotw's wheel and the wheels of everything it needs.
+# Stage 1: build echotw's wheel and the wheels of everything it needs,
+# TLS included (ssl: listeners and echotw-probe --tls need the tls extra).
 FROM python:${PYTHON_VERSION}-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY echotw/ echotw/
 COPY twisted/ twisted/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[tls]'
 
 # Stage 2: install those wheels, and nothing else, into a clean image.
 FROM python:${PYTHON_VERSION}-slim
@@ -26,9 +27,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # The wheels are mounted for this one step, not copied, so they stay out of
 # the image.  Twisted's plugin cache is written now, as root: at run time
 # the package directory is read-only to the server (and may be read-only
-# altogether, as with Kubernetes' readOnlyRootFilesystem).
+# altogether, as with Kubernetes' readOnlyRootFilesystem).  Unpinned, since
+# only /wheels is searched, which holds the one echotw built above.
+# hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/echotw-*.whl \
+    pip install --no-cache-dir --no-index --find-links=/wheels 'echotw[tls]' \
     && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
     && groupadd --system --gid 10001 echotw \
     && useradd --system --uid 10001 --gid echotw --no-create-home --home-dir /nonexistent \

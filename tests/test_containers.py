@@ -226,6 +226,19 @@ class DockerfileTests(SynchronousTestCase):
         ]
         self.assertIn("--no-index", install)
 
+    def test_imageHasTLS(self) -> None:
+        """ssl: listeners and echotw-probe --tls work in the image: the
+        build stage makes the wheels of the tls extra too, and the image
+        installs echotw with that extra, from those wheels alone."""
+        runs = dockerfile().all("RUN")
+        [wheels] = [run for run in runs if "pip wheel" in run]
+        self.assertRegex(wheels, r"--wheel-dir /wheels '\.\[tls\]'$")
+        [install] = [run for run in runs if "pip install" in run and "from=build" in run]
+        self.assertRegex(install, r"--no-index --find-links=/wheels 'echotw\[tls\]' ")
+        self.assertRegex(
+            (ROOT / "pyproject.toml").read_text(), r'(?m)^tls = \[\n    "twisted\[tls\]>='
+        )
+
     def test_nonRootUser(self) -> None:
         """The image runs as a numeric, non-root user (so runAsNonRoot can
         check it), the one the Deployment names."""
