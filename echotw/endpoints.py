@@ -14,7 +14,7 @@ from typing import NamedTuple
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
-from echotw.files import MAX_TLS_FILE_BYTES, checkSmallRegularFile
+from echotw.files import MAX_TLS_FILE_BYTES, TLS_EXTRA, checkSmallRegularFile
 from echotw.systemd import inheritedSockets
 
 DEFAULT_BACKLOG = socket.SOMAXCONN
@@ -184,9 +184,8 @@ def checkDescription(description: str) -> None:
     try:
         serverFromString(MemoryReactor(), description)
     except ModuleNotFoundError as e:
-        raise ValueError(
-            f"needs the {e.name} module" + (" (pip install 'echotw[tls]')" if kind == "ssl" else "")
-        ) from None
+        hint = f" ({TLS_EXTRA})" if inner and inner[0] == "ssl" else ""
+        raise ValueError(f"needs the {e.name} module{hint}") from None
     except Exception as e:
         raise ValueError(str(e) or type(e).__name__) from None
     kind = inner[0] if inner else ""

@@ -13,6 +13,16 @@ import stat
 MAX_TLS_FILE_BYTES = 1024 * 1024
 """The largest key, certificate chain or DH parameters file read (1 MiB)."""
 
+TLS_EXTRA = (
+    "install the tls extra: pip install '.[tls]' in echotw's checkout, "
+    "or pip install 'twisted[tls]'"
+)
+"""
+How to get TLS support when pyOpenSSL or service_identity is missing:
+echotw is installed from its checkout (no package index has it), and its
+tls extra is Twisted's.
+"""
+
 
 def fileKind(mode: int) -> str:
     """

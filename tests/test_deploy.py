@@ -199,7 +199,7 @@ class TLSTests(DeployTestCase):
             import trustme
         except ImportError as e:
             raise SkipTest(
-                f"TLS needs pyOpenSSL and trustme (pip install 'echotw[tls]' trustme): {e}"
+                f"TLS needs pyOpenSSL and trustme (pip install -e '.[test]'): {e}"
             ) from None
         directory = temporaryDirectory(self)
         self.ca = trustme.CA()

@@ -8,16 +8,19 @@ memory reading C{/dev/zero} or waits for ever on a FIFO.
 from __future__ import annotations
 
 import os
+import re
 import resource
+import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.files import MAX_TLS_FILE_BYTES, checkSmallRegularFile
-from tests.process import serverDirectory, twistdCommand
+from echotw.files import MAX_TLS_FILE_BYTES, TLS_EXTRA, checkSmallRegularFile
+from tests.process import TWISTD, environmentWithRoot, serverDirectory, twistdCommand
 from tests.test_e2e_rulefiles import BAD_FILES as BAD_RULE_FILES
 
 
@@ -107,3 +110,49 @@ class TLSFilesEndToEndTests(SynchronousTestCase):
                 name,
             )
         os.remove(good)
+
+
+WITHOUT_OPENSSL = "import sys; sys.modules['OpenSSL'] = None; "
+"""Run first, makes every import of pyOpenSSL fail as if it were not installed."""
+
+
+class WithoutTLSTests(SynchronousTestCase):
+    def run_(self, *command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", *command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=serverDirectory(),
+            env=environmentWithRoot(),
+            stdin=subprocess.DEVNULL,
+        )
+
+    def test_sayWhatToInstall(self) -> None:
+        """Without pyOpenSSL, an ssl: listener (behind haproxy: too) and
+        echotw-probe --tls each fail at start-up with one line saying what
+        to install, in terms that work from a checkout: no index has
+        echotw, so not C{pip install 'echotw[tls]'}."""
+        self.assertIn(".[tls]", TLS_EXTRA)
+        self.assertNotIn("echotw[tls]", TLS_EXTRA)
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory, True)
+        pem = directory / "server.pem"
+        pem.write_text("not read: the module is missing\n")
+        for listener in (f"ssl:0:privateKey={pem}", f"haproxy:ssl:0:privateKey={pem}"):
+            result = self.run_(
+                WITHOUT_OPENSSL + TWISTD, "--nodaemon", "--pidfile=", "echo", "--port", listener
+            )
+            self.assertEqual(
+                (result.returncode, result.stderr.strip().splitlines()),
+                (1, [f"echo: error: --port: {listener!r}: needs the OpenSSL module "
+                     f"({TLS_EXTRA}) (see --help)"]),
+            )  # fmt: skip
+        result = self.run_(
+            WITHOUT_OPENSSL + "from echotw.probe import main; main()", "--tls", "127.0.0.1", "7"
+        )
+        [line] = result.stderr.strip().splitlines()
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertRegex(
+            line, rf"^echotw-probe: error: --tls needs pyOpenSSL .*\({re.escape(TLS_EXTRA)}\)"
+        )

@@ -17,7 +17,7 @@ from typing import Any
 from twisted.python import usage
 
 from echotw.coercers import YEAR, NamingCoerceParameter, finiteNumber, wholeNumber
-from echotw.files import MAX_TLS_FILE_BYTES, checkSmallRegularFile
+from echotw.files import MAX_TLS_FILE_BYTES, TLS_EXTRA, checkSmallRegularFile
 from echotw.probe.pattern import HEADER
 from echotw.probe.stats import Thresholds
 
@@ -325,7 +325,7 @@ def tlsCreator(serverName: str, caFile: str | None, insecure: bool) -> Any:
         from echotw.probe.tls import insecureCreator, verifyingCreator
     except ImportError as e:
         raise usage.UsageError(
-            f"--tls needs pyOpenSSL and service_identity (pip install 'echotw[tls]'): {e}"
+            f"--tls needs pyOpenSSL and service_identity ({TLS_EXTRA}): {e}"
         ) from None
     if insecure:
         return insecureCreator(serverName)
