@@ -573,6 +573,34 @@ class OptionTests(SynchronousTestCase):
         self.assertUsageError("at most 65507 with --udp", "-u", "-s", "65508", "h", "7")
         self.assertUsageError("--connections must be at most", "-C", "10001", "h", "7")
 
+    def test_websocket(self) -> None:
+        """--websocket probes ws:// (wss:// with --tls) at --path, with an
+        optional --origin; the target reads as the URL; the upgrade's Host
+        is --sni's name when given."""
+        config = parse("--websocket", "::1", "8080")["config"]
+        self.assertEqual((config.transport, config.path, config.origin), ("ws", "/", None))
+        self.assertEqual(config.target, "ws://[::1]:8080/")
+        config = parse(
+            "-w", "--tls", "--insecure", "--sni", "echo.example", "--path", "/e?x=1",
+            "--origin", "https://page.example", "h", "443",
+        )["config"]  # fmt: skip
+        self.assertEqual(
+            (config.transport, config.tls, config.websocket, config.target, config.serverName),
+            ("wss", True, True, "wss://h:443/e?x=1", "echo.example"),
+        )
+        self.assertEqual(config.origin, "https://page.example")
+        self.assertFalse(parse("h", "7")["config"].websocket)
+
+    def test_websocketConflicts(self) -> None:
+        """--path and --origin need --websocket and a usable value;
+        --websocket is not for --udp."""
+        self.assertUsageError("--path needs --websocket", "--path", "/x", "h", "7")
+        self.assertUsageError("--origin needs --websocket", "--origin", "http://o", "h", "7")
+        self.assertUsageError("--websocket cannot be used with --udp", "-u", "-w", "h", "7")
+        for path in ("echo", "/a b", "/\x7f", "/é", ""):
+            self.assertUsageError("must start with /", "-w", "--path", path, "h", "7")
+        self.assertUsageError("--origin 'a\\nb' must be", "-w", "--origin", "a\nb", "h", "7")
+
     def test_udp(self) -> None:
         """--udp with a loss threshold."""
         config = parse("-u", "--max-loss", "0.05", "-s", "9", "h", "7")["config"]

@@ -28,7 +28,7 @@ from twisted.internet.protocol import DatagramProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotw.probe.pattern import DatagramCheck, StreamCheck
+from echotw.probe.pattern import DatagramCheck, Mismatch, StreamCheck
 from echotw.probe.timing import Deadline, Flow, Schedule
 
 REFUSED = "connection refused: nothing listens on that UDP port"
@@ -96,6 +96,9 @@ class StreamProbe(Protocol):
         self._handshaking = handshake
         self._over = False
 
+    handshakeName = "the TLS handshake"
+    """What L{_timedOut} says did not complete before the first message."""
+
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
@@ -107,6 +110,12 @@ class StreamProbe(Protocol):
             self._schedule.start()
 
     def handshakeCompleted(self) -> None:
+        self._handshakeDone()
+
+    def _handshakeDone(self) -> None:
+        """
+        The connection is ready for messages: start sending them.
+        """
         if not self._handshaking or self._over:
             return
         self._handshaking = False
@@ -128,10 +137,16 @@ class StreamProbe(Protocol):
         check, transport, size = self._check, self.transport, self._plan.size
         assert transport is not None
         while not self._paused and not self._over and check.sent < self._due:
-            transport.write(check.nextBytes(min(CHUNK, self._due - check.sent)))
+            self._emit(min(CHUNK, self._due - check.sent))
             while self._counted < check.sent // size:
                 self._counted += 1
                 self._run.sent(size)
+
+    def _emit(self, length: int) -> None:
+        """
+        Write the next C{length} bytes of the stream.
+        """
+        self.transport.write(self._check.nextBytes(length))  # type: ignore[union-attr]
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -144,18 +159,32 @@ class StreamProbe(Protocol):
         self._paused = True
 
     def dataReceived(self, data: bytes) -> None:
-        if self._over:
-            return
+        if not self._over and self._verify(data):
+            self._credit(self._check.verified)
+
+    def _verify(self, data: bytes) -> bool:
+        """
+        Check echoed bytes; on a mismatch, report it and end.
+        """
         mismatch = self._check.received(data)
         if mismatch is not None:
-            self._run.mismatch(self._index, mismatch)
-            self._end(abort=True)
-            return
-        now = self._now()
-        verified = self._check.verified
+            self._mismatched(mismatch)
+            return False
+        return True
+
+    def _mismatched(self, mismatch: Mismatch) -> None:
+        self._run.mismatch(self._index, mismatch)
+        self._end(abort=True)
+
+    def _credit(self, verified: int) -> None:
+        """
+        The stream is echoed and verified up to C{verified}: the messages
+        that end there or before came back.
+        """
         inFlight = self._inFlight
         if not inFlight or verified < inFlight[0][0]:
             return
+        now = self._now()
         while inFlight and verified >= inFlight[0][0]:
             _, sentAt = inFlight.popleft()
             self._run.echoed(now - sentAt, self._plan.size)
@@ -170,7 +199,7 @@ class StreamProbe(Protocol):
 
     def _timedOut(self) -> None:
         if self._handshaking:
-            what = "the TLS handshake not completed"
+            what = f"{self.handshakeName} not completed"
         else:
             what = f"byte offset {self._check.verified} not echoed"
         self._run.failed(self._index, f"timed out: {what} within {self._plan.timeout:g} s")
@@ -194,11 +223,17 @@ class StreamProbe(Protocol):
         if abort:
             self.transport.abortConnection()  # type: ignore[attr-defined]
         else:
-            self.transport.loseConnection()
+            self._close()
             # A TLS close waits for the server's close_notify, which a
             # broken server may never send: the outcome is known, so give
             # it C{timeout} seconds, then drop the connection.
             self._closing = self._clock.callLater(self._plan.timeout, self._closeTimedOut)
+
+    def _close(self) -> None:
+        """
+        Begin a clean close, once the outcome is known.
+        """
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _closeTimedOut(self) -> None:
         self._closing = None

@@ -39,6 +39,7 @@ from echotw.probe.options import ProbeConfig, ProbeOptions
 from echotw.probe.proxyheader import v1Header, v2Header
 from echotw.probe.stats import FAILED, ProbeRun, Report
 from echotw.probe.timing import Flow, Plan
+from echotw.probe.websocket import WebSocketProbe
 
 USAGE_ERROR = 2
 
@@ -70,7 +71,7 @@ def streamEndpoint(reactor: Any, config: ProbeConfig) -> IStreamClientEndpoint:
         endpoint = TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     else:
         endpoint = HostnameEndpoint(reactor, host.encode("idna"), port, timeout=timeout)
-    if config.transport == "tls":
+    if config.tls:
         endpoint = wrapClientTLS(config.tlsCreator, endpoint)
     return endpoint
 
@@ -143,11 +144,10 @@ def probe(
         finished: Deferred[Any] = flows
     else:
         endpoint = streamEndpoint(reactor, config)
-        header: HeaderBuilder | None = {1: v1Header, 2: v2Header}.get(config.proxy)
-        handshake = config.transport == "tls"
+        build = _streamProtocol(config)
         finished = gatherResults(
             [
-                _connect(endpoint, index, plan, run, reactor, now, header, handshake)
+                _connect(endpoint, build, Flow(index, plan, run, reactor, now))
                 for index in range(config.connections)
             ]
         )
@@ -155,19 +155,25 @@ def probe(
     return run, finished
 
 
-def _connect(
-    endpoint: IStreamClientEndpoint,
-    index: int,
-    plan: Plan,
-    run: ProbeRun,
-    reactor: Any,
-    now: Callable[[], float],
-    header: HeaderBuilder | None,
-    handshake: bool = False,
-) -> Deferred[None]:
-    connecting = endpoint.connect(
-        _OneProtocol(lambda: StreamProbe(Flow(index, plan, run, reactor, now), header, handshake))
+def _streamProtocol(config: ProbeConfig) -> Callable[[Flow], StreamProbe]:
+    """
+    What each connection of a TCP, TLS or WebSocket run speaks.
+    """
+    header: HeaderBuilder | None = {1: v1Header, 2: v2Header}.get(config.proxy)
+    if not config.websocket:
+        return lambda flow: StreamProbe(flow, header, config.tls)
+    name = config.serverName
+    host = f"[{name}]" if ":" in name else name
+    return lambda flow: WebSocketProbe(
+        flow, f"{host}:{config.port}", config.path, config.origin, header
     )
+
+
+def _connect(
+    endpoint: IStreamClientEndpoint, build: Callable[[Flow], StreamProbe], flow: Flow
+) -> Deferred[None]:
+    index, run = flow.index, flow.run
+    connecting = endpoint.connect(_OneProtocol(lambda: build(flow)))
 
     def connected(protocol: StreamProbe) -> Deferred[None]:
         return protocol.finished

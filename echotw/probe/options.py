@@ -33,6 +33,8 @@ _DURATION = re.compile(r"(?P<number>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<u
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _SIZE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[kKM])?")
 _MULTIPLIERS = {"k": 1000, "K": 1000, "M": 1000_000, None: 1}
+_PATH = re.compile(r"/[!-~]*")
+"""A request target: printable ASCII without spaces or control characters."""
 
 
 def duration(value: str) -> float:
@@ -115,7 +117,8 @@ class ProbeConfig:
     """
     Everything a run needs, checked.
 
-    @ivar transport: C{"tcp"}, C{"tls"} or C{"udp"}.
+    @ivar transport: C{"tcp"}, C{"tls"}, C{"udp"}, C{"ws"} or C{"wss"}
+        (WebSocket, over TLS for C{wss}).
     @ivar proxy: 0 for no PROXY header, else its version (1 or 2).
     @ivar tlsCreator: the C{IOpenSSLClientConnectionCreator} for C{tls}.
     """
@@ -134,10 +137,23 @@ class ProbeConfig:
     thresholds: Thresholds
     json: bool
     tlsCreator: Any = None
+    serverName: str = ""
+    path: str = "/"
+    origin: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.transport in ("tls", "wss")
+
+    @property
+    def websocket(self) -> bool:
+        return self.transport in ("ws", "wss")
 
     @property
     def target(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.websocket:
+            return f"{self.transport}://{host}:{self.port}{self.path}"
         return f"{host}:{self.port}"
 
 
@@ -158,6 +174,11 @@ class ProbeOptions(usage.Options):
     optFlags = [
         ["udp", "u", "Probe a UDP echo: one flow per --connections, datagrams of --size bytes."],
         ["tls", None, "Speak TLS (the server's certificate is verified; see --ca, --insecure)."],
+        [
+            "websocket",
+            "w",
+            "Probe a WebSocket echo (ws://, wss:// with --tls): binary messages of --size bytes.",
+        ],
         ["insecure", "k", "With --tls: do not verify the server's certificate."],
         ["proxy-v1", None, "Send a PROXY protocol v1 header first, naming this client's address."],
         ["proxy-v2", None, "Send a PROXY protocol v2 header first, naming this client's address."],
@@ -220,6 +241,8 @@ class ProbeOptions(usage.Options):
             fraction,
         ],
         ["seed", None, None, "Seed of the byte streams, to repeat a run", seed],
+        ["path", None, None, "With --websocket: the path to ask for the upgrade at [default: /]"],
+        ["origin", None, None, "With --websocket: an Origin header to send."],
     ]
 
     def __init__(self) -> None:
@@ -257,8 +280,20 @@ class ProbeOptions(usage.Options):
         self["port"] = number
 
     def _conflicts(self) -> None:
+        if not self["websocket"]:
+            for option in ("path", "origin"):
+                if self[option] is not None:
+                    raise usage.UsageError(f"--{option} needs --websocket")
+        elif self["path"] is not None and not _PATH.fullmatch(self["path"]):
+            raise usage.UsageError(
+                f"--path {self['path']!r} must start with / and hold printable ASCII, no spaces"
+            )
+        if self["origin"] is not None and not _PATH.fullmatch("/" + self["origin"]):
+            raise usage.UsageError(
+                f"--origin {self['origin']!r} must be printable ASCII, no spaces"
+            )
         if self["udp"]:
-            for option in ("tls", "proxy-v1", "proxy-v2"):
+            for option in ("tls", "proxy-v1", "proxy-v2", "websocket"):
                 if self[option]:
                     raise usage.UsageError(f"--{option} cannot be used with --udp")
             if self["size"] <= HEADER:
@@ -292,6 +327,8 @@ class ProbeOptions(usage.Options):
         if self["tls"]:
             creator = tlsCreator(self["sni"] or self["host"], self["ca"], self["insecure"])
         transport = "udp" if self["udp"] else "tls" if self["tls"] else "tcp"
+        if self["websocket"]:
+            transport = "wss" if self["tls"] else "ws"
         self["config"] = ProbeConfig(
             host=self["host"],
             port=self["port"],
@@ -310,6 +347,9 @@ class ProbeOptions(usage.Options):
             ),
             json=self["json"],
             tlsCreator=creator,
+            serverName=self["sni"] or self["host"],
+            path=self["path"] or "/",
+            origin=self["origin"],
         )
 
 
