@@ -26,6 +26,7 @@ from echotw.probe.stats import Report
 
 try:
     import trustme  # noqa: F401
+    from cryptography import x509
     from OpenSSL import SSL
 except ImportError:
     SSL = None
@@ -228,3 +229,47 @@ class TLSLoopbackTests(TestCase):
             "--tls", "--insecure", "--sni", "echo.example", "127.0.0.1", self.port
         )
         self.assertEqual(accepted.exitCode, 0, accepted.lines())
+
+
+class CheckNamesTests(TestCase):
+    """
+    The probe's own check of the names in a server's certificate.
+    """
+
+    def setUp(self) -> None:
+        if SSL is None:
+            raise SkipTest("TLS needs pyOpenSSL and trustme")
+        import trustme
+        from OpenSSL import crypto
+
+        from tests.test_probe_e2e import commonNameOnlyCertificate
+
+        issued = trustme.CA().issue_cert("echo.example", "*.wild.example", "127.0.0.1", "::1")
+        self.certificate = crypto.X509.from_cryptography(
+            x509.load_pem_x509_certificate(issued.cert_chain_pems[0].bytes())
+        )
+        self.commonOnly = crypto.X509.from_cryptography(
+            commonNameOnlyCertificate("echo.example")[1]
+        )
+
+    def test_named(self) -> None:
+        """A DNS name, a wildcard, an IPv4 and an IPv6 address in the
+        subjectAltName are each accepted."""
+        from echotw.probe.tls import checkNames
+
+        for name in ("echo.example", "a.wild.example", "127.0.0.1", "::1"):
+            checkNames(self.certificate, name)
+
+    def test_notNamed(self) -> None:
+        """Any other name fails, saying what the certificate names; a
+        certificate without subjectAltName names nothing, whatever its
+        common name says."""
+        from echotw.probe.tls import CertificateNameError, checkNames
+
+        for name in ("other.example", "wild.example", "127.0.0.2", "::2"):
+            with self.assertRaises(CertificateNameError) as caught:
+                checkNames(self.certificate, name)
+            self.assertIn(f"not for {name!r}: it names DNS:echo.example", str(caught.exception))
+        with self.assertRaises(CertificateNameError) as caught:
+            checkNames(self.commonOnly, "echo.example")
+        self.assertIn("no subjectAltName", str(caught.exception))
