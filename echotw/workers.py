@@ -55,7 +55,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,6 +72,7 @@ from echotw.rulesnapshot import SupervisorRuleSource
 from echotw.sharedcount import SharedCount, createSharedFile
 from echotw.sharedlisteners import SharedListeners
 from echotw.signals import STOP_NOW_SIGNAL
+from echotw.workercommand import workerCommand
 from echotw.workerlog import RELAY, LogOutput, relayRecords
 
 WORKER_FDS = "ECHOTW_WORKER_FDS"
@@ -352,14 +352,16 @@ class WorkerPool(Service):
         rules = self.rulesDirectory
         if rules is not None:
             env[WORKER_RULES] = rules
+        argv, extra = workerCommand(self.arguments)
+        env.update(extra)
         worker = _Worker(self, index, nextFD)
         # The child inherits the mask; the supervisor's own signals wait a moment.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             transport = self.reactor.spawnProcess(
                 worker,
-                sys.executable,
-                [sys.executable, "-m", "echotw.workermain", *self.arguments],
+                argv[0],
+                argv,
                 env=env,
                 childFDs=childFDs,
             )

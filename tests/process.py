@@ -94,15 +94,17 @@ class EchoServer:
         listeners: int = 1,
         env: dict[str, str] | None = None,
         newSession: bool = False,
+        cwd: Path | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self.logPath = Path(tempfile.mkstemp(prefix="echotw-", suffix=".log")[1])
         self._log = self.logPath.open("wb")
         self.process = subprocess.Popen(
-            twistdCommand(*args, runner=runner, reactor=reactor),
+            command or twistdCommand(*args, runner=runner, reactor=reactor),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=serverDirectory(),
+            cwd=cwd or serverDirectory(),
             env=env,
             # Its own process group, for tests that signal the whole group.
             start_new_session=newSession,
