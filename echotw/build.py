@@ -187,6 +187,7 @@ def makeService(
             counters=counters,
             drainDelay=config.drainDelay,
             rules=snapshotting,
+            workerTimeout=config.workerTimeout,
         )
         pool.setServiceParent(top)
     else:

@@ -19,6 +19,7 @@ from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT
 from echotw.rulefiles import RuleSource
 from echotw.throttlelog import LINES_PER_SECOND
 from echotw.udp import DEFAULT_BURST, DEFAULT_RATE
+from echotw.watchdog import DEFAULT_WORKER_TIMEOUT
 
 DEFAULT_PORT = "8080"
 """The TCP port served when no listener is given."""
@@ -135,6 +136,8 @@ class EchoConfig:
     @ivar metrics: the endpoint serving Prometheus metrics (and health), if any.
     @ivar health: the endpoint serving health and readiness alone, if any.
     @ivar workers: processes serving the listeners.
+    @ivar workerTimeout: seconds a worker may send no report before it is
+        killed and replaced (0: never).
     @ivar impairment: delay, jitter, bandwidth and loss applied to echoes
         (all off by default).
     @ivar shutdownTimeout: seconds open connections get to finish on SIGTERM.
@@ -159,6 +162,7 @@ class EchoConfig:
     metrics: str | None = None
     health: str | None = None
     workers: int = 1
+    workerTimeout: float = DEFAULT_WORKER_TIMEOUT
     shutdownTimeout: float = 10.0
     drainDelay: float = 0.0
     commandLine: tuple[str, ...] = ()

@@ -28,6 +28,7 @@ HELP_GROUPS: list[Group] = [
             ("interface", "ADDR"),
             ("backlog", "N"),
             ("workers", "N"),
+            ("worker-timeout", "S"),
         ],
     ),
     (

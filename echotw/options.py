@@ -52,6 +52,7 @@ from echotw.helptext import HELP_GROUPS, groupedUsage
 from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.version import __version__
+from echotw.watchdog import MIN_WORKER_TIMEOUT
 
 DEFAULTS = EchoConfig()
 """Each option's default is the configuration's."""
@@ -190,6 +191,13 @@ class EchoOptions(usage.Options):
             DEFAULTS.workers,
             "Processes serving the listeners.",
             workerCount,
+        ],
+        [
+            "worker-timeout",
+            None,
+            DEFAULTS.workerTimeout,
+            "With --workers, kill and replace a worker silent this long (0: never).",
+            timeout,
         ],
         [
             "log-level",
@@ -360,6 +368,11 @@ class EchoOptions(usage.Options):
                         f"--workers: {name!r} cannot be shared between workers "
                         "(only tcp:, tcp6:, unix: and haproxy: over those can)"
                     )
+        if 0 < self["worker-timeout"] < MIN_WORKER_TIMEOUT:
+            raise usage.UsageError(
+                f"--worker-timeout: must be 0 (off) or at least {MIN_WORKER_TIMEOUT:g} seconds"
+                " (workers report once a second)"
+            )
         if self["metrics"] is not None:
             try:
                 checkDescription(self["metrics"])
@@ -414,6 +427,7 @@ class EchoOptions(usage.Options):
             metrics=self["metrics"],
             health=self["health"],
             workers=self["workers"],
+            workerTimeout=self["worker-timeout"],
             shutdownTimeout=self["shutdown-timeout"],
             drainDelay=self["drain-delay"],
             commandLine=tuple(self.arguments),

@@ -38,9 +38,9 @@ from echotw.reactor import installIfUnchosen
 from echotw.rulesnapshot import SnapshotRuleSource, currentGeneration, generationFile
 from echotw.sharedcount import SharedCount
 from echotw.workerlog import LogOutput, workerObserver
+from echotw.workerprocess import READY
 from echotw.workers import (
     HELD_SIGNALS,
-    READY,
     WORKER_COUNT,
     WORKER_COUNT_FD,
     WORKER_INDEX,
@@ -129,18 +129,17 @@ def installReactor(chosen: str) -> None:
 class Reporter:
     """
     Send the factory's counters to the supervisor, one JSON line to
-    C{fd}, when they changed; stop quietly once the supervisor is gone.
+    C{fd}, every time, changed or not: a report is also the sign of life
+    C{--worker-timeout} waits for (L{echotw.watchdog}).  Stop quietly once
+    the supervisor is gone.
     """
 
     def __init__(self, factory: EchoFactory, fd: int) -> None:
         self.factory = factory
         self.fd = fd
-        self._last = b""
 
     def report(self) -> None:
-        line = countersOf(self.factory).toJSON()
-        if line != self._last and self.send(line):
-            self._last = line
+        self.send(countersOf(self.factory).toJSON())
 
     def send(self, line: bytes) -> bool:
         """

@@ -31,7 +31,9 @@ and session limits are per connection and hold anywhere.
 Processes.  The supervisor restarts a worker that dies (or could not be
 started, e.g. for lack of descriptors), after a delay that grows while it
 keeps dying and starts again from the shortest once it has run for
-L{HEALTHY_AFTER} seconds.  On SIGHUP it reloads the rule files itself
+L{HEALTHY_AFTER} seconds; one that sends no report for
+C{--worker-timeout} seconds is killed and replaced (L{echotw.watchdog}).
+On SIGHUP it reloads the rule files itself
 and, if they loaded, passes SIGHUP on to the workers, which read the rules
 it wrote (L{echotw.rulesnapshot}), so that a worker started later gets the
 same ones whatever became of the files.  On SIGTERM/SIGINT it starts any
@@ -61,8 +63,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
@@ -72,8 +73,10 @@ from echotw.rulesnapshot import SupervisorRuleSource
 from echotw.sharedcount import SharedCount, createSharedFile
 from echotw.sharedlisteners import SharedListeners
 from echotw.signals import STOP_NOW_SIGNAL
+from echotw.watchdog import DEFAULT_WORKER_TIMEOUT
 from echotw.workercommand import workerCommand
-from echotw.workerlog import RELAY, LogOutput, relayRecords
+from echotw.workerlog import RELAY, LogOutput
+from echotw.workerprocess import WorkerProcess
 
 WORKER_FDS = "ECHOTW_WORKER_FDS"
 WORKER_INDEX = "ECHOTW_WORKER_INDEX"
@@ -84,8 +87,6 @@ WORKER_LOG = "ECHOTW_WORKER_LOG"
 WORKER_REACTOR = "ECHOTW_WORKER_REACTOR"
 WORKER_SUPERVISOR = "ECHOTW_WORKER_SUPERVISOR"
 WORKER_RULES = "ECHOTW_WORKER_RULES"
-READY = b"ready"
-"""The line a worker sends on its report descriptor once signals are safe to send it."""
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Seconds before restarting a worker that died, growing while it keeps dying."""
 HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -148,61 +149,6 @@ class Backoff:
         return delay
 
 
-class _Worker(ProcessProtocol):
-    """
-    One worker process: relays its log records (when it does not write
-    them itself) and takes its counter reports.
-    """
-
-    def __init__(self, pool: WorkerPool, index: int, reportFD: int) -> None:
-        self.pool = pool
-        self.index = index
-        self.reportFD = reportFD
-        self.ended: Deferred[None] = Deferred()
-        self.ready = False
-        self.held: list[int] = []
-        self._logs = b""
-        self._reports = b""
-
-    def signal(self, sig: int) -> None:
-        """
-        Send C{sig} now if the worker is ready for it, else once it is
-        (each signal once, in order); SIGKILL, which needs no handler, is
-        always sent now.
-        """
-        if not self.ready and sig != signal.SIGKILL:
-            if sig not in self.held:
-                self.held.append(sig)
-            return
-        try:
-            self.transport.signalProcess(sig)  # type: ignore[union-attr]
-        except Exception:
-            pass  # it has just exited
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == self.reportFD:
-            *lines, self._reports = (self._reports + data).split(b"\n")
-            if READY in lines and not self.ready:
-                self.ready = True
-                held, self.held = self.held, []
-                for sig in held:
-                    self.signal(sig)
-            reports = [line for line in lines if line != READY]
-            if reports:
-                self.pool.counters.report(self.index, reports[-1])
-        elif childFD == 1:
-            events, self._logs = relayRecords(self._logs, data)
-            for event in events:
-                globalLogPublisher(event)
-
-    def processEnded(self, reason: Failure) -> None:
-        events, _ = relayRecords(self._logs, b"\n")
-        for event in events:
-            globalLogPublisher(event)
-        self.ended.callback(None)
-        self.pool.workerEnded(self, reason)
-
-
 class WorkerPool(Service):
     """
     Start, watch, restart and stop the worker processes.
@@ -224,8 +170,10 @@ class WorkerPool(Service):
         counters: WorkerCounters | None = None,
         drainDelay: float = 0,
         rules: SupervisorRuleSource | None = None,
+        workerTimeout: float = DEFAULT_WORKER_TIMEOUT,
     ) -> None:
         self.reactor = reactor
+        self.workerTimeout = workerTimeout
         self.rules = rules
         self._forwarding: Deferred[bool] | None = None
         self.shared = shared
@@ -236,7 +184,7 @@ class WorkerPool(Service):
         self.drainDelay = drainDelay
         self.logOutput = logOutput
         self.counters = counters if counters is not None else WorkerCounters()
-        self.workers: dict[int, _Worker] = {}
+        self.workers: dict[int, WorkerProcess] = {}
         self.backoff = {index: Backoff() for index in range(workers)}
         self.restarts: dict[int, IDelayedCall] = {}
         self.stopping = False
@@ -354,7 +302,7 @@ class WorkerPool(Service):
             env[WORKER_RULES] = rules
         argv, extra = workerCommand(self.arguments)
         env.update(extra)
-        worker = _Worker(self, index, nextFD)
+        worker = WorkerProcess(self, index, nextFD)
         # The child inherits the mask; the supervisor's own signals wait a moment.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
@@ -368,6 +316,9 @@ class WorkerPool(Service):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[index] = worker
+        worker.pid = transport.pid
+        if not self.stopping:
+            worker.watchdog.start()
         self.backoff[index].started(self.reactor.seconds())
         self._log.info(
             "Started worker {index} (pid {pid})",
@@ -376,7 +327,23 @@ class WorkerPool(Service):
             pid=transport.pid,
         )
 
-    def workerEnded(self, worker: _Worker, reason: Failure) -> None:
+    def workerTimedOut(self, worker: WorkerProcess) -> None:
+        """
+        C{worker} sent nothing for L{workerTimeout} seconds: kill it; its
+        end restarts it as any other.
+        """
+        if self.stopping or self.workers.get(worker.index) is not worker:
+            return
+        self._log.warn(
+            "Worker {index} (pid {pid}) sent nothing for {timeout}s; killing it",
+            event="worker-timeout",
+            index=worker.index,
+            pid=worker.pid,
+            timeout=self.workerTimeout,
+        )
+        worker.signal(signal.SIGKILL)
+
+    def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
         index = worker.index
         if self.workers.get(index) is worker:
             del self.workers[index]
@@ -419,6 +386,9 @@ class WorkerPool(Service):
             if pending.active():
                 pending.cancel()
         self.restarts.clear()
+        for worker in self.workers.values():
+            # The drain has its own deadline.
+            worker.watchdog.stop()
         for index in range(self.count):
             if index not in self.workers:
                 # Dead and waiting for its restart: the connections queued on

@@ -34,7 +34,8 @@ from echotw.rulesnapshot import (
     currentGeneration,
 )
 from echotw.workermain import WorkerOptions
-from echotw.workers import READY, WorkerPool
+from echotw.workerprocess import READY
+from echotw.workers import WorkerPool
 from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
 
 V4 = parseNetwork("10.0.0.0/8")

@@ -30,7 +30,8 @@ from echotw.addresses import ipFromText
 from echotw.options import EchoOptions
 from echotw.steering import sourceIndex
 from echotw.workermain import Orphan
-from echotw.workers import READY, RESTART_DELAYS, STOP_NOW_GRACE, Backoff, WorkerPool, _Worker
+from echotw.workerprocess import READY, WorkerProcess
+from echotw.workers import RESTART_DELAYS, STOP_NOW_GRACE, Backoff, WorkerPool
 from tests.process import (
     LOOPBACK,
     TWISTD,
@@ -256,10 +257,13 @@ class HeldSignalTests(SynchronousTestCase):
     Signals for a worker wait until it says it is ready for them.
     """
 
-    def worker(self) -> tuple[_Worker, FakeProcess, FakeCounters]:
+    def worker(self) -> tuple[WorkerProcess, FakeProcess, FakeCounters]:
         counters = FakeCounters()
-        pool = cast(WorkerPool, type("Pool", (), {"counters": counters})())
-        worker = _Worker(pool, 1, reportFD=7)
+        pool = cast(
+            WorkerPool,
+            type("Pool", (), {"counters": counters, "reactor": Clock(), "workerTimeout": 0})(),
+        )
+        worker = WorkerProcess(pool, 1, reportFD=7)
         process = FakeProcess()
         worker.transport = cast(Any, process)
         return worker, process, counters

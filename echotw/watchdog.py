@@ -1,0 +1,73 @@
+"""
+C{--worker-timeout}: notice a worker process that has stopped reporting.
+
+A worker sends its counters to the supervisor every second whatever they
+are (L{echotw.workermain.Reporter}), so silence means its event loop is not
+running: stopped with SIGSTOP, stuck in a busy loop, swapped out for good.
+Such a worker still holds its listening socket, and the kernel keeps
+handing it the connections of its share of the clients, which wait and get
+nothing.  As gunicorn's C{--timeout} does, the supervisor kills a worker
+silent for that long and starts another in its place, which adopts the
+same socket and serves the connections queued on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+DEFAULT_WORKER_TIMEOUT = 30.0
+"""Seconds a worker may be silent before it is replaced (as gunicorn's default)."""
+
+MIN_WORKER_TIMEOUT = 2.0
+"""The shortest timeout allowed: longer than the one second between reports."""
+
+STARTING_ALLOWANCE = 60.0
+"""
+Seconds a worker gets to send its first line, if the timeout is shorter: a
+worker starting on a loaded machine (imports, a long rule file) may take
+several seconds, and killing it then would only start the same again.
+"""
+
+
+class Watchdog:
+    """
+    Call C{silent} once if L{heard} is not called for C{timeout} seconds
+    after the last L{heard}, or, before the first, for C{starting}
+    seconds (at least C{timeout}) after L{start}; C{timeout} 0 watches
+    nothing.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeout: float,
+        silent: Callable[[], object],
+        starting: float = STARTING_ALLOWANCE,
+    ) -> None:
+        self.clock = clock
+        self.timeout = timeout
+        self.starting = max(timeout, starting)
+        self.silent = silent
+        self._call: IDelayedCall | None = None
+
+    def start(self) -> None:
+        if self.timeout:
+            self._call = self.clock.callLater(self.starting, self._expired)
+
+    def heard(self) -> None:
+        """
+        The worker reported: it has C{timeout} seconds again.
+        """
+        if self._call is not None and self._call.active():
+            self._call.reset(self.timeout)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _expired(self) -> None:
+        self._call = None
+        self.silent()
