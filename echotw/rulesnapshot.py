@@ -8,88 +8,140 @@ a worker started in place of one that died from starting at all, while the
 clients the kernel steers to its socket waited for it; and workers started
 at different times could hold different rules.  So the supervisor alone
 reads the operator's files (L{SupervisorRuleSource}, at start-up and on
-SIGHUP); each set it loads is written as a new generation, a directory
-holding C{allow} and C{deny} files, and the C{current} link, replaced
-atomically, names the newest.  A worker reads the generation C{current}
-names, resolved once per load so that its allow and deny lists come from
-the same one (L{SnapshotRuleSource}): at start-up, and on the SIGHUP the
-supervisor passes on after a reload that succeeded.  A replacement worker
-gets the rules the others have, whatever has become of the files since.
+SIGHUP) and writes each set it loads into one anonymous file in memory
+(C{memfd_create}; an unlinked temporary file where that is missing), which
+every worker inherits as a descriptor.  Nothing is left in a directory: no
+temporary directory has to be writable, or have room, for a reload to
+reach the workers, and a supervisor killed with SIGKILL leaves nothing
+behind (the file goes with the last process holding it).
+
+A worker reads the file (L{readSnapshot}) at start-up and on the SIGHUP the
+supervisor passes on after a reload that succeeded (L{SnapshotRuleSource}),
+so a replacement worker gets the rules the others have, whatever has become
+of the files since.  The file is rewritten in place, so the supervisor
+writes it as a sequence lock: a header of a sequence number, odd while a
+write is under way, and the lengths of the allow and deny lists that follow
+(one network a line); a reader that finds the number odd, or changed once
+it has read the lists, reads again.  The room for the new lists is
+allocated before the number turns odd, so a write that fails for lack of
+memory leaves the previous rules readable.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
-import tempfile
+import struct
+import time
 from collections.abc import Iterable
 
-from echotw.addresses import IPNetwork
+from echotw.addresses import IPNetwork, parseNetwork
 from echotw.policy import AccessRules
 from echotw.rulefiles import RuleFileError, RuleSource
+from echotw.sharedcount import anonymousFile
 
-CURRENT = "current"
-"""The link to the newest generation, in the snapshot's directory."""
+HEADER = struct.Struct("<QQQ")
+"""The sequence number and the allow and deny lists' lengths in bytes."""
 
-KEPT_GENERATIONS = 3
-"""Generations kept, so that a worker still reading an older one finds it."""
+READ_ATTEMPTS = 500
+"""Reads a worker tries while the supervisor rewrites the file, 10 ms apart."""
+
+SNAPSHOT = "the supervisor's rule snapshot"
+"""What the errors about the file call it."""
 
 
 class RuleSnapshot:
     """
-    The supervisor's private directory of rule generations; made on the
-    first L{write} (after twistd has switched to the user it runs as, so
-    that the workers, running as that user too, can read it).
+    The supervisor's anonymous file of the rules, made on the first L{write}.
     """
 
     def __init__(self) -> None:
-        self.directory: str | None = None
-        self.generation = 0
+        self.fd: int | None = None
+        self.sequence = 0
 
-    def write(self, allow: Iterable[IPNetwork], deny: Iterable[IPNetwork]) -> str:
+    def write(self, allow: Iterable[IPNetwork], deny: Iterable[IPNetwork]) -> int:
         """
-        Write a new generation and make it C{current}; return the directory.
+        Write the rules in place of the last; return the file's descriptor.
 
-        @raise OSError: if it cannot be written; C{current} is unchanged.
+        @raise OSError: if it cannot be written; the last rules stay readable.
         """
-        if self.directory is None:
-            self.directory = tempfile.mkdtemp(prefix="echotw-rules-")
-        self.generation += 1
-        name = f"gen-{self.generation}"
-        path = os.path.join(self.directory, name)
-        os.mkdir(path)
-        for kind, networks in (("allow", allow), ("deny", deny)):
-            with open(generationFile(path, kind), "w", encoding="utf-8") as f:
-                f.writelines(f"{network}\n" for network in networks)
-        link = os.path.join(self.directory, CURRENT + ".new")
-        os.symlink(name, link)
-        os.replace(link, os.path.join(self.directory, CURRENT))
-        old = self.generation - KEPT_GENERATIONS
-        if old > 0:
-            shutil.rmtree(os.path.join(self.directory, f"gen-{old}"), ignore_errors=True)
-        return self.directory
+        if self.fd is None:
+            self.fd = anonymousFile("echotw-rules")
+        fd = self.fd
+        allowed = "".join(f"{network}\n" for network in allow).encode("ascii")
+        denied = "".join(f"{network}\n" for network in deny).encode("ascii")
+        size = HEADER.size + len(allowed) + len(denied)
+        if size > os.fstat(fd).st_size:
+            _allocate(fd, size)
+        os.pwrite(fd, HEADER.pack(self.sequence + 1, 0, 0), 0)
+        _writeAll(fd, allowed + denied, HEADER.size)
+        self.sequence += 2
+        os.pwrite(fd, HEADER.pack(self.sequence, len(allowed), len(denied)), 0)
+        return fd
 
-    def remove(self) -> None:
-        """
-        Remove the directory and every generation in it.
-        """
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory = None
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
-def currentGeneration(directory: str) -> str:
+def _allocate(fd: int, size: int) -> None:
+    # Room for the whole file before it changes (posix_fallocate where the
+    # file system has it), so no write after that can fail for lack of it.
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # not supported there
+            raise
+        os.ftruncate(fd, size)
+
+
+def _writeAll(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _readAll(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def readSnapshot(fd: int, wait: float = 0.01) -> tuple[list[IPNetwork], list[IPNetwork]]:
     """
-    The directory of the generation C{current} names now.
+    The allow and deny networks the supervisor last wrote to C{fd}.
+
+    @raise RuleFileError: if they cannot be read.
     """
-    return os.path.realpath(os.path.join(directory, CURRENT))
+    try:
+        for _ in range(READ_ATTEMPTS):
+            head = os.pread(fd, HEADER.size, 0)
+            if len(head) == HEADER.size:
+                sequence, allowed, denied = HEADER.unpack(head)
+                if sequence and not sequence % 2:
+                    body = _readAll(fd, allowed + denied, HEADER.size)
+                    if len(body) == allowed + denied and os.pread(fd, HEADER.size, 0) == head:
+                        return _networks(body[:allowed]), _networks(body[allowed:])
+            time.sleep(wait)
+    except OSError as e:
+        raise RuleFileError(SNAPSHOT, f"cannot read {SNAPSHOT}: {e.strerror or e}") from None
+    raise RuleFileError(SNAPSHOT, f"cannot read {SNAPSHOT}: it kept changing")
 
 
-def generationFile(generation: str, kind: str) -> str:
-    """
-    The file of a generation holding its C{kind} ("allow" or "deny") rules.
-    """
-    return os.path.join(generation, kind)
+def _networks(text: bytes) -> list[IPNetwork]:
+    try:
+        return [parseNetwork(line) for line in text.decode("ascii").splitlines()]
+    except ValueError as e:
+        raise RuleFileError(SNAPSHOT, f"{SNAPSHOT}: {e}") from None
 
 
 class SupervisorRuleSource(RuleSource):
@@ -112,11 +164,11 @@ class SupervisorRuleSource(RuleSource):
         files alone.
         """
         self.writing = False
-        self.snapshot.remove()
+        self.snapshot.close()
 
-    def writeSnapshot(self) -> str:
+    def writeSnapshot(self) -> int:
         """
-        Write what the files held at the last load; return the directory.
+        Write what the files held at the last load; return the descriptor.
 
         @raise OSError: if it cannot be written.
         """
@@ -129,33 +181,34 @@ class SupervisorRuleSource(RuleSource):
         try:
             self.writeSnapshot()
         except OSError as e:
-            where = self.snapshot.directory or tempfile.gettempdir()
             raise RuleFileError(
-                where, f"{where}: cannot write the rules for the workers: {e.strerror or e}"
+                SNAPSHOT, f"cannot write the rules for the workers: {e.strerror or e}"
             ) from None
         return rules
 
 
 class SnapshotRuleSource(RuleSource):
     """
-    A worker's rules: the command line's networks, and the supervisor's
-    current generation for each kind of file the operator gave.
+    A worker's rules: the command line's networks, and what the supervisor
+    last wrote for each kind of file the operator gave (C{kinds}: whether
+    there were allow files, deny files); the operator's files are never
+    read.
     """
 
-    def __init__(self, source: RuleSource, directory: str) -> None:
+    def __init__(self, source: RuleSource, fd: int, kinds: tuple[bool, bool]) -> None:
         super().__init__(source.allow, source.deny)
-        self.directory = directory
-        self._kinds = (bool(source.allowFiles), bool(source.denyFiles))
-        self.pointAt(currentGeneration(directory))
+        self.fd = fd
+        self.kinds = kinds
 
-    def pointAt(self, generation: str) -> None:
-        """
-        Read C{generation}'s files on the next load.
-        """
-        allow, deny = self._kinds
-        self.allowFiles = [generationFile(generation, "allow")] if allow else []
-        self.denyFiles = [generationFile(generation, "deny")] if deny else []
+    @property
+    def hasFiles(self) -> bool:
+        return any(self.kinds)
 
     def load(self) -> AccessRules:
-        self.pointAt(currentGeneration(self.directory))
-        return super().load()
+        allowed, denied = readSnapshot(self.fd)
+        allow, deny = self.kinds
+        allowed, denied = (allowed if allow else []), (denied if deny else [])
+        self.fileNetworks = (allowed, denied)
+        return AccessRules(
+            self.allow + allowed, self.deny + denied, restrict=bool(self.allow or allow)
+        )

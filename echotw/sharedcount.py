@@ -51,21 +51,26 @@ def createSharedFile(slots: int) -> int:
     A file descriptor for a zeroed shared file of C{slots} slots, to be
     inherited by the workers.
     """
-    size = max(1, slots) * SLOT
-    memfdCreate = getattr(os, "memfd_create", None)
-    if memfdCreate is not None:
-        try:
-            fd: int = memfdCreate("echotw-connections", 0)
-        except OSError:
-            fd = _unlinkedFile()
-    else:
-        fd = _unlinkedFile()
-    os.ftruncate(fd, size)
+    fd = anonymousFile("echotw-connections")
+    os.ftruncate(fd, max(1, slots) * SLOT)
     return fd
 
 
-def _unlinkedFile() -> int:
-    fd, path = tempfile.mkstemp(prefix="echotw-connections-")
+def anonymousFile(name: str) -> int:
+    """
+    A descriptor for a new empty file in memory, named C{name} for
+    C{/proc/PID/fd} only (C{memfd_create}), or an unlinked temporary file
+    where that is missing: either way nothing is left in a directory, and
+    the file goes with the last process holding it.
+    """
+    memfdCreate = getattr(os, "memfd_create", None)
+    if memfdCreate is not None:
+        try:
+            fd: int = memfdCreate(name, 0)
+            return fd
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix=name + "-")
     os.unlink(path)
     return fd
 

@@ -10,9 +10,9 @@ the socket all workers share); the shared connection count when
 C{--max-connections} is set, in which it writes its own slot; a pipe for
 its counter reports; as its standard output either the supervisor's log
 stream, to write finished lines to, or a pipe to relay log events through
-(L{echotw.workerlog}); and, with rule files, the directory of the rules the
-supervisor loaded (L{echotw.rulesnapshot}), which it reads instead of the
-operator's files.
+(L{echotw.workerlog}); and, with rule files, the file in memory holding the
+rules the supervisor loaded (L{echotw.rulesnapshot}), which it reads instead
+of the operator's files.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import cast
 
 from twisted.logger import Logger, globalLogBeginner
+from twisted.python import usage
 from twisted.python.reflect import qual
 
 from echotw import loglevel
@@ -35,7 +36,8 @@ from echotw.factory import EchoFactory
 from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
 from echotw.reactor import installIfUnchosen
-from echotw.rulesnapshot import SnapshotRuleSource, currentGeneration, generationFile
+from echotw.rulefiles import RuleFileError
+from echotw.rulesnapshot import SnapshotRuleSource
 from echotw.sharedcount import SharedCount
 from echotw.workerlog import LogOutput, workerObserver
 from echotw.workerprocess import READY
@@ -59,41 +61,37 @@ REPORT_INTERVAL = 1.0
 class WorkerOptions(EchoOptions):
     """
     The supervisor's command line as a worker reads it: with the rules the
-    supervisor wrote (C{rules}, see L{echotw.rulesnapshot}), the rule files
-    read are that snapshot's, never the operator's.
+    supervisor wrote (the descriptor C{rules}, see L{echotw.rulesnapshot}),
+    the rule files named are never read; the snapshot stands for them.
     """
 
-    def __init__(self, rules: str | None = None) -> None:
+    def __init__(self, rules: int | None = None) -> None:
         super().__init__()
-        self._generation = currentGeneration(rules) if rules else None
+        self.rulesFD = rules
 
-    def _ruleFile(self, kind: str, path: str) -> None:
-        # Every --KIND-file stands for the one KIND file of the generation.
-        files = self[f"{kind}-file"]
-        if self._generation is None:
-            files.append(path)
-        elif not files:
-            files.append(generationFile(self._generation, kind))
-
-    def opt_allow_file(self, path: str) -> None:
-        self._ruleFile("allow", path)
-
-    def opt_deny_file(self, path: str) -> None:
-        self._ruleFile("deny", path)
-
-    opt_allow_file.__doc__ = EchoOptions.opt_allow_file.__doc__
-    opt_deny_file.__doc__ = EchoOptions.opt_deny_file.__doc__
+    def postOptions(self) -> None:
+        if self.rulesFD is None:
+            super().postOptions()
+            return
+        kinds = (bool(self["allow-file"]), bool(self["deny-file"]))
+        self["allow-file"], self["deny-file"] = [], []
+        super().postOptions()
+        source = SnapshotRuleSource(self.config.ruleSource, self.rulesFD, kinds)
+        try:
+            rules = source.load()
+        except RuleFileError as e:
+            raise usage.UsageError(str(e)) from None
+        self.config = replace(self.config, ruleSource=source, rules=rules)
 
 
-def workerConfig(config: EchoConfig, index: int = 0, rules: str | None = None) -> EchoConfig:
+def workerConfig(config: EchoConfig, index: int = 0) -> EchoConfig:
     """
     Worker C{index}'s view of the supervisor's configuration: one process,
     no UDP, metrics or health endpoint (the supervisor serves those).  The
     limits are the whole server's: C{--max-connections} is checked against
     the count all workers share.  C{--log-connections} is shared out, so
     that the workers together log no more than it says (each at least one
-    a second).  With the supervisor's C{rules} directory, reloads read its
-    current generation.
+    a second).
     """
     logging = config.logging
     perSecond = logging.connectionsPerSecond
@@ -102,10 +100,7 @@ def workerConfig(config: EchoConfig, index: int = 0, rules: str | None = None) -
     logging = replace(
         logging, refusalsPerSecond=_share(logging.refusalsPerSecond, config.workers, index)
     )
-    config = replace(config, workers=1, udpListeners=(), metrics=None, health=None, logging=logging)
-    if rules and config.ruleSource.hasFiles:
-        config = replace(config, ruleSource=SnapshotRuleSource(config.ruleSource, rules))
-    return config
+    return replace(config, workers=1, udpListeners=(), metrics=None, health=None, logging=logging)
 
 
 def _share(total: int, workers: int, index: int) -> int:
@@ -211,12 +206,12 @@ def main(argv: list[str] | None = None) -> None:
 
     reactor = cast(IServerReactor, globalReactor)
     rules = environment.get(WORKER_RULES)
-    options = WorkerOptions(rules)
+    options = WorkerOptions(int(rules) if rules is not None else None)
     options.parseOptions(sys.argv[1:] if argv is None else argv)
     index = int(environment.get(WORKER_INDEX, "0"))
     output = LogOutput.fromDescription(environment.get(WORKER_LOG, ""))
     globalLogBeginner.beginLoggingTo([workerObserver(output, index)], redirectStandardIO=False)
-    config = workerConfig(options.config, index, rules)
+    config = workerConfig(options.config, index)
     service = makeService(
         config,
         reactor,

@@ -35,7 +35,7 @@ L{HEALTHY_AFTER} seconds; one that sends no report for
 C{--worker-timeout} seconds is killed and replaced (L{echotw.watchdog}).
 On SIGHUP it reloads the rule files itself
 and, if they loaded, passes SIGHUP on to the workers, which read the rules
-it wrote (L{echotw.rulesnapshot}), so that a worker started later gets the
+it wrote to a file in memory (L{echotw.rulesnapshot}), so that a worker started later gets the
 same ones whatever became of the files.  On SIGTERM/SIGINT it starts any
 worker waiting to be restarted (to drain the connections queued on its
 sockets), closes its copies of the sockets, asks every worker to drain
@@ -213,12 +213,12 @@ class WorkerPool(Service):
             self._respawn(index)
 
     @property
-    def rulesDirectory(self) -> str | None:
+    def rulesFD(self) -> int | None:
         """
-        Where the workers read the rules, or L{None} when they read the
+        The file the workers read the rules from, or L{None} when they read the
         rule files themselves (none given, or no snapshot could be written).
         """
-        return self.rules.snapshot.directory if self.rules is not None else None
+        return self.rules.snapshot.fd if self.rules is not None else None
 
     def anyReady(self) -> bool:
         """
@@ -289,6 +289,11 @@ class WorkerPool(Service):
             childFDs[nextFD] = self.countFD
             env[WORKER_COUNT_FD] = str(nextFD)
             nextFD += 1
+        rules = self.rulesFD
+        if rules is not None:
+            childFDs[nextFD] = rules
+            env[WORKER_RULES] = str(nextFD)
+            nextFD += 1
         childFDs[nextFD] = "r"
         env[WORKER_REPORT_FD] = str(nextFD)
         env[WORKER_FDS] = ",".join(inherited)
@@ -297,9 +302,6 @@ class WorkerPool(Service):
         env[WORKER_LOG] = self.logOutput.describe()
         env[WORKER_REACTOR] = type(self.reactor).__module__
         env[WORKER_SUPERVISOR] = str(os.getpid())
-        rules = self.rulesDirectory
-        if rules is not None:
-            env[WORKER_RULES] = rules
         argv, extra = workerCommand(self.arguments)
         env.update(extra)
         worker = WorkerProcess(self, index, nextFD)
@@ -415,7 +417,7 @@ class WorkerPool(Service):
                 os.close(self.countFD)
                 self.countFD = None
             if self.rules is not None:
-                self.rules.snapshot.remove()
+                self.rules.snapshot.close()
             return result
 
         return DeferredList(ended).addBoth(done)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import time
 
 from tests.process import LOOPBACK, EchoServer, ServerTestCase, temporaryDirectory, waitUntil
-from tests.test_workers import echoes, killAll, openFrom, workerPids
+from tests.test_e2e_workers_wiring import sourceFor
+from tests.test_workers import echoes, killAll, openFrom, running, workerPids
 
 PAYLOAD = b"queued while its worker was down"
 
@@ -111,3 +113,48 @@ class StopWithWorkerDownTests(ServerTestCase):
                 self.fail(f"client {number} was reset after {received!r}:\n{server.output()}")
             self.assertEqual(received, PAYLOAD, number)
         self.assertEqual(server.wait(timeout=30), -signal.SIGTERM)
+
+
+class SnapshotWithoutTemporaryDirectoryTests(ServerTestCase):
+    """
+    The rules reach the workers without files in a temporary directory.
+    """
+
+    def start(self, *args: str, **kw: object) -> EchoServer:
+        self.tmp = temporaryDirectory(self)
+        self.deny = temporaryDirectory(self) / "deny.rules"
+        self.deny.write_text("10.0.0.0/8\n")
+        env = dict(os.environ, TMPDIR=str(self.tmp))
+        server = super().start(
+            "--workers", "2", "--port", LOOPBACK, "--deny-file", str(self.deny),
+            "--max-per-ip", "100", env=env,
+        )  # fmt: skip
+        self.addCleanup(killAll, set(workerPids(server, 2)))
+        return server
+
+    def test_reloadsWithTheTemporaryDirectoryEmptied(self) -> None:
+        """With the temporary directory emptied under the server (by a
+        cleaner, or full), a reload still reaches both workers, and the
+        worker started in place of a killed one has the new rules."""
+        server = self.start()
+        for entry in self.tmp.iterdir():
+            shutil.rmtree(entry, ignore_errors=True)
+        self.deny.write_text("127.0.0.0/8\n")
+        os.kill(server.pid, signal.SIGHUP)
+        server.waitForCount(r"echotw worker \d\] Rules reloaded: 0 allow and 1 deny", 2)
+        self.addCleanup(killAll, {killAndAwaitRestart(server, 0)})
+        for worker in (0, 1):
+            with openFrom(server.port, sourceFor(worker, 2)) as sock:
+                self.assertFalse(echoes(sock), f"a denied client was echoed by worker {worker}")
+        self.assertNotIn("cannot write", server.output())
+
+    def test_nothingLeftAfterSupervisorKilled(self) -> None:
+        """A supervisor killed with SIGKILL, its workers gone after it,
+        leaves nothing in the temporary directory."""
+        server = self.start()
+        pids = workerPids(server, 2)
+        os.kill(server.pid, signal.SIGHUP)
+        server.waitForCount(r"echotw worker \d\] Rules reloaded", 2)
+        server.stop(signal.SIGKILL)
+        waitUntil(lambda: not any(running(pid) for pid in pids), "the workers exited", 30)
+        self.assertEqual(os.listdir(self.tmp), [])

@@ -1,13 +1,14 @@
 """
 The rules the supervisor of C{--workers} writes for its workers: the
-generations and their C{current} link, the supervisor's source that writes
-one per successful load, the worker's source that reads the newest, the
+file in memory rewritten in place, the supervisor's source that writes it
+on each successful load, the worker's source that reads the newest, the
 worker's command line, and the supervisor passing SIGHUP on only after a
 reload that succeeded.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import signal
@@ -24,14 +25,15 @@ from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from echotw import rulesnapshot
 from echotw.addresses import IPNetwork, parseNetwork
-from echotw.rulefiles import RuleFileError, RuleSource, readRuleFile
+from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.rulesnapshot import (
-    KEPT_GENERATIONS,
+    HEADER,
     RuleSnapshot,
     SnapshotRuleSource,
     SupervisorRuleSource,
-    currentGeneration,
+    readSnapshot,
 )
 from echotw.workermain import WorkerOptions
 from echotw.workerprocess import READY
@@ -49,24 +51,52 @@ def client(host: str) -> IPv4Address:
 class RuleSnapshotTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.snapshot = RuleSnapshot()
-        self.addCleanup(self.snapshot.remove)
+        self.addCleanup(self.snapshot.close)
 
-    def test_generations(self) -> None:
-        """Each write is a new generation that C{current} names; old ones go
-        once more than KEPT_GENERATIONS were written; remove takes it all."""
-        directory = self.snapshot.write([V4], [V6])
-        generation = currentGeneration(directory)
-        self.assertEqual(readRuleFile(os.path.join(generation, "allow")), [V4])
-        self.assertEqual(readRuleFile(os.path.join(generation, "deny")), [V6])
-        for _ in range(KEPT_GENERATIONS):
-            self.assertEqual(self.snapshot.write([], [V4]), directory)
-        newest = currentGeneration(directory)
-        self.assertEqual(readRuleFile(os.path.join(newest, "deny")), [V4])
-        self.assertFalse(os.path.exists(generation))
-        self.assertEqual(len(os.listdir(directory)), KEPT_GENERATIONS + 1)
-        self.assertEqual(os.stat(directory).st_mode & 0o777, 0o700)
-        self.snapshot.remove()
-        self.assertFalse(os.path.exists(directory))
+    def test_rewrittenInPlace(self) -> None:
+        """Each write replaces the last in the one file, longer or shorter,
+        and leaves nothing in any directory; a reader always gets a whole
+        write."""
+        fd = self.snapshot.write([V4], [V6])
+        self.assertEqual(readSnapshot(fd), ([V4], [V6]))
+        many = [parseNetwork(f"10.{n // 256}.{n % 256}.0/24") for n in range(2000)]
+        self.assertEqual(self.snapshot.write(many, []), fd)
+        self.assertEqual(readSnapshot(fd), (many, []))
+        self.assertEqual(self.snapshot.write([], [V4]), fd)
+        self.assertEqual(readSnapshot(fd), ([], [V4]))
+        self.assertEqual(os.readlink(f"/proc/self/fd/{fd}").split(" ")[0], "/memfd:echotw-rules")
+
+    def test_writeUnderWayReadAgain(self) -> None:
+        """A reader that finds a write under way (an odd sequence number)
+        waits for it to end; one that never ends is an error, not a hang."""
+        fd = self.snapshot.write([V4], [])
+        sleeps: list[float] = []
+
+        def finishWrite(seconds: float) -> None:
+            sleeps.append(seconds)
+            os.pwrite(fd, HEADER.pack(4, len(b"10.0.0.0/8\n"), 0), 0)
+
+        os.pwrite(fd, HEADER.pack(3, 0, 0), 0)
+        self.patch(rulesnapshot.time, "sleep", finishWrite)
+        self.assertEqual(readSnapshot(fd), ([V4], []))
+        self.assertEqual(len(sleeps), 1)
+        os.pwrite(fd, HEADER.pack(5, 0, 0), 0)
+        self.patch(rulesnapshot.time, "sleep", sleeps.append)
+        self.assertRaises(RuleFileError, readSnapshot, fd)
+        self.assertEqual(len(sleeps), 1 + rulesnapshot.READ_ATTEMPTS)
+
+    def test_failedWriteKeepsTheLast(self) -> None:
+        """A write that cannot get room for the new rules leaves the last
+        ones readable."""
+        fd = self.snapshot.write([V4], [V6])
+
+        def full(*args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(rulesnapshot, "_allocate", full)
+        many = [parseNetwork(f"10.{n // 256}.{n % 256}.0/24") for n in range(500)]
+        self.assertRaises(OSError, self.snapshot.write, many, [])
+        self.assertEqual(readSnapshot(fd), ([V4], [V6]))
 
     @given(
         st.lists(
@@ -86,9 +116,8 @@ class RuleSnapshotTests(SynchronousTestCase):
             else parseNetwork(str(ipaddress.IPv6Network((value, prefix), strict=False)))
             for version, value, prefix in specs
         ]
-        directory = self.snapshot.write(networks, [])
-        read = readRuleFile(os.path.join(currentGeneration(directory), "allow"))
-        self.assertEqual(read, networks)
+        fd = self.snapshot.write(networks, [])
+        self.assertEqual(readSnapshot(fd), (networks, []))
 
 
 class SupervisorRuleSourceTests(SynchronousTestCase):
@@ -97,14 +126,14 @@ class SupervisorRuleSourceTests(SynchronousTestCase):
         self.deny = self.files / "deny.rules"
         self.deny.write_text("10.0.0.0/8\n")
         self.snapshot = RuleSnapshot()
-        self.addCleanup(self.snapshot.remove)
+        self.addCleanup(self.snapshot.close)
         source = RuleSource(deny=[V6], denyFiles=[str(self.deny)])
         source.load()
         self.source = SupervisorRuleSource(source, self.snapshot)
 
     def snapshotDeny(self) -> list[IPNetwork]:
-        assert self.snapshot.directory is not None
-        return readRuleFile(os.path.join(currentGeneration(self.snapshot.directory), "deny"))
+        assert self.snapshot.fd is not None
+        return readSnapshot(self.snapshot.fd)[1]
 
     def test_writesWhatTheFilesHeld(self) -> None:
         """The first snapshot is what the files held when the options were
@@ -128,7 +157,7 @@ class SupervisorRuleSourceTests(SynchronousTestCase):
         """If the rules cannot be written for the workers, the reload fails
         as a bad file does, so the supervisor does not tell them to reload."""
 
-        def full(*args: object) -> str:
+        def full(*args: object) -> int:
             raise OSError(28, "No space left on device")
 
         self.patch(self.snapshot, "write", full)
@@ -142,14 +171,14 @@ class SupervisorRuleSourceTests(SynchronousTestCase):
 class SnapshotRuleSourceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.snapshot = RuleSnapshot()
-        self.addCleanup(self.snapshot.remove)
-        self.directory = self.snapshot.write([], [V4])
+        self.addCleanup(self.snapshot.close)
+        self.fd = self.snapshot.write([], [V4])
 
-    def test_readsTheNewestGeneration(self) -> None:
-        """Each load reads the generation current then, with the command
+    def test_readsTheNewestRules(self) -> None:
+        """Each load reads what the supervisor wrote last, with the command
         line's networks; the operator's paths are never read."""
         given = RuleSource(deny=[parseNetwork("192.0.2.1")], denyFiles=["/nonexistent"])
-        source = SnapshotRuleSource(given, self.directory)
+        source = SnapshotRuleSource(given, self.fd, (False, True))
         rules = source.load()
         self.assertEqual(rules(client("10.1.2.3")), "denied")
         self.assertEqual(rules(client("192.0.2.1")), "denied")
@@ -158,14 +187,14 @@ class SnapshotRuleSourceTests(SynchronousTestCase):
         rules = source.load()
         self.assertIsNone(rules(client("10.1.2.3")))
         self.assertEqual(rules(client("172.16.0.1")), "denied")
+        self.assertTrue(source.hasFiles)
 
     def test_emptyAllowFileStillRestricts(self) -> None:
         """An allow file that holds nothing for now still means "only those
         listed", through the snapshot as directly."""
         self.snapshot.write([], [])
-        source = SnapshotRuleSource(RuleSource(allowFiles=["/operator/allow"]), self.directory)
+        source = SnapshotRuleSource(RuleSource(), self.fd, (True, False))
         self.assertEqual(source.load()(client("192.0.2.1")), "not allowed")
-        self.assertEqual(source.denyFiles, [])
 
 
 class WorkerOptionsTests(SynchronousTestCase):
@@ -173,17 +202,15 @@ class WorkerOptionsTests(SynchronousTestCase):
         """Given the supervisor's rules, a worker's command line reads them
         instead of the operator's files, which may have gone bad since."""
         snapshot = RuleSnapshot()
-        self.addCleanup(snapshot.remove)
-        directory = snapshot.write([V4], [V6])
-        options = WorkerOptions(directory)
+        self.addCleanup(snapshot.close)
+        fd = snapshot.write([V4], [V6])
+        options = WorkerOptions(fd)
         options.parseOptions(
             ["--allow-file", "/nonexistent/a", "--allow-file", "/b", "--deny-file", "/c"]
         )
-        generation = currentGeneration(directory)
-        self.assertEqual(options["allow-file"], [os.path.join(generation, "allow")])
-        self.assertEqual(options["deny-file"], [os.path.join(generation, "deny")])
         self.assertEqual(options.config.rules(client("10.0.0.1")), None)
         self.assertEqual(options.config.rules(client("192.0.2.1")), "not allowed")
+        self.assertEqual(options.config.ruleSource.fileNetworks, ([V4], [V6]))
 
     def test_withoutSnapshot(self) -> None:
         """Without one (it could not be written), the files are read as ever."""
@@ -269,7 +296,7 @@ class SnapshotFailsAtStartTests(SynchronousTestCase):
         snapshot = RuleSnapshot()
         attempts: list[object] = []
 
-        def full(*args: object) -> str:
+        def full(*args: object) -> int:
             attempts.append(args)
             raise OSError(30, "Read-only file system")
 
@@ -281,6 +308,6 @@ class SnapshotFailsAtStartTests(SynchronousTestCase):
             workerPool.startService()
         [warning] = [e for e in events if e.get("event") == "rules-snapshot-failed"]
         self.assertEqual(warning["why"], "Read-only file system")
-        self.assertIsNone(workerPool.rulesDirectory)
+        self.assertIsNone(workerPool.rulesFD)
         self.assertEqual(source.load()(client("10.0.0.1")), "denied")
         self.assertEqual(len(attempts), 1)
