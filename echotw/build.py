@@ -209,7 +209,14 @@ def makeService(
 
     if config.metrics is not None:
         source = factory if counters is None else counters
-        MetricsService(config.metrics, source, udpProtocols, reactor, ready).setServiceParent(top)
+        MetricsService(
+            config.metrics,
+            source,
+            udpProtocols,
+            reactor,
+            ready,
+            workerPids=pool.pids if pool is not None else None,
+        ).setServiceParent(top)
     if config.health is not None:
         HealthService(config.health, ready, reactor).setServiceParent(top)
     if handleSignals:

@@ -46,7 +46,8 @@ with C{--workers}, served by the supervisor and summed over the workers
     was started again;
 
 plus C{process_*}, C{python_info} and C{python_gc_*} from
-C{prometheus_client}'s own collectors.
+C{prometheus_client}'s own collectors (with C{--workers}, the supervisor's
+process; the workers' are C{worker_process_*}, see L{echotw.workerstats}).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ from echotw.factory import DURATION_BUCKETS, EchoFactory
 from echotw.health import Page, Root, WebService, addHealth, defaultReactor
 from echotw.udp import UDPEchoProtocol
 from echotw.webguard import GuardedSite
+from echotw.workerstats import WorkerProcessCollector
 
 __all__ = [
     "EchoCollector",
@@ -244,14 +246,21 @@ def durationHistogram(counters: Counters) -> HistogramMetricFamily:
     )
 
 
-def metricsRegistry(source: Source, udp: Sequence[UDPEchoProtocol] = ()) -> CollectorRegistry:
+def metricsRegistry(
+    source: Source,
+    udp: Sequence[UDPEchoProtocol] = (),
+    workerPids: Callable[[], Mapping[int, int]] | None = None,
+) -> CollectorRegistry:
     """
     A registry of its own (not C{prometheus_client.REGISTRY}, so two servers
     in one process, or tests, never collide) with L{EchoCollector} and the
-    client library's process, platform and garbage-collector metrics.
+    client library's process, platform and garbage-collector metrics; with
+    workers (their pids by index, C{workerPids}), their processes' too.
     """
     registry = CollectorRegistry()
     registry.register(EchoCollector(source, udp))
+    if workerPids is not None:
+        registry.register(WorkerProcessCollector(workerPids))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
@@ -364,8 +373,9 @@ class MetricsService(WebService):
         udp: Sequence[UDPEchoProtocol] = (),
         reactor: IReactorCore | None = None,
         ready: Callable[[], bool] | None = None,
+        workerPids: Callable[[], Mapping[int, int]] | None = None,
     ) -> None:
-        self.registry = metricsRegistry(source, udp)
+        self.registry = metricsRegistry(source, udp, workerPids)
         reactor = reactor or defaultReactor()
         site = metricsSite(self.registry, ready, description, reactor)
         super().__init__(description, site, reactor)

@@ -220,6 +220,12 @@ class WorkerPool(Service):
         """
         return self.rules.snapshot.fd if self.rules is not None else None
 
+    def pids(self) -> dict[int, int]:
+        """
+        The running workers' pids, by index (for their processes' metrics).
+        """
+        return {i: w.pid for i, w in self.workers.items() if w.pid is not None}
+
     def anyReady(self) -> bool:
         """
         Whether at least one worker is up to serve (for C{/readyz}).

@@ -108,6 +108,27 @@ class WorkerWiringTests(ServerTestCase):
         self.assertEqual(samples['echotw_worker_restarts_total{worker="0"}'], 1)
         self.assertEqual(samples['echotw_worker_restarts_total{worker="1"}'], 0)
 
+    def test_workerProcessMetrics(self) -> None:
+        """The metrics cover each worker's process: CPU, resident memory,
+        descriptors and start time, labelled by worker; the worker started
+        in place of a killed one has a later start time."""
+        metrics = freePort()
+        server = self.start(
+            "--workers", "2", "--port", LOOPBACK, "--metrics", f"tcp:{metrics}:interface=127.0.0.1"
+        )  # fmt: skip
+        pids = workerPids(server, 2)
+        samples = scrape(metrics)
+        for worker in ("0", "1"):
+            label = f'{{worker="{worker}"}}'
+            self.assertGreater(samples[f"echotw_worker_process_resident_memory_bytes{label}"], 1e6)
+            self.assertGreaterEqual(samples[f"echotw_worker_process_open_fds{label}"], 3)
+            self.assertGreater(samples[f"echotw_worker_process_cpu_seconds_total{label}"], 0)
+        started = samples['echotw_worker_process_start_time_seconds{worker="0"}']
+        os.kill(pids[0], signal.SIGKILL)
+        server.waitForCount(r"echotw worker 0\] Listening", 2, timeout=30)
+        restarted = scrape(metrics)['echotw_worker_process_start_time_seconds{worker="0"}']
+        self.assertGreater(restarted, started)
+
     def test_steeringFollowsIPv6Prefix(self) -> None:
         """With --ipv6-prefix 128, ::1 is steered as a whole address: to the
         worker the program names for /128, not the one /64 would name."""
