@@ -1,5 +1,5 @@
 """
-A worker process of C{--workers N} (C{python -m echotw.workermain ARGS}): it
+A worker process of C{--workers N} (started as L{echotw.workercommand} says): it
 parses the supervisor's command line, derives its own configuration from it
 and serves the listening sockets it inherited (see L{echotw.workers}).
 
