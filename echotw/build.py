@@ -216,6 +216,7 @@ def makeService(
             reactor,
             ready,
             workerPids=pool.pids if pool is not None else None,
+            listeners=[listener.name for listener in config.listeners],
         ).setServiceParent(top)
     if config.health is not None:
         HealthService(config.health, ready, reactor).setServiceParent(top)

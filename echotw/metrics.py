@@ -16,7 +16,8 @@ under a millisecond, so it does not stall the echo connections.
 
 Metrics (all prefixed C{echotw_}):
 
-  - C{connections_open{listener}}: gauge, TCP connections open now;
+  - C{connections_open{listener}}: gauge, TCP connections open now (every
+    configured listener from start-up, at 0 until its first connection);
   - C{connections_total{listener}}: counter, TCP connections accepted;
   - C{connections_refused_total{reason}}: counter, TCP connections refused
     at accept time (access rules, limits, verifiers);
@@ -105,11 +106,18 @@ class EchoCollector:
     @param udp: the UDP echo protocols, one per C{--udp} listener.  It is
         read at every scrape, not copied, so a list filled in after the
         collector is made is fine.
+    @param listeners: the names of the TCP listeners configured, whose
+        connection series are served from the start, at 0 until their
+        first connection: a dashboard or an alert on a series that does not
+        exist yet shows nothing rather than 0.
     """
 
-    def __init__(self, source: Source, udp: Sequence[UDPEchoProtocol] = ()) -> None:
+    def __init__(
+        self, source: Source, udp: Sequence[UDPEchoProtocol] = (), listeners: Sequence[str] = ()
+    ) -> None:
         self.source = counterSource(source)
         self.udp = udp
+        self.listeners = listeners
 
     def describe(self) -> list[Metric]:
         """
@@ -124,17 +132,18 @@ class EchoCollector:
 
         # Counters with no label values yet are still yielded (without
         # samples) so that their HELP/TYPE lines tell dashboards they exist.
+        configured = dict.fromkeys(self.listeners, 0)
         open_ = GaugeMetricFamily(
             "echotw_connections_open", "TCP connections open now.", labels=["listener"]
         )
-        for listener, count in sorted(counters.openByListener.items()):
+        for listener, count in sorted({**configured, **counters.openByListener}.items()):
             open_.add_metric([listener], count)
         yield open_
 
         total = CounterMetricFamily(
             "echotw_connections_total", "TCP connections accepted.", labels=["listener"]
         )
-        for listener, count in sorted(counters.totalByListener.items()):
+        for listener, count in sorted({**configured, **counters.totalByListener}.items()):
             total.add_metric([listener], count)
         yield total
 
@@ -250,6 +259,7 @@ def metricsRegistry(
     source: Source,
     udp: Sequence[UDPEchoProtocol] = (),
     workerPids: Callable[[], Mapping[int, int]] | None = None,
+    listeners: Sequence[str] = (),
 ) -> CollectorRegistry:
     """
     A registry of its own (not C{prometheus_client.REGISTRY}, so two servers
@@ -258,7 +268,7 @@ def metricsRegistry(
     workers (their pids by index, C{workerPids}), their processes' too.
     """
     registry = CollectorRegistry()
-    registry.register(EchoCollector(source, udp))
+    registry.register(EchoCollector(source, udp, listeners))
     if workerPids is not None:
         registry.register(WorkerProcessCollector(workerPids))
     ProcessCollector(registry=registry)
@@ -361,6 +371,8 @@ class MetricsService(WebService):
         each scrape, see L{EchoCollector}).
     @param reactor: the reactor to listen with; the global one if L{None}.
     @param ready: whether the server accepts connections, for C{/readyz}.
+    @param listeners: the names of the TCP listeners, served at 0 from the
+        start (see L{EchoCollector}).
     """
 
     what = "metrics"
@@ -374,8 +386,9 @@ class MetricsService(WebService):
         reactor: IReactorCore | None = None,
         ready: Callable[[], bool] | None = None,
         workerPids: Callable[[], Mapping[int, int]] | None = None,
+        listeners: Sequence[str] = (),
     ) -> None:
-        self.registry = metricsRegistry(source, udp, workerPids)
+        self.registry = metricsRegistry(source, udp, workerPids, listeners)
         reactor = reactor or defaultReactor()
         site = metricsSite(self.registry, ready, description, reactor)
         super().__init__(description, site, reactor)

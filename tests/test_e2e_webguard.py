@@ -25,6 +25,34 @@ def openDescriptors(server: EchoServer) -> int:
     return len(os.listdir(f"/proc/{server.pid}/fd"))
 
 
+def scrape(port: int) -> str:
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode("utf-8")
+    return text
+
+
+class MetricsSeriesTests(ServerTestCase):
+    def test_listenerSeriesFromStartUp(self) -> None:
+        """Before any connection, a scrape already has every TCP listener's
+        open and total connection series, at 0: in one process, and with
+        --workers, whose supervisor sums reports its workers have not made
+        yet."""
+        for workers in ((), ("--workers", "2")):
+            server = self.start(
+                *workers,
+                "--port", f"{LOOPBACK}:name=front",
+                "--port", f"{LOOPBACK}:name=back",
+                "--metrics", LOOPBACK,
+                listeners=2,
+            )  # fmt: skip
+            text = scrape(metricsPort(server))
+            for listener in ("front", "back"):
+                for name in ("echotw_connections_open", "echotw_connections_total"):
+                    self.assertIn(f'{name}{{listener="{listener}"}} 0.0\n', text, workers)
+            server.close()
+
+
 class MetricsGuardTests(ServerTestCase):
     def test_pipeliningNonReaderBounded(self) -> None:
         """A client pipelining /metrics requests for seconds without reading

@@ -137,6 +137,21 @@ class EchoCollectorTests(SynchronousTestCase):
         self.assertEqual(samples[key("echotw_connections_total", listener="tcp:7")], 2)
         self.assertEqual(samples[key("echotw_connections_total", listener="unix:/run/echo")], 1)
 
+    def test_configuredListenersAtZeroFromTheStart(self) -> None:
+        """Every configured TCP listener has its open and total series from
+        the start, at 0, before its first connection; a listener's first
+        connection moves its own series alone."""
+        factory = EchoFactory()
+        registry = metricsRegistry(factory, listeners=["tcp:7", "edge"])
+        _, samples = scrape(registry)
+        for name in ("echotw_connections_open", "echotw_connections_total"):
+            for listener in ("tcp:7", "edge"):
+                self.assertEqual(samples[key(name, listener=listener)], 0, (name, listener))
+        assert connect(factory, "edge") is not None
+        _, samples = scrape(registry)
+        self.assertEqual(samples[key("echotw_connections_total", listener="edge")], 1)
+        self.assertEqual(samples[key("echotw_connections_total", listener="tcp:7")], 0)
+
     def test_refusalsByReason(self) -> None:
         """Connections refused by the access rules are counted by reason."""
         factory = EchoFactory(rules=AccessRules(deny=[parseNetwork("10.0.0.0/8")]))
