@@ -11,6 +11,7 @@ limits stay in one place, L{echotw.webguard.GuardedSite}.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet import abstract
@@ -21,9 +22,15 @@ from twisted.internet.interfaces import (
     IPushProducer,
 )
 from twisted.web import http
+from twisted.web.server import Request
 from zope.interface import implementer
 
-HEAD_END = b"\r\n\r\n"
+HEAD_END = re.compile(rb"\r?\n\r?\n")
+"""The blank line that ends a request head, its lines ended by CRLF or by
+a bare LF, which RFC 9112 (section 2.2) lets a server accept and which
+C{printf 'GET / HTTP/1.0\\n\\n' | nc} sends."""
+
+LINE_END = re.compile(rb"\r?\n")
 
 RESPONSES = {
     "request body": b"413 Content Too Large",
@@ -41,6 +48,21 @@ def closingResponse(status: bytes, text: bytes) -> bytes:
         b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
     )
+
+
+class GuardedRequest(Request):
+    """
+    A request whose path C{*} names no resource of ours: twisted.web alone
+    answers C{OPTIONS *} with 200 and anything else for C{*} with 405 and
+    C{Allow: OPTIONS}, where these listeners answer GET and HEAD only.
+    Looked up as C{/*}, it gets what any unknown path gets: 404 for GET and
+    HEAD, 405 for POST, 501 for methods not implemented at all.
+    """
+
+    def process(self) -> None:
+        if self.path == b"*":
+            self.path = b"/*"
+        super().process()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -65,6 +87,7 @@ class GuardedChannel(http.HTTPChannel):
         self._feeding = False
         self._closing = False
         self._clientDone = False  # the client closed its sending side
+        self._bodyAnnounced = False  # a Transfer-Encoding header in this request
         self.hasBeenServed = False
         self._deadline: IDelayedCall | None = None
         self._reading: IPushProducer | None = None
@@ -91,15 +114,17 @@ class GuardedChannel(http.HTTPChannel):
         self._feeding = True
         try:
             while not (self._busy or self._full or self._closing or self._disconnecting()):
-                end = self._pending.find(HEAD_END, 0, self.site.maxHead)
-                if end < 0:
+                found = HEAD_END.search(self._pending, 0, self.site.maxHead)
+                if found is None:
                     if len(self._pending) >= self.site.maxHead:
                         self._refuse("headers too large")
                     break
-                end += len(HEAD_END)
-                head = bytes(self._pending[:end])
+                end = found.end()
+                # twisted.web splits lines on CRLF alone.
+                head = LINE_END.sub(b"\r\n", self._pending[:end])
                 del self._pending[:end]
                 self._busy = True
+                self._bodyAnnounced = False
                 super().dataReceived(head)
         finally:
             self._feeding = False
@@ -141,7 +166,7 @@ class GuardedChannel(http.HTTPChannel):
         """
         Whether C{_pending} holds a complete request head not yet handed on.
         """
-        return self._pending.find(HEAD_END, 0, self.site.maxHead) >= 0
+        return HEAD_END.search(self._pending, 0, self.site.maxHead) is not None
 
     def _steerReading(self) -> None:
         if self._reading is None or self._closing or self._disconnecting():
@@ -174,9 +199,25 @@ class GuardedChannel(http.HTTPChannel):
     def _disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))
 
+    def headerReceived(self, line: bytes) -> bool:
+        """
+        Note a C{Transfer-Encoding} header, whatever its value, rather than
+        hand it to twisted.web, which ignores C{identity} (and answers the
+        request) and answers 400 to values it does not know: any of them
+        announces a body, which gets 413 (see L{allHeadersReceived}).
+        """
+        name = line.split(b":", 1)[0]
+        if name.strip().lower() == b"transfer-encoding":
+            self._bodyAnnounced = True
+            return True
+        ok: bool = super().headerReceived(line)
+        return ok
+
     def allHeadersReceived(self) -> None:
-        # A length of 0 means neither Content-Length above 0 nor chunked.
-        if self.length != 0:
+        # A length of 0 means no Content-Length above 0.
+        if self.length != 0 or self._bodyAnnounced:
+            # Not 0, so that twisted.web waits for a body, which never comes.
+            self.length = None
             self._refuse("request body")
             return
         super().allHeadersReceived()

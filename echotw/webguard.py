@@ -19,7 +19,8 @@ twisted.web's parsing and resources and adds, per listener:
   - a request head (request line and headers) of at most L{MAX_HEAD} bytes,
     else C{431} and the connection closes;
   - no request body: a request announcing one (a C{Content-Length} above 0,
-    or C{Transfer-Encoding}) gets C{413} and the connection closes;
+    or a C{Transfer-Encoding} of any value) gets C{413} and the connection
+    closes;
   - each request complete within L{REQUEST_TIMEOUT} seconds of the
     connection opening or of its previous response (the idle keep-alive
     timeout and the deadline for a slow request in one, not reset by each
@@ -30,8 +31,10 @@ twisted.web's parsing and resources and adds, per listener:
     at most a few tens of kilobytes here.
 
 The channel sees one complete request head at a time
-(L{echotw.webchannel.GuardedChannel} frames them on the blank line that ends a head: with no bodies allowed, it
-ends the request too).  Closing the connection flushes what was written,
+(L{echotw.webchannel.GuardedChannel} frames them on the blank line that ends
+a head, its lines ended by CRLF or a bare LF: with no bodies allowed, it
+ends the request too).  The path C{*} is looked up as any other, so
+C{OPTIONS *} gets 501 as C{OPTIONS} on any path does.  Closing the connection flushes what was written,
 closes the sending side and reads and discards for up to L{LINGER} seconds,
 so the client reads a C{413} rather than a reset; then it aborts.  Every
 refusal is counted by reason (L{GuardedSite.rejected}, served as a metric)
@@ -57,7 +60,7 @@ from twisted.web.server import Site
 from echotw import loglevel
 from echotw.addresses import formatAddress
 from echotw.ratelimit import LogThrottle, unloggedNote
-from echotw.webchannel import GuardedChannel
+from echotw.webchannel import GuardedChannel, GuardedRequest
 
 MAX_CONNECTIONS = 64
 """Connections one listener serves at once; scrapers and probes need a few."""
@@ -101,6 +104,7 @@ class GuardedSite(Site):
     noisy = False
     displayTracebacks = False
     protocol = GuardedChannel  # type: ignore[assignment]
+    requestFactory = GuardedRequest
     _log = Logger(observer=loglevel.observer)
 
     def __init__(

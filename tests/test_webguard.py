@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -21,6 +23,7 @@ from echotw.metrics import MetricsService
 from echotw.webchannel import GuardedChannel
 from echotw.webguard import LINGER, MAX_HEAD, REQUEST_TIMEOUT, GuardedSite
 from tests.process import LOOPBACK
+from tests.properties import PROPERTIES
 
 GET = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 OK = b"HTTP/1.1 200 OK"
@@ -120,6 +123,44 @@ class PipeliningTests(GuardTestCase):
         channel.dataReceived(b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 405 "))
 
+    def test_optionsStarNotImplemented(self) -> None:
+        """OPTIONS * gets 501, as OPTIONS on any path does (twisted.web alone
+        answered it 200), and GET * the 404 of any unknown path (not 405
+        with Allow: OPTIONS); the connection carries on."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 501 "), transport.value())
+        transport.clear()
+        channel.dataReceived(b"GET * HTTP/1.1\r\nHost: x\r\n\r\n" + GET)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 404 "), transport.value())
+        self.assertNotIn(b"Allow", transport.value())
+        self.assertEqual(transport.value().count(OK), 1)
+
+    def test_bareLineFeedsAnswered(self) -> None:
+        """A request whose lines end in a bare LF (printf without \\r) is
+        answered at once, not left waiting for a CRLF until the deadline."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /healthz HTTP/1.1\nHost: x\n\n")
+        self.assertTrue(transport.value().startswith(OK), transport.value())
+        self.assertEqual(transport.producerState, "producing")
+
+    @PROPERTIES
+    @given(st.lists(st.lists(st.sampled_from([b"\r\n", b"\n"]), min_size=3, max_size=3)))
+    def test_lineEndingsMixed(self, endings: list[list[bytes]]) -> None:
+        """Pipelined requests, each line ended by CRLF or a bare LF in any
+        mix, are each answered once, in order."""
+        channel, transport = self.connect()
+        paths = [b"/healthz", b"/readyz"]
+        for i, (first, header, blank) in enumerate(endings):
+            path = paths[i % 2]
+            channel.dataReceived(
+                b"GET " + path + b" HTTP/1.1" + first + b"Host: x" + header + blank
+            )
+        bodies = [b"ok\n", b"ready\n"]
+        expected = [bodies[i % 2] for i in range(len(endings))]
+        answers = transport.value().split(OK)[1:]
+        self.assertEqual([a.rsplit(b"\r\n\r\n", 1)[1] for a in answers], expected)
+
 
 class HalfCloseTests(GuardTestCase):
     """
@@ -181,6 +222,21 @@ class RequestLimitTests(GuardTestCase):
         channel, transport = self.connect()
         channel.dataReceived(b"POST /healthz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
         self.assertRefused(transport, b"413 ", "request body")
+
+    def test_anyTransferEncodingRefused(self) -> None:
+        """Transfer-Encoding announces a body whatever its value: identity
+        (which twisted.web ignores) and values it does not know (which it
+        answers 400) get 413 too."""
+        for value in (b"identity", b"gzip", b"Chunked"):
+            channel, transport = self.connect()
+            channel.dataReceived(
+                b"GET /healthz HTTP/1.1\r\nTransfer-Encoding: " + value + b"\r\n\r\n"
+            )
+            self.assertTrue(
+                transport.value().startswith(b"HTTP/1.1 413 "), (value, transport.value())
+            )
+            self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.site.rejected, {"request body": 3})
 
     def test_emptyBodyAccepted(self) -> None:
         """Content-Length: 0 is no body: the GET is answered."""
