@@ -76,6 +76,17 @@ class Listener(NamedTuple):
     description: str
 
 
+def withBacklog(description: str, backlog: int = DEFAULT_BACKLOG) -> str:
+    """
+    C{description} with C{backlog=} added if it is TCP-based (C{tcp:},
+    C{tcp6:}, C{ssl:}, C{haproxy:}) and does not set its own.
+    """
+    parts = splitDescription(description)
+    if parts[0] in _BACKLOG_TYPES and not any(p.startswith("backlog=") for p in parts[1:]):
+        return f"{description}:backlog={backlog}"
+    return description
+
+
 def listenerDescription(port: str, interface: str = "", backlog: int = DEFAULT_BACKLOG) -> Listener:
     """
     The listener for one C{--port} value.
@@ -110,8 +121,7 @@ def listenerDescription(port: str, interface: str = "", backlog: int = DEFAULT_B
             value = given.removeprefix("backlog=")
             if not (value.isdigit() and 1 <= int(value) <= 65535):
                 raise ValueError(f"backlog {value!r} is not a whole number 1-65535")
-        if parts[0] in _BACKLOG_TYPES and not backlogs:
-            description += f":backlog={backlog}"
+        description = withBacklog(description, backlog)
         checkDescription(description)
     except ValueError as e:
         raise ValueError(f"{port!r}: {e}") from None

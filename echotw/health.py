@@ -25,6 +25,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from echotw.addresses import describeAddress, formatAddress
+from echotw.endpoints import withBacklog
 from echotw.listening import watchAcceptErrors
 from echotw.service import ListenerService
 from echotw.webguard import GuardedSite
@@ -110,7 +111,11 @@ class WebService(ListenerService):
     cannot), logs what it serves where, and stops only after the drain.
     Its site guards it (L{echotw.webguard}), and when C{accept} fails, for
     lack of file descriptors say, the port's log lines are counted and
-    throttled as the echo listeners' are (L{watchAcceptErrors}).
+    throttled as the echo listeners' are (L{watchAcceptErrors}).  A TCP
+    endpoint without its own C{backlog=} gets the echo listeners' default
+    (C{SOMAXCONN}): with Twisted's 50, a flood of connections fills the
+    listen queue and the kernel drops a probe's SYN, which the client
+    sends again only after a second, past the probe's timeout.
     """
 
     servesThroughDrain = True
@@ -122,7 +127,7 @@ class WebService(ListenerService):
     ) -> None:
         if reactor is None:
             reactor = defaultReactor()
-        endpoint = serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, withBacklog(description))
         self.site = site
         # Site's Factory parameter is typed loosely in Twisted's stubs.
         super().__init__(description, endpoint, site)  # type: ignore[arg-type]

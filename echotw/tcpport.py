@@ -192,6 +192,9 @@ class EchoPort(tcp.Port):
         transport = self.transport
         reactor = self.reactor
         limit = self.numberAccepts
+        # A factory may turn a socket away before anything is built for it
+        # (echotw.webguard.GuardedSite, when its connections are all taken).
+        screen = getattr(factory, "screenAccepted", None)
         accepted = 0
         while accepted < limit:
             try:
@@ -205,6 +208,9 @@ class EchoPort(tcp.Port):
                 return
             accepted += 1
             skt = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            if screen is not None and not screen(skt):
+                skt.close()
+                continue
             if ipv6:
                 # The scope id belongs in the host, as Twisted writes it.
                 host = socket.getnameinfo(addr, _NUMERIC)[0]

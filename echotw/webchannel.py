@@ -20,6 +20,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
     IPushProducer,
+    ISSLTransport,
 )
 from twisted.web import http
 from twisted.web.server import Request
@@ -74,6 +75,16 @@ class GuardedChannel(http.HTTPChannel):
     Bytes read but not yet handed on wait in C{_pending}; reading stops
     while C{_pending} holds a complete request that cannot be handled yet,
     so it never holds more than L{MAX_HEAD} and one read.
+
+    Over a socket (not TLS), the channel is its transport's pull producer
+    rather than a push one: the transport then calls L{resumeProducing}
+    each time its buffer has gone to the kernel, which is when the next
+    request is read (an answer "has left").  A push producer hears only of
+    a buffer past 64 KiB, so a client that never reads had answers made
+    for it as long as the kernel took them, megabytes of them.  Over TLS
+    (whose transport turns a pull producer into a loop) the channel stays a
+    push producer, and its cost is bounded by the requests a connection may
+    make.
     """
 
     site: Any  # echotw.webguard.GuardedSite, which imports this module
@@ -83,7 +94,14 @@ class GuardedChannel(http.HTTPChannel):
         super().__init__()
         self._pending = bytearray()
         self._busy = False  # a request handed on, its response not finished
-        self._full = False  # the transport asked us to stop writing
+        self._full = False  # an answer has not left (or the transport is full)
+        self._fullSince = 0  # the site's turn when it was written
+        self._fullAt = 0.0  # and the time
+        self._pull = False  # the transport tells us when its buffer empties
+        self.answered = 0
+        self.source = ""  # the client's address without its port
+        self.pipelined = 0  # requests already waiting when the answer before left
+        self._discarded = 0
         self._feeding = False
         self._closing = False
         self._clientDone = False  # the client closed its sending side
@@ -94,13 +112,47 @@ class GuardedChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._reading = IPushProducer(self.transport, None)
-        self.site.opened(self)
+        transport: Any = self.transport
+        self.source = str(getattr(transport.getPeer(), "host", ""))
+        self._reading = IPushProducer(transport, None)
+        socketLevel = isinstance(transport, abstract.FileDescriptor) and not (
+            ISSLTransport.providedBy(transport) or getattr(transport, "TLS", False)
+        )
+        if socketLevel:
+            transport.unregisterProducer()
+            self._pull = True
+            transport.registerProducer(self, False)
         self._arm(self.site.requestTimeout)
+        if socketLevel:
+            self._readWaiting(transport)
+        self.site.admit(self)
+
+    def _readWaiting(self, transport: Any) -> None:
+        """
+        Read what the client sent before its connection was accepted: a
+        probe's request is usually there already, and is answered before
+        the connection needs a place among the site's connections, so that
+        no flood of connections accepted after it can take that place
+        before its request is read.  The end of the stream, or an error,
+        is left for the reactor to find.
+        """
+        try:
+            data = transport.getHandle().recv(self.site.maxHead)
+        except OSError:
+            return
+        if data:
+            self.dataReceived(data)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
-            return  # read and discarded while closing
+            # Read and discarded while closing, up to a bound: a client
+            # that keeps sending is not waiting for its answer, and is
+            # left to the linger deadline, unread and costing nothing.
+            self._discarded += len(data)
+            limited = self._discarded > self.site.maxHead
+            if limited and self._reading is not None and not self._disconnecting():
+                self._reading.pauseProducing()
+            return
         self._pending += data
         self._feed()
 
@@ -183,10 +235,50 @@ class GuardedChannel(http.HTTPChannel):
         """
         return not (self._busy or self._full or self._closing)
 
+    def _markFull(self) -> None:
+        self._full = True
+        self._fullSince = self.site.turn()
+        self._fullAt = self.site.reactor.seconds()
+
+    def tier(self, turn: int, now: float) -> int | None:
+        """
+        How readily this connection gives up its place to a new one (see
+        L{echotw.webguard.GuardedSite._victim}): 0 if an answer has waited
+        to leave since before the reactor's previous turn, or for a second
+        (its client does not read), 1 if it waits for a request and has
+        never been served, 2 if it waits for one after being served,
+        L{None} while an answer is being made or sent.
+        """
+        if self._closing:
+            return None
+        if self._full:
+            stalled = turn > self._fullSince + 1 or now - self._fullAt >= 1.0
+            return 0 if stalled and not self._busy else None
+        if self._busy:
+            return None
+        return 2 if self.hasBeenServed else 1
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def turnAway(self) -> None:
+        """
+        No place for this new connection: close it at once, or, if it has
+        an answer to send, once that has left.
+        """
+        if self._full:
+            self._close()
+        else:
+            self.evict()
+
     def evict(self) -> None:
         """
         Close at once, to make room for a new connection.
         """
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         self._closing = True
         self._pending = bytearray()
         transport: Any = self.transport
@@ -222,23 +314,59 @@ class GuardedChannel(http.HTTPChannel):
             return
         super().allHeadersReceived()
 
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        As twisted.web decides, but the last request a connection may make
+        (L{echotw.webguard.MAX_REQUESTS}), or the last it may pipeline
+        (L{echotw.webguard.MAX_PIPELINED}), is answered with
+        C{Connection: close}, and the connection then closes.
+        """
+        persistent: bool = super().checkPersistence(request, version)
+        if persistent and (
+            self.answered + 1 >= self.site.maxRequests or self.pipelined >= self.site.maxPipelined
+        ):
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return persistent
+
     def requestDone(self, request: http.Request) -> None:
+        self.answered += 1
         super().requestDone(request)
-        self.site.served(self)
         self._busy = False
-        self._arm(self.site.requestTimeout)
+        if self._closing:
+            return
+        self.site.served(self)
+        if self._pull:
+            # Read on once the answer has left (resumeProducing).
+            self._markFull()
+        else:
+            self._arm(self.site.requestTimeout)
         self._feed()
 
     def pauseProducing(self) -> None:
-        self._full = True
+        if not self._full:
+            self._markFull()
         super().pauseProducing()
         if not self._feeding:
             self._steerReading()
 
     def resumeProducing(self) -> None:
+        if self._pull and self._full:
+            # The answer has left: the next request has the whole timeout.
+            self._arm(self.site.requestTimeout)
+            if self._requestWaiting():
+                # Sent before the client could have read that answer.
+                self.pipelined += 1
         self._full = False
         super().resumeProducing()
         self._feed()
+
+    def loseConnection(self) -> None:
+        """
+        twisted.web's close (after a last answer, or its own 400): the
+        lingering close of L{_close}, so the client reads its answer.
+        """
+        self._close()
 
     def _refuse(self, reason: str) -> None:
         """
@@ -260,6 +388,7 @@ class GuardedChannel(http.HTTPChannel):
             return
         self._closing = True
         self._pending = bytearray()
+        self.site.closing(self)
         transport: Any = self.transport
         transport.unregisterProducer()
         if self._clientDone:
@@ -282,6 +411,12 @@ class GuardedChannel(http.HTTPChannel):
         transport: Any = self.transport
         if self._closing or self._disconnecting():
             getattr(transport, "abortConnection", transport.loseConnection)()
+            return
+        if self._full and self._pull:
+            # An answer that has not left in all this time: its client
+            # does not read, and will not read a last one either.
+            self.site.reject("request timeout", transport.getPeer())
+            self.evict()
             return
         if self._pending or self._busy or self._full:
             # A request not finished in time, or a response not read.

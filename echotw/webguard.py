@@ -47,10 +47,11 @@ alone would drop them when the client's side closes.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import http
@@ -60,10 +61,28 @@ from twisted.web.server import Site
 from echotw import loglevel
 from echotw.addresses import formatAddress
 from echotw.ratelimit import LogThrottle, unloggedNote
-from echotw.webchannel import GuardedChannel, GuardedRequest
+from echotw.webchannel import HEAD_END, GuardedChannel, GuardedRequest
 
 MAX_CONNECTIONS = 64
 """Connections one listener serves at once; scrapers and probes need a few."""
+
+MAX_REQUESTS = 100
+"""Requests one connection may make; its last answer says C{Connection:
+close}.  A scraper's keep-alive connection makes one every scrape interval
+and reconnects now and then; a client that pipelines without reading has
+at most this many answers made for it."""
+
+MAX_PIPELINED = 4
+"""Requests one connection may send before it could have read the answer
+to the one before (already waiting when that answer left), past which its
+answer says C{Connection: close}.  Scrapers and probes never pipeline; a
+client that pipelines without reading would otherwise have an answer made
+for it each time the kernel took the one before, as many as its receive
+buffer holds (some hundred kilobytes)."""
+
+CLOSING_PER_SLOT = 4
+"""Closing connections (flushing a last answer, then lingering) a listener
+keeps per connection of L{MAX_CONNECTIONS}, past which the oldest is aborted."""
 
 MAX_HEAD = 8192
 """Bytes of request line and headers; Prometheus and kubelet send a few hundred."""
@@ -78,17 +97,6 @@ client before it is aborted."""
 
 LOG_INTERVAL = 1.0
 """Seconds between two log lines for one reason on one listener."""
-
-
-class Refused(Protocol):
-    """
-    What a connection over L{GuardedSite.maxConnections} gets: closed at
-    once, whatever the transport (a TLS wrapper cannot take L{None}).
-    """
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        getattr(transport, "abortConnection", transport.loseConnection)()
 
 
 class GuardedSite(Site):
@@ -120,10 +128,16 @@ class GuardedSite(Site):
         self.name = name
         self.listener = listener or name
         self.maxConnections = maxConnections
+        self.maxRequests = MAX_REQUESTS
+        self.maxPipelined = MAX_PIPELINED
         self.maxHead = MAX_HEAD
         self.requestTimeout = REQUEST_TIMEOUT
         self.linger = LINGER
         self._channels: dict[GuardedChannel, None] = {}  # least recently served first
+        self._closing: dict[GuardedChannel, None] = {}  # oldest first
+        self._perSource: dict[str, int] = {}  # connections in _channels per source
+        self._turn = 0
+        self._turning: Any = None
         self.rejected: dict[str, int] = {}
         clock: IReactorTime = self.reactor
         self.throttle = LogThrottle(LOG_INTERVAL, clock, report=self._logHeld)
@@ -141,21 +155,104 @@ class GuardedSite(Site):
         """Connections open now, less those evicted and not yet gone."""
         return len(self._channels)
 
-    def buildProtocol(self, addr: Any) -> Any:
-        if self.connections >= self.maxConnections and not self._evictOne():
-            self.reject("too many connections", addr)
-            return Refused()
-        return super().buildProtocol(addr)
+    def turn(self) -> int:
+        """
+        The number of the reactor's current turn (counted only while
+        someone asks), to tell an answer that has not left yet from one
+        that the client does not read.
+        """
+        if self._turning is None or not self._turning.active():
+            self._turning = self.reactor.callLater(0, self._nextTurn)
+        return self._turn
 
-    def _evictOne(self) -> bool:
-        waiting = [channel for channel in self._channels if channel.waiting()]
-        unserved = [channel for channel in waiting if not channel.hasBeenServed]
-        for channel in unserved or waiting:
-            del self._channels[channel]
-            self.reject("too many connections", channel.peer())
-            channel.evict()
+    def _nextTurn(self) -> None:
+        self._turn += 1
+
+    def screenAccepted(self, sock: socket.socket) -> bool:
+        """
+        Whether a socket just accepted should have a connection built for
+        it (asked by L{echotw.tcpport.EchoPort}, before it builds anything):
+        while every place is taken, only if a complete request is waiting
+        on it already, such as a probe's.  The others are closed at once,
+        for a few system calls each, so that under a flood the listen queue
+        moves fast enough for a probe queued behind thousands of
+        connections to be reached within its timeout.
+        """
+        if self.connections < self.maxConnections:
             return True
+        try:
+            waiting = sock.recv(self.maxHead, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            waiting = b""
+        if HEAD_END.search(waiting) is not None:
+            return True
+        try:
+            host, port = sock.getpeername()[:2]
+        except (OSError, ValueError):
+            host, port = "", 0
+        kind = IPv6Address if sock.family == socket.AF_INET6 else IPv4Address
+        self.reject("too many connections", kind("TCP", host, port))
         return False
+
+    def admit(self, channel: GuardedChannel) -> None:
+        """
+        Give a new connection its place, once what it had sent before it
+        was accepted has been read (and perhaps answered): at the cap, the
+        connection that costs most gives up its place (L{_victim}); the
+        newcomer is closed instead only if every other one is having an
+        answer sent right now.
+        """
+        if channel.closing:
+            return  # answered and closing already: it needs no place
+        if self.connections >= self.maxConnections:
+            victim = self._victim()
+            if victim is None:
+                self.reject("too many connections", channel.peer())
+                channel.turnAway()
+                return
+            self._leave(victim)
+            self.reject("too many connections", victim.peer())
+            victim.evict()
+        self._channels[channel] = None
+        self._perSource[channel.source] = self._perSource.get(channel.source, 0) + 1
+
+    def _leave(self, channel: GuardedChannel) -> None:
+        """
+        C{channel} gives up its place, if it has one.
+        """
+        if self._channels.pop(channel, False) is None:
+            left = self._perSource[channel.source] - 1
+            if left:
+                self._perSource[channel.source] = left
+            else:
+                del self._perSource[channel.source]
+
+    def _victim(self) -> GuardedChannel | None:
+        """
+        The connection to close for a new one: from the source holding the
+        most connections, the first of: one whose answer has waited to
+        leave since an earlier turn (its client does not read); one waiting
+        for a request it has never completed, oldest first (a slow or idle
+        connection); one served before and idle, least recently served
+        first (a scraper's keep-alive connection outlasts a flood).  An
+        answer being sent now is never cut off.
+        """
+        turn = self.turn()
+        now = self.reactor.seconds()
+        perSource = self._perSource
+        for count in sorted(set(perSource.values()), reverse=True):
+            oldest: list[GuardedChannel | None] = [None, None, None]
+            for channel in self._channels:
+                if perSource[channel.source] != count:
+                    continue
+                tier = channel.tier(turn, now)
+                if tier == 0:
+                    return channel
+                if tier is not None and oldest[tier] is None:
+                    oldest[tier] = channel
+            if oldest[1] is not None or oldest[2] is not None:
+                return oldest[1] or oldest[2]
+        return None
 
     def served(self, channel: GuardedChannel) -> None:
         # Served last, evicted last among the served.
@@ -163,11 +260,22 @@ class GuardedSite(Site):
         if self._channels.pop(channel, False) is None:
             self._channels[channel] = None
 
-    def opened(self, channel: GuardedChannel) -> None:
-        self._channels[channel] = None
+    def closing(self, channel: GuardedChannel) -> None:
+        """
+        C{channel} is closing (flushing its last answer, then lingering):
+        it gives up its place, and past L{CLOSING_PER_SLOT} closing
+        connections per place, the oldest of them is aborted.
+        """
+        self._leave(channel)
+        self._closing[channel] = None
+        if len(self._closing) > CLOSING_PER_SLOT * self.maxConnections:
+            oldest = next(iter(self._closing))
+            del self._closing[oldest]
+            oldest.evict()
 
     def closed(self, channel: GuardedChannel) -> None:
-        self._channels.pop(channel, None)
+        self._leave(channel)
+        self._closing.pop(channel, None)
 
     def countRejected(self, reason: str) -> None:
         """
