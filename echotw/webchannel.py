@@ -322,12 +322,14 @@ class GuardedChannel(http.HTTPChannel):
         C{Connection: close}, and the connection then closes.
         """
         persistent: bool = super().checkPersistence(request, version)
-        if persistent and (
-            self.answered + 1 >= self.site.maxRequests or self.pipelined >= self.site.maxPipelined
-        ):
-            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        if not persistent:
             return False
-        return persistent
+        if self.pipelined >= self.site.maxPipelined:
+            self.site.reject("pipelined without reading", self.peer())
+        elif self.answered + 1 < self.site.maxRequests:
+            return True
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
 
     def requestDone(self, request: http.Request) -> None:
         self.answered += 1

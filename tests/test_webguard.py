@@ -43,8 +43,8 @@ class SendBuffer(StringTransport):
     unsent bytes it pauses its producer; L{drain} sends them and resumes it.
     """
 
-    def __init__(self, limit: int = 10**9) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    def __init__(self, limit: int = 10**9, host: str = "127.0.0.1") -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", host, 40000))
         self.limit = limit
         self.full = False
 
@@ -135,9 +135,11 @@ class GuardTestCase(SynchronousTestCase):
         addHealth(root, lambda: True)
         self.site = GuardedSite(root, "health", "tcp:9999", self.clock, maxConnections=3)
 
-    def connect(self, limit: int = 10**9) -> tuple[GuardedChannel, SendBuffer]:
-        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        transport = SendBuffer(limit)
+    def connect(
+        self, limit: int = 10**9, host: str = "127.0.0.1"
+    ) -> tuple[GuardedChannel, SendBuffer]:
+        channel = self.site.buildProtocol(IPv4Address("TCP", host, 40000))
+        transport = SendBuffer(limit, host)
         channel.makeConnection(transport)
         return channel, transport
 
@@ -184,6 +186,7 @@ class AnswerLeavesTests(SynchronousTestCase):
         self.assertEqual(transport.kernel.count(OK), MAX_PIPELINED + 1)
         self.assertEqual(transport.kernel.count(b"Connection: close"), 1)
         self.assertTrue(transport._writeDisconnected or transport.disconnected)
+        self.assertEqual(self.site.rejected, {"pipelined without reading": 1})
 
     def test_answerNotLeftTimesOut(self) -> None:
         """A client that does not read is aborted REQUEST_TIMEOUT seconds
@@ -509,6 +512,16 @@ class ConnectionCapTests(GuardTestCase):
         self.assertEqual(self.site.rejected, {"too many connections": 1})
         first.connectionLost(None)
         self.assertEqual(self.site.connections, 3)
+
+    def test_busiestSourceGivesWay(self) -> None:
+        """The place for a new connection is taken from the source holding
+        the most connections, not from a lone client that is older."""
+        _, lone = self.connect(host="127.0.0.2")
+        flood = [self.connect(host="127.0.0.1")[1] for _ in range(2)]
+        _, newest = self.connect(host="127.0.0.3")
+        self.assertFalse(lone.disconnecting or lone.disconnected)
+        self.assertEqual([t.disconnected for t in flood], [True, False])
+        self.assertFalse(newest.disconnecting)
 
     def test_servedKeepAliveOutlastsAFlood(self) -> None:
         """A keep-alive connection that has been answered (a scraper's) is
