@@ -594,6 +594,16 @@ class ServiceTests(TestCase):
         self.assertEqual(service.site.rejected, {"no file descriptors": 100})
         self.assertEqual(len([e for e in events if e.get("event") == "accept-refused"]), 1)
 
+    def test_listenQueueOfSomaxconn(self) -> None:
+        """A TCP listener without its own backlog= gets SOMAXCONN, as the
+        echo listeners do (Twisted's 50 filled under a flood, and the kernel
+        dropped probes' SYNs); one that sets its own keeps it."""
+        for description, backlog in [("tcp:9100", socket.SOMAXCONN), ("tcp:9100:backlog=7", 7)]:
+            memory = MemoryReactorClock()
+            service = HealthService(description, lambda: True, memory)
+            service.privilegedStartService()
+            self.assertEqual(memory.tcpServers[0][2], backlog)
+
     def test_rejectionsServedAsMetric(self) -> None:
         """The metrics listener's rejections are a counter by reason."""
         service = MetricsService("tcp:9100", EchoFactory(), (), MemoryReactorClock())
