@@ -28,7 +28,7 @@ from echotw.addresses import describeAddress, formatAddress
 from echotw.endpoints import withBacklog
 from echotw.listening import watchAcceptErrors
 from echotw.service import ListenerService
-from echotw.webguard import GuardedSite
+from echotw.webguard import GuardedSite, deferAccepts
 
 
 class Page(Resource):
@@ -115,7 +115,9 @@ class WebService(ListenerService):
     endpoint without its own C{backlog=} gets the echo listeners' default
     (C{SOMAXCONN}): with Twisted's 50, a flood of connections fills the
     listen queue and the kernel drops a probe's SYN, which the client
-    sends again only after a second, past the probe's timeout.
+    sends again only after a second, past the probe's timeout.  Its
+    connections reach C{accept} once they have sent something
+    (L{deferAccepts}).
     """
 
     servesThroughDrain = True
@@ -137,6 +139,7 @@ class WebService(ListenerService):
             return super()._listening(port)
         self.port = port
         site = self.site
+        deferAccepts(port)
         self._acceptErrors = watchAcceptErrors(
             port, self.description, site.reactor, site.throttle, site.countRejected
         )

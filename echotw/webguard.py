@@ -117,6 +117,30 @@ LOG_INTERVAL = 1.0
 """Seconds between two log lines for one reason on one listener."""
 
 
+def deferAccepts(port: Any, seconds: float = REQUEST_TIMEOUT) -> bool:
+    """
+    Have the kernel hand a TCP listener's connections to C{accept} only
+    once their client has sent something (Linux's C{TCP_DEFER_ACCEPT}, what
+    nginx's C{deferred} does; an HTTP client speaks first), or after
+    C{seconds}.  A probe's request is then waiting when it is accepted, and
+    is answered at once (see L{GuardedSite.screenAccepted}), however fast
+    the listen queue moves; connections that send nothing wait in the
+    kernel rather than in the listener's places.  Returns whether it was
+    set.
+    """
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    sock = getattr(port, "socket", None)
+    if option is None or not isinstance(sock, socket.socket):
+        return False
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, max(1, int(seconds)))
+    except OSError:
+        return False
+    return True
+
+
 class GuardedSite(Site):
     """
     A L{Site} for echotw's own HTTP listeners, with the limits of this

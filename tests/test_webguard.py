@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from echotw.factory import EchoFactory
 from echotw.health import HealthService, Root, addHealth
@@ -603,6 +603,19 @@ class ServiceTests(TestCase):
             service = HealthService(description, lambda: True, memory)
             service.privilegedStartService()
             self.assertEqual(memory.tcpServers[0][2], backlog)
+
+    async def test_acceptsDeferredUntilTheClientSpeaks(self) -> None:
+        """On Linux, the HTTP listener's socket has TCP_DEFER_ACCEPT, so a
+        probe's request is there when it is accepted (and is answered before
+        it needs a place) however fast a flood moves the listen queue."""
+        if not hasattr(socket, "TCP_DEFER_ACCEPT"):
+            raise SkipTest("no TCP_DEFER_ACCEPT here")
+        service = HealthService(LOOPBACK, lambda: True, reactor)
+        service.privilegedStartService()
+        port: Any = service.port
+        deferred = port.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT)
+        await service.stopService()
+        self.assertGreater(deferred, 0)
 
     def test_rejectionsServedAsMetric(self) -> None:
         """The metrics listener's rejections are a counter by reason."""
