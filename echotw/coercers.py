@@ -79,23 +79,74 @@ def perSecondNumber(value: str) -> float:
 MAX_DELAY = 600.0
 """The longest --delay or --jitter: ten minutes is past any client's timeout."""
 
+BARE_DELAY_LIMIT = 10.0
+"""
+From this many seconds on, --delay and --jitter want a unit: C{--delay 200}
+is far more often a forgotten C{ms} than a wish for echoes that take three
+minutes, and a server that seems dead is a poor way to find out.
+"""
+
 MAX_BANDWIDTH = 100e9
 """The highest --bandwidth, far above what one connection can echo."""
 
 _MULTIPLIERS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 _BYTE_RATE = re.compile(r"(?P<number>[0-9]*\.?[0-9]+)(?P<unit>[kKmMgG]?)(/s)?")
 
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+"""The units a duration may end with ("ms" is looked for before "m" and "s")."""
 
-@documented("Seconds (0.2) or milliseconds (200ms), at most 600; 0 is off.")
-def duration(value: str) -> float:
+DURATION_FORMS = "30, 1.5, 200ms, 5s, 5m or 1h"
+
+
+def durationUnit(value: str) -> tuple[str, str]:
+    """
+    Split a duration into its number and its unit (C{""} for bare seconds).
+    """
     text = value.strip()
-    if text.endswith("ms"):
-        s = finiteNumber(text[:-2]) / 1000
-    else:
-        s = finiteNumber(text.removesuffix("s"))
+    for unit in DURATION_UNITS:
+        if text.endswith(unit):
+            return text[: -len(unit)].rstrip(), unit
+    return text, ""
+
+
+def seconds(value: str) -> float:
+    """
+    A duration, the one syntax of every duration option (the server's and
+    the probe's): a bare number is seconds, or a number followed by C{ms},
+    C{s}, C{m} or C{h}.  Refused: what L{finiteNumber} refuses, and a value
+    that only the unit turns into 0 or infinity (C{1e-323ms}, C{1e308h}).
+    """
+    number, unit = durationUnit(value)
+    try:
+        n = finiteNumber(number)
+    except ValueError as e:
+        if str(e) == "not a number":
+            raise ValueError(f"not a duration (examples: {DURATION_FORMS})") from None
+        raise
+    s = n * DURATION_UNITS.get(unit, 1.0)
+    if not math.isfinite(s):
+        raise ValueError("not a finite number")
+    if s == 0 and n != 0:
+        raise ValueError("too small: it would read as 0")
+    return s
+
+
+def _impairmentDuration(value: str) -> float:
+    s = seconds(value)
     if not 0 <= s <= MAX_DELAY:
         raise ValueError(f"must be between 0 and {MAX_DELAY:g} seconds")
+    if s >= BARE_DELAY_LIMIT and durationUnit(value)[1] == "":
+        raise ValueError(
+            f"would be {numberText(s)} seconds: write {value.strip()}s if that is meant, "
+            f"or {value.strip()}ms"
+        )
     return s
+
+
+duration = documented(
+    f"A duration ({DURATION_FORMS}; bare numbers are seconds, and from "
+    f"{BARE_DELAY_LIMIT:g} on need a unit), 0 to 600s; 0 is off."
+)(_impairmentDuration)
 
 
 @documented("Bytes per second: 64k, 1M, 1.5G (decimal: k=1000), at most 100G; 0 is off.")
@@ -118,11 +169,17 @@ def fraction(value: str) -> float:
     return f
 
 
-@documented(f"One of {', '.join(LEVELS)}.")
+LEVEL_ALIASES = {"warning": "warn"}
+"""Names other tools give a level (Python's logging says "warning")."""
+
+
+@documented(f"One of {', '.join(LEVELS)} (warning is warn).")
 def logLevel(value: str) -> str:
-    if value not in LEVELS:
+    name = value.strip().lower()
+    name = LEVEL_ALIASES.get(name, name)
+    if name not in LEVELS:
         raise ValueError(f"must be one of {', '.join(LEVELS)}")
-    return value
+    return name
 
 
 def numberText(n: float) -> str:
@@ -133,7 +190,12 @@ def numberText(n: float) -> str:
 
 
 def inRange(
-    coerce: Callable[[str], N], low: N, high: N, doc: str, orZero: bool = False
+    coerce: Callable[[str], N],
+    low: N,
+    high: N,
+    doc: str,
+    orZero: bool = False,
+    unit: str = "",
 ) -> Callable[[str], N]:
     """
     A coerce function: C{coerce}'s value, refused unless it lies between
@@ -141,9 +203,10 @@ def inRange(
     off).  A value outside a sane range is a typo or a misunderstanding
     (C{--idle-timeout 1e-9} would abort every connection in a busy loop),
     so it is refused before anything starts.  The bounds must appear in
-    C{doc}, which C{--help} shows.
+    C{doc}, which C{--help} shows; C{unit} follows them in the error.
     """
     expected = f"{'0 or ' if orZero else ''}between {numberText(low)} and {numberText(high)}"
+    expected += f" {unit}" if unit else ""
 
     def bounded(value: str) -> N:
         n = coerce(value)
@@ -203,26 +266,39 @@ perSecond = inRange(
 )
 burst = inRange(finiteNumber, 1.0, MAX_RATE, f"A number, 1 to {numberText(MAX_RATE)}.")
 timeout = inRange(
-    finiteNumber,
+    seconds,
     MIN_TIMEOUT,
     float(YEAR),
-    f"Seconds (decimals allowed): 0, or {numberText(MIN_TIMEOUT)} to {YEAR} (a year).",
+    f"A duration ({DURATION_FORMS}; bare numbers are seconds): 0, or "
+    f"{numberText(MIN_TIMEOUT)} to {YEAR} (a year).",
     orZero=True,
+    unit="seconds",
 )
 positiveTimeout = inRange(
-    finiteNumber,
+    seconds,
     MIN_TIMEOUT,
     float(YEAR),
-    f"Seconds (decimals allowed), {numberText(MIN_TIMEOUT)} to {YEAR} (a year).",
+    f"A duration ({DURATION_FORMS}; bare numbers are seconds), "
+    f"{numberText(MIN_TIMEOUT)} to {YEAR} (a year).",
+    unit="seconds",
+)
+anyDuration = inRange(
+    seconds,
+    0.0,
+    float(YEAR),
+    f"A duration ({DURATION_FORMS}; bare numbers are seconds), 0 to {YEAR} (a year).",
+    unit="seconds",
 )
 workerCount = inRange(wholeNumber, 1, 64, "1-64.")
 prefixLength = inRange(wholeNumber, 1, 128, "Prefix length, 1-128.")
 interval = inRange(
-    finiteNumber,
+    seconds,
     MIN_INTERVAL,
     float(YEAR),
-    f"Seconds (decimals allowed): 0, or {numberText(MIN_INTERVAL)} to {YEAR} (a year).",
+    f"A duration ({DURATION_FORMS}; bare numbers are seconds): 0, or "
+    f"{numberText(MIN_INTERVAL)} to {YEAR} (a year).",
     orZero=True,
+    unit="seconds",
 )
 
 

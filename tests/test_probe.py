@@ -490,12 +490,13 @@ class OptionTests(SynchronousTestCase):
             ("200ms", 0.2),
             ("5s", 5.0),
             ("1m", 60.0),
+            ("1h", 3600.0),
             ("1e-3", 0.001),
             (".5", 0.5),
             ("0", 0.0),
         ]:
             self.assertAlmostEqual(duration(text), seconds)
-        for text in ["", "-1", "abc", "1h", "nan", "inf", "1e999", "5 ms s", "1e300", "525601m"]:
+        for text in ["", "-1", "abc", "1d", "nan", "inf", "1e999", "5 ms s", "1e300", "525601m"]:
             self.assertRaises(ValueError, duration, text)
         self.assertEqual(duration("525600m"), 365 * 24 * 3600)
 

@@ -2,15 +2,23 @@
 Tests for the ranges of the duration, rate and count options: a value
 outside a sane range is a one-line usage error naming the option, checked
 before anything starts; the values at each end of a range are accepted.
+And the one duration syntax all duration options share.
 """
 
 from __future__ import annotations
 
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
+from echotw.coercers import seconds, timeout
 from echotw.options import EchoOptions
+from echotw.probe.options import duration as probeDuration
 from tests.process import run
+from tests.properties import PROPERTIES
 
 YEAR = "31536000"
 
@@ -33,8 +41,8 @@ RANGES: dict[str, tuple[list[str], list[str]]] = {
     "proxy-timeout": (["0", "0.05", "31536001", "inf"], ["0.1", YEAR]),
     "shutdown-timeout": (["-2", "nan", "1e-9", "31536001"], ["0", "0.1", YEAR]),
     "drain-delay": (["-1", "0.01", "31536001", "inf"], ["0", "0.1", YEAR]),
-    "delay": (["-1", "601", "inf", "nan", "1h"], ["0", "600"]),
-    "jitter": (["-0.5", "600.5", "inf", "nan"], ["0", "600"]),
+    "delay": (["-1", "601s", "inf", "nan", "1h", "200"], ["0", "600s"]),
+    "jitter": (["-0.5", "600.5s", "inf", "nan", "10"], ["0", "600s"]),
     "bandwidth": (["-1", "0.5", "100000000001", "1x", "inf"], ["0", "1"]),
     "udp-loss": (["-0.1", "1.01", "nan", "101%"], ["0", "1"]),
 }
@@ -82,7 +90,8 @@ class OptionRangeTests(SynchronousTestCase):
         for option, (_, accepted) in RANGES.items():
             for value in accepted:
                 options = parse(f"--{option}", value)
-                self.assertEqual(options[option], float(value.removesuffix("/s")))
+                number = value.removesuffix("/s").removesuffix("s")
+                self.assertEqual(options[option], float(number))
 
     def test_rangeInHelp(self) -> None:
         """The help text of each option states the range it checks: both
@@ -132,3 +141,124 @@ class OptionRangeEndToEndTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1, result.stderr)
         self.assertIn("--idle-timeout", lines[0])
         self.assertNotIn("Listening", result.stdout + result.stderr)
+
+
+DURATIONS = {
+    "idle-timeout",
+    "max-session-seconds",
+    "stats-interval",
+    "proxy-timeout",
+    "shutdown-timeout",
+    "drain-delay",
+    "delay",
+    "jitter",
+}
+"""Every option that takes a duration."""
+
+
+class DurationSyntaxTests(SynchronousTestCase):
+    """
+    Every duration option, the server's and the probe's, reads durations
+    the same way: a bare number of seconds, or a number with ms, s, m or h.
+    """
+
+    def test_durationOptionsListed(self) -> None:
+        """The options whose help says they take a duration are exactly
+        those above, so a new one cannot take another syntax unnoticed."""
+        documented = {
+            row[0]
+            for row in EchoOptions.optParameters
+            if len(row) > 4 and "A duration" in getattr(row[4], "coerceDoc", "")
+        }
+        self.assertEqual(documented, DURATIONS)
+
+    def test_everyFormEverywhere(self) -> None:
+        """Each form gives the same seconds in every duration option (the
+        unit that would leave an option's range aside)."""
+        forms = {"3": 3.0, "3000ms": 3.0, "3s": 3.0, "0.05m": 3.0, "2m": 120.0, "1h": 3600.0}
+        for option in DURATIONS:
+            for text, expected in forms.items():
+                if option in ("delay", "jitter") and expected > 600:
+                    continue
+                self.assertAlmostEqual(parse(f"--{option}", text)[option], expected, msg=option)
+        for text, expected in forms.items():
+            self.assertAlmostEqual(probeDuration(text), expected)
+
+    def test_idleTimeoutInMinutes(self) -> None:
+        """The reported case: --idle-timeout 5m is five minutes."""
+        self.assertEqual(parse("--idle-timeout", "5m").config.limits.idleTimeout, 300.0)
+
+    def test_badDurationOneLine(self) -> None:
+        """A duration in no known form is one line naming the option and
+        showing the forms that work."""
+        for option in DURATIONS:
+            with self.assertRaises(UsageError) as ctx:
+                parse(f"--{option}", "5 minutes")
+            message = str(ctx.exception)
+            self.assertTrue(message.startswith(f"--{option}: "), message)
+            self.assertIn("200ms", message)
+            self.assertNotIn("\n", message)
+
+    def test_longBareDelayNeedsUnit(self) -> None:
+        """--delay 200 (200 seconds, almost surely meant as 200ms) is
+        refused with both readings offered; with a unit it is taken."""
+        for option in ("delay", "jitter"):
+            with self.assertRaises(UsageError) as ctx:
+                parse(f"--{option}", "200")
+            self.assertIn("write 200s if that is meant, or 200ms", str(ctx.exception))
+            self.assertEqual(parse(f"--{option}", "200s")[option], 200.0)
+            self.assertEqual(parse(f"--{option}", "200ms")[option], 0.2)
+            self.assertEqual(parse(f"--{option}", "9.5")[option], 9.5)
+
+
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class DurationPropertyTests(SynchronousTestCase):
+    """
+    The one duration parser, L{seconds}, over generated text.
+    """
+
+    @PROPERTIES
+    @given(st.floats(0, 1e6, allow_nan=False), st.sampled_from(["", *UNITS]), st.booleans())
+    def test_numberTimesUnit(self, n: float, unit: str, spaced: bool) -> None:
+        """A number written with a unit (or none: seconds) reads as the
+        number times the unit, with or without a space or surrounding
+        blanks."""
+        text = f" {n!r}{' ' if spaced and unit else ''}{unit} "
+        self.assertTrue(math.isclose(seconds(text), n * UNITS.get(unit, 1.0), rel_tol=1e-12))
+
+    @PROPERTIES
+    @given(st.integers(0, 10**9))
+    def test_millisecondsAgree(self, n: int) -> None:
+        """N ms is N/1000 s."""
+        self.assertTrue(math.isclose(seconds(f"{n}ms"), seconds(str(n / 1000))))
+
+    @PROPERTIES
+    @given(st.text(max_size=12))
+    def test_anyTextValueErrorOrFinite(self, text: str) -> None:
+        """Any text either reads as a finite duration or is refused with a
+        ValueError (the one error a usage error is made from), never
+        another exception; nothing but a written zero reads as 0."""
+        try:
+            s = seconds(text)
+        except ValueError as e:
+            self.assertNotIn("\n", str(e))
+            return
+        self.assertTrue(math.isfinite(s))
+        if s == 0:
+            self.assertFalse(any(d in text for d in "123456789"), text)
+
+    @PROPERTIES
+    @given(st.floats(1e-300, 1e300), st.sampled_from(list(UNITS)))
+    def test_rangeAfterUnit(self, n: float, unit: str) -> None:
+        """Ranges are checked on the seconds a unit makes: a timeout is
+        accepted exactly when its seconds lie in 0.1 .. a year."""
+        text = f"{n!r}{unit}"
+        value = n * UNITS[unit]
+        try:
+            accepted = timeout(text) == value
+        except ValueError as e:
+            self.assertIn("seconds", str(e))
+            accepted = False
+        self.assertEqual(accepted, 0.1 <= value <= 31536000, text)

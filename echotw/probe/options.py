@@ -6,7 +6,6 @@ and the frozen configuration it becomes.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 import secrets
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from echotw.coercers import YEAR, NamingCoerceParameter, finiteNumber, wholeNumber
+from echotw.coercers import NamingCoerceParameter, anyDuration, finiteNumber, wholeNumber
 from echotw.files import MAX_TLS_FILE_BYTES, TLS_EXTRA, checkSmallRegularFile
 from echotw.probe.pattern import HEADER
 from echotw.probe.stats import Thresholds
@@ -29,31 +28,14 @@ MAX_DATAGRAM = 65507
 """The largest UDP payload over IPv4."""
 MAX_CONNECTIONS = 10000
 
-_DURATION = re.compile(r"(?P<number>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>ms|s|m)?")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
 _SIZE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[kKM])?")
 _MULTIPLIERS = {"k": 1000, "K": 1000, "M": 1000_000, None: 1}
 _PATH = re.compile(r"/[!-~]*")
 """A request target: printable ASCII without spaces or control characters."""
 
 
-def duration(value: str) -> float:
-    """
-    Seconds, as C{0.2}, C{200ms}, C{5s} or C{1m}.
-    """
-    match = _DURATION.fullmatch(value.strip())
-    if match is None:
-        raise ValueError("not a duration (examples: 0.2, 200ms, 5s, 1m)")
-    seconds = float(match["number"]) * _UNITS[match["unit"]]
-    if not math.isfinite(seconds):
-        raise ValueError("must be finite")
-    if seconds > YEAR:
-        # Twisted would wait that long without complaint; nobody means it.
-        raise ValueError(f"must be at most a year ({YEAR} s)")
-    return seconds
-
-
-duration.coerceDoc = "Seconds: 0.2, 200ms, 5s or 1m; at most a year."  # type: ignore[attr-defined]
+duration = anyDuration
+"""Seconds: the server's duration syntax (L{echotw.coercers.seconds}), at most a year."""
 
 
 def positiveDuration(value: str) -> float:
