@@ -233,6 +233,10 @@ class EchoService(MultiService):
             )
             self._delay = deferLater(self.clock, self.drainDelay)
             d: Deferred[Any] = self._delay
+            # Once the delay is over its Deferred goes on to wait for the
+            # drain: cancelling it then (stopNow) would fail the drain's
+            # own Deferred instead, and nobody handles that failure.
+            d.addBoth(self._delayOver)
             d.addErrback(lambda f: f.trap(CancelledError))
         else:
             d = succeed(None)
@@ -240,6 +244,10 @@ class EchoService(MultiService):
         d.addCallback(lambda _: self.drain())
         d.addCallback(lambda _: self._stopChildren(_servesThroughDrain))
         return d
+
+    def _delayOver(self, result: Any) -> Any:
+        self._delay = None
+        return result
 
     def _stopChildren(self, which: Callable[[IService], bool]) -> Deferred[Any]:
         stopping = [
@@ -257,10 +265,11 @@ class EchoService(MultiService):
             return
         self._stoppingNow = True
         self._log.warn(
-            "Stopping now ({why}): aborting {count} connections",
+            "Stopping now ({why}): aborting {count} {connections}",
             event="stop-now",
             why=why,
             count=len(self.factory.protocols),
+            connections=connections(len(self.factory.protocols)),
         )
         delay, self._delay = self._delay, None
         if delay is not None:
@@ -387,11 +396,12 @@ class EchoService(MultiService):
         self.closer.close(denied, "denied by reload", RELOAD_GRACE)
         self._log.info(
             "Rules reloaded: {allow} allow and {deny} deny networks; "
-            "closing {closed} connections they deny",
+            "closing {closed} {connections} they deny",
             event="reloaded",
             allow=len(rules.allow),
             deny=len(rules.deny),
             closed=len(denied),
+            connections=connections(len(denied)),
         )
 
     def drain(self) -> Deferred[None]:
@@ -403,9 +413,10 @@ class EchoService(MultiService):
             return succeed(None)
         timeout = self.shutdownTimeout
         self._log.info(
-            "Draining {count} connections for up to {timeout}s",
+            "Draining {count} {connections} for up to {timeout}s",
             event="draining",
             count=len(factory.protocols),
+            connections=connections(len(factory.protocols)),
             timeout=timeout,
         )
         deadline = self.clock.seconds() + timeout
@@ -435,6 +446,13 @@ RELOAD_GRACE = LINGER_TIMEOUT
 Seconds a connection denied by a reload is still echoed while it keeps
 sending, before it is closed gracefully anyway.
 """
+
+
+def connections(count: int) -> str:
+    """
+    The word for C{count} connections in a log line: "1 connection".
+    """
+    return "connection" if count == 1 else "connections"
 
 
 def _servesThroughDrain(service: IService) -> bool:

@@ -19,6 +19,12 @@ stopping, which only logs a C{ReactorNotRunning} traceback while the drain
 goes on.  L{ProcessSignals} wraps Twisted's handlers once the reactor runs:
 the first signal still goes to Twisted, any later one (or one that arrives
 after a shutdown began some other way) calls C{onStopNow} instead.
+
+SIGHUP's default action ends the process.  A runner's process holds it from
+the moment its options are parsed (L{holdHangups}), before any listener is
+bound: a SIGHUP that comes before L{ProcessSignals} starts is remembered
+and becomes one reload then, so a reload sent as soon as the server says it
+listens never kills it.
 """
 
 from __future__ import annotations
@@ -35,6 +41,31 @@ from echotw.interfaces import IServerReactor
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_NOW_SIGNAL = signal.SIGUSR2
 """What a supervisor sends its workers to make them stop at once."""
+
+
+_hangupHeld = False
+
+
+def holdHangups() -> None:
+    """
+    Remember SIGHUP instead of dying of it, until L{ProcessSignals} starts
+    and asks for the reload it stands for.
+    """
+    signal.signal(signal.SIGHUP, _holdHangup)
+
+
+def _holdHangup(signum: int, frame: FrameType | None) -> None:
+    global _hangupHeld
+    _hangupHeld = True
+
+
+def takeHeldHangup() -> bool:
+    """
+    Whether a SIGHUP came while held (see L{holdHangups}); forget it.
+    """
+    global _hangupHeld
+    held, _hangupHeld = _hangupHeld, False
+    return held
 
 
 class ProcessSignals(Service):
@@ -61,6 +92,8 @@ class ProcessSignals(Service):
     def startService(self) -> None:
         Service.startService(self)
         signal.signal(signal.SIGHUP, self._hangup)
+        if takeHeldHangup():
+            self.reactor.callFromThread(self.onHangup)
         signal.signal(STOP_NOW_SIGNAL, self._stopNowSignal)
         # Twisted installs its own handlers as the reactor starts; wrap them then.
         self.reactor.callWhenRunning(self._wrapStopSignals)

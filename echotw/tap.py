@@ -14,6 +14,7 @@ from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
 from echotw.reactor import installIfUnchosen
 from echotw.service import EchoService
+from echotw.signals import holdHangups
 from echotw.workerlog import logOutputFor
 
 
@@ -28,6 +29,10 @@ class Options(EchoOptions):
             super().parseOptions(options)
         except usage.UsageError as e:
             raise SystemExit(f"echo: error: {e} (see --help)") from None
+        if getattr(self, "parent", None) is not None:
+            # A runner's process (not a test's): from here on a SIGHUP is a
+            # reload, even before the service can do it.
+            holdHangups()
 
 
 def makeService(options: EchoOptions, reactor: IServerReactor | None = None) -> EchoService:

@@ -147,7 +147,7 @@ class DrainTests(ClosingTestCase):
         busy = connect(server.port)
         fill(busy, pattern(1, 4 * 1024 * 1024))
         server.process.send_signal(signal.SIGTERM)
-        server.waitFor(r"Draining 1 connections")
+        server.waitFor(r"Draining 1 connection ")
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
         busy.close()
@@ -168,7 +168,7 @@ class SecondSignalTests(ClosingTestCase):
     def checkStopsAtOnce(self, second: signal.Signals) -> None:
         server, _ = self.startHeld()
         server.process.send_signal(signal.SIGTERM)
-        server.waitFor(r"Draining 1 connections")
+        server.waitFor(r"Draining 1 connection ")
         started = time.monotonic()
         server.process.send_signal(second)
         self.assertEqual(server.wait(5), -signal.SIGTERM)
@@ -198,7 +198,7 @@ class SecondSignalTests(ClosingTestCase):
             for _ in range(5):
                 server.process.send_signal(signal.SIGTERM)
                 time.sleep(0.01)
-            server.waitFor(r"Draining 1 connections|Stopping now")
+            server.waitFor(r"Draining 1 connection |Stopping now")
             try:
                 server.process.wait(1)
             except subprocess.TimeoutExpired:

@@ -82,7 +82,7 @@ class SignalTests(ServerTestCase):
         server.waitFor(r"Connection from")
         self.assertGreater(fill(held), 1024 * 1024)
         server.process.send_signal(signal.SIGTERM)
-        server.waitFor(r"Draining 1 connections", timeout=20)
+        server.waitFor(r"Draining 1 connection ", timeout=20)
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
         self.assertIsNone(server.process.poll(), "the drain was over before the check")

@@ -46,7 +46,9 @@ class OperationsEndToEndTests(ServerTestCase):
 
         deny.write_text("127.0.0.0/8\n")
         os.kill(server.pid, signal.SIGHUP)
-        server.waitFor(r"Rules reloaded: 0 allow and 1 deny networks; closing 1 connections")
+        server.waitFor(
+            r"Rules reloaded: 0 allow and 1 deny networks; closing 1 connection they deny"
+        )
         self.assertTrue(isClosedByServer(held))
         held.close()
         self.assertFalse(self.served(server))

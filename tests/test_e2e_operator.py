@@ -50,7 +50,7 @@ class HealthEndToEndTests(ServerTestCase):
         with connect(server.port) as late:
             self.assertEqual(echo(late, b"during the delay"), b"during the delay")
         self.assertLess(time.monotonic() - signalled, 2.0, "the check ran past the delay")
-        server.waitFor(r"Draining 1 connections", timeout=10)
+        server.waitFor(r"Draining 1 connection ", timeout=10)
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
         self.assertEqual(get(f"{base}/healthz")[0], 200)

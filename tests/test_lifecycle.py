@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock, deferLater
@@ -31,8 +31,9 @@ from echotw.protocol import EchoProtocol
 from echotw.ratelimit import LogThrottle
 from echotw.rulefiles import RuleSource
 from echotw.service import EchoService
-from echotw.signals import STOP_NOW_SIGNAL, ProcessSignals
+from echotw.signals import STOP_NOW_SIGNAL, ProcessSignals, holdHangups, takeHeldHangup
 from echotw.systemd import UNNAMED, ListenFDs, parseListenFDs
+from echotw.tap import Options
 
 
 class BufferedTransport(StringTransport):
@@ -222,6 +223,27 @@ class ServiceLifecycleTests(SynchronousTestCase):
         self.factory.protocols.clear()
         self.clock.advance(0.1)
         self.successResultOf(d)
+
+    def test_stopNowDuringDrainAfterDelay(self) -> None:
+        """A second signal once the drain delay is over, while the drain
+        runs, aborts what is left and the stop completes: the delay's
+        Deferred, fired and waiting on the drain, is not cancelled (which
+        failed the drain with an unhandled CancelledError)."""
+        service = EchoService(self.factory, self.clock, 10.0, drainDelay=5.0)
+        service.startService()
+        p, _ = connect(self.factory)
+        aborted: list[str] = []
+        p.abort = aborted.append  # type: ignore[method-assign]
+        d = service.stopService()
+        with capturedLogs() as events:
+            self.clock.advance(5.05)
+            self.assertIn("draining", [e.get("event") for e in events])
+            service.stopNow("SIGTERM")
+        self.assertEqual(aborted[:1], ["server shutdown"])
+        self.factory.protocols.clear()
+        self.clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertEqual(self.flushLoggedErrors(CancelledError), [])
 
     def test_reloadsCoalesce(self) -> None:
         """Reloads asked for while one runs become one more reload."""
@@ -436,6 +458,7 @@ class ProcessSignalsTests(SynchronousTestCase):
         }
         for s, handler in self.saved.items():
             self.addCleanup(signal.signal, s, handler)
+        self.addCleanup(takeHeldHangup)
 
     def test_firstToTwistedThenStopNow(self) -> None:
         """The first SIGTERM goes to the handler that was there (Twisted's);
@@ -500,6 +523,31 @@ class ProcessSignalsTests(SynchronousTestCase):
         service.startService()
         cast(Any, signal.getsignal(STOP_NOW_SIGNAL))(STOP_NOW_SIGNAL, None)
         self.assertEqual((fake.stopped, stoppedNow), (1, ["SIGUSR2"]))
+
+    def test_hangupHeldUntilStarted(self) -> None:
+        """SIGHUPs that come after option parsing, before the service
+        handles them, do not kill the process: they are held and become one
+        reload once it starts, and only once."""
+        holdHangups()
+        held = cast(Any, signal.getsignal(signal.SIGHUP))
+        held(signal.SIGHUP, None)
+        held(signal.SIGHUP, None)
+        hangups: list[bool] = []
+        ProcessSignals(cast(Any, FakeReactor()), lambda: hangups.append(True), print).startService()
+        self.assertEqual(hangups, [True])
+        ProcessSignals(cast(Any, FakeReactor()), lambda: hangups.append(True), print).startService()
+        self.assertEqual(hangups, [True])
+
+    def test_runnerOptionsHoldHangups(self) -> None:
+        """twistd's parse of the echo options (they have a parent) holds
+        SIGHUP from then on; a test's parse (no parent) leaves it alone."""
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        Options().parseOptions(["--port", "tcp:0:interface=127.0.0.1"])
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_DFL)
+        options = Options()
+        options.parent = object()  # type: ignore[attr-defined]
+        options.parseOptions(["--port", "tcp:0:interface=127.0.0.1"])
+        self.assertNotEqual(signal.getsignal(signal.SIGHUP), signal.SIG_DFL)
 
     def test_workerStopNowBeforeStop(self) -> None:
         """A stop-now signal that overtakes the SIGTERM before it stops the
