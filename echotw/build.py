@@ -15,7 +15,9 @@ from random import Random
 
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.logger import Logger
 
+from echotw import loglevel
 from echotw.config import EchoConfig, Impairment, ProxySettings
 from echotw.counters import WorkerCounters
 from echotw.endpoints import Listener, backlogOf, systemdSocket
@@ -38,6 +40,8 @@ from echotw.signals import ProcessSignals
 from echotw.udp import UDPEchoProtocol, UDPListenerService
 from echotw.workerlog import RELAY, LogOutput
 from echotw.workers import WorkerPool
+
+_log = Logger(observer=loglevel.observer)
 
 Inherited = tuple[int, int]
 """A listening socket a worker inherited: C{(file descriptor, address family)}."""
@@ -139,6 +143,14 @@ def makeService(
     C{worker}, the supervisor's stop-now signal does).
     """
     setLogLevel(config.logging.level)
+    if config.impairment.active and not worker:
+        # Said once, by the process the user started: an impaired echo
+        # looks like a broken network to whoever did not ask for it.
+        _log.warn(
+            "Impairment in force: {impairment}",
+            event="impairment",
+            impairment=config.impairment.describe(),
+        )
     # One generator per process for every random choice impairment makes.
     random = Random() if config.impairment.active else None
     factory = makeFactory(config, reactor, random, serverCount)

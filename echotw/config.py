@@ -122,6 +122,24 @@ class Impairment:
         """
         return self.shapesStreams or bool(self.udpLoss)
 
+    def describe(self) -> str:
+        """
+        The impairment in force, with units, as the start-up line says it:
+        C{delay 200ms, jitter off, bandwidth 64000 bytes/s, udp-loss 5%}.
+        """
+
+        def time(seconds: float) -> str:
+            if not seconds:
+                return "off"
+            return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+        bandwidth = f"{self.bandwidth:.0f} bytes/s" if self.bandwidth else "off"
+        loss = f"{self.udpLoss * 100:g}%" if self.udpLoss else "off"
+        return (
+            f"delay {time(self.delay)}, jitter {time(self.jitter)}, "
+            f"bandwidth {bandwidth}, udp-loss {loss}"
+        )
+
 
 @dataclass(frozen=True)
 class EchoConfig:

@@ -6,7 +6,9 @@ one L{EchoConfig}.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import os
+import re
 import sys
 import textwrap
 from typing import Any
@@ -65,8 +67,8 @@ class EchoOptions(usage.Options):
     """
     Run a byte-exact TCP and UDP echo server (RFC 862).
 
-    Durations are seconds (decimals allowed); counts and rates take 0 for
-    "no limit" where their help says so.  IP rules, --rate and --max-per-ip
+    Durations are seconds (30, 1.5) or take a unit (200ms, 5s, 5m, 1h);
+    counts and rates take 0 for "no limit" where their help says so.  IP rules, --rate and --max-per-ip
     do not apply to Unix-socket clients (the socket file's permissions
     decide who connects).  SIGHUP re-reads the rule files; SIGTERM drains;
     a second SIGTERM stops at once.
@@ -277,7 +279,10 @@ class EchoOptions(usage.Options):
     def parseOptions(self, options: Any = None) -> None:
         # Kept for worker processes, which parse the same arguments.
         self.arguments = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise usage.UsageError(runnerOptionHint(str(e)) or str(e)) from None
 
     def __init__(self) -> None:
         super().__init__()
@@ -344,12 +349,18 @@ class EchoOptions(usage.Options):
         # The default port only when no listener of any kind is given: --udp
         # alone must not open a TCP port on every interface as well.
         for port in self["port"] or ([] if self["udp"] else [DEFAULT_PORT]):
+            hint = hostPortHint(port, "tcp")
+            if hint is not None:
+                raise usage.UsageError(f"--port: {port!r} is not an endpoint: write {hint}")
             try:
                 listeners.append(listenerDescription(port, self["interface"], self["backlog"]))
             except ValueError as e:
                 raise usage.UsageError(f"--port: {e}") from None
         udp = []
         for value in self["udp"]:
+            hint = hostPortHint(value, "udp")
+            if hint is not None:
+                raise usage.UsageError(f"--udp: {value!r} is not an endpoint: write {hint}")
             try:
                 udp.append(parseUDPListener(value, self["interface"]))
             except ValueError as e:
@@ -432,3 +443,51 @@ class EchoOptions(usage.Options):
             drainDelay=self["drain-delay"],
             commandLine=tuple(self.arguments),
         )
+
+
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]+|localhost):(?P<port>[0-9]+)")
+
+
+def hostPortHint(value: str, kind: str) -> str | None:
+    """
+    The endpoint string for C{HOST:PORT} (as other servers take it) where
+    C{value} is written so, with C{kind} C{tcp} or C{udp}; else L{None}.
+    Twisted would call C{127.0.0.1} an unknown endpoint type.
+    """
+    match = _HOST_PORT.fullmatch(value.strip())
+    if match is None:
+        return None
+    host = match["host"].strip("[]")
+    try:
+        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
+    except ValueError:
+        return None
+    family = f"{kind}6" if address.version == 6 else kind
+    interface = str(address).replace(":", "\\:")
+    return f"{family}:{match['port']}:interface={interface}"
+
+
+_NOT_RECOGNIZED = re.compile(r"option (?P<flag>--?(?P<name>[^ =]+)) not recognized")
+
+
+def runnerOptionHint(error: str) -> str | None:
+    """
+    Where C{error} says an option is unknown that is the runner's
+    (C{twistd -n}, C{--pidfile}, C{--logfile}, C{twist --log-file}): say it
+    goes before C{echo}, not after.
+    """
+    match = _NOT_RECOGNIZED.fullmatch(error)
+    if match is None or match["name"] not in runnerOptionNames():
+        return None
+    flag = match["flag"]
+    return f"{flag} is twistd's own option, not echo's: give it before 'echo' (twistd {flag} ... echo ...)"
+
+
+def runnerOptionNames() -> set[str]:
+    """
+    Every long and short option name of C{twistd} and C{twist}.
+    """
+    from twisted.application.twist._options import TwistOptions
+    from twisted.scripts.twistd import ServerOptions
+
+    return set(ServerOptions().synonyms) | set(TwistOptions().synonyms)
