@@ -104,3 +104,10 @@ class QuietCloser:
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
+
+
+def connections(count: int) -> str:
+    """
+    The word for C{count} connections in a log line: "1 connection".
+    """
+    return "connection" if count == 1 else "connections"

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.drain import TICK, QuietCloser
+from echotw.drain import TICK, QuietCloser, connections
 from echotw.factory import EchoFactory, ListenerFactory
 from echotw.listening import (
     AcceptErrors,
@@ -233,9 +233,7 @@ class EchoService(MultiService):
             )
             self._delay = deferLater(self.clock, self.drainDelay)
             d: Deferred[Any] = self._delay
-            # Once the delay is over its Deferred goes on to wait for the
-            # drain: cancelling it then (stopNow) would fail the drain's
-            # own Deferred instead, and nobody handles that failure.
+            # Once over, it waits on the drain, which stopNow must not cancel.
             d.addBoth(self._delayOver)
             d.addErrback(lambda f: f.trap(CancelledError))
         else:
@@ -446,13 +444,6 @@ RELOAD_GRACE = LINGER_TIMEOUT
 Seconds a connection denied by a reload is still echoed while it keeps
 sending, before it is closed gracefully anyway.
 """
-
-
-def connections(count: int) -> str:
-    """
-    The word for C{count} connections in a log line: "1 connection".
-    """
-    return "connection" if count == 1 else "connections"
 
 
 def _servesThroughDrain(service: IService) -> bool:
