@@ -21,7 +21,11 @@ from tests.process import (
     freePort,
     refusedFrom,
     temporaryDirectory,
+    waitUntil,
 )
+
+ALLOW_LINES = 20_000
+"""A large allow file: reloads take a while, and SIGHUPs come during them."""
 
 
 def fill(sock: socket.socket, limit: int = 256 * 1024 * 1024) -> int:
@@ -122,3 +126,31 @@ class LogLevelTests(ServerTestCase):
         self.assertEqual(echotwInfo, [])
         for quiet in ("Listening on", "Connection from", "Refused connection"):
             self.assertNotIn(quiet, output)
+
+
+class HangupAtStartTests(ServerTestCase):
+    def test_hangupWhileStarting(self) -> None:
+        """SIGHUPs sent from the moment twistd says it starts (its options
+        are parsed by then) until well after the server says it listens,
+        with a large allow file, never kill it: each time it survives,
+        reloads, and echoes."""
+        allow = temporaryDirectory(self) / "allow"
+        lines = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(ALLOW_LINES)]
+        allow.write_text("\n".join(["127.0.0.0/8", *lines]) + "\n")
+        for _ in range(3):
+            server = self.start("--port", LOOPBACK, "--allow-file", str(allow), listeners=0)
+            waitUntil(lambda: "starting up" in server.output(), "twistd did not start", 60)
+            # Signals until some 100 after "Listening on", for 60 s at most.
+            after = 0
+            deadline = time.monotonic() + 60
+            while after < 100 and server.process.poll() is None:
+                self.assertLess(time.monotonic(), deadline, server.output())
+                os.kill(server.pid, signal.SIGHUP)
+                after += "Listening on" in server.output()
+                time.sleep(0.0005)
+            self.assertIsNone(server.process.poll(), server.output())
+            server.waitFor(r"Rules reloaded", timeout=60)
+            port = int(server.waitFor(r"Listening on \S+ at 127\.0\.0\.1:(\d+)").group(1))
+            with connect(port) as sock:
+                self.assertEqual(echo(sock, b"still here"), b"still here")
+            self.assertEqual(server.stop(), -signal.SIGTERM)
