@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"Listening on (?P<listener>\S+) at (?P<address>\S+)")
+SERVING = re.compile(r"Serving (?P<what>.+?) on (?P<listener>\S+) at (?P<address>\S+)")
 START_TIMEOUT = 20.0
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 TWISTD = (
@@ -81,9 +82,42 @@ def run(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     )
 
 
+def optionValues(args: tuple[str, ...], *names: str) -> list[str]:
+    """
+    The values given to the options C{names} (C{--port X}, C{-p X},
+    C{--port=X}) in C{args}.
+    """
+    values = []
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if name in names and equals:
+            values.append(value)
+        elif arg in names and i + 1 < len(args):
+            values.append(args[i + 1])
+    return values
+
+
+def expectedListeners(args: tuple[str, ...]) -> tuple[int, int]:
+    """
+    How many "Listening on" lines (TCP-based and UDP listeners) and
+    "Serving" lines (C{--metrics}, C{--health}) a server started with the
+    echo options C{args} logs once everything it listens on is bound.
+    """
+    ports = len(optionValues(args, "--port", "-p"))
+    udp = len(optionValues(args, "--udp"))
+    web = len(optionValues(args, "--metrics", "--health"))
+    return (ports or (0 if udp else 1)) + udp, web
+
+
 class EchoServer:
     """
     A running echotw process whose log goes to a file we can read.
+
+    It is ready when it has logged every listener its options name, the
+    C{--metrics} and C{--health} ones included (the first "Listening on"
+    line comes before the others are bound); C{listeners} overrides the
+    count of "Listening on" lines (0: wait for nothing, for a log level
+    that hides them).
     """
 
     def __init__(
@@ -91,7 +125,7 @@ class EchoServer:
         *args: str,
         runner: str = "twistd",
         reactor: str = "",
-        listeners: int = 1,
+        listeners: int | None = None,
         env: dict[str, str] | None = None,
         newSession: bool = False,
         cwd: Path | None = None,
@@ -109,7 +143,10 @@ class EchoServer:
             # Its own process group, for tests that signal the whole group.
             start_new_session=newSession,
         )
-        self.addresses = self._waitListening(listeners)
+        listening, serving = expectedListeners(args)
+        if listeners is not None:
+            listening, serving = listeners, serving if listeners else 0
+        self.addresses = self._waitListening(listening, serving)
 
     @property
     def pid(self) -> int:
@@ -122,17 +159,27 @@ class EchoServer:
     def output(self) -> str:
         return self.logPath.read_text(errors="replace")
 
-    def _waitListening(self, count: int) -> list[str]:
+    def _waitListening(self, count: int, serving: int = 0) -> list[str]:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            found = [m["address"] for m in LISTENING.finditer(self.output())]
-            if len(found) >= count:
+            output = self.output()
+            found = [m["address"] for m in LISTENING.finditer(output)]
+            if len(found) >= count and len(SERVING.findall(output)) >= serving:
                 return found
             if self.process.poll() is not None:
                 break
             time.sleep(0.02)
         self.stop(signal.SIGKILL)
         raise AssertionError(f"echotw did not start:\n{self.output()}")
+
+    def webAddress(self) -> str:
+        """
+        C{host:port} of the first C{--metrics} or C{--health} listener, as
+        it logged (bound by the time the server is ready).
+        """
+        match = SERVING.search(self.output())
+        assert match is not None, self.output()
+        return match["address"]
 
     def waitFor(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
         """
