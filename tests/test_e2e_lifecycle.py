@@ -21,7 +21,6 @@ from tests.process import (
     freePort,
     refusedFrom,
     temporaryDirectory,
-    waitUntil,
 )
 
 ALLOW_LINES = 20_000
@@ -139,7 +138,7 @@ class HangupAtStartTests(ServerTestCase):
         allow.write_text("\n".join(["127.0.0.0/8", *lines]) + "\n")
         for _ in range(3):
             server = self.start("--port", LOOPBACK, "--allow-file", str(allow), listeners=0)
-            waitUntil(lambda: "starting up" in server.output(), "twistd did not start", 60)
+            server.waitFor(r"starting up", timeout=60)
             # Signals until some 100 after "Listening on", for 60 s at most.
             after = 0
             deadline = time.monotonic() + 60
