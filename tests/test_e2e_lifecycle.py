@@ -138,7 +138,12 @@ class HangupAtStartTests(ServerTestCase):
         allow.write_text("\n".join(["127.0.0.0/8", *lines]) + "\n")
         for _ in range(3):
             server = self.start("--port", LOOPBACK, "--allow-file", str(allow), listeners=0)
-            server.waitFor(r"starting up", timeout=60)
+            # Polled often: the first SIGHUP must come as soon as it may.
+            deadline = time.monotonic() + 60
+            while "starting up" not in server.output():
+                self.assertIsNone(server.process.poll(), server.output())
+                self.assertLess(time.monotonic(), deadline, server.output())
+                time.sleep(0.0005)
             # Signals until some 100 after "Listening on", for 60 s at most.
             after = 0
             deadline = time.monotonic() + 60
