@@ -243,30 +243,29 @@ class ReloadTests(ClosingTestCase):
     def test_reloadsCoalesceAndDoNotStall(self) -> None:
         """Five SIGHUPs within 50 ms against a 100,000-line allow file: two
         reloads run (the first, then one for all that came during it), and
-        an open connection keeps being echoed meanwhile: no stall of
-        seconds per reload."""
+        an open connection keeps being echoed meanwhile.  Counted, not
+        timed: a reload that stalled the server would let at most one
+        round trip through per reload, however fast the machine."""
         allow = self.temporaryDirectory() / "allow"
         lines = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(100_000)]
         allow.write_text("\n".join(["127.0.0.0/8", *lines]) + "\n")
         server = self.start("--port", LOOPBACK, "--allow-file", str(allow))
         sock = connect(server.port)
         self.addCleanup(sock.close)
-        sock.settimeout(30)
+        sock.settimeout(60)
         for _ in range(5):
             os.kill(server.pid, signal.SIGHUP)
             time.sleep(0.01)
-        worst = 0.0
+        echoedDuringReloads = 0
         deadline = time.monotonic() + 90
         while len(re.findall("Rules reloaded", server.output())) < 2:
             self.assertLess(time.monotonic(), deadline, server.output())
-            started = time.monotonic()
             sock.sendall(b"ping")
             self.assertEqual(sock.recv(16), b"ping")
-            worst = max(worst, time.monotonic() - started)
-            time.sleep(0.01)
+            echoedDuringReloads += 1
+        self.assertGreaterEqual(echoedDuringReloads, 20, "echoes while the rules reloaded")
         time.sleep(0.5)
         self.assertEqual(len(re.findall("Rules reloaded", server.output())), 2)
-        self.assertLess(worst, 1.0)
 
 
 class SessionLimitTests(ClosingTestCase):
