@@ -504,20 +504,20 @@ class WorkersEndToEndTests(ServerTestCase):
         self.assertGreater(min(perWorker), 0)
 
     def test_killedWorkerRefusesNothingAndStopLeavesNoOrphan(self) -> None:
-        """A SIGKILLed worker refuses nothing: 30 connections opened in the
-        next 2 seconds all echo, those the kernel gave its socket once the
+        """A SIGKILLed worker refuses nothing: 30 connections opened right
+        after the kill all echo, those the kernel gave its socket once the
         worker in its place adopts it; SIGTERM stops every process."""
         server = self.start("--workers", "2", "--port", LOOPBACK)
         pids = workerPids(server, 2)
         os.kill(pids[0], signal.SIGKILL)
-        killedAt = time.monotonic()
         socks = []
         for _ in range(30):
             sock = openFrom(server.port)
             self.addCleanup(sock.close)
             sock.sendall(b"still here")
             socks.append(sock)
-        self.assertLess(time.monotonic() - killedAt, 2.0)
+        # Opened while worker 0 was gone: checked below by order of events
+        # (some waited for its replacement), not by a time since the kill.
         for sock in socks:
             sock.settimeout(20)
             received = b""
