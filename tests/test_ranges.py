@@ -41,6 +41,7 @@ RANGES: dict[str, tuple[list[str], list[str]]] = {
     "proxy-timeout": (["0", "0.05", "31536001", "inf"], ["0.1", YEAR]),
     "shutdown-timeout": (["-2", "nan", "1e-9", "31536001"], ["0", "0.1", YEAR]),
     "drain-delay": (["-1", "0.01", "31536001", "inf"], ["0", "0.1", YEAR]),
+    "worker-timeout": (["-1", "31536001", "inf", "nan", "5 minutes"], ["0", YEAR]),
     "delay": (["-1", "601s", "inf", "nan", "1h", "200"], ["0", "600s"]),
     "jitter": (["-0.5", "600.5s", "inf", "nan", "10"], ["0", "600s"]),
     "bandwidth": (["-1", "0.5", "100000000001", "1x", "inf"], ["0", "1"]),
@@ -152,6 +153,7 @@ DURATIONS = {
     "drain-delay",
     "delay",
     "jitter",
+    "worker-timeout",
 }
 """Every option that takes a duration."""
 
