@@ -28,6 +28,7 @@ from echotw.interfaces import IServerReactor
 from echotw.listening import AdoptedUNIXEndpoint
 from echotw.loglevel import setLogLevel
 from echotw.metrics import MetricsService
+from echotw.nativelane import LaneEchoProtocol, laneServes, logLane
 from echotw.protocol import EchoProtocol
 from echotw.proxyprotocol import ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
@@ -60,7 +61,9 @@ def makeFactory(
     """
     limits = config.limits
     impairment = config.impairment
-    protocol: Callable[[], EchoProtocol] = EchoProtocol
+    protocol: Callable[[], EchoProtocol] = (
+        LaneEchoProtocol if laneServes(config.native) else EchoProtocol
+    )
     if impairment.shapesStreams:
         protocol = impairedProtocols(
             clock, impairment.delay, impairment.jitter, impairment.bandwidth, random
@@ -155,6 +158,8 @@ def makeService(
     random = Random() if config.impairment.active else None
     factory = makeFactory(config, reactor, random, serverCount)
     supervising = config.workers > 1
+    if not supervising:
+        logLane(config.native, config.impairment.shapesStreams)
     # A supervisor reads the rule files and writes what they held for its workers.
     snapshotting = (
         SupervisorRuleSource(config.ruleSource, RuleSnapshot())

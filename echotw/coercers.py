@@ -182,6 +182,16 @@ def logLevel(value: str) -> str:
     return name
 
 
+NATIVE_SETTINGS = ("auto", "on", "off")
+
+
+@documented(f"One of {', '.join(NATIVE_SETTINGS)}.")
+def nativeSetting(value: str) -> str:
+    if value not in NATIVE_SETTINGS:
+        raise ValueError(f"must be one of {', '.join(NATIVE_SETTINGS)}")
+    return value
+
+
 def numberText(n: float) -> str:
     """
     A bound as the help and the errors write it: C{0.1}, C{31536000}.

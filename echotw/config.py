@@ -10,6 +10,7 @@ changing a configuration in place.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from echotw.addresses import IPNetwork
@@ -23,6 +24,17 @@ from echotw.watchdog import DEFAULT_WORKER_TIMEOUT
 
 DEFAULT_PORT = "8080"
 """The TCP port served when no listener is given."""
+
+NATIVE_ENVIRONMENT = "ECHOTW_NATIVE"
+"""The environment variable that gives C{--native} its default (C{auto}
+without it): how a test run serves every connection with the Python path."""
+
+
+def nativeDefault() -> str:
+    """
+    C{--native}'s default: C{$ECHOTW_NATIVE}, else C{auto}.
+    """
+    return os.environ.get(NATIVE_ENVIRONMENT, "auto")
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,8 @@ class EchoConfig:
         while readiness already says no.
     @ivar commandLine: the arguments the server was started with, which a
         worker process is started with too.
+    @ivar native: whether plain TCP and Unix echo connections are served
+        by the native lane: C{auto}, C{on} or C{off} (L{echotw.nativelane}).
     """
 
     listeners: tuple[Listener, ...] = (
@@ -184,3 +198,4 @@ class EchoConfig:
     shutdownTimeout: float = 10.0
     drainDelay: float = 0.0
     commandLine: tuple[str, ...] = ()
+    native: str = field(default_factory=nativeDefault)

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from echotw import loglevel
 from echotw.addresses import describeAddress, formatAddress, sourceKey
+from echotw.nativelane import defaultProtocol
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
 from echotw.ratelimit import PerSecondBudget, TokenBuckets, defaultClock, unloggedNote
@@ -84,11 +85,13 @@ class EchoFactory(ServerFactory):
         maxSessionSeconds: float = 0,
         clock: IReactorTime | None = None,
         logConnections: int = 100,
-        protocol: Callable[[], EchoProtocol] = EchoProtocol,
+        protocol: Callable[[], EchoProtocol] | None = None,
         serverCount: ServerCount | None = None,
         refusalLines: int = LINES_PER_SECOND,
     ) -> None:
-        self.protocol = protocol  # type: ignore[assignment]
+        # Unless told otherwise, plain connections go to the native lane
+        # where it serves (see echotw.nativelane).
+        self.protocol = protocol if protocol is not None else defaultProtocol()  # type: ignore[assignment]
         self.rules = rules if rules is not None else AccessRules()
         self.verifiers = list(verifiers)
         self.maxConnections = maxConnections

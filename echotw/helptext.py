@@ -29,6 +29,7 @@ HELP_GROUPS: list[Group] = [
             ("backlog", "N"),
             ("workers", "N"),
             ("worker-timeout", "S"),
+            ("native", "MODE"),
         ],
     ),
     (

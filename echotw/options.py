@@ -25,6 +25,7 @@ from echotw.coercers import (
     interval,
     linesPerSecond,
     logLevel,
+    nativeSetting,
     perSecond,
     positiveTimeout,
     prefixLength,
@@ -50,6 +51,7 @@ from echotw.endpoints import (
 )
 from echotw.habits import hostPortHint, runnerOptionHint
 from echotw.helptext import HELP_GROUPS, groupedUsage
+from echotw.nativelane import unavailableBecause
 from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.version import __version__
@@ -199,6 +201,15 @@ class EchoOptions(usage.Options):
             DEFAULTS.workerTimeout,
             "With --workers, kill and replace a worker silent this long (0: never).",
             timeout,
+        ],
+        [
+            "native",
+            None,
+            DEFAULTS.native,
+            "Serve plain TCP and Unix echo connections with the native lane: auto "
+            "(where it is built), on (refuse to start without it), off "
+            "(default: $ECHOTW_NATIVE, else auto).",
+            nativeSetting,
         ],
         [
             "log-level",
@@ -383,6 +394,7 @@ class EchoOptions(usage.Options):
                 f"--worker-timeout: must be 0 (off) or at least {MIN_WORKER_TIMEOUT:g} seconds"
                 " (workers report once a second)"
             )
+        self._checkNative()
         if self["metrics"] is not None:
             try:
                 checkDescription(self["metrics"])
@@ -441,4 +453,18 @@ class EchoOptions(usage.Options):
             shutdownTimeout=self["shutdown-timeout"],
             drainDelay=self["drain-delay"],
             commandLine=tuple(self.arguments),
+            native=self["native"],
         )
+
+    def _checkNative(self) -> None:
+        """
+        C{--native}: a valid setting (its default, from the environment, is
+        not coerced), and C{on} only where the lane can serve.
+        """
+        try:
+            setting = nativeSetting(self["native"])
+        except ValueError as e:
+            raise usage.UsageError(f"--native: {self['native']!r}: {e}") from None
+        why = unavailableBecause()
+        if setting == "on" and why:
+            raise usage.UsageError(f"--native on: {why}")
