@@ -45,6 +45,9 @@ from echotw.protocol import EchoProtocol
 from echotw.tcpport import EchoServer
 from echotw.transportstate import pendingBytes
 
+_DONE = Failure(ConnectionDone())
+_LOST = Failure(ConnectionLost())
+
 try:
     from echotw import _lane
 except ImportError as e:  # not built: no compiler, or not Linux
@@ -178,6 +181,8 @@ class LaneReader:
 
 
 _readers: WeakKeyDictionary[Any, LaneReader] = WeakKeyDictionary()
+_last: list[Any] = [None, None]
+"""The reactor last asked about, and its lane: nearly always the one."""
 
 
 def readerFor(reactor: Any) -> LaneReader | None:
@@ -185,12 +190,16 @@ def readerFor(reactor: Any) -> LaneReader | None:
     C{reactor}'s lane, made when first needed; L{None} if there can be none
     (not built, or no descriptor left for its epoll set).
     """
+    if _last[0] is reactor:
+        reader: LaneReader | None = _last[1]
+        return reader
     reader = _readers.get(reactor)
     if reader is None and _lane is not None:
         try:
             reader = _readers[reactor] = LaneReader(reactor)
         except OSError:
             return None
+    _last[:] = [reactor, reader]
     return reader
 
 
@@ -219,6 +228,7 @@ class LaneEchoProtocol(EchoProtocol):
     lane, it is L{EchoProtocol} unchanged.
     """
 
+    startsReadingItself = True
     _reader: LaneReader | None = None
     _fd = -1
     _counted = 0
@@ -247,22 +257,33 @@ class LaneEchoProtocol(EchoProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        transport = self.transport
+        transport: Any = self.transport
+        withheld = transport.__dict__.pop("readingWithheld", False)
+        if not self._join(transport, withheld) and withheld:
+            transport.startReading()
+
+    def _join(self, transport: Any, withheld: bool) -> bool:
+        """
+        Hand the connection to the lane, if it may join; whether it did.
+        """
         if self.closed or self.finishing or not canJoin(self, transport):
-            return
-        reader = readerFor(transport.reactor)  # type: ignore[union-attr]
+            return False
+        reader = readerFor(transport.reactor)
         if reader is None:
-            return
-        fd = transport.fileno()  # type: ignore[union-attr]
+            return False
+        fd = transport.fileno()
         limit = self.byteLimit - self._counted if self.byteLimit else 0
-        transport.stopReading()  # type: ignore[union-attr]
+        if not withheld:
+            transport.stopReading()
         try:
             reader.join(fd, self, limit)
         except (OSError, ValueError):
-            transport.startReading()  # type: ignore[union-attr]
-            return
+            if not withheld:
+                transport.startReading()
+            return False
         self._reader = reader
         self._fd = fd
+        return True
 
     def _leave(self) -> bytes:
         """
@@ -295,14 +316,14 @@ class LaneEchoProtocol(EchoProtocol):
         if kind == _lane.EOF:
             # As Twisted's reactor does for a half-closeable protocol; the
             # lane reads nothing while it holds unsent bytes, so none wait.
-            transport.readConnectionLost(Failure(ConnectionDone()))
+            transport.readConnectionLost(_DONE)
         elif kind == _lane.LIMIT:
             self._resume(unsent)
             self.finish("max-session-bytes")
         else:
             if unsent:
                 transport.write(unsent)  # counted as unsent when it closes
-            transport.connectionLost(Failure(ConnectionLost()))
+            transport.connectionLost(_LOST)
 
     def laneLost(self, reason: Failure) -> None:
         """

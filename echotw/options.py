@@ -207,8 +207,8 @@ class EchoOptions(usage.Options):
             None,
             DEFAULTS.native,
             "Serve plain TCP and Unix echo connections with the native lane: auto "
-            "(where it is built), on (refuse to start without it), off "
-            "(default: $ECHOTW_NATIVE, else auto).",
+            "(where it is built), on (refuse to start without it), off (the Python "
+            "path) [default: $ECHOTW_NATIVE, else auto].",
             nativeSetting,
         ],
         [

@@ -105,6 +105,10 @@ class EchoProtocol(Protocol):
     @cvar dispatchWithoutLogContext: echotw logs with explicit fields, so
         L{echotw.reactor.EchoReactor} may skip the legacy log context when
         dispatching this connection's events.
+    @cvar startsReadingItself: an L{echotw.tcpport.EchoServer} transport
+        does not start reading this protocol's connection; the protocol
+        starts it, or hands the connection to the native lane, when
+        connected (L{echotw.nativelane.LaneEchoProtocol}).
     """
 
     factory: ConnectionTracker
@@ -130,6 +134,7 @@ class EchoProtocol(Protocol):
     _idleInKernel = 0
     _idleSince = 0.0
     dispatchWithoutLogContext = True
+    startsReadingItself = False
 
     def admit(
         self,

@@ -83,8 +83,16 @@ class EchoServer(tcp.Server):
         self.client = client
         self.sessionno = sessionno
         self.hostname = client[0]
-        reactor.addReader(self)
+        if getattr(protocol.__class__, "startsReadingItself", False):
+            # It joins the native lane, or starts reading, when connected.
+            self.readingWithheld = True
+        else:
+            reactor.addReader(self)
         self.connected = 1
+
+    readingWithheld = False
+    """Whether the reactor was not told to read it: its protocol (one with
+    C{startsReadingItself}) does that itself once connected."""
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         """
