@@ -39,6 +39,11 @@
 
 #define LANE_MAX 65536
 #define LANE_EVENTS 256
+/* Passes over the ready connections in one serve(), while each finds some:
+ * a client answering at once is served again without a return to the
+ * reactor's Python loop; bounded, so timers and new connections wait for
+ * at most this many passes. */
+#define LANE_PASSES 8
 
 enum { ACTIVE = 0, LEFT = 1 };
 enum { KIND_EOF = 1, KIND_ERROR = 2, KIND_LIMIT = 3 };
@@ -288,19 +293,17 @@ echo(Lane *self, Conn *c, PyObject **report)
     return 0;
 }
 
-static PyObject *
-Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
+/* One pass over the ready connections: how many there were, or -1 with an
+ * exception set (or, with errno set and no exception, epoll_wait failed). */
+static int
+serve_once(Lane *self, struct epoll_event *events, PyObject **report)
 {
-    struct epoll_event events[LANE_EVENTS];
-    PyObject *report = NULL;
-    if (lane_check(self) < 0)
-        return NULL;
     int n;
     do {
         n = epoll_wait(self->epfd, events, LANE_EVENTS, 0);
     } while (n < 0 && errno == EINTR);
     if (n < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     for (int i = 0; i < n; i++) {
         Conn *c = events[i].data.ptr;
         uint32_t ev = events[i].events;
@@ -309,8 +312,8 @@ Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
         if (c->len > c->off) {
             int f = flush(c);
             if (f < 0) {
-                if (leave(self, c, KIND_ERROR, -f, &report) < 0)
-                    goto failed;
+                if (leave(self, c, KIND_ERROR, -f, report) < 0)
+                    return -1;
                 continue;
             }
             if (f == 0) {
@@ -320,27 +323,43 @@ Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
                     socklen_t len = sizeof err;
                     if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 || err == 0)
                         err = EPIPE;
-                    if (leave(self, c, KIND_ERROR, err, &report) < 0)
-                        goto failed;
+                    if (leave(self, c, KIND_ERROR, err, report) < 0)
+                        return -1;
                 }
                 continue;
-            } else if (watch(self, c, EPOLL_CTL_MOD, EPOLLIN) < 0) {
-                if (leave(self, c, KIND_ERROR, errno, &report) < 0)
-                    goto failed;
-                continue;
-            } else {
-                continue; /* read on the next wake-up: level-triggered */
             }
+            if (watch(self, c, EPOLL_CTL_MOD, EPOLLIN) < 0 &&
+                leave(self, c, KIND_ERROR, errno, report) < 0)
+                return -1;
+            continue; /* read on the next pass: level-triggered */
         }
-        if (echo(self, c, &report) < 0)
-            goto failed;
+        if (echo(self, c, report) < 0)
+            return -1;
+    }
+    return n;
+}
+
+static PyObject *
+Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
+{
+    struct epoll_event events[LANE_EVENTS];
+    PyObject *report = NULL;
+    if (lane_check(self) < 0)
+        return NULL;
+    for (int pass = 0; pass < LANE_PASSES; pass++) {
+        int n = serve_once(self, events, &report);
+        if (n < 0 && PyErr_Occurred()) {
+            Py_XDECREF(report);
+            return NULL;
+        }
+        if (n < 0 && pass == 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        if (n <= 0)
+            break; /* nothing ready; or epoll_wait failed, to be met again */
     }
     if (report == NULL)
         Py_RETURN_NONE;
     return report;
-failed:
-    Py_XDECREF(report);
-    return NULL;
 }
 
 static PyObject *

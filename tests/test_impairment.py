@@ -30,8 +30,8 @@ from echotw.impairment import (
     ReadGate,
     impairedProtocols,
 )
+from echotw.nativelane import defaultProtocol
 from echotw.options import EchoOptions
-from echotw.protocol import EchoProtocol
 from echotw.service import EchoService
 from echotw.shaping import DatagramImpairment
 from echotw.udp import DROP_REASONS, UDPEchoProtocol
@@ -312,8 +312,9 @@ class ChoiceTests(SynchronousTestCase):
         self.assertEqual(config.impairment, Impairment())
         self.assertFalse(config.impairment.active)
         factory = makeFactory(config, Clock())
-        self.assertIs(factory.protocol, EchoProtocol)
-        self.assertIs(type(factory.buildProtocolFor(CLIENT, "l")), EchoProtocol)
+        # The plain echo: served by the native lane where it can be.
+        self.assertIs(factory.protocol, defaultProtocol())
+        self.assertIs(type(factory.buildProtocolFor(CLIENT, "l")), defaultProtocol())
         self.assertIsNone(makeDatagramImpairment(config.impairment, Clock()))
 
     def test_options(self) -> None:
@@ -328,7 +329,7 @@ class ChoiceTests(SynchronousTestCase):
     def test_udpLossAloneLeavesStreamsPlain(self) -> None:
         """--udp-loss impairs UDP only."""
         config = self.parse("--udp-loss", "0.5")
-        self.assertIs(makeFactory(config, Clock()).protocol, EchoProtocol)
+        self.assertIs(makeFactory(config, Clock()).protocol, defaultProtocol())
         impairment = makeDatagramImpairment(config.impairment, Clock())
         assert impairment is not None
         self.assertEqual(
