@@ -40,6 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
+from echotw.coercers import nativeSetting
 from echotw.config import nativeDefault
 from echotw.protocol import EchoProtocol
 from echotw.tcpport import EchoServer
@@ -69,6 +70,21 @@ def unavailableBecause() -> str:
     Why the lane cannot serve here, or C{""} if it can.
     """
     return _unavailable
+
+
+def checkNativeSetting(setting: str) -> str:
+    """
+    C{--native}'s value, checked (its default, from C{ECHOTW_NATIVE}, is not
+    coerced): a L{ValueError} with the line to show for a bad one, or for
+    C{on} where the lane cannot serve.
+    """
+    try:
+        nativeSetting(setting)
+    except ValueError as e:
+        raise ValueError(f"--native: {setting!r}: {e}") from None
+    if setting == "on" and _unavailable:
+        raise ValueError(f"--native on: {_unavailable}")
+    return setting
 
 
 def laneServes(setting: str) -> bool:

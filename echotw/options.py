@@ -51,7 +51,7 @@ from echotw.endpoints import (
 )
 from echotw.habits import hostPortHint, runnerOptionHint
 from echotw.helptext import HELP_GROUPS, groupedUsage
-from echotw.nativelane import unavailableBecause
+from echotw.nativelane import checkNativeSetting
 from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.version import __version__
@@ -206,9 +206,8 @@ class EchoOptions(usage.Options):
             "native",
             None,
             DEFAULTS.native,
-            "Serve plain TCP and Unix echo connections with the native lane: auto "
-            "(where it is built), on (refuse to start without it), off (the Python "
-            "path) [default: $ECHOTW_NATIVE, else auto].",
+            "Serve plain TCP and Unix echo with the native lane: auto (where it is built), on "
+            "(refuse to start without it), off (the Python path) [default: $ECHOTW_NATIVE, else auto].",
             nativeSetting,
         ],
         [
@@ -394,7 +393,10 @@ class EchoOptions(usage.Options):
                 f"--worker-timeout: must be 0 (off) or at least {MIN_WORKER_TIMEOUT:g} seconds"
                 " (workers report once a second)"
             )
-        self._checkNative()
+        try:
+            checkNativeSetting(self["native"])  # its default comes uncoerced
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if self["metrics"] is not None:
             try:
                 checkDescription(self["metrics"])
@@ -455,16 +457,3 @@ class EchoOptions(usage.Options):
             commandLine=tuple(self.arguments),
             native=self["native"],
         )
-
-    def _checkNative(self) -> None:
-        """
-        C{--native}: a valid setting (its default, from the environment, is
-        not coerced), and C{on} only where the lane can serve.
-        """
-        try:
-            setting = nativeSetting(self["native"])
-        except ValueError as e:
-            raise usage.UsageError(f"--native: {self['native']!r}: {e}") from None
-        why = unavailableBecause()
-        if setting == "on" and why:
-            raise usage.UsageError(f"--native on: {why}")

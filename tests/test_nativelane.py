@@ -331,9 +331,6 @@ class SelectionTests(SynchronousTestCase):
     def test_onRefusedWithoutLane(self) -> None:
         """C{--native on} refuses to start where the lane cannot load."""
         self.patch(nativelane, "_unavailable", "the native lane is not built (no module)")
-        from echotw import options
-
-        self.patch(options, "unavailableBecause", nativelane.unavailableBecause)
         e = self.assertRaises(usage.UsageError, EchoOptions().parseOptions, ["--native", "on"])
         self.assertEqual(str(e), "--native on: the native lane is not built (no module)")
         self.assertEqual(EchoOptions().parseOptions(["--native", "off"]), None)
