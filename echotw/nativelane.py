@@ -184,6 +184,8 @@ class LaneReader:
             protocol = members.get(fd)
             if protocol is not None:
                 protocol.laneEnded(kind, err)
+            else:  # never expected: forget it rather than hold its number
+                self.lane.remove(fd)
 
     def connectionLost(self, reason: Failure) -> None:
         """
