@@ -38,6 +38,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 
 from echotw import loglevel
 from echotw.coercers import nativeSetting
@@ -75,15 +76,15 @@ def unavailableBecause() -> str:
 def checkNativeSetting(setting: str) -> str:
     """
     C{--native}'s value, checked (its default, from C{ECHOTW_NATIVE}, is not
-    coerced): a L{ValueError} with the line to show for a bad one, or for
+    coerced): a L{UsageError} with the line to show for a bad one, or for
     C{on} where the lane cannot serve.
     """
     try:
         nativeSetting(setting)
     except ValueError as e:
-        raise ValueError(f"--native: {setting!r}: {e}") from None
+        raise UsageError(f"--native: {setting!r}: {e}") from None
     if setting == "on" and _unavailable:
-        raise ValueError(f"--native on: {_unavailable}")
+        raise UsageError(f"--native on: {_unavailable}")
     return setting
 
 

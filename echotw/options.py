@@ -1,6 +1,7 @@
 """
 The options of C{twistd echo}: the command line, checked and turned into
-one L{EchoConfig}.
+one L{EchoConfig}.  It is long because every option's row and help text
+are here, where C{--help} and the option reference are made from.
 """
 
 from __future__ import annotations
@@ -393,10 +394,6 @@ class EchoOptions(usage.Options):
                 f"--worker-timeout: must be 0 (off) or at least {MIN_WORKER_TIMEOUT:g} seconds"
                 " (workers report once a second)"
             )
-        try:
-            checkNativeSetting(self["native"])  # its default comes uncoerced
-        except ValueError as e:
-            raise usage.UsageError(str(e)) from None
         if self["metrics"] is not None:
             try:
                 checkDescription(self["metrics"])
@@ -455,5 +452,5 @@ class EchoOptions(usage.Options):
             shutdownTimeout=self["shutdown-timeout"],
             drainDelay=self["drain-delay"],
             commandLine=tuple(self.arguments),
-            native=self["native"],
+            native=checkNativeSetting(self["native"]),  # its default comes uncoerced
         )

@@ -324,6 +324,7 @@ class SelectionTests(SynchronousTestCase):
         self.assertIn("auto, on, off", str(e))
         # The default (from ECHOTW_NATIVE) is not coerced, so it is checked too.
         options = EchoOptions()
+        options.arguments = []
         options["native"] = "fast"
         e = self.assertRaises(usage.UsageError, options.postOptions)
         self.assertIn("--native: 'fast'", str(e))
