@@ -20,9 +20,9 @@ from echotw.addresses import describeAddress, formatAddress, sourceKey
 from echotw.nativelane import defaultProtocol
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
-from echotw.ratelimit import PerSecondBudget, TokenBuckets, defaultClock, unloggedNote
+from echotw.ratelimit import PerSecondBudget, TokenBuckets, defaultClock
 from echotw.sharedcount import ServerCount
-from echotw.throttlelog import LINES_PER_SECOND, RefusalLog
+from echotw.throttlelog import LINES_PER_SECOND, RefusalLog, unloggedNote
 
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""

@@ -30,7 +30,7 @@ except ImportError:  # no Unix sockets on this platform
     UNIXPort = None  # type: ignore[assignment,misc]
 
 from echotw.addresses import describeAddress, formatAddress
-from echotw.ratelimit import LogThrottle, unloggedNote
+from echotw.throttlelog import LogThrottle, unloggedNote
 
 
 class ListenFailed(SystemExit):

@@ -1,19 +1,6 @@
 """
 Listening sockets for several workers: one C{SO_REUSEPORT} group per TCP
 listener, a socket per worker, bound by the supervisor.
-
-Twisted's endpoints cannot set C{SO_REUSEPORT}, so the sockets are made
-here with the C{socket} module, from the address a C{tcp:} or C{tcp6:}
-endpoint string names (read from the endpoint Twisted parses, so
-C{interface=}, C{backlog=} and IPv6 scope ids mean what they mean to
-Twisted), and the workers adopt them as Twisted adopts any inherited socket.
-
-A group's sockets join it in the order they start listening, 0 first, and
-the kernel's steering program (L{echotw.steering}) indexes them in that
-order.  The supervisor keeps every socket open for as long as it runs, so
-the order never changes: a socket whose worker died stays in the group,
-connections the kernel gives it wait in its backlog, and the worker started
-in its place adopts the very same socket.
 """
 
 from __future__ import annotations
@@ -90,6 +77,19 @@ def bindGroup(address: BindAddress, count: int) -> list[socket.socket]:
     listening sockets of another server run by the same user (a second
     C{twistd echo --workers} on the same port), which would then take a
     share of the connections without a word.
+
+    Twisted's endpoints cannot set C{SO_REUSEPORT}, so the sockets are made
+    here with the C{socket} module, from the address a C{tcp:} or C{tcp6:}
+    endpoint string names (read from the endpoint Twisted parses, so
+    C{interface=}, C{backlog=} and IPv6 scope ids mean what they mean to
+    Twisted), and the workers adopt them as Twisted adopts any inherited socket.
+
+    A group's sockets join it in the order they start listening, 0 first, and
+    the kernel's steering program (L{echotw.steering}) indexes them in that
+    order.  The supervisor keeps every socket open for as long as it runs, so
+    the order never changes: a socket whose worker died stays in the group,
+    connections the kernel gives it wait in its backlog, and the worker started
+    in its place adopts the very same socket.
 
     @raise OSError: if any cannot be made or bound (none is left open).
     """

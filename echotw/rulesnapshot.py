@@ -1,30 +1,9 @@
 """
 The rules in force, written down by the supervisor of C{--workers N} for
-its workers.
-
-Were every worker to read the operator's rule files itself, a file that
-went bad after start-up (a typo, a deletion, with no SIGHUP yet) would stop
-a worker started in place of one that died from starting at all, while the
-clients the kernel steers to its socket waited for it; and workers started
-at different times could hold different rules.  So the supervisor alone
-reads the operator's files (L{SupervisorRuleSource}, at start-up and on
-SIGHUP) and writes each set it loads into one anonymous file in memory
-(C{memfd_create}; an unlinked temporary file where that is missing), which
-every worker inherits as a descriptor.  Nothing is left in a directory: no
-temporary directory has to be writable, or have room, for a reload to
-reach the workers, and a supervisor killed with SIGKILL leaves nothing
-behind (the file goes with the last process holding it).
-
-A worker reads the file (L{readSnapshot}) at start-up and on the SIGHUP the
-supervisor passes on after a reload that succeeded (L{SnapshotRuleSource}),
-so a replacement worker gets the rules the others have, whatever has become
-of the files since.  The file is rewritten in place, so the supervisor
-writes it as a sequence lock: a header of a sequence number, odd while a
-write is under way, and the lengths of the allow and deny lists that follow
-(one network a line); a reader that finds the number odd, or changed once
-it has read the lists, reads again.  The room for the new lists is
-allocated before the number turns odd, so a write that fails for lack of
-memory leaves the previous rules readable.
+its workers: one file in memory that every worker inherits, rewritten in
+place under a sequence lock (L{RuleSnapshot}), which the supervisor writes
+at each load that succeeds (L{SupervisorRuleSource}) and the workers read
+instead of the operator's files (L{SnapshotRuleSource}).
 """
 
 from __future__ import annotations
@@ -53,6 +32,17 @@ SNAPSHOT = "the supervisor's rule snapshot"
 class RuleSnapshot:
     """
     The supervisor's anonymous file of the rules, made on the first L{write}.
+
+    A worker reads the file (L{readSnapshot}) at start-up and on the SIGHUP the
+    supervisor passes on after a reload that succeeded (L{SnapshotRuleSource}),
+    so a replacement worker gets the rules the others have, whatever has become
+    of the files since.  The file is rewritten in place, so the supervisor
+    writes it as a sequence lock: a header of a sequence number, odd while a
+    write is under way, and the lengths of the allow and deny lists that follow
+    (one network a line); a reader that finds the number odd, or changed once
+    it has read the lists, reads again.  The room for the new lists is
+    allocated before the number turns odd, so a write that fails for lack of
+    memory leaves the previous rules readable.
     """
 
     def __init__(self) -> None:
@@ -149,6 +139,19 @@ class SupervisorRuleSource(RuleSource):
     The operator's rules, as the supervisor loads them: every load that
     succeeds is written to C{snapshot} for the workers, and one that cannot
     be written fails as a bad file does (the rules in force stay).
+
+    Were every worker to read the operator's rule files itself, a file that
+    went bad after start-up (a typo, a deletion, with no SIGHUP yet) would stop
+    a worker started in place of one that died from starting at all, while the
+    clients the kernel steers to its socket waited for it; and workers started
+    at different times could hold different rules.  So the supervisor alone
+    reads the operator's files (L{SupervisorRuleSource}, at start-up and on
+    SIGHUP) and writes each set it loads into one anonymous file in memory
+    (C{memfd_create}; an unlinked temporary file where that is missing), which
+    every worker inherits as a descriptor.  Nothing is left in a directory: no
+    temporary directory has to be writable, or have room, for a reload to
+    reach the workers, and a supervisor killed with SIGKILL leaves nothing
+    behind (the file goes with the last process holding it).
     """
 
     def __init__(self, source: RuleSource, snapshot: RuleSnapshot) -> None:

@@ -1,26 +1,6 @@
 """
 The open-connection count of the whole server, shared by its worker
 processes, for C{--max-connections} with C{--workers}.
-
-The supervisor makes a small shared memory file (C{memfd_create}, or an
-unlinked temporary file where that is missing) with one 64-bit slot per
-worker, and every worker maps it.  Each worker writes only its own slot,
-its number of open connections, whenever that changes; the limit is checked
-against the sum of all slots.  Python has no atomic operations across
-processes, and none is needed: a slot has one writer, and an aligned 8-byte
-store is not torn on the platforms Linux runs on.
-
-What this cannot do is make the check and the count one step: between a
-worker reading the sum and writing its own new count (a few microseconds
-within one accept), another worker may read the old sum too.  Each worker
-is in that window for at most one connection at a time, so with N workers
-the server may admit at most N - 1 connections over the limit, and only
-while connections arrive on several workers within the same microseconds;
-once the burst is over the count is exact again, and no worker admits
-anything while the sum is at the limit.
-
-The supervisor clears a worker's slot when the worker dies (its connections
-died with it) and reads the sum for its own statistics.
 """
 
 from __future__ import annotations
@@ -81,6 +61,26 @@ class SharedCount:
     it writes (L{publish}; the supervisor has none); L{total} is the whole
     server's count.  The file descriptor is the caller's to close; the
     mapping outlives it.
+
+    The supervisor makes a small shared memory file (C{memfd_create}, or an
+    unlinked temporary file where that is missing) with one 64-bit slot per
+    worker, and every worker maps it.  Each worker writes only its own slot,
+    its number of open connections, whenever that changes; the limit is checked
+    against the sum of all slots.  Python has no atomic operations across
+    processes, and none is needed: a slot has one writer, and an aligned 8-byte
+    store is not torn on the platforms Linux runs on.
+
+    What this cannot do is make the check and the count one step: between a
+    worker reading the sum and writing its own new count (a few microseconds
+    within one accept), another worker may read the old sum too.  Each worker
+    is in that window for at most one connection at a time, so with N workers
+    the server may admit at most N - 1 connections over the limit, and only
+    while connections arrive on several workers within the same microseconds;
+    once the burst is over the count is exact again, and no worker admits
+    anything while the sum is at the limit.
+
+    The supervisor clears a worker's slot when the worker dies (its connections
+    died with it) and reads the sum for its own statistics.
     """
 
     def __init__(self, fd: int, slots: int, index: int | None = None) -> None:

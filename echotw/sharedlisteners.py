@@ -1,6 +1,6 @@
 """
 The listening sockets of C{--workers N}, bound and held by the supervisor
-for its workers to adopt (see L{echotw.workers} for the whole design).
+for its workers to adopt (L{echotw.workers} starts the workers).
 """
 
 from __future__ import annotations

@@ -1,31 +1,9 @@
 """
 Steering connections to workers by their source address: a classic BPF
 program for a C{SO_REUSEPORT} group (C{SO_ATTACH_REUSEPORT_CBPF}), and the
-same mapping in Python.
-
-When a TCP handshake completes on a port served by a group of
-C{SO_REUSEPORT} listening sockets, Linux runs the group's program on the
-client's SYN and uses the number it returns as an index into the group's
-sockets, in the order they started listening (an index out of range falls
-back to the kernel's own hash).  With worker M holding socket M of every
-group, a program that maps one source to one number sends all of that
-source's connections, on every listener, to one worker, which can then
-enforce C{--max-per-ip} and C{--rate} exactly.
-
-The mapping (L{sourceIndex}): the words of the source address that count
-are folded into a 32-bit hash C{h = (h ^ word) * 0x9E3779B1} (starting
-from 0), and the index is C{((h >> 16) * workers) >> 16}, the top bits of a
-Fibonacci hash scaled to the number of workers, which spreads neighbouring
-addresses evenly.  The words are the IPv4 source address, or the first
-C{ipv6Prefix} bits of an IPv6 source, as four words with the bits past the
-prefix cleared, omitting the words wholly past it, so every client of one
-prefix gets the same index, just as L{echotw.addresses.sourceKey} counts
-them as one source.  A client with an IPv4-mapped address on a dual-stack
-listener sends IPv4 packets, so the program sees, and steers, its IPv4
-address.
-
-Nothing here touches a socket but L{attachSteering}; the program is plain
-data, tested by running it through an interpreter.
+same mapping in Python.  Nothing here touches a socket but
+L{attachSteering}; the program is plain data, tested by running it through
+an interpreter.
 """
 
 from __future__ import annotations
@@ -86,6 +64,18 @@ def sourceIndex(version: int, value: int, workers: int, ipv6Prefix: int = 64) ->
     The worker a client's connections go to: what L{steeringProgram}
     computes in the kernel, for a source address given as C{(version,
     integer)} (see L{echotw.addresses.ipFromText}).
+
+    The mapping (L{sourceIndex}): the words of the source address that count
+    are folded into a 32-bit hash C{h = (h ^ word) * 0x9E3779B1} (starting
+    from 0), and the index is C{((h >> 16) * workers) >> 16}, the top bits of a
+    Fibonacci hash scaled to the number of workers, which spreads neighbouring
+    addresses evenly.  The words are the IPv4 source address, or the first
+    C{ipv6Prefix} bits of an IPv6 source, as four words with the bits past the
+    prefix cleared, omitting the words wholly past it, so every client of one
+    prefix gets the same index, just as L{echotw.addresses.sourceKey} counts
+    them as one source.  A client with an IPv4-mapped address on a dual-stack
+    listener sends IPv4 packets, so the program sees, and steers, its IPv4
+    address.
     """
     h = 0
     for word in _words(version, value, ipv6Prefix):
@@ -99,6 +89,15 @@ def steeringProgram(workers: int, ipv6Prefix: int = 64) -> list[Instruction]:
     address, for a group of C{workers} sockets.  It reads only the IP
     header, through C{SKF_NET_OFF} (the kernel hands reuseport programs the
     packet past its TCP header).
+
+    When a TCP handshake completes on a port served by a group of
+    C{SO_REUSEPORT} listening sockets, Linux runs the group's program on the
+    client's SYN and uses the number it returns as an index into the group's
+    sockets, in the order they started listening (an index out of range falls
+    back to the kernel's own hash).  With worker M holding socket M of every
+    group, a program that maps one source to one number sends all of that
+    source's connections, on every listener, to one worker, which can then
+    enforce C{--max-per-ip} and C{--rate} exactly.
     """
     if not 1 <= workers <= 0xFFFF:
         raise ValueError(f"cannot steer to {workers} sockets")

@@ -52,9 +52,9 @@ from echotw.addresses import formatAddress, ipFromText
 from echotw.endpoints import UDPListener
 from echotw.listening import ListenFailed, logListening, stopListening
 from echotw.policy import Verifier, refusalReason
-from echotw.ratelimit import TokenBuckets, defaultClock, unloggedNote
+from echotw.ratelimit import TokenBuckets, defaultClock
 from echotw.shaping import DatagramImpairment
-from echotw.throttlelog import DropLog
+from echotw.throttlelog import DropLog, unloggedNote
 
 MAX_DATAGRAM = 65535
 """

@@ -1,14 +1,5 @@
 """
 C{--worker-timeout}: notice a worker process that has stopped reporting.
-
-A worker sends its counters to the supervisor every second whatever they
-are (L{echotw.workermain.Reporter}), so silence means its event loop is not
-running: stopped with SIGSTOP, stuck in a busy loop, swapped out for good.
-Such a worker still holds its listening socket, and the kernel keeps
-handing it the connections of its share of the clients, which wait and get
-nothing.  As gunicorn's C{--timeout} does, the supervisor kills a worker
-silent for that long and starts another in its place, which adopts the
-same socket and serves the connections queued on it.
 """
 
 from __future__ import annotations
@@ -37,6 +28,15 @@ class Watchdog:
     after the last L{heard}, or, before the first, for C{starting}
     seconds (at least C{timeout}) after L{start}; C{timeout} 0 watches
     nothing.
+
+    A worker sends its counters to the supervisor every second whatever they
+    are (L{echotw.workermain.Reporter}), so silence means its event loop is not
+    running: stopped with SIGSTOP, stuck in a busy loop, swapped out for good.
+    Such a worker still holds its listening socket, and the kernel keeps
+    handing it the connections of its share of the clients, which wait and get
+    nothing.  As gunicorn's C{--timeout} does, the supervisor kills a worker
+    silent for that long and starts another in its place, which adopts the
+    same socket and serves the connections queued on it.
     """
 
     def __init__(

@@ -78,7 +78,7 @@ from twisted.web.server import Site
 
 from echotw import loglevel
 from echotw.addresses import formatAddress
-from echotw.ratelimit import LogThrottle, unloggedNote
+from echotw.throttlelog import LogThrottle, unloggedNote
 from echotw.webchannel import HEAD_END, GuardedChannel, GuardedRequest
 
 MAX_CONNECTIONS = 64

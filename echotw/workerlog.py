@@ -1,24 +1,6 @@
 """
 How the workers of C{--workers N} log: straight to the supervisor's output
 where they can, through the supervisor where they cannot.
-
-Where the supervisor's log is a plain stream (C{twistd -n} without
-C{--logfile}, C{twistd -n --logger echotw.logs.jsonObserver}, or the
-C{twist} runner's C{--log-file}), each worker inherits that stream as its
-standard output and writes its own finished lines to it, formatted as the
-supervisor formats its own, one C{write} per line, so lines of different
-processes never mix (a pipe keeps writes of up to 4 KiB whole, a file opened
-for appending keeps every write whole).  The supervisor does nothing per
-worker line.
-
-Anywhere else (a log file twistd rotates, syslog, a custom C{--logger}) the
-workers send each event as a JSON record over a pipe and the supervisor
-publishes it to its own observers, which costs it a parse and a format per
-line (L{relayRecords}).
-
-Either way each line names its worker: the text system is C{echotw worker
-N}, and the events carry C{worker} (N) and C{worker_pid} fields, which JSON
-lines include.
 """
 
 from __future__ import annotations
@@ -92,6 +74,20 @@ def logOutputFor(runner: Mapping[str, Any] | None) -> LogOutput:
     The workers' log output for a supervisor run by C{twistd} or C{twist}
     with the runner's options C{runner} (the parent of echotw's options),
     read before logging begins.
+
+    Where the supervisor's log is a plain stream (C{twistd -n} without
+    C{--logfile}, C{twistd -n --logger echotw.logs.jsonObserver}, or the
+    C{twist} runner's C{--log-file}), each worker inherits that stream as its
+    standard output and writes its own finished lines to it, formatted as the
+    supervisor formats its own, one C{write} per line, so lines of different
+    processes never mix (a pipe keeps writes of up to 4 KiB whole, a file opened
+    for appending keeps every write whole).  The supervisor does nothing per
+    worker line.
+
+    Anywhere else (a log file twistd rotates, syslog, a custom C{--logger}) the
+    workers send each event as a JSON record over a pipe and the supervisor
+    publishes it to its own observers, which costs it a parse and a format per
+    line (L{relayRecords}).
     """
     if runner is None:
         return RELAY
@@ -157,6 +153,10 @@ def workerObserver(output: LogOutput, index: int, out: IO[Any] | None = None) ->
     The observer a worker logs through: marks each event with the worker,
     then writes it as the supervisor would (or as a record for it to relay)
     to C{out}, by default the worker's standard output.
+
+    Each line names its worker: the text system is C{echotw worker
+    N}, and the events carry C{worker} (N) and C{worker_pid} fields, which JSON
+    lines include.
     """
     if out is None:
         out = LineWriter(1) if output.format != "relay" else sys.stdout  # type: ignore[assignment]

@@ -1,18 +1,9 @@
 """
-A worker process of C{--workers N} (started as L{echotw.workercommand} says): it
-parses the supervisor's command line, derives its own configuration from it
-and serves the listening sockets it inherited (see L{echotw.workers}).
-
-What the supervisor hands it, besides the command line (the C{ECHOTW_WORKER_*}
-environment variables name the descriptors): its index; its listening
-sockets, one per listener (its own socket of each C{SO_REUSEPORT} group, or
-the socket all workers share); the shared connection count when
-C{--max-connections} is set, in which it writes its own slot; a pipe for
-its counter reports; as its standard output either the supervisor's log
-stream, to write finished lines to, or a pipe to relay log events through
-(L{echotw.workerlog}); and, with rule files, the file in memory holding the
-rules the supervisor loaded (L{echotw.rulesnapshot}), which it reads instead
-of the operator's files.
+A worker process of C{--workers N}: it parses the supervisor's command
+line, derives its own configuration from it (L{workerConfig}), serves the
+listening sockets it inherited, writes its slot of the shared connection
+count and reports its counters until told to stop or orphaned; what it is
+handed and what it sends back is L{echotw.workercontract}.
 """
 
 from __future__ import annotations
@@ -39,10 +30,10 @@ from echotw.reactor import installIfUnchosen
 from echotw.rulefiles import RuleFileError
 from echotw.rulesnapshot import SnapshotRuleSource
 from echotw.sharedcount import SharedCount
-from echotw.workerlog import LogOutput, workerObserver
-from echotw.workerprocess import READY
-from echotw.workers import (
+from echotw.workercontract import (
     HELD_SIGNALS,
+    READY,
+    REPORT_INTERVAL,
     WORKER_COUNT,
     WORKER_COUNT_FD,
     WORKER_INDEX,
@@ -53,9 +44,7 @@ from echotw.workers import (
     WORKER_SUPERVISOR,
     inheritedSockets,
 )
-
-REPORT_INTERVAL = 1.0
-"""Seconds between a worker's counter reports to the supervisor."""
+from echotw.workerlog import LogOutput, workerObserver
 
 
 class WorkerOptions(EchoOptions):
@@ -195,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     Serve the inherited listeners with the supervisor's options until told
     to stop, or until the supervisor is gone.  The signals the supervisor
-    started it with blocked (L{echotw.workers.HELD_SIGNALS}) are unblocked
+    started it with blocked (L{echotw.workercontract.HELD_SIGNALS}) are unblocked
     once the reactor runs with the worker's handlers in place; any that
     came meanwhile are delivered to them then.
     """

@@ -16,10 +16,8 @@ from twisted.python.failure import Failure
 
 from echotw.interfaces import IServerReactor
 from echotw.watchdog import Watchdog
+from echotw.workercontract import READY
 from echotw.workerlog import relayRecords
-
-READY = b"ready"
-"""The line a worker sends on its report descriptor once signals are safe to send it."""
 
 
 class Reports(Protocol):

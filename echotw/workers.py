@@ -1,63 +1,17 @@
 """
-The supervisor of C{--workers N}: the listening sockets, and the worker
-processes that serve them (L{echotw.workermain} is the worker's side).
-
-Sockets.  The supervisor (the C{twistd} process) binds every listener itself
-and never accepts on it.  On Linux each TCP listener (C{tcp:}, C{tcp6:},
-and C{haproxy:} over them) becomes a group of N sockets on one port with
-C{SO_REUSEPORT} (L{echotw.reuseport}; C{tcp:0} is resolved once), and worker
-M adopts socket M of every group, so the kernel spreads connections over
-the workers instead of letting whichever worker wakes first take them all.
-The supervisor keeps holding every socket: when a worker dies, the
-connections the kernel hands its socket wait in that socket's backlog until
-the worker started in its place adopts the same socket, so nothing is
-refused.  Unix sockets, and TCP where C{SO_REUSEPORT} does not balance (not
-Linux), are one socket that all workers share, as before: the kernel gives
-each connection to whichever worker accepts first.
-
-Limits.  With C{--max-per-ip} or C{--rate}, the groups of plain TCP
-listeners are steered by source address (L{echotw.steering}): every
-connection of one client (an IPv4 address, or an IPv6 prefix of
-C{--ipv6-prefix} bits) reaches the same worker, which enforces those limits
-exactly, as one process would.  Where they cannot be steered, they hold per
-worker, so one source may get up to N times its limit: behind C{haproxy:}
-listeners (the kernel sees the balancer, not the client named in the
-header), on shared sockets, and where the kernel refuses the steering
-program (Linux before 4.5; a warning is logged).  C{--max-connections}
-holds for the whole server through a count the workers share
-(L{echotw.sharedcount}), to within N - 1 connections in a burst.  The idle
-and session limits are per connection and hold anywhere.
-
-Processes.  The supervisor restarts a worker that dies (or could not be
-started, e.g. for lack of descriptors), after a delay that grows while it
-keeps dying and starts again from the shortest once it has run for
-L{HEALTHY_AFTER} seconds; one that sends no report for
-C{--worker-timeout} seconds is killed and replaced (L{echotw.watchdog}).
-On SIGHUP it reloads the rule files itself
-and, if they loaded, passes SIGHUP on to the workers, which read the rules
-it wrote to a file in memory (L{echotw.rulesnapshot}), so that a worker started later gets the
-same ones whatever became of the files.  On SIGTERM/SIGINT it starts any
-worker waiting to be restarted (to drain the connections queued on its
-sockets), closes its copies of the sockets, asks every worker to drain
-(each waits out C{--drain-delay} itself) and waits for them; a second
-SIGTERM sends them L{STOP_NOW_SIGNAL}.  A worker says
-L{READY} once its signal handlers are in place, and signals meant for it
-wait until then; it starts with L{HELD_SIGNALS} blocked, so that those sent
-to it some other way (to the whole process group) wait too: a signal's
-default action would kill a worker still starting, with the connections
-waiting in its socket's backlog.  Workers exit when the supervisor
-disappears, so none is left orphaned.  Workers send their counters about
-once a second for C{--metrics} (L{echotw.counters}) and write their log
-lines as L{echotw.workerlog} describes.  UDP listeners are served by the
-supervisor alone.
+The supervisor of C{--workers N}: it holds the listening sockets
+(L{echotw.sharedlisteners}) while worker processes serve them, starts each
+worker as L{echotw.workercontract} says, restarts one that dies or cannot
+be started after a delay that grows while it keeps dying (L{Backoff}),
+replaces one silent for C{--worker-timeout} (L{echotw.watchdog}), passes
+SIGHUP on once its own reload succeeded, and drains them on SIGTERM.  What
+that means for an operator is in C{docs/deployment.md}, "Many cores".
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-from collections.abc import Mapping
 from typing import Any
 
 from twisted.application.service import Service
@@ -75,48 +29,16 @@ from echotw.sharedlisteners import SharedListeners
 from echotw.signals import STOP_NOW_SIGNAL
 from echotw.watchdog import DEFAULT_WORKER_TIMEOUT
 from echotw.workercommand import workerCommand
+from echotw.workercontract import HELD_SIGNALS, handover
 from echotw.workerlog import RELAY, LogOutput
 from echotw.workerprocess import WorkerProcess
 
-WORKER_FDS = "ECHOTW_WORKER_FDS"
-WORKER_INDEX = "ECHOTW_WORKER_INDEX"
-WORKER_COUNT = "ECHOTW_WORKER_COUNT"
-WORKER_COUNT_FD = "ECHOTW_WORKER_COUNT_FD"
-WORKER_REPORT_FD = "ECHOTW_WORKER_REPORT_FD"
-WORKER_LOG = "ECHOTW_WORKER_LOG"
-WORKER_REACTOR = "ECHOTW_WORKER_REACTOR"
-WORKER_SUPERVISOR = "ECHOTW_WORKER_SUPERVISOR"
-WORKER_RULES = "ECHOTW_WORKER_RULES"
 RESTART_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 """Seconds before restarting a worker that died, growing while it keeps dying."""
-HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-"""
-Signals a worker is started with blocked, so that they wait (pending) until
-its handlers are in place (L{echotw.workermain.main} unblocks them): the
-interpreter's start and the worker's imports take a while, and a signal's
-default action would kill it meanwhile, with the connections in its
-socket's backlog.  A blocked mask survives C{exec}.
-"""
 STOP_NOW_GRACE = 5.0
 """Seconds workers get to stop once told to stop at once, before they are killed."""
 HEALTHY_AFTER = 30.0
 """A worker that ran this many seconds before dying is restarted after the shortest delay."""
-
-_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
-_NAMES = {family: name for name, family in _FAMILIES.items()}
-_FIRST_FD = 3
-
-
-def inheritedSockets(environment: Mapping[str, str]) -> list[tuple[int, int]]:
-    """
-    The listening sockets a worker inherited, C{(fd, family)} in the order
-    of the listeners, as the supervisor described them in C{environment}.
-    """
-    inherited: list[tuple[int, int]] = []
-    for item in filter(None, environment.get(WORKER_FDS, "").split(",")):
-        fd, family = item.split(":")
-        inherited.append((int(fd), _FAMILIES[family]))
-    return inherited
 
 
 class Backoff:
@@ -279,38 +201,20 @@ class WorkerPool(Service):
 
         @raise OSError: if the process cannot be started.
         """
-        env = dict(os.environ)
-        childFDs: dict[int, Any] = {
-            0: "w",
-            1: "r" if self.logOutput.fd is None else self.logOutput.fd,
-            2: 2,
-        }
-        inherited: list[str] = []
-        for sock in self.shared.socketsFor(index):
-            fd = _FIRST_FD + len(inherited)
-            childFDs[fd] = sock.fileno()
-            inherited.append(f"{fd}:{_NAMES[sock.family]}")
-        nextFD = _FIRST_FD + len(inherited)
-        if self.countFD is not None:
-            childFDs[nextFD] = self.countFD
-            env[WORKER_COUNT_FD] = str(nextFD)
-            nextFD += 1
-        rules = self.rulesFD
-        if rules is not None:
-            childFDs[nextFD] = rules
-            env[WORKER_RULES] = str(nextFD)
-            nextFD += 1
-        childFDs[nextFD] = "r"
-        env[WORKER_REPORT_FD] = str(nextFD)
-        env[WORKER_FDS] = ",".join(inherited)
-        env[WORKER_INDEX] = str(index)
-        env[WORKER_COUNT] = str(self.count)
-        env[WORKER_LOG] = self.logOutput.describe()
-        env[WORKER_REACTOR] = type(self.reactor).__module__
-        env[WORKER_SUPERVISOR] = str(os.getpid())
+        handed = handover(
+            index,
+            self.count,
+            self.shared.socketsFor(index),
+            log=self.logOutput.describe(),
+            logFD=self.logOutput.fd,
+            countFD=self.countFD,
+            rulesFD=self.rulesFD,
+            reactor=type(self.reactor).__module__,
+            supervisor=os.getpid(),
+        )
         argv, extra = workerCommand(self.arguments)
-        env.update(extra)
-        worker = WorkerProcess(self, index, nextFD)
+        env = {**os.environ, **handed.environment, **extra}
+        worker = WorkerProcess(self, index, handed.reportFD)
         # The child inherits the mask; the supervisor's own signals wait a moment.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
@@ -319,7 +223,7 @@ class WorkerPool(Service):
                 argv[0],
                 argv,
                 env=env,
-                childFDs=childFDs,
+                childFDs=handed.childFDs,
             )
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)

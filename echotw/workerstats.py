@@ -1,27 +1,7 @@
 """
-The worker processes' own resource use, for C{--metrics} with C{--workers}.
-
-C{process_*} (from C{prometheus_client}) describes the process serving
-the scrape, the supervisor: by convention every C{process_*} series is one
-process's, and dashboards and alerts read it so (C{process_start_time_seconds}
-to see a restart, C{process_open_fds / process_max_fds} to see descriptors
-run out).  Summing the workers into it would break each of those: start
-times and descriptor limits do not add up, and a sum of CPU counters drops
-whenever a worker is replaced.  So the workers get series of their own,
-labelled by worker index (at most 64 values), which C{sum()} adds up for
-the whole server and which show the one worker that leaks:
-
-  - C{echotw_worker_process_cpu_seconds_total{worker}}: counter, user and
-    system CPU time of the process in that place; it starts again from 0
-    when the worker is replaced, as C{process_cpu_seconds_total} does when
-    a process restarts (C{rate()} allows for it);
-  - C{echotw_worker_process_resident_memory_bytes{worker}}: gauge;
-  - C{echotw_worker_process_open_fds{worker}}: gauge;
-  - C{echotw_worker_process_start_time_seconds{worker}}: gauge, since the
-    Unix epoch.
-
-They are read from C{/proc} when Prometheus scrapes, for the workers
-running then; where there is no C{/proc} (not Linux), there are no samples.
+The worker processes' own resource use, for C{--metrics} with C{--workers}:
+read from C{/proc} when Prometheus scrapes, for the workers running then;
+where there is no C{/proc} (not Linux), there are no samples.
 """
 
 from __future__ import annotations
@@ -82,6 +62,25 @@ class WorkerProcessCollector:
     """
     A C{prometheus_client} collector of the running workers' resource use;
     C{pids} gives each running worker's pid by index.
+
+    C{process_*} (from C{prometheus_client}) describes the process serving
+    the scrape, the supervisor: by convention every C{process_*} series is one
+    process's, and dashboards and alerts read it so (C{process_start_time_seconds}
+    to see a restart, C{process_open_fds / process_max_fds} to see descriptors
+    run out).  Summing the workers into it would break each of those: start
+    times and descriptor limits do not add up, and a sum of CPU counters drops
+    whenever a worker is replaced.  So the workers get series of their own,
+    labelled by worker index (at most 64 values), which C{sum()} adds up for
+    the whole server and which show the one worker that leaks:
+
+      - C{echotw_worker_process_cpu_seconds_total{worker}}: counter, user and
+        system CPU time of the process in that place; it starts again from 0
+        when the worker is replaced, as C{process_cpu_seconds_total} does when
+        a process restarts (C{rate()} allows for it);
+      - C{echotw_worker_process_resident_memory_bytes{worker}}: gauge;
+      - C{echotw_worker_process_open_fds{worker}}: gauge;
+      - C{echotw_worker_process_start_time_seconds{worker}}: gauge, since the
+        Unix epoch.
     """
 
     def __init__(self, pids: Callable[[], Mapping[int, int]], proc: str = PROC) -> None:

@@ -28,12 +28,12 @@ from echotw.health import addHealth
 from echotw.listening import AcceptErrors, watchAcceptErrors
 from echotw.policy import AccessRules
 from echotw.protocol import EchoProtocol
-from echotw.ratelimit import LogThrottle
 from echotw.rulefiles import RuleSource
 from echotw.service import EchoService
 from echotw.signals import STOP_NOW_SIGNAL, ProcessSignals, holdHangups, takeHeldHangup
 from echotw.systemd import UNNAMED, ListenFDs, parseListenFDs
 from echotw.tap import Options
+from echotw.throttlelog import LogThrottle
 
 
 class BufferedTransport(StringTransport):

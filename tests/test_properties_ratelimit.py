@@ -1,7 +1,8 @@
 """
-Property-based tests of L{echotw.ratelimit}: L{TokenBuckets} and
-L{LogThrottle} driven by a L{Clock} through generated sequences of steps,
-against small reference models and the guarantees they make.
+Property-based tests of L{echotw.ratelimit.TokenBuckets} and
+L{echotw.throttlelog.LogThrottle} driven by a L{Clock} through generated
+sequences of steps, against small reference models and the guarantees they
+make.
 
 Times are multiples of 1/8 s and rates powers of two, so the floating-point
 arithmetic of the code under test is exact and the models can use
@@ -20,7 +21,8 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.ratelimit import LogThrottle, TokenBuckets
+from echotw.ratelimit import TokenBuckets
+from echotw.throttlelog import LogThrottle
 from tests.properties import PROPERTIES
 
 EIGHTH = Fraction(1, 8)

@@ -1,11 +1,13 @@
 """
-Tests for L{echotw.ratelimit}: per-source token buckets and the log throttle.
+Tests for L{echotw.ratelimit}, per-source token buckets and the per-second
+budget, and for L{echotw.throttlelog.LogThrottle}, the log throttle.
 """
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.ratelimit import LogThrottle, PerSecondBudget, TokenBuckets
+from echotw.ratelimit import PerSecondBudget, TokenBuckets
+from echotw.throttlelog import LogThrottle
 
 
 class TokenBucketsTests(SynchronousTestCase):

@@ -35,8 +35,8 @@ from echotw.rulesnapshot import (
     SupervisorRuleSource,
     readSnapshot,
 )
+from echotw.workercontract import READY
 from echotw.workermain import WorkerOptions
-from echotw.workerprocess import READY
 from echotw.workers import WorkerPool
 from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
 

@@ -111,14 +111,16 @@ class LayeringTests(SynchronousTestCase):
             ("echotw.protocol", {"echotw.factory", "echotw.service"}),
             ("echotw.counters", {"echotw.metrics", "echotw.service", "echotw.workers"}),
             ("echotw.workerlog", {"echotw.workers", "echotw.factory", "echotw.build"}),
+            ("echotw.workermain", {"echotw.workers", "echotw.workerprocess"}),
             ("echotw.shaping", {"echotw.protocol", "echotw.impairment", "echotw.udp"}),
         ]:
             self.assertFalse(graph[low] & forbidden, f"{low} imports {graph[low] & forbidden}")
 
     def test_selfContainedHelpers(self) -> None:
-        """The socket, steering and shared-count helpers import no echotw module."""
+        """The socket, steering, shared-count and worker-contract helpers import no echotw module."""
         graph = importGraph()
-        for leaf in ("echotw.steering", "echotw.reuseport", "echotw.sharedcount", "echotw.tcpport"):
+        leaves = ("steering", "reuseport", "sharedcount", "tcpport", "workercontract")
+        for leaf in (f"echotw.{name}" for name in leaves):
             self.assertEqual(graph[leaf], set(), leaf)
 
     def test_modulesAreSmall(self) -> None:

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.options import EchoOptions
 from echotw.watchdog import STARTING_ALLOWANCE, Watchdog
-from echotw.workerprocess import READY
+from echotw.workercontract import READY
 from echotw.workers import RESTART_DELAYS, WorkerPool
 from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
 

@@ -29,8 +29,9 @@ from echotw import workermain
 from echotw.addresses import ipFromText
 from echotw.options import EchoOptions
 from echotw.steering import sourceIndex
+from echotw.workercontract import READY
 from echotw.workermain import Orphan
-from echotw.workerprocess import READY, WorkerProcess
+from echotw.workerprocess import WorkerProcess
 from echotw.workers import RESTART_DELAYS, STOP_NOW_GRACE, Backoff, WorkerPool
 from tests.process import (
     LOOPBACK,

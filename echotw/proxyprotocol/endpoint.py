@@ -20,7 +20,7 @@ from zope.interface import implementer
 from echotw.addresses import IPNetwork, NetworkSet
 from echotw.proxyprotocol.factory import ProxyProtocolFactory, trustedNetworks
 from echotw.proxyprotocol.wrapper import DEFAULT_HEADER_TIMEOUT
-from echotw.ratelimit import LogThrottle
+from echotw.throttlelog import LogThrottle
 
 
 @implementer(IStreamServerEndpoint)

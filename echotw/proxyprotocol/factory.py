@@ -16,8 +16,7 @@ from twisted.logger import Logger
 from echotw import loglevel
 from echotw.addresses import IPNetwork, NetworkSet, clientIP, describeAddress, formatAddress
 from echotw.proxyprotocol.wrapper import DEFAULT_HEADER_TIMEOUT, ProxyProtocolWrapper
-from echotw.ratelimit import LogThrottle, unloggedNote
-from echotw.throttlelog import RefusalLog
+from echotw.throttlelog import LogThrottle, RefusalLog, unloggedNote
 
 DEFAULT_TRUSTED_PROXIES: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),

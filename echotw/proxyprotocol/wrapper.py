@@ -27,7 +27,7 @@ from zope.interface import implementer
 from echotw import loglevel
 from echotw.addresses import describeAddress, formatAddress
 from echotw.proxyprotocol.parser import MalformedProxyHeader, ProxyHeader, ProxyHeaderParser
-from echotw.ratelimit import LogThrottle, unloggedNote
+from echotw.throttlelog import LogThrottle, unloggedNote
 
 DEFAULT_HEADER_TIMEOUT = 5.0
 """
