@@ -12,10 +12,18 @@
 ARG PYTHON_VERSION=3.12
 
 # Stage 1: build echotw's wheel and the wheels of everything it needs,
-# TLS included (ssl: listeners and echotw-probe --tls need the tls extra).
+# TLS included (ssl: listeners and echotw-probe --tls need the tls extra),
+# with a C compiler for the native echo lane (echotw/_lane.c); without one
+# the wheel would install and serve every connection on the Python path.
+# The compiler stays in this stage.  Debian's packages are not pinned: the
+# base image's release fixes their versions.
 FROM python:${PYTHON_VERSION}-slim AS build
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml setup.py README.md LICENSE ./
 COPY echotw/ echotw/
 COPY twisted/ twisted/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[tls]'
