@@ -15,7 +15,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from echotw.files import MAX_TLS_FILE_BYTES, TLS_EXTRA, checkSmallRegularFile
-from echotw.systemd import inheritedSockets
+from echotw.systemd import systemdSockets
 
 DEFAULT_BACKLOG = socket.SOMAXCONN
 """Twisted's own default (50) drops SYNs in a burst of connections."""
@@ -251,7 +251,7 @@ def systemdSocket(description: str) -> tuple[int, int]:
         raise ValueError(f"domain must be one of {', '.join(FAMILIES)}, not {domain!r}")
     if ("index" in options) == ("name" in options):
         raise ValueError("give exactly one of index= and name=")
-    inherited = inheritedSockets()
+    inherited = systemdSockets()
     if "name" in options:
         return inherited.byName(options["name"]), FAMILIES[domain]
     index = options["index"]

@@ -98,10 +98,12 @@ def _startingEnvironment() -> dict[str, str]:
 _inherited: ListenFDs | None = None
 
 
-def inheritedSockets() -> ListenFDs:
+def systemdSockets() -> ListenFDs:
     """
-    This process's inherited sockets, read once (before a daemonising fork
-    changes the pid the variables name).
+    The sockets systemd's socket activation passed this process
+    (C{LISTEN_FDS}), read once (before a daemonising fork changes the pid
+    the variables name).  Not a worker's sockets: see
+    L{echotw.workercontract.workerSockets}.
     """
     global _inherited
     if _inherited is None:

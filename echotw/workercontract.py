@@ -29,7 +29,7 @@ WORKER_PATH = "ECHOTW_WORKER_PATH"
 """The variable that carries the worker's C{sys.path}, as a JSON list."""
 
 WORKER_FDS = "ECHOTW_WORKER_FDS"
-"""The listening sockets, C{fd:family} comma-separated (L{inheritedSockets})."""
+"""The listening sockets, C{fd:family} comma-separated (L{workerSockets})."""
 WORKER_INDEX = "ECHOTW_WORKER_INDEX"
 """The worker's index, from 0: its socket of each group, its slot of the count."""
 WORKER_COUNT = "ECHOTW_WORKER_COUNT"
@@ -126,10 +126,12 @@ def handover(
     return Handover(childFDs, env, nextFD)
 
 
-def inheritedSockets(environment: Mapping[str, str]) -> list[tuple[int, int]]:
+def workerSockets(environment: Mapping[str, str]) -> list[tuple[int, int]]:
     """
-    The listening sockets a worker inherited, C{(fd, family)} in the order
-    of the listeners, as the supervisor described them in C{environment}.
+    The listening sockets a worker inherited from its supervisor,
+    C{(fd, family)} in the order of the listeners, as the supervisor
+    described them in C{environment} (systemd's are
+    L{echotw.systemd.systemdSockets}).
     """
     inherited: list[tuple[int, int]] = []
     for item in filter(None, environment.get(WORKER_FDS, "").split(",")):

@@ -42,7 +42,7 @@ from echotw.workercontract import (
     WORKER_REPORT_FD,
     WORKER_RULES,
     WORKER_SUPERVISOR,
-    inheritedSockets,
+    workerSockets,
 )
 from echotw.workerlog import LogOutput, workerObserver
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     service = makeService(
         config,
         reactor,
-        inherited=inheritedSockets(environment),
+        inherited=workerSockets(environment),
         serverCount=serverCount(environment, index),
         handleSignals=True,
         worker=True,

@@ -20,7 +20,7 @@ from echotw.workercontract import (
     WORKER_RULES,
     WORKER_SUPERVISOR,
     handover,
-    inheritedSockets,
+    workerSockets,
 )
 
 
@@ -41,7 +41,7 @@ class HandoverTests(SynchronousTestCase):
         )
         env = handed.environment
         self.assertEqual(
-            inheritedSockets(env),
+            workerSockets(env),
             [
                 (FIRST_FD, socket.AF_INET),
                 (FIRST_FD + 1, socket.AF_INET6),
@@ -72,5 +72,5 @@ class HandoverTests(SynchronousTestCase):
         self.assertNotIn(WORKER_COUNT_FD, handed.environment)
         self.assertNotIn(WORKER_RULES, handed.environment)
         self.assertEqual(handed.reportFD, FIRST_FD)
-        self.assertEqual(inheritedSockets(handed.environment), [])
+        self.assertEqual(workerSockets(handed.environment), [])
         self.assertEqual(handed.childFDs[1], "r")
