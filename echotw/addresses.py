@@ -12,6 +12,7 @@ import socket
 from bisect import bisect_right
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network, ip_network
+from typing import Any
 
 from twisted.internet.interfaces import IAddress
 
@@ -38,10 +39,37 @@ def formatAddress(address: IAddress | None) -> str:
     """
     C{host:port}, C{[v6host]:port}, or a Unix socket's path, for log lines.
     """
-    host, port = describeAddress(address)
+    return _joined(*describeAddress(address))
+
+
+def _joined(host: str, port: int | None) -> str:
     if port is None:
         return host
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def clientFields(address: IAddress | None, listener: str) -> dict[str, Any]:
+    """
+    The fields every log event about a client carries, named the same
+    everywhere so that one query finds a client in all of them:
+    C{client} (L{formatAddress}), C{client_host} and C{client_port}
+    (L{describeAddress}) and C{listener}.
+    """
+    host, port = describeAddress(address)
+    return hostFields(host, port, listener)
+
+
+def hostFields(host: str, port: int | None, listener: str) -> dict[str, Any]:
+    """
+    L{clientFields} for a client known by its host and port (a UDP
+    datagram's, which has no address object).
+    """
+    return {
+        "client": _joined(host, port),
+        "client_host": host,
+        "client_port": port,
+        "listener": listener,
+    }
 
 
 def parseNetwork(text: str) -> IPNetwork:

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from echotw.addresses import describeAddress, formatAddress
+from echotw.addresses import clientFields, describeAddress, hostFields
 from echotw.ratelimit import PerSecondBudget
 
 LINES_PER_SECOND = 20
@@ -162,6 +162,26 @@ def unloggedNote(held: int, whose: str = "from this source") -> str:
     return f" ({{unlogged}} more {whose} not logged)" if held else ""
 
 
+def logVerifierFailure(
+    log: Logger, held: int | None, verifier: object, address: IAddress, listener: str
+) -> None:
+    """
+    Log, with its traceback, the exception a verifier raised for a client
+    (call it in the C{except} block): TCP's and UDP's verifiers fail the
+    same way and are found with the same query.  C{held} is what the
+    caller's throttle's C{admit} returned: L{None} logs nothing.
+    """
+    if held is None:
+        return
+    log.failure(
+        "Verifier {verifier!r} failed for {client}"
+        + unloggedNote(held, "failures for this source"),
+        verifier=verifier,
+        **clientFields(address, listener),
+        unlogged=held,
+    )
+
+
 class _Held:
     __slots__ = ("at", "detail", "held")
 
@@ -189,17 +209,14 @@ class RefusalLog(LogThrottle):
         Log a refused connection, unless its source (C{source}, else its
         host) was logged less than a second ago or the cap is spent.
         """
-        host, port = describeAddress(addr)
+        host, _ = describeAddress(addr)
         held = self.admit(source or host, f"refused on {listener}: {reason}")
         if held is None:
             return
         self.log.info(
             "Refused connection from {client} on {listener}: {reason}" + unloggedNote(held),
             event="refused",
-            client=formatAddress(addr),
-            client_host=host,
-            client_port=port,
-            listener=listener,
+            **clientFields(addr, listener),
             reason=reason,
             unlogged=held,
         )
@@ -263,11 +280,8 @@ class DropLog(LogThrottle):
         self.log.info(
             "Dropped datagram from {client} on {listener}: {detail}" + unloggedNote(held),
             event="udp-dropped",
-            client=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
             unlogged=held,
-            client_host=host,
-            client_port=port,
-            listener=self.owner.listener,
+            **hostFields(host, port, self.owner.listener),
             reason=reason,
             detail=detail or reason,
             suppressed=held,

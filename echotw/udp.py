@@ -48,13 +48,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import formatAddress, ipFromText
+from echotw.addresses import ipFromText
 from echotw.endpoints import UDPListener
 from echotw.listening import ListenFailed, logListening, stopListening
 from echotw.policy import Verifier, refusalReason
 from echotw.ratelimit import TokenBuckets, defaultClock
 from echotw.shaping import DatagramImpairment
-from echotw.throttlelog import DropLog, unloggedNote
+from echotw.throttlelog import DropLog, logVerifierFailure
 
 MAX_DATAGRAM = 65535
 """
@@ -282,17 +282,7 @@ class UDPEchoProtocol(DatagramProtocol):
         except Exception:
             # One traceback per source per interval, not one per datagram.
             held = self.dropLog.admit(("verifier error", host), (host, port, "verifier error"))
-            if held is not None:
-                self._log.failure(
-                    "Verifier {verifier!r} failed for {client}"
-                    + unloggedNote(held, "failures for this source"),
-                    verifier=self.rules,
-                    client=formatAddress(address),
-                    client_host=host,
-                    client_port=port,
-                    listener=self.listener,
-                    unlogged=held,
-                )
+            logVerifierFailure(self._log, held, self.rules, address, self.listener)
             return "verifier error"
 
     def _drop(

@@ -1,7 +1,8 @@
 """
-Property-based tests of L{echotw.addresses.NetworkSet}: its bisection over
+Property-based tests of L{echotw.addresses}: L{NetworkSet}'s bisection over
 merged ranges answers exactly as a scan of the networks with L{ipaddress}
-does, for IPv4, IPv6 and IPv4-mapped clients.
+does, for IPv4, IPv6 and IPv4-mapped clients; and a client's log fields are
+the same whether it is known by its address (TCP) or its host and port (UDP).
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from hypothesis import strategies as st
 from twisted.internet import address
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.addresses import IPNetwork, NetworkSet, clientIP, ipFromText, parseNetwork
+from echotw.addresses import (
+    IPNetwork,
+    NetworkSet,
+    clientFields,
+    clientIP,
+    formatAddress,
+    hostFields,
+    ipFromText,
+    parseNetwork,
+)
 from tests.properties import PROPERTIES, ipv4Addresses, ipv4Networks, ipv6Addresses, networks
 
 
@@ -96,3 +106,43 @@ class MappedNetworkPropertyTests(SynchronousTestCase):
             client = ipFromText(host)
             assert client is not None
             self.assertEqual(client in found, ip in network, (network, host))
+
+
+class ClientFieldsPropertyTests(SynchronousTestCase):
+    """
+    The client log fields, from an address and from a host and port.
+    """
+
+    @PROPERTIES
+    @given(st.one_of(ipv4Addresses(), ipv6Addresses()), st.integers(0, 65535), st.text())
+    def test_sameFieldsEitherWay(
+        self, ip: IPv4Address | IPv6Address, port: int, listener: str
+    ) -> None:
+        """A TCP client (an address) and a UDP one (a host and a port) get
+        the same four fields, so one log query finds both."""
+        host = str(ip)
+        kind = address.IPv6Address if ":" in host else address.IPv4Address
+        fields = clientFields(kind("TCP", host, port), listener)
+        self.assertEqual(fields, hostFields(host, port, listener))
+        self.assertEqual(
+            fields,
+            {
+                "client": formatAddress(kind("TCP", host, port)),
+                "client_host": host,
+                "client_port": port,
+                "listener": listener,
+            },
+        )
+
+    def test_unixPeer(self) -> None:
+        """A Unix socket's client is its path, with no port."""
+        fields = clientFields(address.UNIXAddress(b"/run/echo.sock"), "unix:/run/echo.sock")
+        self.assertEqual(
+            fields,
+            {
+                "client": "/run/echo.sock",
+                "client_host": "/run/echo.sock",
+                "client_port": None,
+                "listener": "unix:/run/echo.sock",
+            },
+        )

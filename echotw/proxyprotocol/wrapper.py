@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotw import loglevel
-from echotw.addresses import describeAddress, formatAddress
+from echotw.addresses import clientFields, describeAddress, formatAddress
 from echotw.proxyprotocol.parser import MalformedProxyHeader, ProxyHeader, ProxyHeaderParser
 from echotw.throttlelog import LogThrottle, unloggedNote
 
@@ -152,18 +152,14 @@ class ProxyProtocolWrapper(Protocol):
         balancer = transport.getPeer()
         client: IAddress = header.source if header.source is not None else balancer
         proxyHost, proxyPort = describeAddress(balancer)
-        clientHost, clientPort = describeAddress(client)
         self._log.debug(
             "PROXY v{version} header from {proxy} on {listener}: client {client}",
             event="proxy-header",
             proxy=formatAddress(balancer),
-            client=formatAddress(client),
             version=header.version,
             proxy_host=proxyHost,
             proxy_port=proxyPort,
-            client_host=clientHost,
-            client_port=clientPort,
-            listener=self.proxyFactory.listener,
+            **clientFields(client, self.proxyFactory.listener),
             proxied=header.source is not None,
         )
         wrappedFactory = self.proxyFactory.wrappedFactory
