@@ -2,8 +2,9 @@
 The counters metrics report, as one value that can cross a process
 boundary, and their sum over the workers of C{--workers N}.
 
-A process's L{EchoFactory} keeps plain counters for its limits and logs;
-L{countersOf} reads them into a frozen L{Counters}.  A worker sends its
+A process's L{EchoFactory} keeps its live counts in one L{ConnectionStats}
+(its limits read them too); L{ConnectionStats.counters} reads them, as a
+whole, into a frozen L{Counters}.  A worker sends its
 L{Counters} to the supervisor as one line of JSON about once a second
 (L{Counters.toJSON}), and the supervisor's L{WorkerCounters} keeps the
 latest from each worker.  The sum it serves never goes backwards, which a
@@ -16,11 +17,14 @@ and before it died is lost: at most about a second of its counts.
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from time import monotonic
 from typing import Any, Protocol
 
-from echotw.factory import DURATION_BUCKETS, EchoFactory
+DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
+"""Upper bounds (seconds) of the connection duration histogram."""
 
 _BUCKETS = len(DURATION_BUCKETS) + 1
 
@@ -40,7 +44,7 @@ class Counters:
     @ivar openByListener: connections open now, per listener (a gauge).
     @ivar totalByListener: connections accepted, per listener.
     @ivar refusals: connections refused, per reason.
-    @ivar bytesEchoed: bytes echoed (handed to the kernel) by closed and
+    @ivar bytesSent: bytes echoed (handed to the kernel) by closed and
         open connections.
     @ivar bytesDiscarded: bytes received and not echoed because the server
         was closing their connection.
@@ -52,7 +56,7 @@ class Counters:
     openByListener: Mapping[str, int] = field(default_factory=dict)
     totalByListener: Mapping[str, int] = field(default_factory=dict)
     refusals: Mapping[str, int] = field(default_factory=dict)
-    bytesEchoed: int = 0
+    bytesSent: int = 0
     bytesDiscarded: int = 0
     durationCounts: tuple[int, ...] = (0,) * _BUCKETS
     durationSum: float = 0.0
@@ -70,7 +74,7 @@ class Counters:
             openByListener=_add(self.openByListener, other.openByListener),
             totalByListener=_add(self.totalByListener, other.totalByListener),
             refusals=_add(self.refusals, other.refusals),
-            bytesEchoed=self.bytesEchoed + other.bytesEchoed,
+            bytesSent=self.bytesSent + other.bytesSent,
             bytesDiscarded=self.bytesDiscarded + other.bytesDiscarded,
             durationCounts=tuple(
                 a + b for a, b in zip(self.durationCounts, other.durationCounts, strict=True)
@@ -92,7 +96,7 @@ class Counters:
             "open": self.openByListener,
             "total": self.totalByListener,
             "refused": self.refusals,
-            "bytes": self.bytesEchoed,
+            "bytes": self.bytesSent,
             "discarded": self.bytesDiscarded,
             "durations": self.durationCounts,
             "durationSum": self.durationSum,
@@ -112,7 +116,7 @@ class Counters:
                 openByListener=_counts(record["open"]),
                 totalByListener=_counts(record["total"]),
                 refusals=_counts(record["refused"]),
-                bytesEchoed=int(record["bytes"]),
+                bytesSent=int(record["bytes"]),
                 bytesDiscarded=int(record["discarded"]),
                 durationCounts=tuple(int(n) for n in record["durations"]),
                 durationSum=float(record["durationSum"]),
@@ -128,21 +132,161 @@ def _counts(value: Any) -> dict[str, int]:
     return {str(k): int(v) for k, v in value.items()}
 
 
-def countersOf(factory: EchoFactory) -> Counters:
+class OpenConnection(Protocol):
     """
-    A factory's counters now.  The open connections' bytes are read too, so
-    this costs a little per open connection: it is for scrapes and reports,
-    not for the echo path.
+    What L{ConnectionStats} reads of an open connection (an
+    L{echotw.protocol.EchoProtocol}).
     """
-    return Counters(
-        openByListener=dict(factory.openByListener),
-        totalByListener=dict(factory.totalByListener),
-        refusals=dict(factory.refusals),
-        bytesEchoed=factory.echoedBytes(),
-        bytesDiscarded=factory.discardedBytes(),
-        durationCounts=tuple(factory.durationCounts),
-        durationSum=factory.durationSum,
-    )
+
+    listener: str
+    source: str | None
+    startedAt: float
+    bytesReceived: int
+    bytesUnsent: int
+    bytesDiscarded: int
+
+    def pendingBytes(self) -> int: ...
+
+
+class ConnectionStats:
+    """
+    The live counts of one process's TCP connections: kept by its
+    L{EchoFactory} as connections open, close and are refused, read by its
+    limits (open, pending and per-source counts) and, as a whole, by metrics
+    and worker reports (L{counters}).
+
+    @ivar openConnections: connections currently open.
+    @ivar pendingConnections: connections accepted but not verified yet
+        (PROXY listeners waiting for the header), which count against
+        C{--max-connections} too.
+    @ivar perSource: open connections by source key
+        (L{echotw.addresses.sourceKey}).
+    @ivar connectionsTotal: connections accepted since start.
+    @ivar refusals: refused connections since start, by reason.
+    @ivar sentClosed: bytes echoed (handed to the kernel) by connections
+        that have closed.
+    @ivar discardedClosed: bytes received and not echoed by connections
+        that have closed, because the server was closing them.
+    @ivar protocols: the open connections.
+    @ivar openByListener: open connections per listener name.
+    @ivar totalByListener: accepted connections per listener name.
+    @ivar durationCounts: closed connections per L{DURATION_BUCKETS} bucket
+        (one more for longer ones); with C{durationSum}, a histogram that
+        metrics can read without costing anything per connection.
+    """
+
+    def __init__(self) -> None:
+        self.openConnections = 0
+        self.pendingConnections = 0
+        self.perSource: dict[str, int] = {}
+        self.connectionsTotal = 0
+        self.refusals: dict[str, int] = {}
+        self.sentClosed = 0
+        self.discardedClosed = 0
+        self.protocols: set[Any] = set()
+        self.openByListener: dict[str, int] = {}
+        self.totalByListener: dict[str, int] = {}
+        self.durationCounts = [0] * _BUCKETS
+        self.durationSum = 0.0
+
+    def opened(self, p: OpenConnection) -> None:
+        """
+        Count a connection that has just been connected.
+        """
+        self.openConnections += 1
+        self.connectionsTotal += 1
+        self.protocols.add(p)
+        listener = p.listener
+        self.openByListener[listener] = self.openByListener.get(listener, 0) + 1
+        self.totalByListener[listener] = self.totalByListener.get(listener, 0) + 1
+        source = p.source
+        if source is not None:
+            self.perSource[source] = self.perSource.get(source, 0) + 1
+
+    def closed(self, p: OpenConnection) -> tuple[int, float] | None:
+        """
+        Release a closed connection's counts; return the bytes it sent and
+        how long it lasted, or L{None} if it was not counted as open.
+        """
+        if p not in self.protocols:
+            return None
+        self.protocols.discard(p)
+        self.openConnections -= 1
+        self.openByListener[p.listener] -= 1
+        source = p.source
+        if source is not None:
+            left = self.perSource[source] - 1
+            if left:
+                self.perSource[source] = left
+            else:
+                del self.perSource[source]
+        sent = p.bytesReceived - p.bytesUnsent
+        self.sentClosed += sent
+        self.discardedClosed += p.bytesDiscarded
+        duration = monotonic() - p.startedAt
+        self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
+        self.durationSum += duration
+        return sent, duration
+
+    def refused(self, reason: str) -> None:
+        """
+        Count a connection refused for C{reason}.
+        """
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+
+    def inUse(self) -> int:
+        """
+        This process's connections that count against C{--max-connections}:
+        open and pending.
+        """
+        return self.openConnections + self.pendingConnections
+
+    def sentBytes(self) -> int:
+        """
+        Bytes echoed so far, closed and open connections together: handed to
+        the kernel, not merely received.
+        """
+        open_ = sum(p.bytesReceived - p.pendingBytes() for p in list(self.protocols))
+        return self.sentClosed + open_
+
+    def discardedBytes(self) -> int:
+        """
+        Bytes received and not echoed because the server was closing their
+        connection, closed and open connections together.
+        """
+        return self.discardedClosed + sum(p.bytesDiscarded for p in list(self.protocols))
+
+    def counters(self) -> Counters:
+        """
+        These counts now, as one frozen value.  The open connections' bytes
+        are read too, so this costs a little per open connection: it is for
+        scrapes and reports, not for the echo path.
+        """
+        return Counters(
+            openByListener=dict(self.openByListener),
+            totalByListener=dict(self.totalByListener),
+            refusals=dict(self.refusals),
+            bytesSent=self.sentBytes(),
+            bytesDiscarded=self.discardedBytes(),
+            durationCounts=tuple(self.durationCounts),
+            durationSum=self.durationSum,
+        )
+
+
+class HasStats(Protocol):
+    """
+    What keeps a L{ConnectionStats}: an L{echotw.factory.EchoFactory}.
+    """
+
+    @property
+    def stats(self) -> ConnectionStats: ...
+
+
+def countersOf(factory: HasStats) -> Counters:
+    """
+    A factory's counters now (see L{ConnectionStats.counters}).
+    """
+    return factory.stats.counters()
 
 
 class CounterSource(Protocol):
@@ -174,11 +318,11 @@ class FactoryCounters:
     The counters of a server running in one process.
     """
 
-    def __init__(self, factory: EchoFactory) -> None:
+    def __init__(self, factory: HasStats) -> None:
         self.factory = factory
 
     def counters(self) -> Counters:
-        return countersOf(self.factory)
+        return self.factory.stats.counters()
 
     def workers(self) -> None:
         return None

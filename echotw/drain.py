@@ -87,7 +87,7 @@ class QuietCloser:
             if connection.finishing or connection.closed:
                 del self._closing[connection]
                 continue
-            echoed = connection.bytesEchoed if connection.pendingBytes() == 0 else None
+            echoed = connection.bytesReceived if connection.pendingBytes() == 0 else None
             if now >= state.graceUntil or (echoed is not None and echoed == state.seen):
                 del self._closing[connection]
                 connection.finish(state.reason, state.lingerUntil)

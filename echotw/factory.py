@@ -5,9 +5,7 @@ accept each of them (the asyncore original's C{verify_request}).
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from time import monotonic
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -16,22 +14,21 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import describeAddress, formatAddress, sourceKey
+from echotw.addresses import clientFields, describeAddress, sourceKey
+from echotw.counters import ConnectionStats
 from echotw.nativelane import defaultProtocol
 from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
 from echotw.ratelimit import PerSecondBudget, TokenBuckets, defaultClock
 from echotw.sharedcount import ServerCount
-from echotw.throttlelog import LINES_PER_SECOND, RefusalLog, unloggedNote
-
-DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
-"""Upper bounds (seconds) of the connection duration histogram."""
+from echotw.throttlelog import LINES_PER_SECOND, RefusalLog, logVerifierFailure
 
 
 class EchoFactory(ServerFactory):
     """
-    Builds an L{EchoProtocol} for each accepted connection and keeps the
-    counts the limits need.
+    Builds an L{EchoProtocol} for each accepted connection, or refuses it,
+    and logs connections; what it counts is kept in one L{ConnectionStats}
+    (C{stats}), which its limits and metrics read.
 
     Verification happens in L{buildProtocol}, when the connection arrives: a
     refused connection gets no protocol, so Twisted closes it at once.  The
@@ -45,25 +42,11 @@ class EchoFactory(ServerFactory):
     own small factory that names the listener in logs and to verifiers, while
     the limits and counters stay shared.
 
-    @ivar openConnections: connections currently open.
-    @ivar pendingConnections: connections accepted but not verified yet
-        (PROXY listeners waiting for the header), which count against
-        C{maxConnections} too.
-    @ivar perSource: open connections by source key (see L{sourceKey}).
-    @ivar connectionsTotal: connections accepted since start.
-    @ivar refusals: refused connections since start, by reason.
-    @ivar bytesEchoedTotal: bytes echoed (handed to the kernel) by
-        connections that have closed.
-    @ivar bytesDiscardedTotal: bytes received and not echoed by connections
-        that have closed, because the server was closing them.
-    @ivar protocols: the open connections' protocols.
-    @ivar openByListener: open connections per listener name.
-    @ivar totalByListener: accepted connections per listener name.
+    @ivar stats: the counts of open, pending, accepted and refused
+        connections and of their bytes and durations, which the limits read
+        and metrics read as a whole (L{ConnectionStats}).
     @ivar protocol: builds each connection's protocol: L{EchoProtocol}, or
         an impaired one (L{echotw.impairment}).
-    @ivar durationCounts: closed connections per L{DURATION_BUCKETS} bucket
-        (one more for longer ones); with C{durationSum}, a histogram that
-        metrics can read without costing anything per connection.
     @ivar serverCount: where several processes serve one server, their
         shared count: told of each change to this process's open and
         pending connections, and what C{maxConnections} is checked against.
@@ -103,34 +86,36 @@ class EchoFactory(ServerFactory):
         self.clock = clock if clock is not None else defaultClock()
         self.refusalLog = RefusalLog(self.clock, self._log, refusalLines)
         self.connectionLog = PerSecondBudget(logConnections, self.clock)
-        self.openConnections = 0
-        self.pendingConnections = 0
-        self.perSource: dict[str, int] = {}
-        self.connectionsTotal = 0
-        self.refusals: dict[str, int] = {}
-        self.bytesEchoedTotal = 0
-        self.bytesDiscardedTotal = 0
-        self.protocols: set[EchoProtocol] = set()
-        self.openByListener: dict[str, int] = {}
-        self.totalByListener: dict[str, int] = {}
-        self.durationCounts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.durationSum = 0.0
+        self.stats = ConnectionStats()
         self.serverCount = serverCount
 
-    def echoedBytes(self) -> int:
-        """
-        Bytes echoed so far, closed and open connections together: handed to
-        the kernel, not merely received.
-        """
-        open_ = sum(p.bytesEchoed - p.pendingBytes() for p in list(self.protocols))
-        return self.bytesEchoedTotal + open_
+    # What the service's periodic summary and shutdown read; everything
+    # else reads self.stats.
 
-    def discardedBytes(self) -> int:
+    @property
+    def protocols(self) -> set[EchoProtocol]:
         """
-        Bytes received and not echoed because the server was closing their
-        connection, closed and open connections together.
+        The open connections (L{ConnectionStats.protocols}).
         """
-        return self.bytesDiscardedTotal + sum(p.bytesDiscarded for p in list(self.protocols))
+        return self.stats.protocols
+
+    @property
+    def openConnections(self) -> int:
+        return self.stats.openConnections
+
+    @property
+    def connectionsTotal(self) -> int:
+        return self.stats.connectionsTotal
+
+    @property
+    def refusals(self) -> dict[str, int]:
+        return self.stats.refusals
+
+    def sentBytes(self) -> int:
+        """
+        See L{ConnectionStats.sentBytes}.
+        """
+        return self.stats.sentBytes()
 
     def forListener(self, listener: str) -> ListenerFactory:
         """
@@ -170,7 +155,7 @@ class EchoFactory(ServerFactory):
             if self.inUse() >= self.maxConnections:
                 reason = "max-connections"
         if reason is None and self.maxPerSource and source is not None:
-            if self.perSource.get(source, 0) >= self.maxPerSource:
+            if self.stats.perSource.get(source, 0) >= self.maxPerSource:
                 reason = "max-per-ip"
         if reason is None and self.verifiers:
             reason = self._consultVerifiers(addr, listener)
@@ -211,21 +196,11 @@ class EchoFactory(ServerFactory):
             try:
                 reason = refusalReason(verifier(addr, listener), "verifier")
             except Exception:
-                host, port = describeAddress(addr)
                 # A verifier that fails for every connection must not write
                 # a traceback for each: one per source a second.
+                host, _ = describeAddress(addr)
                 held = self.refusalLog.admit(("verifier error", host), "verifier error")
-                if held is not None:
-                    self._log.failure(
-                        "Verifier {verifier!r} failed for {client}"
-                        + unloggedNote(held, "failures for this source"),
-                        verifier=verifier,
-                        client=formatAddress(addr),
-                        client_host=host,
-                        client_port=port,
-                        listener=listener,
-                        unlogged=held,
-                    )
+                logVerifierFailure(self._log, held, verifier, addr, listener)
                 return "verifier error"
             if reason is not None:
                 return reason
@@ -239,7 +214,7 @@ class EchoFactory(ServerFactory):
         if self.maxConnections and self.inUse() >= self.maxConnections:
             self.refuse(addr, listener, "max-connections")
             return False
-        self.pendingConnections += 1
+        self.stats.pendingConnections += 1
         self._publish()
         return True
 
@@ -247,7 +222,7 @@ class EchoFactory(ServerFactory):
         """
         A connection counted by L{holdPending} is verified now, or gone.
         """
-        self.pendingConnections -= 1
+        self.stats.pendingConnections -= 1
         self._publish()
 
     def inUse(self) -> int:
@@ -256,18 +231,18 @@ class EchoFactory(ServerFactory):
         over the whole server where a C{serverCount} is shared.
         """
         if self.serverCount is None:
-            return self.openConnections + self.pendingConnections
+            return self.stats.inUse()
         return self.serverCount.total()
 
     def _publish(self) -> None:
         if self.serverCount is not None:
-            self.serverCount.publish(self.openConnections + self.pendingConnections)
+            self.serverCount.publish(self.stats.inUse())
 
     def countRefusal(self, reason: str) -> None:
         """
         Count a connection refused for C{reason} (logged by the caller).
         """
-        self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        self.stats.refused(reason)
 
     def refuse(self, addr: IAddress, listener: str, reason: str, source: str | None = None) -> None:
         """
@@ -282,19 +257,11 @@ class EchoFactory(ServerFactory):
         """
         Count a connection whose protocol has just been connected.
         """
-        self.openConnections += 1
+        self.stats.opened(p)
         if self.serverCount is not None:
             self._publish()
-        self.connectionsTotal += 1
-        self.protocols.add(p)
-        listener = p.listener
-        self.openByListener[listener] = self.openByListener.get(listener, 0) + 1
-        self.totalByListener[listener] = self.totalByListener.get(listener, 0) + 1
         if self.maxSessionSeconds:
             p.limitDuration(self.clock, self.maxSessionSeconds)
-        source = p.source
-        if source is not None:
-            self.perSource[source] = self.perSource.get(source, 0) + 1
         level = "debug" if p.healthCheck else "info"
         if not loglevel.enabled[level]:
             return
@@ -304,15 +271,11 @@ class EchoFactory(ServerFactory):
         if not logged:
             return
         p.logEvents()
-        host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.levelWithName(level),
             "Connection from {client} on {listener}",
             event="connected",
-            client=formatAddress(p.peer),
-            client_host=host,
-            client_port=port,
-            listener=p.listener,
+            **clientFields(p.peer, p.listener),
         )
 
     def flushConnectionLog(self) -> None:
@@ -338,39 +301,21 @@ class EchoFactory(ServerFactory):
         """
         Release a closed connection's counts and log how it ended.
         """
-        if p not in self.protocols:
+        counted = self.stats.closed(p)
+        if counted is None:
             return
-        self.protocols.discard(p)
-        self.openConnections -= 1
         if self.serverCount is not None:
             self._publish()
-        self.openByListener[p.listener] -= 1
-        source = p.source
-        if source is not None:
-            left = self.perSource[source] - 1
-            if left:
-                self.perSource[source] = left
-            else:
-                del self.perSource[source]
-        sent = p.bytesEchoed - p.bytesUnsent
-        self.bytesEchoedTotal += sent
-        self.bytesDiscardedTotal += p.bytesDiscarded
-        duration = monotonic() - p.startedAt
-        self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
-        self.durationSum += duration
         if not p.logged:
             return
+        sent, duration = counted
         reason = p.closeReason or closeReason(why)
-        host, port = describeAddress(p.peer)
         self._log.emit(
             LogLevel.debug if p.healthCheck else LogLevel.info,
             "Connection from {client} on {listener} closed "
             "({reason}) after {bytes} bytes in {duration}s",
             event="closed",
-            client=formatAddress(p.peer),
-            client_host=host,
-            client_port=port,
-            listener=p.listener,
+            **clientFields(p.peer, p.listener),
             bytes=sent,
             unsent=p.bytesUnsent,
             discarded=p.bytesDiscarded,

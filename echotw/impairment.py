@@ -143,8 +143,8 @@ class ImpairedEchoProtocol(EchoProtocol):
             # The plain echo's close has begun: a read means what it says.
             super().dataReceived(data)
             return
-        self.bytesEchoed += len(data)
-        if self.byteLimit and self.bytesEchoed >= self.byteLimit:
+        self.bytesReceived += len(data)
+        if self.byteLimit and self.bytesReceived >= self.byteLimit:
             self._echoLast(data)
             return
         self._echo(data)

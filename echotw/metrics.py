@@ -28,7 +28,7 @@ Metrics (all prefixed C{echotw_}):
     echoed, because the server was closing the connection (a lingering
     close reads and discards until the client closes its side);
   - C{connection_duration_seconds}: histogram of closed TCP connections'
-    lifetimes, buckets L{echotw.factory.DURATION_BUCKETS};
+    lifetimes, buckets L{echotw.counters.DURATION_BUCKETS};
   - C{udp_datagrams_echoed_total{listener}},
     C{udp_bytes_echoed_total{listener}}: counters, UDP replies sent;
   - C{udp_dropped_total{listener, reason}}: counter, datagrams not answered
@@ -72,8 +72,14 @@ from twisted.internet.interfaces import IReactorCore
 from twisted.web.resource import EncodingResourceWrapper
 from twisted.web.server import GzipEncoderFactory, Request
 
-from echotw.counters import Counters, CounterSource, FactoryCounters, WorkerSummary
-from echotw.factory import DURATION_BUCKETS, EchoFactory
+from echotw.counters import (
+    DURATION_BUCKETS,
+    Counters,
+    CounterSource,
+    FactoryCounters,
+    WorkerSummary,
+)
+from echotw.factory import EchoFactory
 from echotw.health import Page, Root, WebService, addHealth, defaultReactor
 from echotw.udp import UDPEchoProtocol
 from echotw.webguard import GuardedSite
@@ -159,7 +165,7 @@ class EchoCollector:
         yield CounterMetricFamily(
             "echotw_bytes_echoed_total",
             "Bytes echoed over TCP (handed to the kernel), by closed and open connections.",
-            value=counters.bytesEchoed,
+            value=counters.bytesSent,
         )
         yield CounterMetricFamily(
             "echotw_bytes_discarded_total",

@@ -21,7 +21,7 @@ the drain, a reload's deny, the idle sweep, C{--max-session-seconds}).
 Leaving, whatever the lane had not sent yet goes to the transport's buffer,
 so the lingering close, the half-close and the counts of unsent bytes work
 exactly as on the Python path.  While in the lane, the counts the idle sweep,
-the drain and C{/metrics} read (L{LaneEchoProtocol.bytesEchoed},
+the drain and C{/metrics} read (L{LaneEchoProtocol.bytesReceived},
 L{LaneEchoProtocol.pendingBytes}) come from the lane.
 
 C{--native auto|on|off} (default: the C{ECHOTW_NATIVE} environment variable,
@@ -261,7 +261,7 @@ class LaneEchoProtocol(EchoProtocol):
         return self._reader is not None
 
     @property
-    def bytesEchoed(self) -> int:
+    def bytesReceived(self) -> int:
         """
         Bytes received and accepted for the echo (see L{EchoProtocol}).
         """
@@ -270,8 +270,8 @@ class LaneEchoProtocol(EchoProtocol):
             return self._counted
         return reader.lane.received(self._fd)
 
-    @bytesEchoed.setter
-    def bytesEchoed(self, value: int) -> None:
+    @bytesReceived.setter
+    def bytesReceived(self, value: int) -> None:
         self._counted = value
 
     def connectionMade(self) -> None:

@@ -54,7 +54,7 @@ class Connection(TypingProtocol):
 
     listener: str
     peer: IAddress | None
-    bytesEchoed: int
+    bytesReceived: int
     finishing: bool
     closed: bool
 
@@ -81,7 +81,9 @@ class EchoProtocol(Protocol):
     The factory sets a connection up with L{admit} before it is connected,
     and its own fields are changed only through its methods.
 
-    @ivar bytesEchoed: bytes received and queued to be sent back.
+    @ivar bytesReceived: bytes received and accepted for the echo: queued
+        to be sent back, not necessarily handed to the kernel yet (those
+        past C{byteLimit} count in C{bytesDiscarded} instead).
     @ivar bytesDiscarded: bytes received and not echoed, because the server
         was closing the connection (see L{finish}) or they came past
         C{byteLimit}.
@@ -115,7 +117,7 @@ class EchoProtocol(Protocol):
     listener = ""
     peer: IAddress | None = None
     source: str | None = None
-    bytesEchoed = 0
+    bytesReceived = 0
     closeReason: str | None = None
     finishing = False
     closed = False
@@ -187,9 +189,9 @@ class EchoProtocol(Protocol):
         """
         if self._linger is not None:
             return False
-        echoed = self.bytesEchoed
+        received = self.bytesReceived
         buffered = self.pendingBytes()
-        if echoed == self._idleMark and buffered == self._idleBuffered:
+        if received == self._idleMark and buffered == self._idleBuffered:
             # Nothing was read, nor handed to the kernel: only the kernel's
             # queue may have moved, and an empty one cannot have.
             inKernel = self._idleInKernel and kernelPendingBytes(self.transport)
@@ -197,7 +199,7 @@ class EchoProtocol(Protocol):
                 return now - self._idleSince >= timeout
         else:
             inKernel = kernelPendingBytes(self.transport)
-        self._idleMark = echoed
+        self._idleMark = received
         self._idleBuffered = buffered
         self._idleInKernel = inKernel
         self._idleSince = now
@@ -222,8 +224,8 @@ class EchoProtocol(Protocol):
         self.factory.connectionOpened(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.bytesEchoed += len(data)
-        if self.byteLimit and self.bytesEchoed >= self.byteLimit:
+        self.bytesReceived += len(data)
+        if self.byteLimit and self.bytesReceived >= self.byteLimit:
             self._echoLast(data)
             return
         if self.direct:
@@ -236,9 +238,9 @@ class EchoProtocol(Protocol):
         C{data} reached C{byteLimit}: echo the part of it within the limit,
         count the rest as discarded, and close (L{finish}).
         """
-        over = self.bytesEchoed - self.byteLimit
+        over = self.bytesReceived - self.byteLimit
         if over:
-            self.bytesEchoed = self.byteLimit
+            self.bytesReceived = self.byteLimit
             self.bytesDiscarded += over
             data = data[: len(data) - over]
         if data:

@@ -301,7 +301,7 @@ class EchoService(MultiService):
             open=factory.openConnections,
             total=factory.connectionsTotal,
             refused=sum(factory.refusals.values()),
-            bytes=factory.echoedBytes(),
+            bytes=factory.sentBytes(),
             refusals=dict(factory.refusals),
         )
 

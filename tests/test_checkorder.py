@@ -82,7 +82,7 @@ class Scenario:
         self.verifierCalls.clear()
         self.rate.answers.clear()
         if "max-connections" in refusing:
-            self.factory.maxConnections = self.factory.openConnections
+            self.factory.maxConnections = self.factory.stats.openConnections
         if "max-per-ip" in refusing:
             self.factory.maxPerSource = 1
         self.refuseInVerifier = "verifier" in refusing
@@ -98,11 +98,11 @@ class Scenario:
         Offer a connection from L{CLIENT}; the reason it was refused, or
         L{None} if it was accepted.
         """
-        before = dict(self.factory.refusals)
+        before = dict(self.factory.stats.refusals)
         p = self.factory.buildProtocolFor(CLIENT, "tcp:7")
         if p is not None:
             return None
-        [reason] = [r for r, n in self.factory.refusals.items() if n != before.get(r, 0)]
+        [reason] = [r for r, n in self.factory.stats.refusals.items() if n != before.get(r, 0)]
         return reason
 
 

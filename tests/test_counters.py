@@ -12,8 +12,15 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.counters import Counters, WorkerCounters, WorkerSummary, countersOf
-from echotw.factory import DURATION_BUCKETS, EchoFactory
+from echotw.counters import (
+    DURATION_BUCKETS,
+    ConnectionStats,
+    Counters,
+    WorkerCounters,
+    WorkerSummary,
+    countersOf,
+)
+from echotw.factory import EchoFactory
 
 
 def counters(open: int = 0, total: int = 0, refused: int = 0, echoed: int = 0) -> Counters:
@@ -23,7 +30,7 @@ def counters(open: int = 0, total: int = 0, refused: int = 0, echoed: int = 0) -
         openByListener={"tcp:7": open},
         totalByListener={"tcp:7": total},
         refusals={"rate": refused} if refused else {},
-        bytesEchoed=echoed,
+        bytesSent=echoed,
         durationCounts=tuple(durations),
         durationSum=0.5 * (total - open),
     )
@@ -34,7 +41,7 @@ def monotonic(before: Counters, after: Counters) -> bool:
     return (
         all(after.totalByListener.get(k, 0) >= v for k, v in before.totalByListener.items())
         and all(after.refusals.get(k, 0) >= v for k, v in before.refusals.items())
-        and after.bytesEchoed >= before.bytesEchoed
+        and after.bytesSent >= before.bytesSent
         and all(a >= b for a, b in zip(after.durationCounts, before.durationCounts, strict=True))
         and after.durationSum >= before.durationSum
     )
@@ -69,12 +76,47 @@ class CountersTests(SynchronousTestCase):
         self.assertIsNone(factory.buildProtocolFor(address, "tcp:7"))
         now = countersOf(factory)
         self.assertEqual(
-            (now.openByListener, now.totalByListener, now.refusals, now.bytesEchoed),
+            (now.openByListener, now.totalByListener, now.refusals, now.bytesSent),
             ({"tcp:7": 1}, {"tcp:7": 1}, {"max-per-ip": 1}, 3),
         )
         first.connectionLost(Failure(ConnectionDone()))
         closed = countersOf(factory)
-        self.assertEqual((closed.open, closed.bytesEchoed, sum(closed.durationCounts)), (0, 3, 1))
+        self.assertEqual((closed.open, closed.bytesSent, sum(closed.durationCounts)), (0, 3, 1))
+
+
+class ConnectionStatsTests(SynchronousTestCase):
+    def test_openedAndClosed(self) -> None:
+        """The live counts follow connections open and closed, a closed
+        connection is released once, and their value for metrics is read
+        from them as a whole."""
+        stats = ConnectionStats()
+        a, b = EchoFactory().protocol(), EchoFactory().protocol()
+        for p, listener, source in ((a, "tcp:7", "10.0.0.1"), (b, "tls:7", None)):
+            p.listener, p.source = listener, source
+            stats.opened(p)
+        a.bytesReceived, a.bytesUnsent, a.bytesDiscarded = 10, 4, 2
+        stats.refused("rate")
+        self.assertEqual((stats.openConnections, stats.connectionsTotal), (2, 2))
+        self.assertEqual(stats.perSource, {"10.0.0.1": 1})
+        closed = stats.closed(a)
+        assert closed is not None
+        self.assertEqual(closed[0], 6)
+        self.assertIsNone(stats.closed(a))
+        self.assertEqual(
+            stats.counters(),
+            Counters(
+                openByListener={"tcp:7": 0, "tls:7": 1},
+                totalByListener={"tcp:7": 1, "tls:7": 1},
+                refusals={"rate": 1},
+                bytesSent=6,
+                bytesDiscarded=2,
+                durationCounts=tuple(stats.durationCounts),
+                durationSum=stats.durationSum,
+            ),
+        )
+        self.assertEqual(
+            (stats.openConnections, stats.perSource, sum(stats.durationCounts)), (1, {}, 1)
+        )
 
 
 class WorkerCountersTests(SynchronousTestCase):
@@ -85,7 +127,7 @@ class WorkerCountersTests(SynchronousTestCase):
         workers.report(1, counters(open=2, total=3, refused=1, echoed=7).toJSON())
         workers.report(0, counters(open=2, total=6, echoed=12).toJSON())
         total = workers.counters()
-        self.assertEqual((total.open, total.total, total.bytesEchoed), (4, 9, 19))
+        self.assertEqual((total.open, total.total, total.bytesSent), (4, 9, 19))
         self.assertEqual(total.refusals, {"rate": 1})
         self.assertEqual(workers.workers(), {0: WorkerSummary(2, 6, 0), 1: WorkerSummary(2, 3, 0)})
 
@@ -105,7 +147,7 @@ class WorkerCountersTests(SynchronousTestCase):
         afterRestart = workers.counters()
         self.assertTrue(monotonic(afterDeath, afterRestart))
         self.assertEqual(
-            (afterRestart.open, afterRestart.total, afterRestart.bytesEchoed), (2, 15, 145)
+            (afterRestart.open, afterRestart.total, afterRestart.bytesSent), (2, 15, 145)
         )
         self.assertEqual(afterRestart.refusals, {"rate": 2})
         self.assertEqual(workers.workers()[0], WorkerSummary(open=1, total=11, restarts=1))

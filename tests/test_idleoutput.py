@@ -78,7 +78,7 @@ class Server:
 
     @property
     def open(self) -> bool:
-        return self.factory.openConnections == 1
+        return self.factory.stats.openConnections == 1
 
 
 class IdleOutputTests(SynchronousTestCase):

@@ -88,7 +88,7 @@ class ImpairedEchoTests(SynchronousTestCase):
             p.dataReceived(payload[i : i + 100])
             self.clock.advance(0.001)
         self.assertEqual(t.value(), b"")
-        self.assertEqual(p.bytesEchoed, len(payload))
+        self.assertEqual(p.bytesReceived, len(payload))
         steps(self.clock, 0.5, 0.001)
         self.assertEqual(t.value(), payload)
 
@@ -262,7 +262,7 @@ class ImpairedEchoTests(SynchronousTestCase):
         p.dataReceived(b"0123")
         p.dataReceived(b"456789ab")
         p.dataReceived(b"cdef")
-        self.assertEqual((p.bytesEchoed, p.bytesDiscarded, p.pendingBytes()), (10, 6, 10))
+        self.assertEqual((p.bytesReceived, p.bytesDiscarded, p.pendingBytes()), (10, 6, 10))
         self.clock.advance(0.2)
         self.assertEqual((t.value(), t.disconnecting), (b"0123456789", True))
 

@@ -63,7 +63,7 @@ class FakeConnection:
     """
 
     def __init__(self) -> None:
-        self.bytesEchoed = 0
+        self.bytesReceived = 0
         self.queued = 0
         self.finishing = False
         self.closed = False
@@ -106,7 +106,7 @@ class QuietCloserTests(SynchronousTestCase):
         c.queued = 0
         self.clock.advance(0.1)
         self.assertIsNone(c.finished)
-        c.bytesEchoed += 5000  # the resumed socket is read
+        c.bytesReceived += 5000  # the resumed socket is read
         self.clock.advance(0.1)
         self.assertIsNone(c.finished)
         self.clock.advance(0.1)
@@ -117,10 +117,10 @@ class QuietCloserTests(SynchronousTestCase):
         c = FakeConnection()
         self.closer.close([c], "denied by reload", 1.0)  # type: ignore[list-item]
         for _ in range(9):
-            c.bytesEchoed += 10
+            c.bytesReceived += 10
             self.clock.advance(0.1)
             self.assertIsNone(c.finished)
-        c.bytesEchoed += 10
+        c.bytesReceived += 10
         self.clock.advance(0.15)
         self.assertEqual(c.finished, ("denied by reload", None))
 
@@ -605,8 +605,8 @@ class LingeringCloseTests(TestCase):
         self.assertTrue(bytes(received) == payload[: len(received)])
         while factory.protocols:
             await deferLater(reactor, 0.01)
-        self.assertEqual(factory.bytesEchoedTotal, len(received))
-        self.assertEqual(factory.bytesDiscardedTotal + len(received), len(payload))
+        self.assertEqual(factory.stats.sentClosed, len(received))
+        self.assertEqual(factory.stats.discardedClosed + len(received), len(payload))
 
 
 class BacklogTests(TestCase):
@@ -628,7 +628,7 @@ class BacklogTests(TestCase):
         self.addCleanup(client.close)
         client.sendall(b"in the backlog")
         await service.stopService()
-        self.assertEqual(factory.connectionsTotal, 1)
+        self.assertEqual(factory.stats.connectionsTotal, 1)
         client.setblocking(False)
         received = b""
         for _ in range(200):

@@ -103,7 +103,7 @@ class LoopbackTests(TestCase):
         port = await self.listen(factory)
         got = await self.roundTrip(f"tcp:127.0.0.1:{port.getHost().port}", b"hello")  # type: ignore[attr-defined]
         self.assertEqual(got, b"")
-        self.assertEqual(factory.refusals, {"denied": 1})
+        self.assertEqual(factory.stats.refusals, {"denied": 1})
 
     async def test_dualStackMappedClientDenied(self) -> None:
         """On a dual-stack tcp6 listener an IPv4 client (seen as
@@ -115,7 +115,7 @@ class LoopbackTests(TestCase):
             raise SkipTest(f"no dual-stack IPv6 here: {e}") from None
         got = await self.roundTrip(f"tcp:127.0.0.1:{port.getHost().port}", b"hello")  # type: ignore[attr-defined]
         self.assertEqual(got, b"")
-        self.assertEqual(factory.refusals, {"denied": 1})
+        self.assertEqual(factory.stats.refusals, {"denied": 1})
 
     async def test_ipv6Loopback(self) -> None:
         """IPv6 clients are echoed and matched by IPv6 rules."""
@@ -139,12 +139,12 @@ class LoopbackTests(TestCase):
         held = [Protocol(), Protocol()]
         for proto in held:
             await connectProtocol(clientFromString(reactor, where), proto)
-        while factory.openConnections < 2:
+        while factory.stats.openConnections < 2:
             await deferLater(0.01)
         self.assertEqual(await self.roundTrip(where, b"third"), b"")
-        self.assertEqual(factory.refusals, {"max-per-ip": 1})
+        self.assertEqual(factory.stats.refusals, {"max-per-ip": 1})
         held[0].transport.loseConnection()  # type: ignore[union-attr]
-        while factory.openConnections > 1:
+        while factory.stats.openConnections > 1:
             await deferLater(0.01)
         self.assertEqual(await self.roundTrip(where, b"again"), b"again")
         held[1].transport.loseConnection()  # type: ignore[union-attr]

@@ -29,7 +29,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
 from echotw.addresses import parseNetwork
-from echotw.factory import DURATION_BUCKETS, EchoFactory
+from echotw.counters import DURATION_BUCKETS
+from echotw.factory import EchoFactory
 from echotw.listening import ListenFailed
 from echotw.metrics import EchoCollector, MetricsResource, MetricsService, metricsRegistry
 from echotw.policy import AccessRules

@@ -202,20 +202,20 @@ class LaneProtocolTests(TestCase):
         self.assertIn(reader, reactor.getReaders())
         self.assertNotIn(protocol.transport, reactor.getReaders())
         sock.sendall(b"x" * 1000)
-        await self.until(lambda: protocol.bytesEchoed == 1000)
+        await self.until(lambda: protocol.bytesReceived == 1000)
         self.assertEqual(protocol.pendingBytes(), 0)
-        self.assertEqual(factory.echoedBytes(), 1000)
+        self.assertEqual(factory.stats.sentBytes(), 1000)
         sock.close()
         await self.until(lambda: protocol.closed)
         self.assertNotIn(reader, reactor.getReaders())
-        self.assertEqual(factory.bytesEchoedTotal, 1000)
+        self.assertEqual(factory.stats.sentClosed, 1000)
 
     async def test_finishLeavesLane(self) -> None:
         """Python's graceful close (the drain, a reload's deny) takes the
         connection out of the lane first: the echo comes back, then EOF."""
         _, protocol, sock = await self.connected()
         sock.sendall(b"abc")
-        await self.until(lambda: protocol.bytesEchoed == 3)
+        await self.until(lambda: protocol.bytesReceived == 3)
         protocol.finish("shutdown")
         self.assertFalse(protocol.inLane)
         self.assertIn(protocol.transport, reactor.getReaders())
@@ -246,7 +246,7 @@ class LaneProtocolTests(TestCase):
         _, protocol, sock = await self.connected(maxSessionBytes=10)
         sock.sendall(b"0123456789abc")
         await self.until(lambda: not protocol.inLane)
-        self.assertEqual(protocol.bytesEchoed, 10)
+        self.assertEqual(protocol.bytesReceived, 10)
         sock.shutdown(socket.SHUT_WR)
         await self.until(lambda: protocol.closed)
         self.assertEqual(protocol.closeReason, "max-session-bytes")
@@ -279,7 +279,7 @@ class JoiningTests(SynchronousTestCase):
         protocol.makeConnection(StringTransport())
         self.assertFalse(protocol.inLane)
         protocol.dataReceived(b"abc")
-        self.assertEqual(protocol.bytesEchoed, 3)
+        self.assertEqual(protocol.bytesReceived, 3)
         self.assertEqual(protocol.transport.value(), b"abc")  # type: ignore[attr-defined]
 
 

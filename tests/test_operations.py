@@ -116,7 +116,7 @@ class IdleTimeoutTests(SynchronousTestCase):
         with capturedLogs() as events:
             for _ in range(6):
                 reactor.advance(2.5)
-        self.assertEqual(factory.openConnections, 0)
+        self.assertEqual(factory.stats.openConnections, 0)
         [closed] = [e for e in events if e.get("event") == "closed"]
         self.assertEqual(closed["reason"], "timeout")
 
@@ -141,7 +141,7 @@ class SessionLimitTests(SynchronousTestCase):
         self.assertTrue(t.disconnecting)
         self.assertFalse(t.aborted)
         self.assertEqual(p.closeReason, "max-session-bytes")
-        self.assertEqual((p.bytesEchoed, p.bytesDiscarded), (10, 2))
+        self.assertEqual((p.bytesReceived, p.bytesDiscarded), (10, 2))
 
     def test_maxSecondsClosesAndTimerCancelled(self) -> None:
         """After the session time the connection closes gracefully; a
@@ -170,7 +170,7 @@ class ConnectionRateTests(SynchronousTestCase):
         factory = EchoFactory(connectionRate=TokenBuckets(2, 3, clock), clock=clock)
         built = [factory.buildProtocolFor(client(), "l") for _ in range(5)]
         self.assertEqual([p is not None for p in built], [True] * 3 + [False] * 2)
-        self.assertEqual(factory.refusals, {"rate": 2})
+        self.assertEqual(factory.stats.refusals, {"rate": 2})
         self.assertIsNotNone(factory.buildProtocolFor(client("10.0.0.2"), "l"))
         clock.advance(0.5)
         self.assertIsNotNone(factory.buildProtocolFor(client(), "l"))
@@ -204,7 +204,7 @@ class ConnectionRateTests(SynchronousTestCase):
             [(e["client_host"], e["unlogged"]) for e in refused],
             [("10.0.0.1", 0), ("10.0.0.9", 0), ("10.0.0.1", 98)],
         )
-        self.assertEqual(factory.refusals, {"rate": 101})
+        self.assertEqual(factory.stats.refusals, {"rate": 101})
 
     def test_quietFloodStillReported(self) -> None:
         """When a flood of refusals stops, the running server logs how many
@@ -397,7 +397,7 @@ class VerifierTests(SynchronousTestCase):
         factory = EchoFactory(verifiers=[verifier], clock=Clock())
         self.assertIsNotNone(factory.buildProtocolFor(client(port=2), "l"))
         self.assertIsNone(factory.buildProtocolFor(client(port=3), "l"))
-        self.assertEqual(factory.refusals, {"odd port": 1})
+        self.assertEqual(factory.stats.refusals, {"odd port": 1})
 
     def test_classInstantiated(self) -> None:
         """A class is instantiated and its instance called."""
@@ -427,7 +427,7 @@ class StatsTests(SynchronousTestCase):
         """Every --stats-interval seconds one line sums up the server."""
         clock = Clock()
         factory = EchoFactory(rules=None, clock=clock)
-        factory.refusals["denied"] = 2
+        factory.stats.refusals["denied"] = 2
         p, _ = connect(factory)
         p.dataReceived(b"abc")
         service = EchoService(factory, clock, 1.0, statsInterval=60)

@@ -61,7 +61,7 @@ class EchoProtocolTests(SynchronousTestCase):
             p.dataReceived(payload[i : i + size])
             i += size
         self.assertEqual(t.value(), payload)
-        self.assertEqual(p.bytesEchoed, len(payload))
+        self.assertEqual(p.bytesReceived, len(payload))
 
     def test_registersTransportAsStreamingProducer(self) -> None:
         """The transport is its own streaming producer, for backpressure."""
@@ -135,7 +135,7 @@ class EchoFactoryTests(SynchronousTestCase):
         self.assertEqual(event["client_port"], 5555)
         self.assertEqual(event["listener"], "tcp:7")
         self.assertEqual(event["reason"], "denied")
-        self.assertEqual(factory.refusals, {"denied": 1})
+        self.assertEqual(factory.stats.refusals, {"denied": 1})
 
     def test_maxConnections(self) -> None:
         """The total limit refuses the next connection and frees a slot when
@@ -144,9 +144,9 @@ class EchoFactoryTests(SynchronousTestCase):
         p1, _ = connect(factory, client("10.0.0.1"))
         connect(factory, client("10.0.0.2"))
         self.assertIsNone(factory.buildProtocolFor(client("10.0.0.3"), "l"))
-        self.assertEqual(factory.refusals, {"max-connections": 1})
+        self.assertEqual(factory.stats.refusals, {"max-connections": 1})
         p1.connectionLost(Failure(ConnectionLost()))
-        self.assertEqual(factory.openConnections, 1)
+        self.assertEqual(factory.stats.openConnections, 1)
         self.assertIsNotNone(factory.buildProtocolFor(client("10.0.0.3"), "l"))
 
     def test_maxPerSource(self) -> None:
@@ -156,10 +156,10 @@ class EchoFactoryTests(SynchronousTestCase):
         a1, _ = connect(factory, client("10.0.0.1"))
         connect(factory, IPv6Address("TCP", "::ffff:10.0.0.1", 1))  # type: ignore[arg-type]
         self.assertIsNone(factory.buildProtocolFor(client("10.0.0.1"), "l"))
-        self.assertEqual(factory.refusals, {"max-per-ip": 1})
+        self.assertEqual(factory.stats.refusals, {"max-per-ip": 1})
         self.assertIsNotNone(factory.buildProtocolFor(client("10.0.0.2"), "l"))
         a1.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(factory.perSource, {"10.0.0.1": 1})
+        self.assertEqual(factory.stats.perSource, {"10.0.0.1": 1})
         self.assertIsNotNone(factory.buildProtocolFor(client("10.0.0.1"), "l"))
 
     def test_unixClientsCountOnlyInTotal(self) -> None:
@@ -173,9 +173,9 @@ class EchoFactoryTests(SynchronousTestCase):
         unix = UNIXAddress(b"/tmp/echo.sock")
         connect(factory, unix)  # type: ignore[arg-type]
         connect(factory, unix)  # type: ignore[arg-type]
-        self.assertEqual(factory.perSource, {})
+        self.assertEqual(factory.stats.perSource, {})
         self.assertIsNone(factory.buildProtocolFor(unix, "unix:/tmp/echo.sock"))
-        self.assertEqual(factory.refusals, {"max-connections": 1})
+        self.assertEqual(factory.stats.refusals, {"max-connections": 1})
 
     def test_verifierHook(self) -> None:
         """Verifiers see the address and listener after the built-in checks;
@@ -190,7 +190,7 @@ class EchoFactoryTests(SynchronousTestCase):
         self.assertIsNotNone(factory.buildProtocolFor(client(port=2), "tcp:7"))
         self.assertIsNone(factory.buildProtocolFor(client(port=3), "tcp:7"))
         self.assertIsNone(factory.buildProtocolFor(client(port=4), "tcp:7"))
-        self.assertEqual(factory.refusals, {"odd port": 1, "verifier": 1})
+        self.assertEqual(factory.stats.refusals, {"odd port": 1, "verifier": 1})
         self.assertEqual(seen, [(2, "tcp:7"), (3, "tcp:7"), (4, "tcp:7")])
 
     def test_raisingVerifierRefuses(self) -> None:
@@ -202,7 +202,7 @@ class EchoFactoryTests(SynchronousTestCase):
         factory = EchoFactory(verifiers=[broken])
         with capturedLogs() as events:
             self.assertIsNone(factory.buildProtocolFor(client(), "l"))
-        self.assertEqual(factory.refusals, {"verifier error": 1})
+        self.assertEqual(factory.stats.refusals, {"verifier error": 1})
         failures = [e for e in events if "log_failure" in e]
         self.assertEqual(len(failures), 1)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -224,9 +224,9 @@ class EchoFactoryTests(SynchronousTestCase):
         self.assertEqual(closed["bytes"], 5)
         self.assertEqual(closed["reason"], "client closed")
         self.assertGreaterEqual(closed["duration"], 0)
-        self.assertEqual(factory.bytesEchoedTotal, 5)
-        self.assertEqual(factory.connectionsTotal, 1)
-        self.assertEqual(factory.openConnections, 0)
+        self.assertEqual(factory.stats.sentClosed, 5)
+        self.assertEqual(factory.stats.connectionsTotal, 1)
+        self.assertEqual(factory.stats.openConnections, 0)
 
     def test_connectionLogBudget(self) -> None:
         """Past --log-connections a second, connections are not logged one by
@@ -244,7 +244,7 @@ class EchoFactoryTests(SynchronousTestCase):
             ["connected", "closed", "connected", "closed", "connections-unlogged", "connected"],
         )
         self.assertEqual(events[4]["unlogged"], 3)
-        self.assertEqual(factory.connectionsTotal, 6)
+        self.assertEqual(factory.stats.connectionsTotal, 6)
 
     def test_connectionLogBudgetFlushed(self) -> None:
         """The count of connections not logged in a second is logged by the
@@ -287,7 +287,7 @@ class EchoFactoryTests(SynchronousTestCase):
         p, _ = connect(factory)
         p.connectionLost(Failure(ConnectionDone()))
         p.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual((factory.openConnections, factory.perSource), (0, {}))
+        self.assertEqual((factory.stats.openConnections, factory.stats.perSource), (0, {}))
 
     def test_formatAddress(self) -> None:
         """Log addresses read naturally for each family."""

@@ -345,7 +345,7 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         wrapper.dataReceived(V2_IPV4 + b"first ")
         wrapper.dataReceived(b"second")
         self.assertEqual(transport.value(), b"first second")
-        self.assertEqual(self.echo.protocols.pop().bytesEchoed, 12)
+        self.assertEqual(self.echo.protocols.pop().bytesReceived, 12)
 
     def test_localFallsBackToRealPeer(self) -> None:
         """A v2 LOCAL header gets the connection's real peer as client."""
@@ -380,11 +380,11 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         with capturedLogs() as events:
             wrapper.dataReceived(V2_LOCAL + b"ok?")
         self.assertEqual(transport.value(), b"ok?")
-        self.assertEqual(echo.refusals, {})
+        self.assertEqual(echo.stats.refusals, {})
         self.assertEqual([e for e in events if e["log_level"] != LogLevel.debug], [])
         wrapper2, _ = connect(factory)
         wrapper2.dataReceived(V1_IPV4.replace(b"10.1.2.3", b"192.0.2.1"))
-        self.assertEqual(echo.refusals, {"not allowed": 1})
+        self.assertEqual(echo.stats.refusals, {"not allowed": 1})
 
     def test_unknownFallsBackToRealPeer(self) -> None:
         """A v1 UNKNOWN header gets the connection's real peer as client."""
@@ -504,7 +504,7 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         self.assertEqual(refused.value(), b"")
         [event] = eventsNamed(events, "refused")
         self.assertEqual(event["client_host"], "192.0.2.1")
-        self.assertEqual(echo.refusals, {"not allowed": 1})
+        self.assertEqual(echo.stats.refusals, {"not allowed": 1})
 
         acceptedWrapper, accepted = connect(factory)
         acceptedWrapper.dataReceived(V2_IPV4 + b"data")
@@ -523,7 +523,7 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         self.assertIsNone(transport.producer)
         self.assertFalse(transport.connected)
         self.assertEqual(echoProtocol.closeReason, None)
-        self.assertEqual(self.echo.openConnections, 0)
+        self.assertEqual(self.echo.stats.openConnections, 0)
         [closed] = eventsNamed(events, "closed")
         self.assertEqual((closed["client_host"], closed["bytes"]), ("10.1.2.3", 10))
 
@@ -557,9 +557,9 @@ class ProxyProtocolFactoryTests(SynchronousTestCase):
         """The echo protocol learns the connection is gone and releases its counts."""
         wrapper, _ = connect(self.factory)
         wrapper.dataReceived(V2_IPV4)
-        self.assertEqual(self.echo.openConnections, 1)
+        self.assertEqual(self.echo.stats.openConnections, 1)
         wrapper.connectionLost(Failure(Exception("reset")))
-        self.assertEqual(self.echo.openConnections, 0)
+        self.assertEqual(self.echo.stats.openConnections, 0)
 
     def test_silentCloseLoggedAtDebug(self) -> None:
         """A connection closed with nothing sent (a health check) is logged
@@ -682,7 +682,7 @@ class ProxyProtocolLoopbackTests(TestCase):
         self.assertTrue(client.gotEOF)
         [connected] = eventsNamed(events, "connected")
         self.assertEqual(connected["client_host"], "10.1.2.3")
-        self.assertEqual(echo.bytesEchoedTotal, len(payload))
+        self.assertEqual(echo.stats.sentClosed, len(payload))
 
     async def test_untrustedPeerRefused(self) -> None:
         """A loopback client not among the trusted networks is closed without an echo."""
@@ -706,4 +706,4 @@ class ProxyProtocolLoopbackTests(TestCase):
         self.assertEqual(echoed, b"")
         [event] = eventsNamed(events, "proxy-untrusted")
         self.assertEqual(event["proxy_host"], "127.0.0.1")
-        self.assertEqual(echo.connectionsTotal, 0)
+        self.assertEqual(echo.stats.connectionsTotal, 0)

@@ -58,7 +58,7 @@ class SharedCountTests(SynchronousTestCase):
         p.makeConnection(StringTransport())
         self.assertEqual(here.counts()[:2], [1, 2])
         self.assertIsNone(factory.buildProtocolFor(address, "tcp:7"))
-        self.assertEqual(factory.refusals, {"max-connections": 1})
+        self.assertEqual(factory.stats.refusals, {"max-connections": 1})
         elsewhere.publish(1)
         self.assertIsNotNone(factory.buildProtocolFor(address, "tcp:7"))
         p.connectionLost(Failure(ConnectionDone()))

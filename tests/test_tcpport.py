@@ -387,11 +387,11 @@ class EchoServerEndingTests(SynchronousTestCase):
         client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
         self.addCleanup(client.close)
         client.sendall(b"hello")
-        self.spinUntil(lambda: factory.openConnections and factory.echoedBytes() == 5)
+        self.spinUntil(lambda: factory.stats.openConnections and factory.stats.sentBytes() == 5)
         [protocol] = factory.protocols
         fd = protocol.transport.fileno()  # type: ignore[union-attr]
         client.shutdown(socket.SHUT_WR)
-        self.spinUntil(lambda: not factory.openConnections)
+        self.spinUntil(lambda: not factory.stats.openConnections)
         self.assertEqual(writers, [])
         self.assertForgotten(fd)
         self.assertEqual(client.recv(10), b"hello")
@@ -419,7 +419,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         for _ in range(200):
             client.sendall(b"e" * 500)
             sent += 500
-            self.spinUntil(lambda target=sent: protocol.bytesEchoed == target)
+            self.spinUntil(lambda target=sent: protocol.bytesReceived == target)
             writable = select.select([], [server], [], 0)[1]
             if not protocol.pendingBytes() and kernelPendingBytes(protocol.transport):
                 if not writable:
@@ -431,7 +431,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         self.spinUntil(lambda: protocol.finishing)
         for _ in range(5):
             self.reactor.iterate(0.01)
-        self.assertEqual(factory.openConnections, 1)
+        self.assertEqual(factory.stats.openConnections, 1)
         client.setblocking(False)
         got = b""
         for _ in range(2000):
@@ -444,4 +444,4 @@ class EchoServerEndingTests(SynchronousTestCase):
                 break
             got += chunk
         self.assertEqual(got, b"e" * sent)
-        self.assertEqual(factory.openConnections, 0)
+        self.assertEqual(factory.stats.openConnections, 0)

@@ -62,7 +62,7 @@ class RefusalLogCapTests(SynchronousTestCase):
             (SOURCES - LINES_PER_SECOND, LINES_PER_SECOND),
         )
         self.assertEqual(len(events), LINES_PER_SECOND + 1)
-        self.assertEqual(self.factory.refusals, {"denied": SOURCES})
+        self.assertEqual(self.factory.stats.refusals, {"denied": SOURCES})
 
     def test_proxyProblemsShareTheCap(self) -> None:
         """An untrusted proxy's refusals go through the same throttle as
