@@ -11,7 +11,6 @@ limits stay in one place, L{echotw.webguard.GuardedSite}.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from twisted.internet import abstract
@@ -23,47 +22,9 @@ from twisted.internet.interfaces import (
     ISSLTransport,
 )
 from twisted.web import http
-from twisted.web.server import Request
 from zope.interface import implementer
 
-HEAD_END = re.compile(rb"\r?\n\r?\n")
-"""The blank line that ends a request head, its lines ended by CRLF or by
-a bare LF, which RFC 9112 (section 2.2) lets a server accept and which
-C{printf 'GET / HTTP/1.0\\n\\n' | nc} sends."""
-
-LINE_END = re.compile(rb"\r?\n")
-
-RESPONSES = {
-    "request body": b"413 Content Too Large",
-    "headers too large": b"431 Request Header Fields Too Large",
-}
-
-
-def closingResponse(status: bytes, text: bytes) -> bytes:
-    """
-    A complete response that ends its connection, for a request refused
-    before twisted.web sees it.
-    """
-    body = text + b"\n"
-    return (
-        b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
-    )
-
-
-class GuardedRequest(Request):
-    """
-    A request whose path C{*} names no resource of ours: twisted.web alone
-    answers C{OPTIONS *} with 200 and anything else for C{*} with 405 and
-    C{Allow: OPTIONS}, where these listeners answer GET and HEAD only.
-    Looked up as C{/*}, it gets what any unknown path gets: 404 for GET and
-    HEAD, 405 for POST, 501 for methods not implemented at all.
-    """
-
-    def process(self) -> None:
-        if self.path == b"*":
-            self.path = b"/*"
-        super().process()
+from echotw.webrequest import RESPONSES, closingResponse, hasHead, takeHead
 
 
 @implementer(IHalfCloseableProtocol)
@@ -166,15 +127,11 @@ class GuardedChannel(http.HTTPChannel):
         self._feeding = True
         try:
             while not (self._busy or self._full or self._closing or self._disconnecting()):
-                found = HEAD_END.search(self._pending, 0, self.site.maxHead)
-                if found is None:
+                head = takeHead(self._pending, self.site.maxHead)
+                if head is None:
                     if len(self._pending) >= self.site.maxHead:
                         self._refuse("headers too large")
                     break
-                end = found.end()
-                # twisted.web splits lines on CRLF alone.
-                head = LINE_END.sub(b"\r\n", self._pending[:end])
-                del self._pending[:end]
                 self._busy = True
                 self._bodyAnnounced = False
                 super().dataReceived(head)
@@ -218,7 +175,7 @@ class GuardedChannel(http.HTTPChannel):
         """
         Whether C{_pending} holds a complete request head not yet handed on.
         """
-        return HEAD_END.search(self._pending, 0, self.site.maxHead) is not None
+        return hasHead(self._pending, self.site.maxHead)
 
     def _steerReading(self) -> None:
         if self._reading is None or self._closing or self._disconnecting():
