@@ -299,7 +299,6 @@ class GuardedSite(Site):
 
     def served(self, channel: GuardedChannel) -> None:
         # Served last, evicted last among the served.
-        channel.hasBeenServed = True
         if self._channels.pop(channel, False) is None:
             self._channels[channel] = None
 
