@@ -267,6 +267,16 @@ class GuardedChannel(http.HTTPChannel):
     def _disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))
 
+    def lineReceived(self, line: bytes) -> None:
+        """
+        As twisted.web, but nothing more once the connection closes: after
+        its 400 for a malformed request line, twisted.web would read the
+        rest of the head as a request's, since over a socket the lingering
+        close does not stop it (and raise, having no request line).
+        """
+        if self.state is not ChannelState.CLOSING:
+            super().lineReceived(line)
+
     def headerReceived(self, line: bytes) -> bool:
         """
         Note a C{Transfer-Encoding} header, whatever its value, rather than

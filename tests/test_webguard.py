@@ -233,6 +233,22 @@ class AnswerLeavesTests(SynchronousTestCase):
         self.assertEqual(answers.count(b"Connection: close"), 1)
         self.assertTrue(transport._writeDisconnected or transport.disconnected)
 
+    def test_badRequestLineClosesQuietly(self) -> None:
+        """A malformed request line gets twisted.web's 400, and the rest of
+        its head is not read as a request (it raised AttributeError, a
+        traceback in the log for each such request, or, after a first
+        request, answered it after the 400)."""
+        for before in [b"", GET]:
+            channel, transport = self.connect()
+            channel.dataReceived(before)
+            transport.flush()
+            self.assertEqual(transport.read().count(OK), 1 if before else 0)
+            channel.dataReceived(b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n")
+            transport.flush()
+            self.assertEqual(transport.read(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            self.assertTrue(transport._writeDisconnected)
+            self.assertTrue(channel.closing)
+
     def test_screenAtTheCap(self) -> None:
         """While every place is taken, a socket just accepted is kept only
         if a complete request waits on it; the others are closed before
