@@ -11,7 +11,6 @@ limits stay in one place, L{echotw.webguard.GuardedSite}.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from twisted.internet import abstract
@@ -23,47 +22,10 @@ from twisted.internet.interfaces import (
     ISSLTransport,
 )
 from twisted.web import http
-from twisted.web.server import Request
 from zope.interface import implementer
 
-HEAD_END = re.compile(rb"\r?\n\r?\n")
-"""The blank line that ends a request head, its lines ended by CRLF or by
-a bare LF, which RFC 9112 (section 2.2) lets a server accept and which
-C{printf 'GET / HTTP/1.0\\n\\n' | nc} sends."""
-
-LINE_END = re.compile(rb"\r?\n")
-
-RESPONSES = {
-    "request body": b"413 Content Too Large",
-    "headers too large": b"431 Request Header Fields Too Large",
-}
-
-
-def closingResponse(status: bytes, text: bytes) -> bytes:
-    """
-    A complete response that ends its connection, for a request refused
-    before twisted.web sees it.
-    """
-    body = text + b"\n"
-    return (
-        b"HTTP/1.1 %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body)
-    )
-
-
-class GuardedRequest(Request):
-    """
-    A request whose path C{*} names no resource of ours: twisted.web alone
-    answers C{OPTIONS *} with 200 and anything else for C{*} with 405 and
-    C{Allow: OPTIONS}, where these listeners answer GET and HEAD only.
-    Looked up as C{/*}, it gets what any unknown path gets: 404 for GET and
-    HEAD, 405 for POST, 501 for methods not implemented at all.
-    """
-
-    def process(self) -> None:
-        if self.path == b"*":
-            self.path = b"/*"
-        super().process()
+from echotw.webrequest import RESPONSES, closingResponse, hasHead, takeHead
+from echotw.webstate import ChannelState, Event, after
 
 
 @implementer(IHalfCloseableProtocol)
@@ -85,6 +47,18 @@ class GuardedChannel(http.HTTPChannel):
     (whose transport turns a pull producer into a loop) the channel stays a
     push producer, and its cost is bounded by the requests a connection may
     make.
+
+    Where it is in its cycle is one L{ChannelState} (L{state}), moved only
+    by L{_move}: C{READING}, C{ANSWERING} once a head is handed on, then
+    C{SENDING} until the answer has left (C{ANSWERING_HELD} while the
+    transport is full before the answer is finished), C{READING} again; or
+    C{CLOSING}, from any state and for good.  The client's half-close
+    (C{_clientDone}) is a fact about the other direction, possible in every
+    state, and kept beside it.
+
+    @ivar state: the current L{ChannelState}.
+    @ivar answered: answers finished on this connection.
+    @ivar pipelined: requests already waiting when the answer before left.
     """
 
     site: Any  # echotw.webguard.GuardedSite, which imports this module
@@ -93,20 +67,17 @@ class GuardedChannel(http.HTTPChannel):
     def __init__(self) -> None:
         super().__init__()
         self._pending = bytearray()
-        self._busy = False  # a request handed on, its response not finished
-        self._full = False  # an answer has not left (or the transport is full)
-        self._fullSince = 0  # the site's turn when it was written
-        self._fullAt = 0.0  # and the time
-        self._pull = False  # the transport tells us when its buffer empties
+        self.state = ChannelState.READING
+        self._heldSince = 0  # the site's turn when the state last became held
+        self._heldAt = 0.0  # and the time
+        self._pull = False  # fixed at connectionMade: the transport's pull producer
         self.answered = 0
         self.source = ""  # the client's address without its port
-        self.pipelined = 0  # requests already waiting when the answer before left
+        self.pipelined = 0
         self._discarded = 0
-        self._feeding = False
-        self._closing = False
+        self._feeding = False  # within _feed: a reentrant call returns at once
         self._clientDone = False  # the client closed its sending side
         self._bodyAnnounced = False  # a Transfer-Encoding header in this request
-        self.hasBeenServed = False
         self._deadline: IDelayedCall | None = None
         self._reading: IPushProducer | None = None
 
@@ -143,8 +114,23 @@ class GuardedChannel(http.HTTPChannel):
         if data:
             self.dataReceived(data)
 
+    def _move(self, event: Event) -> None:
+        """
+        The one place L{state} changes (see L{echotw.webstate.TRANSITIONS}).
+        """
+        self.state = after(self.state, event)
+
+    def _hold(self) -> None:
+        """
+        An answer has not left, or the transport is full: note when, so
+        that a client that does not read can be told from a slow one.
+        """
+        self._move(Event.HELD)
+        self._heldSince = self.site.turn()
+        self._heldAt = self.site.reactor.seconds()
+
     def dataReceived(self, data: bytes) -> None:
-        if self._closing:
+        if self.state is ChannelState.CLOSING:
             # Read and discarded while closing, up to a bound: a client
             # that keeps sending is not waiting for its answer, and is
             # left to the linger deadline, unread and costing nothing.
@@ -165,17 +151,13 @@ class GuardedChannel(http.HTTPChannel):
             return
         self._feeding = True
         try:
-            while not (self._busy or self._full or self._closing or self._disconnecting()):
-                found = HEAD_END.search(self._pending, 0, self.site.maxHead)
-                if found is None:
+            while self.state is ChannelState.READING and not self._disconnecting():
+                head = takeHead(self._pending, self.site.maxHead)
+                if head is None:
                     if len(self._pending) >= self.site.maxHead:
                         self._refuse("headers too large")
                     break
-                end = found.end()
-                # twisted.web splits lines on CRLF alone.
-                head = LINE_END.sub(b"\r\n", self._pending[:end])
-                del self._pending[:end]
-                self._busy = True
+                self._move(Event.HANDED_ON)
                 self._bodyAnnounced = False
                 super().dataReceived(head)
         finally:
@@ -191,7 +173,7 @@ class GuardedChannel(http.HTTPChannel):
         completed, one at a time as ever, then close.
         """
         self._clientDone = True
-        if self._closing:
+        if self.state is ChannelState.CLOSING:
             # A lingering close (see _close) was waiting for this.
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
@@ -208,7 +190,7 @@ class GuardedChannel(http.HTTPChannel):
         After the client's half-close: close once no request remains to
         answer (a partial head never will be) and the answers are flushed.
         """
-        if self._busy or self._full or self._closing or self._disconnecting():
+        if self.state is not ChannelState.READING or self._disconnecting():
             return
         if self._requestWaiting():
             return
@@ -218,12 +200,12 @@ class GuardedChannel(http.HTTPChannel):
         """
         Whether C{_pending} holds a complete request head not yet handed on.
         """
-        return HEAD_END.search(self._pending, 0, self.site.maxHead) is not None
+        return hasHead(self._pending, self.site.maxHead)
 
     def _steerReading(self) -> None:
-        if self._reading is None or self._closing or self._disconnecting():
+        if self._reading is None or self.state is ChannelState.CLOSING or self._disconnecting():
             return
-        if self._busy or self._full or self._requestWaiting():
+        if self.state is not ChannelState.READING or self._requestWaiting():
             self._reading.pauseProducing()
         else:
             self._reading.resumeProducing()
@@ -233,12 +215,7 @@ class GuardedChannel(http.HTTPChannel):
         Whether this connection waits for a request (idle, or receiving one)
         rather than being answered or closed.
         """
-        return not (self._busy or self._full or self._closing)
-
-    def _markFull(self) -> None:
-        self._full = True
-        self._fullSince = self.site.turn()
-        self._fullAt = self.site.reactor.seconds()
+        return self.state is ChannelState.READING
 
     def tier(self, turn: int, now: float) -> int | None:
         """
@@ -249,25 +226,24 @@ class GuardedChannel(http.HTTPChannel):
         never been served, 2 if it waits for one after being served,
         L{None} while an answer is being made or sent.
         """
-        if self._closing:
+        if self.state is ChannelState.SENDING:
+            stalled = turn > self._heldSince + 1 or now - self._heldAt >= 1.0
+            return 0 if stalled else None
+        if self.state is not ChannelState.READING:
             return None
-        if self._full:
-            stalled = turn > self._fullSince + 1 or now - self._fullAt >= 1.0
-            return 0 if stalled and not self._busy else None
-        if self._busy:
-            return None
-        return 2 if self.hasBeenServed else 1
+        # An answer finished on a connection still open: it has been served.
+        return 2 if self.answered else 1
 
     @property
     def closing(self) -> bool:
-        return self._closing
+        return self.state is ChannelState.CLOSING
 
     def turnAway(self) -> None:
         """
         No place for this new connection: close it at once, or, if it has
         an answer to send, once that has left.
         """
-        if self._full:
+        if self.state.held:
             self._close()
         else:
             self.evict()
@@ -279,7 +255,7 @@ class GuardedChannel(http.HTTPChannel):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
-        self._closing = True
+        self._move(Event.CLOSED)
         self._pending = bytearray()
         transport: Any = self.transport
         getattr(transport, "abortConnection", transport.loseConnection)()
@@ -290,6 +266,16 @@ class GuardedChannel(http.HTTPChannel):
 
     def _disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        As twisted.web, but nothing more once the connection closes: after
+        its 400 for a malformed request line, twisted.web would read the
+        rest of the head as a request's, since over a socket the lingering
+        close does not stop it (and raise, having no request line).
+        """
+        if self.state is not ChannelState.CLOSING:
+            super().lineReceived(line)
 
     def headerReceived(self, line: bytes) -> bool:
         """
@@ -334,32 +320,32 @@ class GuardedChannel(http.HTTPChannel):
     def requestDone(self, request: http.Request) -> None:
         self.answered += 1
         super().requestDone(request)
-        self._busy = False
-        if self._closing:
+        if self.state is ChannelState.CLOSING:
             return
+        self._move(Event.ANSWERED)
         self.site.served(self)
         if self._pull:
             # Read on once the answer has left (resumeProducing).
-            self._markFull()
+            self._hold()
         else:
             self._arm(self.site.requestTimeout)
         self._feed()
 
     def pauseProducing(self) -> None:
-        if not self._full:
-            self._markFull()
+        if self.state in (ChannelState.READING, ChannelState.ANSWERING):  # not held yet
+            self._hold()
         super().pauseProducing()
         if not self._feeding:
             self._steerReading()
 
     def resumeProducing(self) -> None:
-        if self._pull and self._full:
+        if self._pull and self.state.held:
             # The answer has left: the next request has the whole timeout.
             self._arm(self.site.requestTimeout)
             if self._requestWaiting():
                 # Sent before the client could have read that answer.
                 self.pipelined += 1
-        self._full = False
+        self._move(Event.LEFT)
         super().resumeProducing()
         self._feed()
 
@@ -386,9 +372,9 @@ class GuardedChannel(http.HTTPChannel):
         client closes or L{LINGER} seconds pass: closing with unread input
         would reset the connection, and the client would lose the response.
         """
-        if self._closing:
+        if self.state is ChannelState.CLOSING:
             return
-        self._closing = True
+        self._move(Event.CLOSED)
         self._pending = bytearray()
         self.site.closing(self)
         transport: Any = self.transport
@@ -411,16 +397,16 @@ class GuardedChannel(http.HTTPChannel):
     def _expired(self) -> None:
         self._deadline = None
         transport: Any = self.transport
-        if self._closing or self._disconnecting():
+        if self.state is ChannelState.CLOSING or self._disconnecting():
             getattr(transport, "abortConnection", transport.loseConnection)()
             return
-        if self._full and self._pull:
+        if self.state.held and self._pull:
             # An answer that has not left in all this time: its client
             # does not read, and will not read a last one either.
             self.site.reject("request timeout", transport.getPeer())
             self.evict()
             return
-        if self._pending or self._busy or self._full:
+        if self._pending or self.state is not ChannelState.READING:
             # A request not finished in time, or a response not read.
             self.site.reject("request timeout", transport.getPeer())
         # else an idle keep-alive connection: closed without a word.

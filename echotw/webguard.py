@@ -79,7 +79,8 @@ from twisted.web.server import Site
 from echotw import loglevel
 from echotw.addresses import formatAddress
 from echotw.throttlelog import LogThrottle, unloggedNote
-from echotw.webchannel import HEAD_END, GuardedChannel, GuardedRequest
+from echotw.webchannel import GuardedChannel
+from echotw.webrequest import HEAD_END, GuardedRequest
 
 MAX_CONNECTIONS = 64
 """Connections one listener serves at once; scrapers and probes need a few."""
@@ -298,7 +299,6 @@ class GuardedSite(Site):
 
     def served(self, channel: GuardedChannel) -> None:
         # Served last, evicted last among the served.
-        channel.hasBeenServed = True
         if self._channels.pop(channel, False) is None:
             self._channels[channel] = None
 

@@ -233,6 +233,22 @@ class AnswerLeavesTests(SynchronousTestCase):
         self.assertEqual(answers.count(b"Connection: close"), 1)
         self.assertTrue(transport._writeDisconnected or transport.disconnected)
 
+    def test_badRequestLineClosesQuietly(self) -> None:
+        """A malformed request line gets twisted.web's 400, and the rest of
+        its head is not read as a request (it raised AttributeError, a
+        traceback in the log for each such request, or, after a first
+        request, answered it after the 400)."""
+        for before in [b"", GET]:
+            channel, transport = self.connect()
+            channel.dataReceived(before)
+            transport.flush()
+            self.assertEqual(transport.read().count(OK), 1 if before else 0)
+            channel.dataReceived(b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n")
+            transport.flush()
+            self.assertEqual(transport.read(), b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            self.assertTrue(transport._writeDisconnected)
+            self.assertTrue(channel.closing)
+
     def test_screenAtTheCap(self) -> None:
         """While every place is taken, a socket just accepted is kept only
         if a complete request waits on it; the others are closed before
@@ -248,6 +264,69 @@ class AnswerLeavesTests(SynchronousTestCase):
             client.sendall(sent)
             self.assertEqual(self.site.screenAccepted(server), kept, sent)
         self.assertEqual(self.site.rejected, {"too many connections": 2})
+
+
+class ChannelCycleTests(SynchronousTestCase):
+    """
+    Whatever a client sends, reads and waits, over a socket: a connection
+    reads only while it waits for a request and has no complete one
+    waiting, answers each request at most once, and once closing stays so.
+    """
+
+    @PROPERTIES
+    @given(
+        st.lists(
+            st.one_of(
+                st.tuples(st.just("send"), st.integers(1, 6)),
+                st.tuples(st.just("part"), st.integers(1, len(GET) - 1)),
+                st.tuples(st.just("read"), st.just(0)),
+                st.tuples(st.just("flush"), st.just(0)),
+                st.tuples(st.just("wait"), st.sampled_from([0, 0.5, 1, 3])),
+            ),
+            max_size=25,
+        ),
+        st.sampled_from([60, 300, 10**6]),
+    )
+    def test_readsOnlyWhenWaiting(self, steps: list[tuple[str, Any]], room: int) -> None:
+        """Reading is on exactly while waiting for a request with none
+        complete in hand; every answer read was made once."""
+        clock = MemoryReactorClock()
+        root = Root()
+        addHealth(root, lambda: True)
+        site = GuardedSite(root, "health", "tcp:9999", clock, maxConnections=3)
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = KernelBuffer(clock, room)
+        channel.makeConnection(transport)
+        read = b""
+        sent = 0
+        closing = False
+        for op, arg in steps:
+            if op == "send":
+                channel.dataReceived(GET * arg)
+                sent += arg
+            elif op == "part":
+                channel.dataReceived(GET[:arg])
+            elif op == "read":
+                read += transport.read()
+            elif op == "flush":
+                transport.flush()
+            else:
+                clock.advance(arg)
+            self.assertFalse(closing and not channel.closing)
+            closing = channel.closing
+            if not closing and not transport.disconnecting:
+                reading = transport in clock.getReaders()
+                self.assertEqual(reading, channel.waiting() and not channel._requestWaiting())
+            self.assertLessEqual(channel.pipelined, MAX_PIPELINED)
+        for _ in range(sent + 10):  # each read may let the next answer out
+            read += transport.read()
+        # A partial head and the next request make one malformed request:
+        # 400 from twisted.web, or 501 for a method such as "GGET".
+        answers = read.count(b"HTTP/1.1 ") - read.count(b"HTTP/1.1 400 ")
+        self.assertLessEqual(answers, channel.answered)
+        self.assertLessEqual(channel.answered, sent)
+        if channel.waiting() and not transport.disconnecting:
+            self.assertEqual(answers, channel.answered)
 
 
 class PipeliningTests(GuardTestCase):
