@@ -142,21 +142,31 @@ class EchoFactory(ServerFactory):
         return self.buildProtocolFor(addr, "")
 
     def buildHealthCheckProtocol(
-        self, addr: IAddress, listener: str, noDelay: bool = True
+        self,
+        addr: IAddress,
+        listener: str,
+        noDelay: bool = True,
+        protocol: Callable[[], EchoProtocol] | None = None,
     ) -> EchoProtocol:
         """
         A protocol for a trusted balancer's health check: not subject to the
         client rules and limits, counted as a connection, logged at debug.
         """
-        p = self.protocol()
+        p = (protocol or self.protocol)()
         p.admit(self, listener, addr, healthCheck=True, noDelay=noDelay)
         return p
 
     def buildProtocolFor(
-        self, addr: IAddress, listener: str, noDelay: bool = True
+        self,
+        addr: IAddress,
+        listener: str,
+        noDelay: bool = True,
+        protocol: Callable[[], EchoProtocol] | None = None,
     ) -> EchoProtocol | None:
         """
-        Verify a new connection; return its protocol, or L{None} to refuse it.
+        Verify a new connection; return its protocol (made by C{protocol},
+        if given: a listener with a protocol of its own), or L{None} to
+        refuse it.
         """
         reason = self.rules(addr, listener) if self.rules else None
         source = None
@@ -177,7 +187,7 @@ class EchoFactory(ServerFactory):
         if reason is not None:
             self.refuse(addr, listener, reason, source)
             return None
-        p = self.protocol()
+        p = (protocol or self.protocol)()
         p.admit(
             self,
             listener,
