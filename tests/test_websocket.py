@@ -11,6 +11,7 @@ import zlib
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -25,7 +26,9 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
+from echotw.endpoints import DEFAULT_BACKLOG
 from echotw.factory import EchoFactory
+from echotw.options import EchoOptions
 from echotw.webguard import MAX_HEAD, REQUEST_TIMEOUT
 from echotw.websocket.deflate import BoundedDeflate, parseOffer
 from echotw.websocket.listener import WebSocketListenerFactory
@@ -306,3 +309,35 @@ class DeflateTests(SynchronousTestCase):
             "server_no_context_takeover",
         )
         self.assertIsNone(d.accept("permessage-deflate"))
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *args: str) -> EchoOptions:
+        options = EchoOptions()
+        options.parseOptions(list(args))
+        return options
+
+    def test_webSocketListeners(self) -> None:
+        """
+        --websocket takes what --port takes; alone, it opens no default TCP
+        port; --ws-max-message sets the limit.
+        """
+        config = self.parse("--websocket", "9000", "--websocket", "unix:/tmp/ws.sock").config
+        self.assertEqual(config.listeners, ())
+        self.assertEqual(
+            [listener.description for listener in config.webSocket.listeners],
+            [f"tcp:9000:backlog={DEFAULT_BACKLOG}", "unix:/tmp/ws.sock"],
+        )
+        self.assertEqual(config.webSocket.maxMessage, 16 * 1024 * 1024)
+        config = self.parse("--websocket", "9000", "--ws-max-message", "1000").config
+        self.assertEqual(config.webSocket.maxMessage, 1000)
+
+    def test_badValues(self) -> None:
+        """Bad values, and --workers with --websocket, are one clear line."""
+        for args in [
+            ["--websocket", "nonsense:1"],
+            ["--websocket", "9000", "--ws-max-message", "0"],
+            ["--websocket", "9000", "--workers", "2"],
+        ]:
+            with self.assertRaises(UsageError, msg=args):
+                self.parse(*args)

@@ -15,6 +15,8 @@ client needs, in three places this module takes over:
     uses 9), so an offer that demands C{server_max_window_bits=8} is
     declined; and inflating always uses a 15-bit window, which reads any
     smaller window's output, so a client that asks for 8 bits is served.
+  - deflating: at zlib's fastest level (L{COMPRESSION_LEVEL}), not its
+    default.
   - inflating: wsproto inflates a frame whatever it expands to, so a few
     kilobytes can become gigabytes.  Here each message's inflated size is
     capped at C{maxMessage}: past it the connection fails with 1009.
@@ -25,12 +27,17 @@ from __future__ import annotations
 import zlib
 
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
 MIN_WINDOW_BITS = 9
 """The smallest window zlib deflates with (it turns 8 into 9)."""
 
 MAX_WINDOW_BITS = 15
+
+COMPRESSION_LEVEL = 1
+"""zlib's fastest level for echoes: a few times cheaper than wsproto's
+default (6), for output a little larger; an echo server spends its time
+on the messages, not on the ratio."""
 
 _FLAGS = ("client_no_context_takeover", "server_no_context_takeover")
 _SIZES = ("client_max_window_bits", "server_max_window_bits")
@@ -101,6 +108,20 @@ class BoundedDeflate(PerMessageDeflate):
             answer.append(f"client_max_window_bits={clientBits}")
         self._enabled = True
         return "; ".join(answer)
+
+    def frame_outbound(
+        self,
+        proto: FrameDecoder | FrameProtocol,
+        opcode: Opcode,
+        rsv: RsvBits,
+        data: bytes,
+        fin: bool,
+    ) -> tuple[RsvBits, bytes]:
+        if self._compressor is None and self._compressible_opcode(opcode):
+            self._compressor = zlib.compressobj(
+                COMPRESSION_LEVEL, zlib.DEFLATED, -self.server_max_window_bits
+            )
+        return super().frame_outbound(proto, opcode, rsv, data, fin)
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
