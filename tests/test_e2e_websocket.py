@@ -119,14 +119,15 @@ class WebSocketMemoryTests(ServerTestCase):
         client = WebSocketClient(server.port)
         self.addCleanup(client.close)
         before = server.rssKiB()
-        chunk = maskedFrame(0x2, b"m" * MiB)
+        chunk = maskedFrame(0x2, b"m" * 16 * MiB)
         sock = client.sock
         sock.settimeout(3.0)
         sent = 0
         deadline = time.monotonic() + 120
         try:
             while sent < 200 * MiB and time.monotonic() < deadline:
-                sent += sock.send(chunk)
+                # Whole frames: a partial send is finished before the next.
+                sent += sock.send(chunk[sent % len(chunk) :])
         except TimeoutError:
             pass  # stalled: the server stopped reading
         self.assertLess(sent, 200 * MiB)
