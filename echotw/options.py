@@ -331,7 +331,7 @@ class EchoOptions(usage.Options):
         raise SystemExit(0)
 
     def opt_port(self, value: str) -> None:
-        """Listen here (repeatable): a port number is TCP; else a Twisted endpoint string (tcp:, tcp6:, unix:, ssl:, systemd:, haproxy:...), :name=NAME names it [default: 8080, unless --udp]."""
+        """Listen here (repeatable): a port number is TCP; else a Twisted endpoint string (tcp:, tcp6:, unix:, ssl:, systemd:, haproxy:...), :name=NAME names it [default: 8080, unless --udp or --websocket]."""
         self["port"].append(value)
 
     opt_p = opt_port
