@@ -27,6 +27,9 @@ from echotw.throttlelog import LINES_PER_SECOND, RefusalLog, unloggedNote
 DURATION_BUCKETS = (0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
 """Upper bounds (seconds) of the connection duration histogram."""
 
+Maker = Callable[[], EchoProtocol]
+"""What builds a connection's protocol."""
+
 
 class EchoFactory(ServerFactory):
     """
@@ -142,11 +145,7 @@ class EchoFactory(ServerFactory):
         return self.buildProtocolFor(addr, "")
 
     def buildHealthCheckProtocol(
-        self,
-        addr: IAddress,
-        listener: str,
-        noDelay: bool = True,
-        protocol: Callable[[], EchoProtocol] | None = None,
+        self, addr: IAddress, listener: str, noDelay: bool = True, protocol: Maker | None = None
     ) -> EchoProtocol:
         """
         A protocol for a trusted balancer's health check: not subject to the
@@ -157,16 +156,11 @@ class EchoFactory(ServerFactory):
         return p
 
     def buildProtocolFor(
-        self,
-        addr: IAddress,
-        listener: str,
-        noDelay: bool = True,
-        protocol: Callable[[], EchoProtocol] | None = None,
+        self, addr: IAddress, listener: str, noDelay: bool = True, protocol: Maker | None = None
     ) -> EchoProtocol | None:
         """
         Verify a new connection; return its protocol (made by C{protocol},
-        if given: a listener with a protocol of its own), or L{None} to
-        refuse it.
+        if given: a listener's own kind), or L{None} to refuse it.
         """
         reason = self.rules(addr, listener) if self.rules else None
         source = None
