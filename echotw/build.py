@@ -39,6 +39,7 @@ from echotw.sharedcount import ServerCount
 from echotw.sharedlisteners import SharedListeners
 from echotw.signals import ProcessSignals
 from echotw.udp import UDPEchoProtocol, UDPListenerService
+from echotw.websocket.listener import WebSocketListenerFactory
 from echotw.workerlog import RELAY, LogOutput
 from echotw.workers import WorkerPool
 
@@ -218,6 +219,8 @@ def makeService(
                 factory.forListener(listener.name),
                 backlogOf(listener.description),
             ).setServiceParent(top)
+    if not supervising:
+        makeWebSocketServices(config, factory, reactor, top)
     udpProtocols = makeUDPServices(config, factory, reactor, top, random)
 
     def ready() -> bool:
@@ -249,6 +252,24 @@ def makeService(
 
         ProcessSignals(reactor, onHangup, top.stopNow, worker).setServiceParent(top)
     return top
+
+
+def makeWebSocketServices(
+    config: EchoConfig, factory: EchoFactory, reactor: IServerReactor, parent: EchoService
+) -> None:
+    """
+    One L{ListenerService} under C{parent} per WebSocket listener, on an
+    endpoint made as for TCP (C{haproxy:} included), sharing C{factory}'s
+    admission and counts.
+    """
+    settings = config.webSocket
+    for listener in settings.listeners:
+        ListenerService(
+            listener.name,
+            makeEndpoint(listener, config.proxy, reactor, None, factory),
+            WebSocketListenerFactory(factory, listener.name, settings.maxMessage),
+            backlogOf(listener.description),
+        ).setServiceParent(parent)
 
 
 def makeUDPServices(

@@ -21,6 +21,7 @@ from echotw.rulefiles import RuleSource
 from echotw.throttlelog import LINES_PER_SECOND
 from echotw.udp import DEFAULT_BURST, DEFAULT_RATE
 from echotw.watchdog import DEFAULT_WORKER_TIMEOUT
+from echotw.websocket import DEFAULT_MAX_MESSAGE
 
 DEFAULT_PORT = "8080"
 """The TCP port served when no listener is given."""
@@ -154,12 +155,24 @@ class Impairment:
 
 
 @dataclass(frozen=True)
+class WebSocketSettings:
+    """
+    The WebSocket echo listeners (C{--websocket}) and the largest message
+    they echo (C{--ws-max-message}).
+    """
+
+    listeners: tuple[Listener, ...] = ()
+    maxMessage: int = DEFAULT_MAX_MESSAGE
+
+
+@dataclass(frozen=True)
 class EchoConfig:
     """
     Everything one echo server is made of.
 
     @ivar listeners: the TCP-based listeners (TCP, TLS, Unix, PROXY, systemd).
     @ivar udpListeners: the UDP listeners.
+    @ivar webSocket: the WebSocket echo listeners and their message limit.
     @ivar ruleSource: where the access rules come from (re-read on SIGHUP).
     @ivar rules: the access rules as first loaded from C{ruleSource}.
     @ivar verifiers: the pluggable checks consulted after the rules and limits.
@@ -191,6 +204,7 @@ class EchoConfig:
     proxy: ProxySettings = ProxySettings()
     logging: LogSettings = LogSettings()
     impairment: Impairment = Impairment()
+    webSocket: WebSocketSettings = WebSocketSettings()
     metrics: str | None = None
     health: str | None = None
     workers: int = 1

@@ -23,6 +23,9 @@ from echotw.ratelimit import PerSecondBudget, TokenBuckets, defaultClock
 from echotw.sharedcount import ServerCount
 from echotw.throttlelog import LINES_PER_SECOND, RefusalLog, logVerifierFailure
 
+Maker = Callable[[], EchoProtocol]
+"""What builds a connection's protocol."""
+
 
 class EchoFactory(ServerFactory):
     """
@@ -127,21 +130,22 @@ class EchoFactory(ServerFactory):
         return self.buildProtocolFor(addr, "")
 
     def buildHealthCheckProtocol(
-        self, addr: IAddress, listener: str, noDelay: bool = True
+        self, addr: IAddress, listener: str, noDelay: bool = True, protocol: Maker | None = None
     ) -> EchoProtocol:
         """
         A protocol for a trusted balancer's health check: not subject to the
         client rules and limits, counted as a connection, logged at debug.
         """
-        p = self.protocol()
+        p = (protocol or self.protocol)()
         p.admit(self, listener, addr, healthCheck=True, noDelay=noDelay)
         return p
 
     def buildProtocolFor(
-        self, addr: IAddress, listener: str, noDelay: bool = True
+        self, addr: IAddress, listener: str, noDelay: bool = True, protocol: Maker | None = None
     ) -> EchoProtocol | None:
         """
-        Verify a new connection; return its protocol, or L{None} to refuse it.
+        Verify a new connection; return its protocol (made by C{protocol},
+        if given: a listener's own kind), or L{None} to refuse it.
         """
         reason = self.rules(addr, listener) if self.rules else None
         source = None
@@ -162,7 +166,7 @@ class EchoFactory(ServerFactory):
         if reason is not None:
             self.refuse(addr, listener, reason, source)
             return None
-        p = self.protocol()
+        p = (protocol or self.protocol)()
         p.admit(
             self,
             listener,

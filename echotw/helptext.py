@@ -25,6 +25,7 @@ HELP_GROUPS: list[Group] = [
         [
             ("port", "ENDPOINT"),
             ("udp", "LISTENER"),
+            ("websocket", "ENDPOINT"),
             ("interface", "ADDR"),
             ("backlog", "N"),
             ("workers", "N"),
@@ -57,6 +58,7 @@ HELP_GROUPS: list[Group] = [
             ("max-session-seconds", "S"),
             ("udp-rate", "N[/s]"),
             ("udp-burst", "N"),
+            ("ws-max-message", "BYTES"),
         ],
     ),
     ("Shutdown", [("shutdown-timeout", "S"), ("drain-delay", "S")]),

@@ -23,6 +23,7 @@ from echotw.coercers import (
     connectionLimit,
     duration,
     fraction,
+    inRange,
     interval,
     linesPerSecond,
     logLevel,
@@ -32,6 +33,7 @@ from echotw.coercers import (
     prefixLength,
     sessionBytes,
     timeout,
+    wholeNumber,
     workerCount,
 )
 from echotw.config import (
@@ -42,6 +44,7 @@ from echotw.config import (
     LogSettings,
     ProxySettings,
     UDPLimits,
+    WebSocketSettings,
 )
 from echotw.endpoints import (
     DEFAULT_BACKLOG,
@@ -57,6 +60,11 @@ from echotw.policy import loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.version import __version__
 from echotw.watchdog import MIN_WORKER_TIMEOUT
+from echotw.websocket import MAX_MESSAGE_LIMIT
+
+messageBytes = inRange(
+    wholeNumber, 1, MAX_MESSAGE_LIMIT, f"Bytes, a whole number 1 to {MAX_MESSAGE_LIMIT}."
+)
 
 DEFAULTS = EchoConfig()
 """Each option's default is the configuration's."""
@@ -275,6 +283,13 @@ class EchoOptions(usage.Options):
             timeout,
         ],
         [
+            "ws-max-message",
+            None,
+            DEFAULTS.webSocket.maxMessage,
+            "Largest WebSocket message echoed, in bytes; a larger one closes with 1009.",
+            messageBytes,
+        ],
+        [
             "drain-delay",
             None,
             DEFAULTS.drainDelay,
@@ -301,6 +316,7 @@ class EchoOptions(usage.Options):
                 self._dispatch[name] = NamingCoerceParameter(self, handler.coerce)
         self["port"] = []
         self["udp"] = []
+        self["websocket"] = []
         self["allow"] = []
         self["deny"] = []
         self["trusted-proxy"] = []
@@ -315,7 +331,7 @@ class EchoOptions(usage.Options):
         raise SystemExit(0)
 
     def opt_port(self, value: str) -> None:
-        """Listen here (repeatable): a port number is TCP; else a Twisted endpoint string (tcp:, tcp6:, unix:, ssl:, systemd:, haproxy:...), :name=NAME names it [default: 8080, unless --udp]."""
+        """Listen here (repeatable): a port number is TCP; else a Twisted endpoint string (tcp:, tcp6:, unix:, ssl:, systemd:, haproxy:...), :name=NAME names it [default: 8080, unless --udp or --websocket]."""
         self["port"].append(value)
 
     opt_p = opt_port
@@ -323,6 +339,10 @@ class EchoOptions(usage.Options):
     def opt_udp(self, value: str) -> None:
         """Echo UDP here (repeatable): udp:PORT[:interface=ADDR], udp6:..., or a port number [default: none]."""
         self["udp"].append(value)
+
+    def opt_websocket(self, value: str) -> None:
+        """Echo WebSocket messages here (repeatable): a port number or endpoint string as for --port (ssl: gives wss://); GET / serves a page to try it [default: none]."""
+        self["websocket"].append(value)
 
     def opt_trusted_proxy(self, value: str) -> None:
         """Balancer allowed to send PROXY headers to haproxy: listeners (repeatable) [default: loopback]."""
@@ -358,7 +378,7 @@ class EchoOptions(usage.Options):
         listeners = []
         # The default port only when no listener of any kind is given: --udp
         # alone must not open a TCP port on every interface as well.
-        for port in self["port"] or ([] if self["udp"] else [DEFAULT_PORT]):
+        for port in self["port"] or ([] if self["udp"] or self["websocket"] else [DEFAULT_PORT]):
             hint = hostPortHint(port, "tcp")
             if hint is not None:
                 raise usage.UsageError(f"--port: {port!r} is not an endpoint: write {hint}")
@@ -366,6 +386,17 @@ class EchoOptions(usage.Options):
                 listeners.append(listenerDescription(port, self["interface"], self["backlog"]))
             except ValueError as e:
                 raise usage.UsageError(f"--port: {e}") from None
+        webSockets = []
+        for value in self["websocket"]:
+            hint = hostPortHint(value, "tcp")
+            if hint is not None:
+                raise usage.UsageError(f"--websocket: {value!r} is not an endpoint: write {hint}")
+            try:
+                webSockets.append(listenerDescription(value, self["interface"], self["backlog"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--websocket: {e}") from None
+        if webSockets and self["workers"] > 1:
+            raise usage.UsageError("--websocket: not served by --workers yet (use one process)")
         udp = []
         for value in self["udp"]:
             hint = hostPortHint(value, "udp")
@@ -431,6 +462,7 @@ class EchoOptions(usage.Options):
                 idleTimeout=self["idle-timeout"],
             ),
             udp=UDPLimits(rate=self["udp-rate"], burst=self["udp-burst"]),
+            webSocket=WebSocketSettings(tuple(webSockets), self["ws-max-message"]),
             proxy=ProxySettings(
                 trusted=tuple(self["trusted-proxy"]), timeout=self["proxy-timeout"]
             ),
