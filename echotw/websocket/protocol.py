@@ -41,7 +41,7 @@ class WebSocketProtocol(EchoProtocol):
     factory, backpressure (the transport pauses reading while its buffer is
     full, so a client that does not read stops being read), the session
     limits, the idle sweep and the lingering close.  Two counts change
-    meaning: C{bytesEchoed} counts the bytes read since the upgrade (what
+    meaning: C{bytesReceived} counts the bytes read since the upgrade (what
     the idle sweep and the drain watch for movement, so pings count), and
     C{--max-session-bytes} applies to C{payloadEchoed}, message payload.
 
@@ -162,7 +162,7 @@ class WebSocketProtocol(EchoProtocol):
     def _frames(self, data: bytes) -> None:
         ws = self._ws
         assert ws is not None
-        self.bytesEchoed += len(data)
+        self.bytesReceived += len(data)
         ws.receive_data(data)
         for event in ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
