@@ -5,6 +5,8 @@ killing and replacing a worker that stopped reporting, on a L{Clock}.
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 from typing import Any, cast
 
@@ -16,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from echotw.options import EchoOptions
 from echotw.watchdog import STARTING_ALLOWANCE, Watchdog
 from echotw.workercontract import READY
+from echotw.workermain import StartingBeat
 from echotw.workers import RESTART_DELAYS, WorkerPool
 from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
 
@@ -160,3 +163,27 @@ class WorkerTimeoutTests(SynchronousTestCase):
         for value in ("1", "0.5", "-3", "soon"):
             with self.assertRaises(UsageError):
                 EchoOptions().parseOptions(["--worker-timeout", value])
+
+
+class StartingBeatTests(SynchronousTestCase):
+    def test_beatsUntilStopped(self) -> None:
+        """While a worker builds its service (a long rule file read before
+        the reactor runs), empty lines reach the supervisor, which count as
+        signs of life and as no report; none once stopped."""
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, reading)
+        self.addCleanup(os.close, writing)
+        beat = StartingBeat(writing, interval=0.01)
+        beat.start()
+        self.addCleanup(beat.stop)
+        received = b""
+        for _ in range(3):
+            ready, _, _ = select.select([reading], [], [], 30)
+            self.assertTrue(ready, "no line within 30 s")
+            received += os.read(reading, 100)
+        beat.stop()
+        while select.select([reading], [], [], 0)[0]:
+            received += os.read(reading, 100)
+        self.assertGreaterEqual(len(received), 3)
+        self.assertEqual(received.strip(b"\n"), b"")
+        self.assertEqual(select.select([reading], [], [], 0.05)[0], [])
