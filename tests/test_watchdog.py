@@ -67,6 +67,27 @@ class WatchdogTests(SynchronousTestCase):
         clock.advance(5)
         self.assertEqual(len(calls), 1)
 
+    def test_reloadingAllowance(self) -> None:
+        """After a reload is asked for, silence up to the starting allowance
+        is not fatal, even if a report came in just after the request; the
+        timeout applies again once the allowance is over."""
+        clock = Clock()
+        calls: list[None] = []
+        dog = Watchdog(clock, 5, lambda: calls.append(None), starting=60)
+        dog.start()
+        dog.heard()
+        clock.advance(1)
+        dog.reloading()
+        clock.advance(0.5)
+        dog.heard()  # a report already on its way when SIGHUP was sent
+        clock.advance(59)
+        self.assertEqual(calls, [])
+        dog.heard()
+        clock.advance(4.9)
+        self.assertEqual(calls, [])
+        clock.advance(0.1)
+        self.assertEqual(len(calls), 1)
+
     def test_offAndStopped(self) -> None:
         """A timeout of 0 watches nothing; a stopped watchdog calls nothing."""
         clock = Clock()
@@ -132,6 +153,23 @@ class WorkerTimeoutTests(SynchronousTestCase):
         replacement.transport = cast(Any, FakeProcess())
         reactor.advance(STARTING_ALLOWANCE)
         self.assertEqual(cast(FakeProcess, replacement.transport).signals, [signal.SIGKILL])
+
+    def test_reloadingWorkerNotKilled(self) -> None:
+        """A worker silent for longer than the timeout while it reloads the
+        rules the supervisor's SIGHUP passed on (a long rule file) is not
+        killed; one still silent after the starting allowance is."""
+        pool, reactor = self.pool(5)
+        pool.startService()
+        worker = pool.workers[0]
+        process = FakeProcess()
+        worker.transport = cast(Any, process)
+        worker.childDataReceived(worker.reportFD, READY + b"\n")
+        pool.forwardHangup()
+        worker.childDataReceived(worker.reportFD, b"{}\n")
+        reactor.advance(STARTING_ALLOWANCE - 1)
+        self.assertEqual(process.signals, [signal.SIGHUP])
+        reactor.advance(1)
+        self.assertEqual(process.signals, [signal.SIGHUP, signal.SIGKILL])
 
     def test_offOrStopping(self) -> None:
         """With 0, or once the server is stopping, silence kills nothing."""
