@@ -8,12 +8,15 @@ from __future__ import annotations
 import os
 import select
 import signal
+import time
 from typing import Any, cast
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from echotw.options import EchoOptions
 from echotw.watchdog import STARTING_ALLOWANCE, Watchdog
@@ -225,3 +228,57 @@ class StartingBeatTests(SynchronousTestCase):
         self.assertGreaterEqual(len(received), 3)
         self.assertEqual(received.strip(b"\n"), b"")
         self.assertEqual(select.select([reading], [], [], 0.05)[0], [])
+
+
+class _Pipe:
+    """A pipe's reading end as a reactor reader, calling C{onRead}."""
+
+    def __init__(self, onRead: Any) -> None:
+        self.reading, self.writing = os.pipe()
+        self.onRead = onRead
+
+    def fileno(self) -> int:
+        return self.reading
+
+    def doRead(self) -> None:
+        os.read(self.reading, 100)
+        self.onRead()
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "pipe"
+
+    def close(self) -> None:
+        cast(Any, reactor).removeReader(self)
+        os.close(self.reading)
+        os.close(self.writing)
+
+
+class BusySupervisorTests(TestCase):
+    def test_reportReadBeforeVerdict(self) -> None:
+        """A report that reached the supervisor while it was busy past the
+        deadline (here: handling another descriptor) is read before the
+        worker is judged silent: a busy supervisor kills no healthy worker."""
+        calls: list[None] = []
+        read: Deferred[None] = Deferred()
+        dog = Watchdog(cast(Any, reactor), 0.2, lambda: calls.append(None), starting=0)
+        report = _Pipe(lambda: (dog.heard(), read.called or read.callback(None)))
+
+        def busy() -> None:
+            os.write(report.writing, b"{}\n")  # the worker reports...
+            time.sleep(0.5)  # ...while the supervisor is busy past the deadline
+
+        other = _Pipe(busy)
+        for pipe in (report, other):
+            self.addCleanup(pipe.close)
+            cast(Any, reactor).addReader(pipe)
+        self.addCleanup(dog.stop)
+        dog.start()
+        os.write(other.writing, b"x")
+
+        def judged(_: None) -> None:
+            self.assertEqual(calls, [])
+
+        return read.addCallback(judged)
