@@ -143,8 +143,8 @@ class Reporter:
 class StartingBeat:
     """
     An empty line to the supervisor every C{interval} seconds from a thread
-    while the worker starts, until L{stop}: building the service reads the
-    rules before the reactor (and so L{Reporter}) runs, which takes more than
+    while the worker starts, until L{stop}: its options read the rules
+    before the reactor (and so L{Reporter}) runs, which takes more than
     a minute for a few hundred thousand networks with several workers
     sharing the cores, and a worker killed for that silence is started
     again into the same silence, for ever.  Once the reactor runs, the
@@ -227,6 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.task import LoopingCall
 
     reactor = cast(IServerReactor, globalReactor)
+    beat = None
+    if WORKER_REPORT_FD in environment:
+        # Before the options: they read the rules.
+        beat = StartingBeat(int(environment[WORKER_REPORT_FD]))
+        beat.start()
     rules = environment.get(WORKER_RULES)
     options = WorkerOptions(int(rules) if rules is not None else None)
     options.parseOptions(sys.argv[1:] if argv is None else argv)
@@ -234,10 +239,6 @@ def main(argv: list[str] | None = None) -> None:
     output = LogOutput.fromDescription(environment.get(WORKER_LOG, ""))
     globalLogBeginner.beginLoggingTo([workerObserver(output, index)], redirectStandardIO=False)
     config = workerConfig(options.config, index)
-    beat = None
-    if WORKER_REPORT_FD in environment:
-        beat = StartingBeat(int(environment[WORKER_REPORT_FD]))
-        beat.start()
     service = makeService(
         config,
         reactor,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
+import sys
 import time
 from typing import Any, cast
 
@@ -19,8 +21,9 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from echotw.options import EchoOptions
+from echotw.rulesnapshot import HEADER
 from echotw.watchdog import STARTING_ALLOWANCE, Watchdog
-from echotw.workercontract import READY
+from echotw.workercontract import READY, WORKER_REPORT_FD, WORKER_RULES
 from echotw.workermain import StartingBeat
 from echotw.workers import RESTART_DELAYS, WorkerPool
 from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
@@ -228,6 +231,40 @@ class StartingBeatTests(SynchronousTestCase):
         self.assertGreaterEqual(len(received), 3)
         self.assertEqual(received.strip(b"\n"), b"")
         self.assertEqual(select.select([reading], [], [], 0.05)[0], [])
+
+    def test_workerBeatsWhileReadingRules(self) -> None:
+        """A real worker process says it is alive while its options read the
+        rules: here a snapshot caught mid-write, which it retries for
+        seconds before giving up."""
+        rules = os.memfd_create("rules")
+        self.addCleanup(os.close, rules)
+        os.write(rules, HEADER.pack(1, 0, 0))  # odd: a write under way, for ever
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, reading)
+        env = dict(os.environ, **{WORKER_REPORT_FD: str(writing), WORKER_RULES: str(rules)})
+        worker = subprocess.Popen(
+            [
+                *(sys.executable, "-c", "from echotw.workermain import main; main()"),
+                *("--workers", "2", "--deny-file", "unread.txt"),
+            ],
+            env=env,
+            pass_fds=(writing, rules),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        os.close(writing)
+        received = b""
+        while True:
+            ready, _, _ = select.select([reading], [], [], 60)
+            self.assertTrue(ready, "the worker sent nothing within 60 s")
+            chunk = os.read(reading, 100)
+            if not chunk:
+                break
+            received += chunk
+        _, errors = worker.communicate(timeout=60)
+        self.assertIn(b"kept changing", errors)
+        self.assertGreaterEqual(received.count(b"\n"), 2)
+        self.assertEqual(received.strip(b"\n"), b"")
 
 
 class _Pipe:
