@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import cast
@@ -139,6 +140,38 @@ class Reporter:
         return True
 
 
+class StartingBeat:
+    """
+    An empty line to the supervisor every C{interval} seconds from a thread
+    while the worker starts, until L{stop}: its options read the rules
+    before the reactor (and so L{Reporter}) runs, which takes more than
+    a minute for a few hundred thousand networks with several workers
+    sharing the cores, and a worker killed for that silence is started
+    again into the same silence, for ever.  Once the reactor runs, the
+    reports alone say whether its loop turns.
+    """
+
+    def __init__(self, fd: int, interval: float = REPORT_INTERVAL) -> None:
+        self.fd = fd
+        self.interval = interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="echotw-starting", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.interval):
+            try:
+                os.write(self.fd, b"\n")
+            except OSError:
+                return
+
+
 class Orphan:
     """
     A worker whose supervisor is gone stops as if told to (draining its
@@ -194,6 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     from twisted.internet.task import LoopingCall
 
     reactor = cast(IServerReactor, globalReactor)
+    beat = None
+    if WORKER_REPORT_FD in environment:
+        # Before the options: they read the rules.
+        beat = StartingBeat(int(environment[WORKER_REPORT_FD]))
+        beat.start()
     rules = environment.get(WORKER_RULES)
     options = WorkerOptions(int(rules) if rules is not None else None)
     options.parseOptions(sys.argv[1:] if argv is None else argv)
@@ -214,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     supervisor = int(environment.get(WORKER_SUPERVISOR, os.getppid()))
     orphan = Orphan(supervisor, reactor, config.shutdownTimeout)
+    if beat is not None:
+        reactor.callWhenRunning(beat.stop)
     if not orphan.check():
         return
     LoopingCall(orphan.check).start(1.0, now=False)

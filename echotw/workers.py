@@ -156,8 +156,11 @@ class WorkerPool(Service):
 
     def forwardHangup(self) -> None:
         """
-        SIGHUP: each worker reloads its rules.
+        SIGHUP: each worker reloads its rules, reporting late meanwhile,
+        so its watchdog allows as long as for a start.
         """
+        for worker in list(self.workers.values()):
+            worker.watchdog.reloading()
         self.signalAll(signal.SIGHUP)
 
     def forwardAfter(self, reloading: Deferred[bool]) -> None:

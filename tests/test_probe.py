@@ -574,6 +574,20 @@ class OptionTests(SynchronousTestCase):
         self.assertUsageError("at most 65507 with --udp", "-u", "-s", "65508", "h", "7")
         self.assertUsageError("--connections must be at most", "-C", "10001", "h", "7")
 
+    def test_badServerName(self) -> None:
+        """An --sni that is neither a DNS name nor an IP address is refused
+        at start-up on one line naming --sni, with or without --ca and
+        --insecure, rather than failing each connection or with a
+        traceback."""
+        for name in ["a..b", "x" * 64 + ".example", "", "local host", "[::1]"]:
+            for extra in [(), ("--insecure",), ("--ca", "ca.pem")]:
+                self.assertUsageError(
+                    f"--sni {name!r} is not a DNS name or an IP address",
+                    "--tls", *extra, "--sni", name, "h", "7",
+                )  # fmt: skip
+        for name in ["echo.example", "b\u00fccher.example", "under_score.test", "127.0.0.1", "::1"]:
+            self.assertEqual(parse("--tls", "-k", "--sni", name, "h", "7")["sni"], name)
+
     def test_websocket(self) -> None:
         """--websocket probes ws:// (wss:// with --tls) at --path, with an
         optional --origin; the target reads as the URL; the upgrade's Host

@@ -5,17 +5,26 @@ killing and replacing a worker that stopped reporting, on a L{Clock}.
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import subprocess
+import sys
+import time
 from typing import Any, cast
 
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from echotw.options import EchoOptions
+from echotw.rulesnapshot import HEADER
 from echotw.watchdog import STARTING_ALLOWANCE, Watchdog
-from echotw.workercontract import READY
+from echotw.workercontract import READY, WORKER_REPORT_FD, WORKER_RULES
+from echotw.workermain import StartingBeat
 from echotw.workers import RESTART_DELAYS, WorkerPool
 from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
 
@@ -62,6 +71,27 @@ class WatchdogTests(SynchronousTestCase):
             dog.heard()
         self.assertEqual(calls, [])
         clock.advance(5)
+        self.assertEqual(len(calls), 1)
+
+    def test_reloadingAllowance(self) -> None:
+        """After a reload is asked for, silence up to the starting allowance
+        is not fatal, even if a report came in just after the request; the
+        timeout applies again once the allowance is over."""
+        clock = Clock()
+        calls: list[None] = []
+        dog = Watchdog(clock, 5, lambda: calls.append(None), starting=60)
+        dog.start()
+        dog.heard()
+        clock.advance(1)
+        dog.reloading()
+        clock.advance(0.5)
+        dog.heard()  # a report already on its way when SIGHUP was sent
+        clock.advance(59)
+        self.assertEqual(calls, [])
+        dog.heard()
+        clock.advance(4.9)
+        self.assertEqual(calls, [])
+        clock.advance(0.1)
         self.assertEqual(len(calls), 1)
 
     def test_offAndStopped(self) -> None:
@@ -130,6 +160,23 @@ class WorkerTimeoutTests(SynchronousTestCase):
         reactor.advance(STARTING_ALLOWANCE)
         self.assertEqual(cast(FakeProcess, replacement.transport).signals, [signal.SIGKILL])
 
+    def test_reloadingWorkerNotKilled(self) -> None:
+        """A worker silent for longer than the timeout while it reloads the
+        rules the supervisor's SIGHUP passed on (a long rule file) is not
+        killed; one still silent after the starting allowance is."""
+        pool, reactor = self.pool(5)
+        pool.startService()
+        worker = pool.workers[0]
+        process = FakeProcess()
+        worker.transport = cast(Any, process)
+        worker.childDataReceived(worker.reportFD, READY + b"\n")
+        pool.forwardHangup()
+        worker.childDataReceived(worker.reportFD, b"{}\n")
+        reactor.advance(STARTING_ALLOWANCE - 1)
+        self.assertEqual(process.signals, [signal.SIGHUP])
+        reactor.advance(1)
+        self.assertEqual(process.signals, [signal.SIGHUP, signal.SIGKILL])
+
     def test_offOrStopping(self) -> None:
         """With 0, or once the server is stopping, silence kills nothing."""
         pool, reactor = self.pool(0)
@@ -160,3 +207,115 @@ class WorkerTimeoutTests(SynchronousTestCase):
         for value in ("1", "0.5", "-3", "soon"):
             with self.assertRaises(UsageError):
                 EchoOptions().parseOptions(["--worker-timeout", value])
+
+
+class StartingBeatTests(SynchronousTestCase):
+    def test_beatsUntilStopped(self) -> None:
+        """While a worker builds its service (a long rule file read before
+        the reactor runs), empty lines reach the supervisor, which count as
+        signs of life and as no report; none once stopped."""
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, reading)
+        self.addCleanup(os.close, writing)
+        beat = StartingBeat(writing, interval=0.01)
+        beat.start()
+        self.addCleanup(beat.stop)
+        received = b""
+        for _ in range(3):
+            ready, _, _ = select.select([reading], [], [], 30)
+            self.assertTrue(ready, "no line within 30 s")
+            received += os.read(reading, 100)
+        beat.stop()
+        while select.select([reading], [], [], 0)[0]:
+            received += os.read(reading, 100)
+        self.assertGreaterEqual(len(received), 3)
+        self.assertEqual(received.strip(b"\n"), b"")
+        self.assertEqual(select.select([reading], [], [], 0.05)[0], [])
+
+    def test_workerBeatsWhileReadingRules(self) -> None:
+        """A real worker process says it is alive while its options read the
+        rules: here a snapshot caught mid-write, which it retries for
+        seconds before giving up."""
+        rules = os.memfd_create("rules")
+        self.addCleanup(os.close, rules)
+        os.write(rules, HEADER.pack(1, 0, 0))  # odd: a write under way, for ever
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, reading)
+        env = dict(os.environ, **{WORKER_REPORT_FD: str(writing), WORKER_RULES: str(rules)})
+        worker = subprocess.Popen(
+            [
+                *(sys.executable, "-c", "from echotw.workermain import main; main()"),
+                *("--workers", "2", "--deny-file", "unread.txt"),
+            ],
+            env=env,
+            pass_fds=(writing, rules),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        os.close(writing)
+        received = b""
+        while True:
+            ready, _, _ = select.select([reading], [], [], 60)
+            self.assertTrue(ready, "the worker sent nothing within 60 s")
+            chunk = os.read(reading, 100)
+            if not chunk:
+                break
+            received += chunk
+        _, errors = worker.communicate(timeout=60)
+        self.assertIn(b"kept changing", errors)
+        self.assertGreaterEqual(received.count(b"\n"), 2)
+        self.assertEqual(received.strip(b"\n"), b"")
+
+
+class _Pipe:
+    """A pipe's reading end as a reactor reader, calling C{onRead}."""
+
+    def __init__(self, onRead: Any) -> None:
+        self.reading, self.writing = os.pipe()
+        self.onRead = onRead
+
+    def fileno(self) -> int:
+        return self.reading
+
+    def doRead(self) -> None:
+        os.read(self.reading, 100)
+        self.onRead()
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "pipe"
+
+    def close(self) -> None:
+        cast(Any, reactor).removeReader(self)
+        os.close(self.reading)
+        os.close(self.writing)
+
+
+class BusySupervisorTests(TestCase):
+    def test_reportReadBeforeVerdict(self) -> None:
+        """A report that reached the supervisor while it was busy past the
+        deadline (here: handling another descriptor) is read before the
+        worker is judged silent: a busy supervisor kills no healthy worker."""
+        calls: list[None] = []
+        read: Deferred[None] = Deferred()
+        dog = Watchdog(cast(Any, reactor), 0.2, lambda: calls.append(None), starting=0)
+        report = _Pipe(lambda: (dog.heard(), read.called or read.callback(None)))
+
+        def busy() -> None:
+            os.write(report.writing, b"{}\n")  # the worker reports...
+            time.sleep(0.5)  # ...while the supervisor is busy past the deadline
+
+        other = _Pipe(busy)
+        for pipe in (report, other):
+            self.addCleanup(pipe.close)
+            cast(Any, reactor).addReader(pipe)
+        self.addCleanup(dog.stop)
+        dog.start()
+        os.write(other.writing, b"x")
+
+        def judged(_: None) -> None:
+            self.assertEqual(calls, [])
+
+        return read.addCallback(judged)

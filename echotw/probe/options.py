@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.python import usage
 
 from echotw.coercers import NamingCoerceParameter, anyDuration, finiteNumber, wholeNumber
@@ -31,6 +32,8 @@ MAX_CONNECTIONS = 10000
 _SIZE = re.compile(r"(?P<number>[0-9]+)\s*(?P<unit>[kKM])?")
 _MULTIPLIERS = {"k": 1000, "K": 1000, "M": 1000_000, None: 1}
 _PATH = re.compile(r"/[!-~]*")
+_DNS_NAME = re.compile(rb"[A-Za-z0-9_.-]+")
+"""What a DNS name for SNI and the certificate check may hold, once IDNA-encoded."""
 """A request target: printable ASCII without spaces or control characters."""
 
 
@@ -288,6 +291,15 @@ class ProbeOptions(usage.Options):
             for option in ("ca", "sni", "insecure"):
                 if self[option]:
                     raise usage.UsageError(f"--{option} needs --tls")
+        sni = self["sni"]
+        if sni is not None and not (isIPAddress(sni) or isIPv6Address(sni)):
+            try:
+                # An empty or 64-character label fails, as for HOST.
+                encoded = sni.encode("idna")
+            except UnicodeError:
+                encoded = b""
+            if not _DNS_NAME.fullmatch(encoded):
+                raise usage.UsageError(f"--sni {sni!r} is not a DNS name or an IP address")
         if self["insecure"] and self["ca"]:
             raise usage.UsageError("--insecure and --ca contradict each other")
         if self["proxy-v1"] and self["proxy-v2"]:
