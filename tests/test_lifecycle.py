@@ -18,7 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger, capturedLogs
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -34,9 +34,10 @@ from echotw.signals import STOP_NOW_SIGNAL, ProcessSignals, holdHangups, takeHel
 from echotw.systemd import UNNAMED, ListenFDs, parseListenFDs
 from echotw.tap import Options
 from echotw.throttlelog import LogThrottle
+from tests.fakes import AbortableTransport, FakePort, FakeReactor
 
 
-class BufferedTransport(StringTransport):
+class BufferedTransport(AbortableTransport):
     """
     A transport that reports bytes as queued until L{flush}.
     """
@@ -44,7 +45,6 @@ class BufferedTransport(StringTransport):
     def __init__(self) -> None:
         super().__init__()
         self.queued = 0
-        self.aborted = False
 
     def write(self, data: bytes) -> None:
         super().write(data)
@@ -52,9 +52,6 @@ class BufferedTransport(StringTransport):
 
     def flush(self) -> None:
         self.queued = 0
-
-    def abortConnection(self) -> None:
-        self.aborted = True
 
 
 class FakeConnection:
@@ -322,20 +319,6 @@ class HealthTests(SynchronousTestCase):
         self.assertEqual(self.render(b"readyz", False)[0], 503)
 
 
-class FakePort:
-    connected = True
-
-    def __init__(self) -> None:
-        self.reading = True
-        self._logger = Logger()
-
-    def stopReading(self) -> None:
-        self.reading = False
-
-    def startReading(self) -> None:
-        self.reading = True
-
-
 class AcceptErrorsTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -428,26 +411,6 @@ class ListenFDsTests(SynchronousTestCase):
             {"LISTEN_PID": "42", "LISTEN_FDS": "1", "LISTEN_FDS_FIRST_FD": "z"},
         ]:
             self.assertEqual(parseListenFDs(environ, 42), ListenFDs())
-
-
-class FakeReactor(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.whenRunning: list[Any] = []
-        self.triggers: list[Any] = []
-        self.stopped = 0
-
-    def callWhenRunning(self, f: Any, *a: Any) -> None:
-        self.whenRunning.append(f)
-
-    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
-        self.triggers.append(f)
-
-    def callFromThread(self, f: Any, *a: Any) -> None:
-        f(*a)
-
-    def stop(self) -> None:
-        self.stopped += 1
 
 
 class ProcessSignalsTests(SynchronousTestCase):

@@ -16,7 +16,7 @@ from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
@@ -29,15 +29,8 @@ from echotw.protocol import EchoProtocol
 from echotw.ratelimit import TokenBuckets
 from echotw.rulefiles import RuleFileError, RuleSource, readRuleFile
 from echotw.service import EchoService
+from tests.fakes import AbortableTransport
 from tests.process import temporaryDirectory
-
-
-class AbortableTransport(StringTransport):
-    aborted = False
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        self.disconnecting = True
 
 
 def client(host: str = "10.0.0.1", port: int = 40000) -> IPv4Address:

@@ -34,34 +34,11 @@ from echotw.udp import (
     UDPListenerService,
     isUnicastSource,
 )
+from tests.fakes import FakeDatagramTransport, FakeUDPPort
 
 CLIENT = ("192.0.2.10", 40000)
 udpReactor = cast(IReactorUDP, reactor)
 MAX_IPV4_PAYLOAD = 65507
-
-
-class FakeDatagramTransport:
-    """
-    Records C{write(data, addr)} calls; raises C{error} instead if set.
-    """
-
-    def __init__(self, host: str = "0.0.0.0", port: int = 7) -> None:
-        self.written: list[tuple[bytes, tuple[str, int]]] = []
-        self.error: Exception | None = None
-        self.host = (
-            IPv6Address("UDP", host, port) if ":" in host else IPv4Address("UDP", host, port)
-        )
-        self.peer: Any = None
-
-    def write(self, data: bytes, addr: tuple[str, int]) -> None:
-        if self.error is not None:
-            raise self.error
-        self.written.append((data, addr))
-        if self.peer is not None:
-            self.peer.datagramReceived(data, (self.host.host, self.host.port))
-
-    def getHost(self) -> IPv4Address | IPv6Address:
-        return self.host
 
 
 def echoProtocol(
@@ -594,18 +571,6 @@ class UDPEchoProtocolTests(SynchronousTestCase):
         self.assertEqual(event["bytes"], 3)
         self.assertEqual(event["dropped_loop_port"], 1)
         self.assertEqual(event["dropped_total"], 1)
-
-
-class FakeUDPPort:
-    def __init__(self, host: IPv4Address | IPv6Address) -> None:
-        self.host = host
-        self.stopped = False
-
-    def getHost(self) -> IPv4Address | IPv6Address:
-        return self.host
-
-    def stopListening(self) -> None:
-        self.stopped = True
 
 
 class FakeUDPReactor:

@@ -33,6 +33,7 @@ from echotw.workercontract import READY
 from echotw.workermain import Orphan
 from echotw.workerprocess import WorkerProcess
 from echotw.workers import RESTART_DELAYS, STOP_NOW_GRACE, Backoff, WorkerPool
+from tests.fakes import FakeReactor
 from tests.process import (
     LOOPBACK,
     TWISTD,
@@ -200,13 +201,6 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(backoff.died(230), RESTART_DELAYS[0])
         backoff.started(231)
         self.assertEqual(backoff.died(231.5), RESTART_DELAYS[1])
-
-
-class FakeReactor(Clock):
-    running = True
-
-    def stop(self) -> None:
-        self.running = False
 
 
 class OrphanTests(SynchronousTestCase):
