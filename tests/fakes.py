@@ -6,6 +6,7 @@ than another variant of it.
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
@@ -154,3 +155,49 @@ class FakeReactor(Clock):
     def stop(self) -> None:
         self.stopped += 1
         self.running = False
+
+
+class FakeProcess:
+    """
+    A child process as its protocol sees it: its pid and the signals sent to it.
+    """
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+        self.pid = 4242
+
+    def signalProcess(self, sig: int) -> None:
+        self.signals.append(sig)
+
+
+class FakeCounters:
+    """
+    The supervisor's counters as a worker reports to them.
+    """
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[int, bytes]] = []
+
+    def report(self, index: int, line: bytes) -> None:
+        self.reports.append((index, line))
+
+    def ended(self, index: int, restarting: bool) -> None:
+        pass
+
+
+class FailingSpawnReactor(Clock):
+    """
+    A reactor whose first C{failures} spawns fail as with no descriptors left.
+    """
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.spawned = 0
+
+    def spawnProcess(self, *args: Any, **kw: Any) -> FakeProcess:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        self.spawned += 1
+        return FakeProcess()

@@ -17,7 +17,7 @@ from echotw.options import EchoOptions
 from echotw.watchdog import STARTING_ALLOWANCE, Watchdog
 from echotw.workercontract import READY
 from echotw.workers import RESTART_DELAYS, WorkerPool
-from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
+from tests.fakes import FailingSpawnReactor, FakeCounters, FakeProcess
 
 
 class WatchdogTests(SynchronousTestCase):

@@ -7,7 +7,6 @@ refuse nothing, and a stop that leaves no process behind.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from echotw.workercontract import READY
 from echotw.workermain import Orphan
 from echotw.workerprocess import WorkerProcess
 from echotw.workers import RESTART_DELAYS, STOP_NOW_GRACE, Backoff, WorkerPool
-from tests.fakes import FakeReactor
+from tests.fakes import FailingSpawnReactor, FakeCounters, FakeProcess, FakeReactor
 from tests.process import (
     LOOPBACK,
     TWISTD,
@@ -227,26 +226,6 @@ class OrphanTests(SynchronousTestCase):
         self.assertEqual(exits, [1])
 
 
-class FakeProcess:
-    def __init__(self) -> None:
-        self.signals: list[int] = []
-        self.pid = 4242
-
-    def signalProcess(self, sig: int) -> None:
-        self.signals.append(sig)
-
-
-class FakeCounters:
-    def __init__(self) -> None:
-        self.reports: list[tuple[int, bytes]] = []
-
-    def report(self, index: int, line: bytes) -> None:
-        self.reports.append((index, line))
-
-    def ended(self, index: int, restarting: bool) -> None:
-        pass
-
-
 class HeldSignalTests(SynchronousTestCase):
     """
     Signals for a worker wait until it says it is ready for them.
@@ -291,20 +270,6 @@ class HeldSignalTests(SynchronousTestCase):
         worker.childDataReceived(7, b'dy\n{"a": 2}\n{"a": 3}\n')
         self.assertEqual(process.signals, [signal.SIGHUP])
         self.assertEqual(counters.reports, [(1, b'{"a": 1}'), (1, b'{"a": 3}')])
-
-
-class FailingSpawnReactor(Clock):
-    def __init__(self, failures: int) -> None:
-        super().__init__()
-        self.failures = failures
-        self.spawned = 0
-
-    def spawnProcess(self, *args: Any, **kw: Any) -> FakeProcess:
-        if self.failures:
-            self.failures -= 1
-            raise OSError(errno.EMFILE, "Too many open files")
-        self.spawned += 1
-        return FakeProcess()
 
 
 class SpawnFailureTests(SynchronousTestCase):
