@@ -4,7 +4,7 @@ The container image (C{Dockerfile}) and the Kubernetes manifests
 extra (a test whose tool is missing skips and names it), and checked
 against each other and against echotw's own options, so that a port, a
 user or a shutdown delay changed in one place and not the others fails
-(the manifests among themselves: test_manifests).
+(the manifests among themselves: L{tests.test_manifests}).
 
 The image itself is not built here: its base image lives on a registry
 this machine cannot reach.

@@ -1,6 +1,6 @@
 """
 Tests for L{echotw.logs}: JSON lines from log events (those from a real
-twistd process are in test_e2e_jsonlog).
+twistd process are in L{tests.test_e2e_jsonlog}).
 """
 
 from __future__ import annotations

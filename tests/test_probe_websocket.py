@@ -2,7 +2,7 @@
 C{echotw-probe --websocket}: L{WebSocketProbe} on a fake transport and a
 L{Clock} against a wsproto server held in memory (what it sends, how it
 verifies each message, closes, fails); the whole run over loopback is in
-test_probe_websocket_loopback.
+L{tests.test_probe_websocket_loopback}.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """
 Direct tests of L{echotw.reactor} on real descriptors: which events skip the
 log context, that dispatch keeps Twisted's semantics, the fallback for a
-Twisted without the internals it uses (when it is installed: test_e2e_reactor).
+Twisted without the internals it uses (when it is installed: L{tests.test_e2e_reactor}).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """
 Tests for UDP echo: listener parsing, the protocol with a fake transport and
 a fake clock, the listener service with a fake reactor (real sockets on
-loopback: test_udp_loopback).
+loopback: L{tests.test_udp_loopback}).
 """
 
 from __future__ import annotations
