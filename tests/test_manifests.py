@@ -11,13 +11,8 @@ import re
 from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.tap import Options
-from tests.process import ROOT
+from tests import ROOT
 from tests.test_containers import endpointPort, listeners, manifest, optionValues
-
-DOCKERFILE = ROOT / "Dockerfile"
-MANIFESTS = ROOT / "deploy" / "kubernetes"
-CORE_MANIFESTS = [MANIFESTS / "deployment.yaml", MANIFESTS / "service.yaml"]
-PODMONITOR = MANIFESTS / "podmonitor.yaml"
 
 
 class ManifestConsistencyTests(SynchronousTestCase):

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import SkipTest
@@ -25,7 +24,6 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
-    Event,
     Request,
 )
 
@@ -34,7 +32,6 @@ from tests.test_probe_websocket import runProbe
 
 reactor: Any = _reactor
 
-Echo = Callable[[bytes], list[Event]]
 """What the server sends back for one whole message it received."""
 
 

@@ -17,8 +17,6 @@ from echotw.config import Impairment
 from echotw.options import EchoOptions
 from tests.process import LOOPBACK
 
-UDP_LOOPBACK = "udp:0:interface=127.0.0.1"
-
 
 def parse(*args: str) -> EchoOptions:
     options = EchoOptions()

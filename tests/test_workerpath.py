@@ -8,19 +8,6 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.workercommand import workerPath
-from tests.process import TWISTD
-
-PLANTED = ("ipaddress", "json", "mmap", "zope", "echotw")
-"""
-Modules a worker imports (the standard library's, a dependency's, echotw
-itself): each planted copy leaves a marker if it is ever imported.
-"""
-
-SAFE_TWISTD = "import sys; sys.path[:] = [p for p in sys.path if p]; " + TWISTD
-"""
-C{twistd} started without the current directory on its own path, as the
-installed C{twistd} script is, so that only what its workers import is tested.
-"""
 
 
 class WorkerPathTests(SynchronousTestCase):

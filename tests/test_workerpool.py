@@ -7,7 +7,6 @@ fails, stop-now, and the options --workers refuses.
 from __future__ import annotations
 
 import os
-import re
 import signal
 from typing import Any, cast
 
@@ -23,8 +22,6 @@ from echotw.workermain import Orphan
 from echotw.workerprocess import WorkerProcess
 from echotw.workers import RESTART_DELAYS, STOP_NOW_GRACE, Backoff, WorkerPool
 from tests.fakes import FailingSpawnReactor, FakeCounters, FakeProcess, FakeReactor
-
-SERVED = re.compile(r"echotw worker (\d+)\] Connection from ([\d.]+):(\d+) on")
 
 
 class BackoffTests(SynchronousTestCase):
