@@ -23,8 +23,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from tests import ROOT
 
 GET_METRICS = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
 PROBE = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -326,7 +327,7 @@ class AttackProcess:
                 str(connections),
                 str(duration),
             ],
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=ROOT,
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
         )

@@ -23,7 +23,8 @@ from typing import TypeVar
 
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
+
 BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"Listening on (?P<listener>\S+) at (?P<address>\S+)")
 SERVING = re.compile(r"Serving (?P<what>.+?) on (?P<listener>\S+) at (?P<address>\S+)")

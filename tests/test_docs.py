@@ -17,7 +17,8 @@ from urllib.parse import unquote
 
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
+
 DOCS = ROOT / "docs"
 
 FENCE = re.compile(r"^(```|~~~)")

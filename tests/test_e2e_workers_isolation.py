@@ -11,9 +11,6 @@ import signal
 import sys
 from pathlib import Path
 
-from twisted.trial.unittest import SynchronousTestCase
-
-from echotw.workercommand import workerPath
 from tests.process import TWISTD, ServerTestCase, connect, echo
 from tests.test_workers import workerPids
 
@@ -82,22 +79,3 @@ class PlantedModuleTests(ServerTestCase):
             self.assertEqual(echo(sock, b"again"), b"again")
         self.assertEqual(sorted(os.listdir(markers)), [])
         self.assertNotIn("Traceback", server.output())
-
-
-class WorkerPathTests(SynchronousTestCase):
-    def test_currentDirectoryDropped(self) -> None:
-        """Empty and relative entries and the current directory, which all
-        stand for the directory the server was started in, are dropped;
-        the rest keep their order, each once."""
-        path = ["", "/srv/start", "/usr/lib/python3", ".", "lib", "/venv/site", "/usr/lib/python3"]
-        self.assertEqual(
-            workerPath(path, "/srv/start", "/venv/site"), ["/usr/lib/python3", "/venv/site"]
-        )
-
-    def test_packageRootKeptLast(self) -> None:
-        """The directory echotw came from stays searchable, after everything
-        else, even when it is the current directory."""
-        self.assertEqual(
-            workerPath(["/srv/echotw", "/usr/lib/python3"], "/srv/echotw", "/srv/echotw"),
-            ["/usr/lib/python3", "/srv/echotw"],
-        )

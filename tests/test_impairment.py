@@ -15,7 +15,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IUDPTransport
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,26 +34,9 @@ from echotw.options import EchoOptions
 from echotw.service import EchoService
 from echotw.shaping import DatagramImpairment
 from echotw.udp import DROP_REASONS, UDPEchoProtocol
-from tests.test_udp import FakeDatagramTransport
+from tests.fakes import ClosingTransport, FakeDatagramTransport
 
 CLIENT = IPv4Address("TCP", "10.0.0.1", 40000)
-
-
-class ClosingTransport(StringTransport):
-    """
-    Like a real transport: loseConnection waits for the producer to be
-    unregistered; abortConnection counts.
-    """
-
-    aborted = False
-
-    def loseConnection(self) -> None:
-        if self.producer is None:
-            super().loseConnection()
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        self.disconnecting = True
 
 
 def impairedFactory(clock: Clock, **impairment: Any) -> EchoFactory:

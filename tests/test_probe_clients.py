@@ -20,6 +20,7 @@ from echotw.probe.pattern import StreamCheck
 from echotw.probe.proxyheader import v1Header
 from echotw.probe.stats import ProbeRun, Report, Thresholds
 from echotw.probe.timing import Flow, Plan
+from tests.fakes import FakeUDPPort
 
 
 def plan(**changes: object) -> Plan:
@@ -287,32 +288,6 @@ class StreamProbeTests(SynchronousTestCase):
         self.assertEqual(transport.value()[len(header) :], StreamCheck(11, 0).nextBytes(100))
 
 
-class FakeUDPPort:
-    """
-    Just enough of a connected UDP port for L{DatagramProbe}.
-    """
-
-    def __init__(self, protocol: DatagramProbe) -> None:
-        self.protocol = protocol
-        self.written: list[bytes] = []
-        self.connected: tuple[str, int] | None = None
-        self.stopped = False
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-
-    def connect(self, host: str, port: int) -> None:
-        self.connected = (host, port)
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def stopListening(self) -> None:
-        self.stopped = True
-        self.protocol.doStop()
-
-    def getHandle(self) -> socket.socket:
-        return self.socket
-
-
 class DatagramProbeTests(SynchronousTestCase):
     def start(self, **changes: object) -> FakeUDPPort:
         self.clock = Clock()
@@ -321,7 +296,7 @@ class DatagramProbeTests(SynchronousTestCase):
         self.probe = DatagramProbe(
             Flow(0, self.plan, self.run, self.clock, self.clock.seconds), "127.0.0.1", 7
         )
-        port = FakeUDPPort(self.probe)
+        port = FakeUDPPort(protocol=self.probe)
         self.addCleanup(port.socket.close)
         self.probe.makeConnection(port)  # type: ignore[arg-type]
         self.done: list[None] = []

@@ -20,25 +20,11 @@ from echotw.addresses import formatAddress, parseNetwork
 from echotw.factory import EchoFactory
 from echotw.policy import AccessRules
 from echotw.protocol import EchoProtocol
+from tests.fakes import ClosingTransport
 
 
 def client(host: str = "10.0.0.1", port: int = 40000) -> IPv4Address:
     return IPv4Address("TCP", host, port)
-
-
-class HalfCloseTransport(StringTransport):
-    """
-    A StringTransport that, like a real one, does not finish loseConnection
-    while a producer is still registered.
-    """
-
-    closedFor = 0
-
-    def loseConnection(self) -> None:
-        if self.producer is None:
-            super().loseConnection()
-        else:
-            self.closedFor += 1
 
 
 def connect(
@@ -46,7 +32,7 @@ def connect(
 ) -> tuple[EchoProtocol, StringTransport]:
     p = factory.buildProtocolFor(addr or client(), listener)
     assert p is not None
-    t = HalfCloseTransport()
+    t = ClosingTransport()
     p.makeConnection(t)
     return p, t
 

@@ -17,7 +17,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from echotw.coercers import seconds, timeout
 from echotw.options import EchoOptions
 from echotw.probe.options import duration as probeDuration
-from tests.process import run
 from tests.properties import PROPERTIES
 
 YEAR = "31536000"
@@ -131,18 +130,6 @@ class OptionRangeTests(SynchronousTestCase):
                     parse(f"--{option}", value)
         for value in ("0", "0.0", "0e5", "-0"):
             self.assertEqual(parse("--idle-timeout", value)["idle-timeout"], 0)
-
-
-class OptionRangeEndToEndTests(SynchronousTestCase):
-    def test_outOfRangeExitsWithOneLine(self) -> None:
-        """twistd given an out-of-range value exits with status 1 and one
-        line naming the option, before anything listens."""
-        result = run("--port", "tcp:0:interface=127.0.0.1", "--idle-timeout", "1e-9")
-        self.assertEqual(result.returncode, 1, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        self.assertEqual(len(lines), 1, result.stderr)
-        self.assertIn("--idle-timeout", lines[0])
-        self.assertNotIn("Listening", result.stdout + result.stderr)
 
 
 DURATIONS = {

@@ -1,16 +1,13 @@
 """
 Direct tests of L{echotw.reactor} on real descriptors: which events skip the
 log context, that dispatch keeps Twisted's semantics, the fallback for a
-Twisted without the internals it uses, and when it is installed.
+Twisted without the internals it uses (when it is installed: L{tests.test_e2e_reactor}).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import socket
-import subprocess
-import sys
 import time
 from collections import UserDict
 from typing import Any
@@ -264,35 +261,3 @@ class EchoThroughEchoReactorTests(SynchronousTestCase):
             received += chunk
         self.assertTrue(closed, "the server did not close after the half-close")
         self.assertEqual(bytes(received), payload)
-
-
-class InstallTests(SynchronousTestCase):
-    def test_leavesAnInstalledReactorAlone(self) -> None:
-        """With a reactor already installed (here, the test runner's), nothing
-        is replaced."""
-        from twisted.internet import reactor
-
-        before = type(reactor)
-        self.assertFalse(echoreactor.installIfUnchosen())
-        self.assertIs(type(sys.modules["twisted.internet.reactor"]), before)
-
-    def run_python(self, code: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        self.assertEqual(result.returncode, 0, result.stderr)
-        return result.stdout.strip()
-
-    def test_installedWhenNoneWasChosen(self) -> None:
-        """In a fresh process it becomes the reactor, unless one was chosen."""
-        if echoreactor.EPollReactor is None:
-            raise SkipTest("no epoll on this platform")
-        report = "from twisted.internet import reactor; print(installed, type(reactor).__name__)"
-        fresh = "from echotw.reactor import installIfUnchosen; installed = installIfUnchosen(); "
-        self.assertEqual(self.run_python(fresh + report), "True EchoReactor")
-        chosen = "from twisted.internet import pollreactor; pollreactor.install(); " + fresh
-        self.assertEqual(self.run_python(chosen + report), "False PollReactor")

@@ -23,6 +23,7 @@ from echotw.addresses import IPNetwork, foldMapped
 from echotw.options import EchoOptions
 from echotw.rulefiles import MAX_LINE_BYTES, RuleFileError, RuleSource, readRuleFile
 from tests.properties import PROPERTIES, networks
+from tests.test_operations import client, writeFile
 
 SPACE = st.sampled_from(["", " ", "\t", "  ", " \t "])
 LINE_END = st.sampled_from([b"\n", b"\r\n"])
@@ -275,3 +276,85 @@ class RuleFileHardeningTests(SynchronousTestCase):
         Path(good).write_text("10.0.0.0/8\n")
         source = RuleSource(allowFiles=[good], denyFiles=["/dev/zero"])
         self.assertRaises(RuleFileError, source.load)
+
+
+class RuleFileTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        """Addresses and networks of both families, comments and blank lines."""
+        path = writeFile(
+            self,
+            """
+            # office
+            192.0.2.0/24   # the LAN
+            2001:db8::/32
+
+            203.0.113.7
+            """,
+        )
+        self.assertEqual(
+            [str(n) for n in readRuleFile(path)],
+            ["192.0.2.0/24", "2001:db8::/32", "203.0.113.7/32"],
+        )
+
+    def test_errorNamesFileAndLine(self) -> None:
+        """A bad line is an error naming the file and the line number."""
+        path = writeFile(self, "10.0.0.0/8\n\n10.1.2.3/8\n")
+        with self.assertRaises(RuleFileError) as ctx:
+            readRuleFile(path)
+        self.assertIn(f"{path}:3:", str(ctx.exception))
+        missing = path + ".missing"
+        with self.assertRaises(RuleFileError) as ctx:
+            readRuleFile(missing)
+        self.assertIn(missing, str(ctx.exception))
+
+    def test_emptyAllowFileAdmitsNobody(self) -> None:
+        """An allow file with no entries still restricts to those listed."""
+        rules = RuleSource(allowFiles=[writeFile(self, "# nobody yet\n")]).load()
+        self.assertEqual(rules(client(), "l"), "not allowed")
+
+    def test_largeFile(self) -> None:
+        """100,000 networks load and match exactly."""
+        path = writeFile(
+            self,
+            "".join(f"10.{i >> 8 & 255}.{i & 255}.{i >> 16 << 7}/25\n" for i in range(100_000)),
+        )
+        rules = RuleSource(allowFiles=[path]).load()
+        self.assertEqual(len(rules.allow), 100_000)
+        self.assertIsNone(rules(client("10.3.7.100"), "l"))
+        self.assertEqual(rules(client("11.3.7.100"), "l"), "not allowed")
+
+    def test_optionsCombineFilesAndFlags(self) -> None:
+        """--allow-file and --deny-file combine with --allow and --deny."""
+        allow = writeFile(self, "10.0.0.0/8\n")
+        deny = writeFile(self, "10.6.0.0/16\n")
+        options = EchoOptions()
+        options.parseOptions(
+            [
+                "--allow",
+                "192.0.2.1",
+                "--allow-file",
+                allow,
+                "--deny-file",
+                deny,
+                "--deny",
+                "10.7.7.7",
+            ]
+        )
+        rules = options.config.rules
+        self.assertIsNone(rules(client("192.0.2.1"), "l"))
+        self.assertIsNone(rules(client("10.1.1.1"), "l"))
+        self.assertEqual(rules(client("10.6.1.1"), "l"), "denied")
+        self.assertEqual(rules(client("10.7.7.7"), "l"), "denied")
+        self.assertEqual(rules(client("192.0.2.2"), "l"), "not allowed")
+
+    def test_badFileAtStartIsUsageError(self) -> None:
+        """A bad file at start-up is a one-line usage error naming the option,
+        the file and the line."""
+        path = writeFile(self, "nonsense\n")
+        for option in ["--allow-file", "--deny-file"]:
+            with self.assertRaises(UsageError) as ctx:
+                EchoOptions().parseOptions([option, path])
+            message = str(ctx.exception)
+            self.assertTrue(message.startswith(option), message)
+            self.assertIn(f"{path}:1:", message)
+            self.assertNotIn("\n", message)

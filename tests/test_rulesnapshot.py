@@ -38,7 +38,7 @@ from echotw.rulesnapshot import (
 from echotw.workercontract import READY
 from echotw.workermain import WorkerOptions
 from echotw.workers import WorkerPool
-from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
+from tests.fakes import FailingSpawnReactor, FakeCounters, FakeProcess
 
 V4 = parseNetwork("10.0.0.0/8")
 V6 = parseNetwork("2001:db8::/32")

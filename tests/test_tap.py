@@ -27,6 +27,7 @@ from echotw.proxyprotocol import ProxyProtocolEndpoint, ProxyProtocolFactory
 from echotw.service import EchoService, ListenerService
 from echotw.tap import Options, makeService
 from echotw.udp import UDPListenerService
+from tests.fakes import AbortableTransport, FakeDatagramTransport, FakePort
 
 
 def parse(*args: str) -> EchoOptions:
@@ -244,8 +245,9 @@ class DocumentedDefaultsTests(SynchronousTestCase):
         top = self.build("-p", "tcp:7001", "--udp", "udp:7002", listen=False)
         [udp] = [child for child in top if isinstance(child, UDPListenerService)]
         protocol = udp.protocol
-        sent: list[bytes] = []
-        protocol.transport = FakeDatagramTransport(sent)  # type: ignore[assignment]
+        transport = FakeDatagramTransport()
+        protocol.transport = transport  # type: ignore[assignment]
+        sent = transport.written
         for _ in range(250):
             protocol.datagramReceived(b"x", ("192.0.2.1", 40000))
         self.assertEqual(len(sent), 200)
@@ -264,14 +266,6 @@ class DocumentedDefaultsTests(SynchronousTestCase):
         self.assertTrue(transport.connected)
         self.reactor.advance(0.01)
         self.assertFalse(transport.connected)
-
-
-class FakeDatagramTransport:
-    def __init__(self, sent: list[bytes]) -> None:
-        self.sent = sent
-
-    def write(self, datagram: bytes, addr: object) -> None:
-        self.sent.append(datagram)
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -338,16 +332,6 @@ class FakeEndpoint:
         return self.result
 
 
-class FakePort:
-    stopped = False
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("TCP", "127.0.0.1", 43210)
-
-    def stopListening(self) -> None:
-        self.stopped = True
-
-
 class ListenerServiceTests(SynchronousTestCase):
     def test_logsBoundAddress(self) -> None:
         """The address actually bound is logged (tcp:0 reports its port)."""
@@ -398,25 +382,16 @@ class ListenerServiceTests(SynchronousTestCase):
         self.assertTrue(port.stopped)
 
 
-class AbortRecordingTransport(StringTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.aborted = False
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
 class DrainTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.factory = EchoFactory()
         self.service = EchoService(self.factory, self.clock, shutdownTimeout=2.0)
 
-    def connect(self) -> tuple[object, AbortRecordingTransport]:
+    def connect(self) -> tuple[object, AbortableTransport]:
         p = self.factory.buildProtocolFor(IPv4Address("TCP", "10.0.0.1", 1), "l")
         assert p is not None
-        t = AbortRecordingTransport()
+        t = AbortableTransport()
         p.makeConnection(t)
         return p, t
 

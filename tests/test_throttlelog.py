@@ -21,7 +21,7 @@ from echotw.proxyprotocol import ProxyProtocolFactory
 from echotw.service import EchoService
 from echotw.throttlelog import LINES_PER_SECOND
 from echotw.udp import UDPEchoProtocol
-from tests.test_udp import FakeDatagramTransport
+from tests.fakes import FakeDatagramTransport
 
 SOURCES = 100
 """Sources in each flood: five times the cap."""

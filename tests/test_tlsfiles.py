@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw.files import MAX_TLS_FILE_BYTES, TLS_EXTRA, checkSmallRegularFile
+from echotw.files import MAX_TLS_FILE_BYTES, TLS_EXTRA
 from tests.process import TWISTD, environmentWithRoot, serverDirectory, twistdCommand
 from tests.test_e2e_rulefiles import BAD_FILES as BAD_RULE_FILES
 
@@ -38,32 +38,6 @@ BAD_FILES = {
     "huge": writeHugeFile,
 }
 """The bad rule files that are not regular files, and one too large."""
-
-
-class CheckSmallRegularFileTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.directory = Path(tempfile.mkdtemp())
-
-    def test_smallRegularFile(self) -> None:
-        """A regular file within the size, or a link to one, passes."""
-        path = self.directory / "key.pem"
-        path.write_bytes(b"x" * MAX_TLS_FILE_BYTES)
-        link = self.directory / "link.pem"
-        link.symlink_to(path)
-        checkSmallRegularFile(str(path), MAX_TLS_FILE_BYTES)
-        checkSmallRegularFile(str(link), MAX_TLS_FILE_BYTES)
-
-    def test_refused(self) -> None:
-        """Anything else is refused, saying what it is."""
-        for name, make in BAD_FILES.items():
-            path = self.directory / name
-            reason = make(path)
-            with self.assertRaises(ValueError) as caught:
-                checkSmallRegularFile(str(path), MAX_TLS_FILE_BYTES)
-            self.assertEqual(str(caught.exception), reason, name)
-        with self.assertRaises(ValueError) as caught:
-            checkSmallRegularFile(str(self.directory / "missing"), MAX_TLS_FILE_BYTES)
-        self.assertEqual(str(caught.exception), "cannot read: No such file or directory")
 
 
 def limitMemory() -> None:

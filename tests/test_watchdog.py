@@ -26,7 +26,7 @@ from echotw.watchdog import STARTING_ALLOWANCE, Watchdog
 from echotw.workercontract import READY, WORKER_REPORT_FD, WORKER_RULES
 from echotw.workermain import StartingBeat
 from echotw.workers import RESTART_DELAYS, WorkerPool
-from tests.test_workers import FailingSpawnReactor, FakeCounters, FakeProcess
+from tests.fakes import FailingSpawnReactor, FakeCounters, FakeProcess
 
 
 class WatchdogTests(SynchronousTestCase):

@@ -1,13 +1,12 @@
 """
-Tests for C{--workers}: the restart back-off, and end to end with a real
-supervisor and worker processes: how connections spread over the workers,
+End-to-end tests of C{--workers} with a real supervisor and worker
+processes: how connections spread over the workers,
 limits that hold for the whole server, one metrics endpoint, restarts that
 refuse nothing, and a stop that leaves no process behind.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -18,21 +17,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, cast
 
-from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
-from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 
-from echotw import workermain
 from echotw.addresses import ipFromText
-from echotw.options import EchoOptions
 from echotw.steering import sourceIndex
-from echotw.workercontract import READY
-from echotw.workermain import Orphan
-from echotw.workerprocess import WorkerProcess
-from echotw.workers import RESTART_DELAYS, STOP_NOW_GRACE, Backoff, WorkerPool
 from tests.process import (
     LOOPBACK,
     TWISTD,
@@ -176,201 +165,6 @@ def scrape(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
-
-
-class BackoffTests(SynchronousTestCase):
-    def test_growsWhileDying(self) -> None:
-        """A worker that keeps dying at once waits longer each time, up to the last delay."""
-        backoff = Backoff()
-        delays = []
-        for n in range(len(RESTART_DELAYS) + 2):
-            backoff.started(float(n))
-            delays.append(backoff.died(n + 0.5))
-        self.assertEqual(delays, [*RESTART_DELAYS, RESTART_DELAYS[-1], RESTART_DELAYS[-1]])
-
-    def test_resetsAfterHealthyRun(self) -> None:
-        """A worker that ran healthily for a while is restarted after the shortest delay again."""
-        backoff = Backoff(healthyAfter=30)
-        for n in range(6):
-            backoff.started(n)
-            backoff.died(n + 0.1)
-        backoff.started(100)
-        self.assertEqual(backoff.died(129), RESTART_DELAYS[-1])
-        backoff.started(200)
-        self.assertEqual(backoff.died(230), RESTART_DELAYS[0])
-        backoff.started(231)
-        self.assertEqual(backoff.died(231.5), RESTART_DELAYS[1])
-
-
-class FakeReactor(Clock):
-    running = True
-
-    def stop(self) -> None:
-        self.running = False
-
-
-class OrphanTests(SynchronousTestCase):
-    def test_supervisorPresent(self) -> None:
-        """While the supervisor is the parent, nothing happens."""
-        reactor = FakeReactor()
-        self.assertTrue(Orphan(os.getppid(), reactor, 10).check())
-        self.assertTrue(reactor.running)
-
-    def test_orphanStopsThenExits(self) -> None:
-        """A worker whose supervisor is gone stops its reactor (a drain), and
-        exits outright if that is not over well after the drain's deadline."""
-        exits: list[int] = []
-        self.patch(workermain.os, "_exit", exits.append)
-        reactor = FakeReactor()
-        orphan = Orphan(-1, reactor, 10)
-        self.assertFalse(orphan.check())
-        self.assertFalse(reactor.running)
-        reactor.advance(14)
-        orphan.check()
-        self.assertEqual(exits, [])
-        reactor.advance(2)
-        orphan.check()
-        self.assertEqual(exits, [1])
-
-
-class FakeProcess:
-    def __init__(self) -> None:
-        self.signals: list[int] = []
-        self.pid = 4242
-
-    def signalProcess(self, sig: int) -> None:
-        self.signals.append(sig)
-
-
-class FakeCounters:
-    def __init__(self) -> None:
-        self.reports: list[tuple[int, bytes]] = []
-
-    def report(self, index: int, line: bytes) -> None:
-        self.reports.append((index, line))
-
-    def ended(self, index: int, restarting: bool) -> None:
-        pass
-
-
-class HeldSignalTests(SynchronousTestCase):
-    """
-    Signals for a worker wait until it says it is ready for them.
-    """
-
-    def worker(self) -> tuple[WorkerProcess, FakeProcess, FakeCounters]:
-        counters = FakeCounters()
-        pool = cast(
-            WorkerPool,
-            type("Pool", (), {"counters": counters, "reactor": Clock(), "workerTimeout": 0})(),
-        )
-        worker = WorkerProcess(pool, 1, reportFD=7)
-        process = FakeProcess()
-        worker.transport = cast(Any, process)
-        return worker, process, counters
-
-    def test_heldUntilReady(self) -> None:
-        """Before READY nothing is sent (each signal kept once, in order);
-        then they all are, and later ones at once."""
-        worker, process, _ = self.worker()
-        for sig in (signal.SIGHUP, signal.SIGHUP, signal.SIGTERM, signal.SIGHUP):
-            worker.signal(sig)
-        self.assertEqual(process.signals, [])
-        worker.childDataReceived(7, READY + b"\n")
-        self.assertEqual(process.signals, [signal.SIGHUP, signal.SIGTERM])
-        worker.signal(signal.SIGHUP)
-        self.assertEqual(process.signals[-1], signal.SIGHUP)
-
-    def test_killNeverHeld(self) -> None:
-        """SIGKILL needs no handler: it is sent at once, ready or not."""
-        worker, process, _ = self.worker()
-        worker.signal(signal.SIGKILL)
-        self.assertEqual(process.signals, [signal.SIGKILL])
-
-    def test_readyAmongReports(self) -> None:
-        """READY may arrive in pieces and beside counter reports, which still
-        reach the counters (the latest of a batch)."""
-        worker, process, counters = self.worker()
-        worker.signal(signal.SIGHUP)
-        worker.childDataReceived(7, b'{"a": 1}\nrea')
-        self.assertEqual(process.signals, [])
-        worker.childDataReceived(7, b'dy\n{"a": 2}\n{"a": 3}\n')
-        self.assertEqual(process.signals, [signal.SIGHUP])
-        self.assertEqual(counters.reports, [(1, b'{"a": 1}'), (1, b'{"a": 3}')])
-
-
-class FailingSpawnReactor(Clock):
-    def __init__(self, failures: int) -> None:
-        super().__init__()
-        self.failures = failures
-        self.spawned = 0
-
-    def spawnProcess(self, *args: Any, **kw: Any) -> FakeProcess:
-        if self.failures:
-            self.failures -= 1
-            raise OSError(errno.EMFILE, "Too many open files")
-        self.spawned += 1
-        return FakeProcess()
-
-
-class SpawnFailureTests(SynchronousTestCase):
-    def test_retriedWithBackoff(self) -> None:
-        """A worker that cannot be started (no descriptors left) is tried
-        again after the restart delays, with one line each time."""
-        reactor = FailingSpawnReactor(failures=2)
-        shared = cast(Any, type("Shared", (), {"socketsFor": lambda self, i: []})())
-        pool = WorkerPool(
-            cast(Any, reactor), shared, 1, [], 0, 10, counters=cast(Any, FakeCounters())
-        )
-        with capturedLogs() as events:
-            pool.startService()
-            self.assertEqual(reactor.spawned, 0)
-            reactor.advance(RESTART_DELAYS[0])
-            self.assertEqual(reactor.spawned, 0)
-            reactor.advance(RESTART_DELAYS[1])
-        self.assertEqual(reactor.spawned, 1)
-        failures = [e for e in events if e.get("event") == "worker-died"]
-        self.assertEqual(len(failures), 2)
-        self.assertIn("Too many open files", failures[0]["why"])
-
-
-class StopNowTests(SynchronousTestCase):
-    def test_stuckWorkerKilledSoon(self) -> None:
-        """After stop-now, a worker that does not end (stopped with SIGSTOP,
-        say) is killed within STOP_NOW_GRACE seconds, not at the drain
-        deadline."""
-        reactor = FailingSpawnReactor(failures=0)
-        shared = cast(Any, type("Shared", (), {"socketsFor": lambda self, i: []})())
-        pool = WorkerPool(
-            cast(Any, reactor), shared, 1, [], 0, 60, counters=cast(Any, FakeCounters())
-        )
-        pool.startService()
-        [worker] = pool.workers.values()
-        process = FakeProcess()
-        worker.transport = cast(Any, process)
-        worker.childDataReceived(worker.reportFD, READY + b"\n")
-        pool.stopService()
-        pool.stopNow()
-        self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGUSR2])
-        reactor.advance(STOP_NOW_GRACE)
-        self.assertEqual(process.signals[-1], signal.SIGKILL)
-
-
-class OptionsTests(SynchronousTestCase):
-    def test_unshareableListenersRefused(self) -> None:
-        """Listeners that cannot be shared are a usage error with --workers."""
-        for port in ["ssl:443", "systemd:domain=INET:index=0"]:
-            options = EchoOptions()
-            with self.assertRaises(UsageError):
-                options.parseOptions(["--workers", "2", "--port", port])
-        with self.assertRaises(UsageError):
-            EchoOptions().parseOptions(["--workers", "0"])
-
-    def test_metricsWithWorkers(self) -> None:
-        """--metrics is accepted with --workers."""
-        options = EchoOptions()
-        options.parseOptions(["--workers", "2", "--metrics", "tcp:0"])
-        self.assertEqual(options.config.metrics, "tcp:0")
 
 
 class WorkersEndToEndTests(ServerTestCase):
