@@ -10,7 +10,9 @@ import inspect
 import os
 import sys
 import textwrap
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from twisted.python import usage
 
@@ -48,6 +50,8 @@ from echotw.config import (
 )
 from echotw.endpoints import (
     DEFAULT_BACKLOG,
+    Listener,
+    UDPListener,
     checkDescription,
     listenerDescription,
     parseUDPListener,
@@ -56,7 +60,7 @@ from echotw.endpoints import (
 from echotw.habits import hostPortHint, runnerOptionHint
 from echotw.helptext import HELP_GROUPS, groupedUsage
 from echotw.nativelane import checkNativeSetting
-from echotw.policy import loadVerifier
+from echotw.policy import AccessRules, Verifier, loadVerifier
 from echotw.rulefiles import RuleFileError, RuleSource
 from echotw.version import __version__
 from echotw.watchdog import MIN_WORKER_TIMEOUT
@@ -366,52 +370,52 @@ class EchoOptions(usage.Options):
 
     @staticmethod
     def _network(option: str, value: str) -> IPNetwork:
-        try:
-            return parseNetwork(value)
-        except ValueError as e:
-            raise usage.UsageError(f"{option}: {e}") from None
+        with optionErrors(option):
+            network = parseNetwork(value)
+        return network
 
     def postOptions(self) -> None:
         """
-        Check the values together and build L{config}, once.
+        Check the values together and build L{config}, once: the listeners,
+        the rules, the checks across options, the verifier, the config.
         """
-        listeners = []
+        interface, backlog = self["interface"], self["backlog"]
+
+        def tcp(value: str) -> Listener:
+            return listenerDescription(value, interface, backlog)
+
         # The default port only when no listener of any kind is given: --udp
         # alone must not open a TCP port on every interface as well.
-        for port in self["port"] or ([] if self["udp"] or self["websocket"] else [DEFAULT_PORT]):
-            hint = hostPortHint(port, "tcp")
-            if hint is not None:
-                raise usage.UsageError(f"--port: {port!r} is not an endpoint: write {hint}")
-            try:
-                listeners.append(listenerDescription(port, self["interface"], self["backlog"]))
-            except ValueError as e:
-                raise usage.UsageError(f"--port: {e}") from None
-        webSockets = []
-        for value in self["websocket"]:
-            hint = hostPortHint(value, "tcp")
-            if hint is not None:
-                raise usage.UsageError(f"--websocket: {value!r} is not an endpoint: write {hint}")
-            try:
-                webSockets.append(listenerDescription(value, self["interface"], self["backlog"]))
-            except ValueError as e:
-                raise usage.UsageError(f"--websocket: {e}") from None
+        ports = self["port"] or ([] if self["udp"] or self["websocket"] else [DEFAULT_PORT])
+        listeners = _endpoints("--port", ports, "tcp", tcp)
+        webSockets = _endpoints("--websocket", self["websocket"], "tcp", tcp)
         if webSockets and self["workers"] > 1:
             raise usage.UsageError("--websocket: not served by --workers yet (use one process)")
-        udp = []
-        for value in self["udp"]:
-            hint = hostPortHint(value, "udp")
-            if hint is not None:
-                raise usage.UsageError(f"--udp: {value!r} is not an endpoint: write {hint}")
-            try:
-                udp.append(parseUDPListener(value, self["interface"]))
-            except ValueError as e:
-                raise usage.UsageError(f"--udp: {e}") from None
+        udp = _endpoints("--udp", self["udp"], "udp", lambda v: parseUDPListener(v, interface))
+        source, rules = self._rules()
+        self._checkWorkers(listeners)
+        self._checkWebListeners()
+        verifiers = self._verifiers()
+        self.config = self._config(listeners, webSockets, udp, source, rules, verifiers)
+
+    def _rules(self) -> tuple[RuleSource, AccessRules]:
+        """
+        The rule source and the rules it gives now; a bad file is named by
+        the option that gave it.
+        """
         source = RuleSource(self["allow"], self["deny"], self["allow-file"], self["deny-file"])
         try:
             rules = source.load()
         except RuleFileError as e:
             kind = "--allow-file" if e.path in self["allow-file"] else "--deny-file"
             raise usage.UsageError(f"{kind}: {e}") from None
+        return source, rules
+
+    def _checkWorkers(self, listeners: list[Listener]) -> None:
+        """
+        With several workers, every listener can be shared; a worker's
+        silence is judged over several of its reports.
+        """
         if self["workers"] > 1:
             for name, description in listeners:
                 kind = splitDescription(description.removeprefix("haproxy:"))[0]
@@ -425,27 +429,46 @@ class EchoOptions(usage.Options):
                 f"--worker-timeout: must be 0 (off) or at least {MIN_WORKER_TIMEOUT:g} seconds"
                 " (workers report once a second)"
             )
+
+    def _checkWebListeners(self) -> None:
+        """
+        C{--metrics} and C{--health}: endpoint strings, and not both.
+        """
         if self["metrics"] is not None:
-            try:
+            with optionErrors("--metrics", self["metrics"]):
                 checkDescription(self["metrics"])
-            except ValueError as e:
-                raise usage.UsageError(f"--metrics: {self['metrics']!r}: {e}") from None
         if self["health"] is not None:
             if self["metrics"] is not None:
                 raise usage.UsageError(
                     "--health: /healthz and /readyz are served by --metrics already"
                 )
-            try:
+            with optionErrors("--health", self["health"]):
                 checkDescription(self["health"])
-            except ValueError as e:
-                raise usage.UsageError(f"--health: {self['health']!r}: {e}") from None
+
+    def _verifiers(self) -> list[Verifier]:
+        """
+        The C{--verifier} callable, imported now, so that a wrong name fails
+        at start-up.
+        """
         verifiers = []
         if self["verifier"]:
-            try:
+            with optionErrors("--verifier"):
                 verifiers.append(loadVerifier(self["verifier"]))
-            except ValueError as e:
-                raise usage.UsageError(f"--verifier: {e}") from None
-        self.config = EchoConfig(
+        return verifiers
+
+    def _config(
+        self,
+        listeners: list[Listener],
+        webSockets: list[Listener],
+        udp: list[UDPListener],
+        source: RuleSource,
+        rules: AccessRules,
+        verifiers: list[Verifier],
+    ) -> EchoConfig:
+        """
+        The checked values as one L{EchoConfig}.
+        """
+        return EchoConfig(
             listeners=tuple(listeners),
             udpListeners=tuple(udp),
             ruleSource=source,
@@ -486,3 +509,35 @@ class EchoOptions(usage.Options):
             commandLine=tuple(self.arguments),
             native=checkNativeSetting(self["native"]),  # its default comes uncoerced
         )
+
+
+T = TypeVar("T")
+
+
+@contextmanager
+def optionErrors(option: str, value: str | None = None) -> Iterator[None]:
+    """
+    Turn a C{ValueError} raised inside into the one-line L{usage.UsageError}
+    that names C{option} (and C{value}, quoted, when the message does not
+    show it), the form every start-up error takes.
+    """
+    try:
+        yield
+    except ValueError as e:
+        named = option if value is None else f"{option}: {value!r}"
+        raise usage.UsageError(f"{named}: {e}") from None
+
+
+def _endpoints(option: str, values: list[str], kind: str, parse: Callable[[str], T]) -> list[T]:
+    """
+    Parse each listener C{option} gave, answering a C{HOST:PORT} with the
+    endpoint string to write instead (L{hostPortHint}).
+    """
+    parsed = []
+    for value in values:
+        with optionErrors(option):
+            hint = hostPortHint(value, kind)
+            if hint is not None:
+                raise ValueError(f"{value!r} is not an endpoint: write {hint}")
+            parsed.append(parse(value))
+    return parsed

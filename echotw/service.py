@@ -28,7 +28,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -46,7 +45,8 @@ from echotw.listening import (
 )
 from echotw.policy import AccessRules
 from echotw.protocol import LINGER_TIMEOUT
-from echotw.rulefiles import RuleFileError, RuleSource
+from echotw.reloads import RuleReloader
+from echotw.rulefiles import RuleSource
 
 
 class ListenerService(Service):
@@ -144,10 +144,9 @@ class EchoService(MultiService):
 
     Rules: L{requestReload} (on SIGHUP) re-reads the rule files through
     C{ruleSource}, in a thread of C{threads} if given, so a big file does
-    not stall the echo; reloads asked for while one runs are coalesced into
-    one more.  A file that fails keeps the old rules in force; open
-    connections that the new rules deny are closed gracefully once quiet
-    (L{echotw.drain.QuietCloser}), within L{RELOAD_GRACE} seconds.
+    not stall the echo; L{reloads} (an L{echotw.reloads.RuleReloader})
+    coalesces the requests and closes what the new rules deny, with the
+    same L{closer} as the drain.
 
     Stopping it (L{stopService}): readiness (L{ready}) turns false at once;
     the listeners keep accepting for C{drainDelay} seconds (so a balancer
@@ -178,14 +177,11 @@ class EchoService(MultiService):
         self.shutdownTimeout = shutdownTimeout
         self.idleTimeout = idleTimeout
         self.statsInterval = statsInterval
-        self.ruleSource = ruleSource
         self.drainDelay = drainDelay
-        self.threads = threads
         self.ready = False
         self.closer = QuietCloser(clock)
+        self.reloads = RuleReloader(factory, self.closer, ruleSource, threads, self._log)
         self._loops: list[LoopingCall] = []
-        self._reloading: Deferred[bool] | None = None
-        self._reloadAgain = False
         self._delay: Deferred[None] | None = None
         self._stoppingNow = False
 
@@ -307,100 +303,22 @@ class EchoService(MultiService):
 
     def requestReload(self) -> Deferred[bool]:
         """
-        Reload the rule files (SIGHUP), reading them off the reactor thread;
-        a request made while a reload is running adds one more reload after
-        it, however many requests come in the meantime.  Fires with whether
-        the last reload put new rules in force.
+        Reload the rule files (SIGHUP) off the reactor thread, coalesced
+        (L{RuleReloader.requestReload}).
         """
-        if self._reloading is not None:
-            self._reloadAgain = True
-            return self._reloading
-        source = self._filesToReload()
-        if source is None:
-            return succeed(False)
-        if self.threads is None:
-            loading: Deferred[AccessRules] = maybeDeferred(source.load)
-        else:
-            loading = deferToThreadPool(self.threads, self.threads.getThreadPool(), source.load)
-        done: Deferred[bool] = Deferred()
-        self._reloading = done
-
-        def loaded(rules: AccessRules) -> bool:
-            self.applyRules(rules)
-            return True
-
-        def failed(failure: Failure) -> bool:
-            error = failure.trap(RuleFileError) and failure.value
-            assert isinstance(error, RuleFileError)
-            self._reloadFailed(error)
-            return False
-
-        def next(result: bool) -> None:
-            self._reloading = None
-            if self._reloadAgain:
-                self._reloadAgain = False
-                self.requestReload().chainDeferred(done)
-            else:
-                done.callback(result)
-
-        loading.addCallbacks(loaded, failed).addCallback(next)
-        return done
+        return self.reloads.requestReload()
 
     def reload(self) -> bool:
         """
-        Re-read the rule files now, in the reactor thread; return whether
-        the new rules are in force.
+        Re-read the rule files now (L{RuleReloader.reload}).
         """
-        source = self._filesToReload()
-        if source is None:
-            return False
-        try:
-            rules = source.load()
-        except RuleFileError as e:
-            self._reloadFailed(e)
-            return False
-        self.applyRules(rules)
-        return True
-
-    def _filesToReload(self) -> RuleSource | None:
-        """
-        The rule source to re-read, or L{None} (and a line saying so) when
-        there are no rule files.
-        """
-        if self.ruleSource is None or not self.ruleSource.hasFiles:
-            self._log.info("SIGHUP: no rule files to reload", event="reload-skipped")
-            return None
-        return self.ruleSource
-
-    def _reloadFailed(self, error: Exception) -> None:
-        self._log.error(
-            "Rules not reloaded, the previous ones stay in force: {error}",
-            event="reload-failed",
-            error=str(error),
-        )
+        return self.reloads.reload()
 
     def applyRules(self, rules: AccessRules) -> None:
         """
-        Put C{rules} in force, and close the open connections they deny once
-        they are quiet.
+        Put C{rules} in force (L{RuleReloader.applyRules}).
         """
-        factory = self.factory
-        factory.rules = rules
-        denied = [
-            p
-            for p in list(factory.protocols)
-            if p.peer is not None and not p.finishing and rules(p.peer, p.listener) is not None
-        ]
-        self.closer.close(denied, "denied by reload", RELOAD_GRACE)
-        self._log.info(
-            "Rules reloaded: {allow} allow and {deny} deny networks; "
-            "closing {closed} {connections} they deny",
-            event="reloaded",
-            allow=len(rules.allow),
-            deny=len(rules.deny),
-            closed=len(denied),
-            connections=connections(len(denied)),
-        )
+        self.reloads.applyRules(rules)
 
     def drain(self) -> Deferred[None]:
         """
@@ -437,13 +355,6 @@ class EchoService(MultiService):
         loop.clock = self.clock
         done = loop.start(TICK, now=True)
         return done.addCallback(lambda _: None)
-
-
-RELOAD_GRACE = LINGER_TIMEOUT
-"""
-Seconds a connection denied by a reload is still echoed while it keeps
-sending, before it is closed gracefully anyway.
-"""
 
 
 def _servesThroughDrain(service: IService) -> bool:

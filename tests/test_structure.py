@@ -109,6 +109,7 @@ class LayeringTests(SynchronousTestCase):
             ("echotw.udp", {"echotw.service", "echotw.factory"}),
             ("echotw.workers", {"echotw.tap", "echotw.options", "echotw.build"}),
             ("echotw.protocol", {"echotw.factory", "echotw.service"}),
+            ("echotw.reloads", {"echotw.service"}),
             ("echotw.counters", {"echotw.metrics", "echotw.service", "echotw.workers"}),
             ("echotw.workerlog", {"echotw.workers", "echotw.factory", "echotw.build"}),
             ("echotw.workermain", {"echotw.workers", "echotw.workerprocess"}),

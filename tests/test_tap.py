@@ -171,6 +171,23 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(option, str(ctx.exception))
             self.assertNotIn("\n", str(ctx.exception))
 
+    def test_optionErrorsWholeLine(self) -> None:
+        """A value that fails its parser gives one line: the option, the
+        value where the parser's message does not quote it, the reason."""
+        cases = [
+            (["--port", "tcp:7x"], "--port: 'tcp:7x': invalid literal for int()"),
+            (["--udp", "tcp:7"], "--udp: 'tcp:7': unknown UDP listener type 'tcp'"),
+            (["--metrics", "nonsense:1"], "--metrics: 'nonsense:1': Unknown endpoint type"),
+            (["--health", "nonsense:1"], "--health: 'nonsense:1': Unknown endpoint type"),
+            (["--verifier", "os"], "--verifier: 'os' is not callable"),
+            (["--allow", "nonsense"], "--allow: 'nonsense' is not an IP address"),
+            (["--trusted-proxy", "10.0.0.1/8"], "--trusted-proxy: '10.0.0.1/8' is not an IP"),
+        ]
+        for args, start in cases:
+            with self.assertRaises(UsageError, msg=args) as ctx:
+                parse(*args)
+            self.assertTrue(str(ctx.exception).startswith(start), str(ctx.exception))
+
     def test_udpAndProxyOptions(self) -> None:
         """UDP listeners take --interface for bare numbers; PROXY settings
         are parsed."""
