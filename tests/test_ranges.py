@@ -48,6 +48,10 @@ RANGES: dict[str, tuple[list[str], list[str]]] = {
     "udp-loss": (["-0.1", "1.01", "nan", "101%"], ["0", "1"]),
 }
 
+CHOICES = {"log-level", "native"}
+"""Options with a coerce function that reads one of a few names, not a
+number: they have no range."""
+
 
 def parse(*args: str) -> EchoOptions:
     options = EchoOptions()
@@ -70,9 +74,17 @@ class OptionRangeTests(SynchronousTestCase):
         """Each option with a coerce function that reads a number is in the
         table of ranges below, so a new one cannot go unchecked."""
         numeric = {
-            row[0] for row in EchoOptions.optParameters if len(row) > 4 and row[0] != "log-level"
+            row[0] for row in EchoOptions.optParameters if len(row) > 4 and row[0] not in CHOICES
         }
         self.assertEqual(numeric, set(RANGES))
+
+    def test_choiceOptionsReadNoNumber(self) -> None:
+        """The options left out of the ranges as choices refuse a number,
+        so a numeric option cannot hide among them."""
+        for option in sorted(CHOICES):
+            for number in ("0", "1", "1.5"):
+                with self.assertRaises(UsageError, msg=f"--{option} {number}"):
+                    parse(f"--{option}", number)
 
     def test_outOfRangeIsUsageErrorNamingTheOption(self) -> None:
         """A value outside its option's range is a one-line usage error
