@@ -141,7 +141,7 @@ def makeService(
     child per listener or, with several workers, the supervisor's shared
     listeners and worker pool (whose workers log to C{workerLog}); then the
     UDP listeners and the metrics service.  A worker passes the sockets it
-    C{inherited}, in the order of C{config.listeners}, and the whole
+    C{inherited}, in the order of L{servedListeners}, and the whole
     server's C{serverCount}.  A real process (not a test) asks to
     C{handleSignals}: SIGHUP reloads, a second SIGTERM stops at once (in a
     C{worker}, the supervisor's stop-now signal does).
@@ -187,7 +187,7 @@ def makeService(
         shared = SharedListeners(
             [
                 (listener.name, listener.description, makeEndpoint(listener, config.proxy, reactor))
-                for listener in config.listeners
+                for listener in servedListeners(config)
             ],
             workers=config.workers,
             steerPrefix=limits.ipv6Prefix if perSource else None,
@@ -220,7 +220,8 @@ def makeService(
                 backlogOf(listener.description),
             ).setServiceParent(top)
     if not supervising:
-        makeWebSocketServices(config, factory, reactor, top)
+        # A worker's WebSocket sockets come after its TCP ones.
+        makeWebSocketServices(config, factory, reactor, top, inherited[len(config.listeners) :])
     udpProtocols = makeUDPServices(config, factory, reactor, top, random)
 
     def ready() -> bool:
@@ -236,7 +237,7 @@ def makeService(
             reactor,
             ready,
             workerPids=pool.pids if pool is not None else None,
-            listeners=[listener.name for listener in config.listeners],
+            listeners=[listener.name for listener in servedListeners(config)],
         ).setServiceParent(top)
     if config.health is not None:
         HealthService(config.health, ready, reactor).setServiceParent(top)
@@ -254,19 +255,35 @@ def makeService(
     return top
 
 
+def servedListeners(config: EchoConfig) -> tuple[Listener, ...]:
+    """
+    The listeners the echo factory serves, TCP then WebSocket: in this
+    order the supervisor of C{--workers} binds them and a worker inherits
+    their sockets, and metrics list them.
+    """
+    return config.listeners + config.webSocket.listeners
+
+
 def makeWebSocketServices(
-    config: EchoConfig, factory: EchoFactory, reactor: IServerReactor, parent: EchoService
+    config: EchoConfig,
+    factory: EchoFactory,
+    reactor: IServerReactor,
+    parent: EchoService,
+    inherited: Sequence[Inherited] = (),
 ) -> None:
     """
     One L{ListenerService} under C{parent} per WebSocket listener, on an
     endpoint made as for TCP (C{haproxy:} included), sharing C{factory}'s
-    admission and counts.
+    admission and counts.  A worker passes the sockets it C{inherited} for
+    them, in their order.
     """
     settings = config.webSocket
-    for listener in settings.listeners:
+    for i, listener in enumerate(settings.listeners):
         ListenerService(
             listener.name,
-            makeEndpoint(listener, config.proxy, reactor, None, factory),
+            makeEndpoint(
+                listener, config.proxy, reactor, inherited[i] if inherited else None, factory
+            ),
             WebSocketListenerFactory(factory, listener.name, settings.maxMessage),
             backlogOf(listener.description),
         ).setServiceParent(parent)

@@ -389,11 +389,10 @@ class EchoOptions(usage.Options):
         ports = self["port"] or ([] if self["udp"] or self["websocket"] else [DEFAULT_PORT])
         listeners = _endpoints("--port", ports, "tcp", tcp)
         webSockets = _endpoints("--websocket", self["websocket"], "tcp", tcp)
-        if webSockets and self["workers"] > 1:
-            raise usage.UsageError("--websocket: not served by --workers yet (use one process)")
         udp = _endpoints("--udp", self["udp"], "udp", lambda v: parseUDPListener(v, interface))
         source, rules = self._rules()
-        self._checkWorkers(listeners)
+        # WebSocket listeners are shared as the TCP ones are.
+        self._checkWorkers([*listeners, *webSockets])
         self._checkWebListeners()
         verifiers = self._verifiers()
         self.config = self._config(listeners, webSockets, udp, source, rules, verifiers)

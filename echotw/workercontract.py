@@ -5,7 +5,7 @@ The supervisor starts a worker with L{HELD_SIGNALS} blocked, running
 L{WORKER_MAIN} through the command L{echotw.workercommand} builds, and hands
 it the descriptors L{handover} lays out, named by the C{ECHOTW_WORKER_*}
 variables: its listening sockets from L{FIRST_FD} on, in the order of the
-listeners; the shared connection count (L{echotw.sharedcount}) and the rule
+listeners (C{--port}, then C{--websocket}); the shared connection count (L{echotw.sharedcount}) and the rule
 snapshot (L{echotw.rulesnapshot}) where there are any; the pipe it reports
 on; and as its standard output the supervisor's log stream or a pipe to
 relay log records through (L{echotw.workerlog}).  The worker writes

@@ -333,11 +333,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.webSocket.maxMessage, 1000)
 
     def test_badValues(self) -> None:
-        """Bad values, and --workers with --websocket, are one clear line."""
+        """Bad values are one clear line (unshareable listeners with
+        --workers: tests/test_workers_websocket.py)."""
         for args in [
             ["--websocket", "nonsense:1"],
             ["--websocket", "9000", "--ws-max-message", "0"],
-            ["--websocket", "9000", "--workers", "2"],
         ]:
             with self.assertRaises(UsageError, msg=args):
                 self.parse(*args)

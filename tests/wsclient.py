@@ -51,8 +51,10 @@ class WebSocketClient:
         context: ssl.SSLContext | None = None,
         prefix: bytes = b"",
         timeout: float = 30.0,
+        source: str | None = None,
     ) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        bound = (source, 0) if source is not None else None
+        sock = socket.create_connection((host, port), timeout=timeout, source_address=bound)
         if context is not None:
             sock = context.wrap_socket(sock, server_hostname="localhost")
         self.sock = sock
