@@ -2,7 +2,8 @@
 End to end: C{--websocket} served by C{--workers} against a real
 supervisor and its workers: echoes and metrics from every worker, a killed
 worker's replacement serving WebSocket again, C{--max-per-ip} across
-workers and listeners, and 1001 from every worker on SIGTERM.
+workers and listeners, 1001 from every worker on SIGTERM, and a shared
+C{haproxy:} listener.
 """
 
 from __future__ import annotations
@@ -153,3 +154,14 @@ class WebSocketWorkersTests(ServerTestCase):
                 rf"echotw worker {w}\] Connection from {sourceFor(w, 2)}:\d+ on ws closed"
                 r" \(server shutdown\)",
             )
+
+    def test_proxyListenerShared(self) -> None:
+        """A haproxy: WebSocket listener is shared by the workers too, each
+        taking the client's address from the PROXY header."""
+        server = self.start("--workers", "2", "--websocket", f"haproxy:{WS}")
+        workerPids(server, 2)
+        client = WebSocketClient(server.port, prefix=b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 80\r\n")
+        self.addCleanup(client.close)
+        client.send(TextMessage("via proxy"))
+        self.assertEqual(client.receive(), TextMessage("via proxy"))
+        server.waitFor(r"echotw worker \d\] Connection from 192\.0\.2\.7:5555 on ws")
