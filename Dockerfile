@@ -13,7 +13,7 @@ ARG PYTHON_VERSION=3.12
 
 # Stage 1: build echotw's wheel and the wheels of everything it needs,
 # TLS included (ssl: listeners and echotw-probe --tls need the tls extra),
-# with a C compiler for the native echo lane (echotw/_lane.c); without one
+# with a C compiler for the native echo lane (echotw/transport/_lane.c); without one
 # the wheel would install and serve every connection on the Python path.
 # The compiler stays in this stage.  Debian's packages are not pinned: the
 # base image's release fixes their versions.

@@ -1,5 +1,5 @@
 """
-The native echo lane (echotw/_lane.c) is built where it can be: it is
+The native echo lane (echotw/transport/_lane.c) is built where it can be: it is
 optional, so that installing succeeds without a C compiler or off Linux,
 and echotw then serves every connection with its Python path.
 """
@@ -9,8 +9,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "echotw._lane",
-            ["echotw/_lane.c"],
+            "echotw.transport._lane",
+            ["echotw/transport/_lane.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         )

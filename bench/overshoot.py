@@ -12,7 +12,7 @@ checkout on 127.0.0.1 (and stops it, by its process group), opens each
 burst's connections without waiting for any, sends one byte on each, and
 counts the echoes; every loop is bounded in count and time. The workers can
 admit at most N - 1 connections over the limit, when several check the
-shared count in the same microseconds (see echotw/sharedcount.py).
+shared count in the same microseconds (see echotw/workers/sharedcount.py).
 """
 
 from __future__ import annotations

@@ -301,7 +301,7 @@ def rulesSection(micro: dict[str, Any] | None) -> list[str]:
     return [
         "## Access-rule lookups (micro-benchmark)",
         "",
-        f"`echotw.policy.AccessRules` built from {micro['networks']:,} random networks "
+        f"`echotw.rules.policy.AccessRules` built from {micro['networks']:,} random networks "
         "(80 % IPv4 /16-/32, 20 % IPv6 /32-/128, fixed seed) in "
         f"{micro['build_s']:.2f} s; {micro['queries']:,} Twisted `IPv4Address`/`IPv6Address` "
         f"checks per pass (half inside a listed network), median of {micro['repeats']} passes:",

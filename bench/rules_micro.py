@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet.address import IPv4Address, IPv6Address
 
-from echotw.addresses import parseNetwork
-from echotw.policy import AccessRules
+from echotw.rules.addresses import parseNetwork
+from echotw.rules.policy import AccessRules
 
 SEED = 862  # RFC 862: fixed, so every run checks the same lists
 NETWORKS = 100_000

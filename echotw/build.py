@@ -22,26 +22,26 @@ from echotw.config import EchoConfig, Impairment, ProxySettings
 from echotw.counters import WorkerCounters
 from echotw.endpoints import Listener, backlogOf, systemdSocket
 from echotw.factory import EchoFactory
-from echotw.health import HealthService
 from echotw.impairment import impairedProtocols
 from echotw.interfaces import IServerReactor
 from echotw.listening import AdoptedUNIXEndpoint
 from echotw.loglevel import setLogLevel
-from echotw.metrics import MetricsService
-from echotw.nativelane import LaneEchoProtocol, laneServes, logLane
 from echotw.protocol import EchoProtocol
 from echotw.proxyprotocol import ProxyProtocolEndpoint
 from echotw.ratelimit import TokenBuckets
-from echotw.rulesnapshot import RuleSnapshot, SupervisorRuleSource
 from echotw.service import EchoService, ListenerService
 from echotw.shaping import DatagramImpairment
-from echotw.sharedcount import ServerCount
-from echotw.sharedlisteners import SharedListeners
 from echotw.signals import ProcessSignals
+from echotw.transport.lane import LaneEchoProtocol, laneServes, logLane
 from echotw.udp import UDPEchoProtocol, UDPListenerService
+from echotw.web.health import HealthService
+from echotw.web.metrics import MetricsService
 from echotw.websocket.listener import WebSocketListenerFactory
-from echotw.workerlog import RELAY, LogOutput
-from echotw.workers import WorkerPool
+from echotw.workers.listeners import SharedListeners
+from echotw.workers.logs import RELAY, LogOutput
+from echotw.workers.rulesnapshot import RuleSnapshot, SupervisorRuleSource
+from echotw.workers.sharedcount import ServerCount
+from echotw.workers.supervisor import WorkerPool
 
 _log = Logger(observer=loglevel.observer)
 

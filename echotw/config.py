@@ -13,15 +13,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from echotw.addresses import IPNetwork
 from echotw.endpoints import DEFAULT_BACKLOG, Listener, UDPListener
-from echotw.policy import AccessRules, Verifier
 from echotw.proxyprotocol import DEFAULT_HEADER_TIMEOUT
-from echotw.rulefiles import RuleSource
+from echotw.rules.addresses import IPNetwork
+from echotw.rules.files import RuleSource
+from echotw.rules.policy import AccessRules, Verifier
 from echotw.throttlelog import LINES_PER_SECOND
 from echotw.udp import DEFAULT_BURST, DEFAULT_RATE
-from echotw.watchdog import DEFAULT_WORKER_TIMEOUT
 from echotw.websocket import DEFAULT_MAX_MESSAGE
+from echotw.workers.watchdog import DEFAULT_WORKER_TIMEOUT
 
 DEFAULT_PORT = "8080"
 """The TCP port served when no listener is given."""
@@ -189,7 +189,7 @@ class EchoConfig:
     @ivar commandLine: the arguments the server was started with, which a
         worker process is started with too.
     @ivar native: whether plain TCP and Unix echo connections are served
-        by the native lane: C{auto}, C{on} or C{off} (L{echotw.nativelane}).
+        by the native lane: C{auto}, C{on} or C{off} (L{echotw.transport.lane}).
     """
 
     listeners: tuple[Listener, ...] = (

@@ -160,7 +160,7 @@ class ConnectionStats:
         (PROXY listeners waiting for the header), which count against
         C{--max-connections} too.
     @ivar perSource: open connections by source key
-        (L{echotw.addresses.sourceKey}).
+        (L{echotw.rules.addresses.sourceKey}).
     @ivar connectionsTotal: connections accepted since start.
     @ivar refusals: refused connections since start, by reason.
     @ivar sentClosed: bytes echoed (handed to the kernel) by connections

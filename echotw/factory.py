@@ -14,14 +14,14 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import clientFields, describeAddress, sourceKey
 from echotw.counters import ConnectionStats
-from echotw.nativelane import defaultProtocol
-from echotw.policy import AccessRules, Verifier, refusalReason
 from echotw.protocol import EchoProtocol
 from echotw.ratelimit import PerSecondBudget, TokenBuckets, defaultClock
-from echotw.sharedcount import ServerCount
+from echotw.rules.addresses import clientFields, describeAddress, sourceKey
+from echotw.rules.policy import AccessRules, Verifier, refusalReason
 from echotw.throttlelog import LINES_PER_SECOND, RefusalLog, logVerifierFailure
+from echotw.transport.lane import defaultProtocol
+from echotw.workers.sharedcount import ServerCount
 
 Maker = Callable[[], EchoProtocol]
 """What builds a connection's protocol."""
@@ -39,7 +39,7 @@ class EchoFactory(ServerFactory):
     rules spends a token even if a limit then refuses it), the total and
     then the per-source connection limit, then each of C{verifiers} (the
     pluggable hook: any C{(address, listener) -> Verdict} callable, see
-    L{echotw.policy}), which see only connections all of those accepted.
+    L{echotw.rules.policy}), which see only connections all of those accepted.
 
     One factory may serve several listeners: L{forListener} gives each its
     own small factory that names the listener in logs and to verifiers, while
@@ -76,7 +76,7 @@ class EchoFactory(ServerFactory):
         refusalLines: int = LINES_PER_SECOND,
     ) -> None:
         # Unless told otherwise, plain connections go to the native lane
-        # where it serves (see echotw.nativelane).
+        # where it serves (see echotw.transport.lane).
         self.protocol = protocol if protocol is not None else defaultProtocol()  # type: ignore[assignment]
         self.rules = rules if rules is not None else AccessRules()
         self.verifiers = list(verifiers)

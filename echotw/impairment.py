@@ -33,9 +33,9 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotw.fastpath import writeDirectly
 from echotw.protocol import EchoProtocol
 from echotw.shaping import StreamShaper
+from echotw.transport.fastpath import writeDirectly
 
 PAUSE_ABOVE = 65536
 """

@@ -29,7 +29,7 @@ try:
 except ImportError:  # no Unix sockets on this platform
     UNIXPort = None  # type: ignore[assignment,misc]
 
-from echotw.addresses import describeAddress, formatAddress
+from echotw.rules.addresses import describeAddress, formatAddress
 from echotw.throttlelog import LogThrottle, unloggedNote
 
 

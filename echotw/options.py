@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 from twisted.python import usage
 
-from echotw.addresses import IPNetwork, parseNetwork
 from echotw.coercers import (
     NamingCoerceParameter,
     backlog,
@@ -59,12 +58,13 @@ from echotw.endpoints import (
 )
 from echotw.habits import hostPortHint, runnerOptionHint
 from echotw.helptext import HELP_GROUPS, groupedUsage
-from echotw.nativelane import checkNativeSetting
-from echotw.policy import AccessRules, Verifier, loadVerifier
-from echotw.rulefiles import RuleFileError, RuleSource
+from echotw.rules.addresses import IPNetwork, parseNetwork
+from echotw.rules.files import RuleFileError, RuleSource
+from echotw.rules.policy import AccessRules, Verifier, loadVerifier
+from echotw.transport.lane import checkNativeSetting
 from echotw.version import __version__
-from echotw.watchdog import MIN_WORKER_TIMEOUT
 from echotw.websocket import MAX_MESSAGE_LIMIT
+from echotw.workers.watchdog import MIN_WORKER_TIMEOUT
 
 messageBytes = inRange(
     wholeNumber, 1, MAX_MESSAGE_LIMIT, f"Bytes, a whole number 1 to {MAX_MESSAGE_LIMIT}."

@@ -19,8 +19,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from echotw.fastpath import canWriteDirectly, closeIfFlushed, writeDirectly
-from echotw.transportstate import canHalfClose, kernelPendingBytes, pendingBytes
+from echotw.transport.fastpath import canWriteDirectly, closeIfFlushed, writeDirectly
+from echotw.transport.state import canHalfClose, kernelPendingBytes, pendingBytes
 
 LINGER_TIME = 30.0
 """Seconds a lingering close waits, at most, for the client to close its side."""
@@ -95,7 +95,7 @@ class EchoProtocol(Protocol):
     @ivar finishing: whether the connection is closing gracefully (the
         server's L{finish}, or the client's half-close).
     @ivar closed: whether the connection is gone.
-    @ivar direct: whether echoes are sent at once (L{echotw.fastpath}).
+    @ivar direct: whether echoes are sent at once (L{echotw.transport.fastpath}).
     @ivar byteLimit: echo this many bytes at most, then close (L{finish});
         a read that crosses it is echoed up to it.
     @ivar noDelay: whether to set C{TCP_NODELAY} (not needed where the
@@ -105,12 +105,12 @@ class EchoProtocol(Protocol):
     @ivar healthCheck: a balancer's own connection (a PROXY C{LOCAL}
         header): logged at debug level only.
     @cvar dispatchWithoutLogContext: echotw logs with explicit fields, so
-        L{echotw.reactor.EchoReactor} may skip the legacy log context when
+        L{echotw.transport.reactor.EchoReactor} may skip the legacy log context when
         dispatching this connection's events.
-    @cvar startsReadingItself: an L{echotw.tcpport.EchoServer} transport
+    @cvar startsReadingItself: an L{echotw.transport.tcpport.EchoServer} transport
         does not start reading this protocol's connection; the protocol
         starts it, or hands the connection to the native lane, when
-        connected (L{echotw.nativelane.LaneEchoProtocol}).
+        connected (L{echotw.transport.lane.LaneEchoProtocol}).
     """
 
     factory: ConnectionTracker

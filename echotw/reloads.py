@@ -15,9 +15,9 @@ from twisted.python.failure import Failure
 from echotw import loglevel
 from echotw.drain import QuietCloser, connections
 from echotw.factory import EchoFactory
-from echotw.policy import AccessRules
 from echotw.protocol import LINGER_TIMEOUT
-from echotw.rulefiles import RuleFileError, RuleSource
+from echotw.rules.files import RuleFileError, RuleSource
+from echotw.rules.policy import AccessRules
 
 RELOAD_GRACE = LINGER_TIMEOUT
 """

@@ -43,10 +43,10 @@ from echotw.listening import (
     warnIfBacklogCapped,
     watchAcceptErrors,
 )
-from echotw.policy import AccessRules
 from echotw.protocol import LINGER_TIMEOUT
 from echotw.reloads import RuleReloader
-from echotw.rulefiles import RuleSource
+from echotw.rules.files import RuleSource
+from echotw.rules.policy import AccessRules
 
 
 class ListenerService(Service):

@@ -103,7 +103,7 @@ def systemdSockets() -> ListenFDs:
     The sockets systemd's socket activation passed this process
     (C{LISTEN_FDS}), read once (before a daemonising fork changes the pid
     the variables name).  Not a worker's sockets: see
-    L{echotw.workercontract.workerSockets}.
+    L{echotw.workers.contract.workerSockets}.
     """
     global _inherited
     if _inherited is None:

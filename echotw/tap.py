@@ -12,10 +12,10 @@ from twisted.python import usage
 from echotw import build
 from echotw.interfaces import IServerReactor
 from echotw.options import EchoOptions
-from echotw.reactor import installIfUnchosen
 from echotw.service import EchoService
 from echotw.signals import holdHangups
-from echotw.workerlog import logOutputFor
+from echotw.transport.reactor import installIfUnchosen
+from echotw.workers.logs import logOutputFor
 
 
 class Options(EchoOptions):

@@ -17,8 +17,8 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from echotw.addresses import clientFields, describeAddress, hostFields
 from echotw.ratelimit import PerSecondBudget
+from echotw.rules.addresses import clientFields, describeAddress, hostFields
 
 LINES_PER_SECOND = 20
 """

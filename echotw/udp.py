@@ -48,11 +48,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from echotw import loglevel
-from echotw.addresses import ipFromText
 from echotw.endpoints import UDPListener
 from echotw.listening import ListenFailed, logListening, stopListening
-from echotw.policy import Verifier, refusalReason
 from echotw.ratelimit import TokenBuckets, defaultClock
+from echotw.rules.addresses import ipFromText
+from echotw.rules.policy import Verifier, refusalReason
 from echotw.shaping import DatagramImpairment
 from echotw.throttlelog import DropLog, logVerifierFailure
 
@@ -153,7 +153,7 @@ class UDPEchoProtocol(DatagramProtocol):
     second over all sources (the rest counted in one line a second), so a
     flood costs a counter increment per datagram, not a log line.
 
-    @param rules: the access rules (an L{echotw.policy.AccessRules}, or any
+    @param rules: the access rules (an L{echotw.rules.policy.AccessRules}, or any
         verifier C{(address, listener) -> Verdict}); it sees an
         L{IPv4Address} or L{IPv6Address} of type C{"UDP"}.
     @param listener: the listener's name for logs and the rules;

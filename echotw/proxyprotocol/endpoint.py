@@ -17,9 +17,9 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
-from echotw.addresses import IPNetwork, NetworkSet
 from echotw.proxyprotocol.factory import ProxyProtocolFactory, trustedNetworks
 from echotw.proxyprotocol.wrapper import DEFAULT_HEADER_TIMEOUT
+from echotw.rules.addresses import IPNetwork, NetworkSet
 from echotw.throttlelog import LogThrottle
 
 

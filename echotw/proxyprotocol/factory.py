@@ -14,8 +14,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from echotw import loglevel
-from echotw.addresses import IPNetwork, NetworkSet, clientIP, describeAddress, formatAddress
 from echotw.proxyprotocol.wrapper import DEFAULT_HEADER_TIMEOUT, ProxyProtocolWrapper
+from echotw.rules.addresses import IPNetwork, NetworkSet, clientIP, describeAddress, formatAddress
 from echotw.throttlelog import LogThrottle, RefusalLog, unloggedNote
 
 DEFAULT_TRUSTED_PROXIES: tuple[IPNetwork, ...] = (

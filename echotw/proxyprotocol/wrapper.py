@@ -25,8 +25,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from echotw import loglevel
-from echotw.addresses import clientFields, describeAddress, formatAddress
 from echotw.proxyprotocol.parser import MalformedProxyHeader, ProxyHeader, ProxyHeaderParser
+from echotw.rules.addresses import clientFields, describeAddress, formatAddress
 from echotw.throttlelog import LogThrottle, unloggedNote
 
 DEFAULT_HEADER_TIMEOUT = 5.0

@@ -22,7 +22,7 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 
 from echotw.protocol import LINGER_TIME, EchoProtocol
-from echotw.webguard import MAX_HEAD, REQUEST_TIMEOUT
+from echotw.web.guard import MAX_HEAD, REQUEST_TIMEOUT
 from echotw.websocket import DEFAULT_MAX_MESSAGE
 from echotw.websocket.deflate import BoundedDeflate
 from echotw.websocket.page import answer, response, wantsUpgrade

@@ -2,6 +2,6 @@ from twisted.application.reactors import Reactor
 
 echotw = Reactor(
     "echotw",
-    "echotw.reactor",
+    "echotw.transport.reactor",
     "epoll, without the per-event log context for echo connections (Linux).",
 )

@@ -1,0 +1,3 @@
+"""
+The HTTP listeners: the guarded channel every request passes, health endpoints and Prometheus metrics.
+"""

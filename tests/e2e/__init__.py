@@ -1,0 +1,3 @@
+"""
+End-to-end tests: each starts real processes (twistd -n echo, echotw-probe, the tools CI checks with) and talks to them over loopback.
+"""

@@ -1,0 +1,3 @@
+"""
+Integration tests: echotw over real sockets (loopback, socket pairs) in the test's own process and reactor.
+"""

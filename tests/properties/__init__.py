@@ -1,0 +1,3 @@
+"""
+Property tests: hypothesis, derandomized, of the parsers and data structures.
+"""

@@ -1,0 +1,3 @@
+"""
+What the tests share: fakes, the helpers that start and talk to processes, hypothesis settings and strategies, hostile and WebSocket clients.
+"""
