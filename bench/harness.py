@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +39,8 @@ VENV = HERE / ".venv"
 BUILD = HERE / "build"
 RESULTS = HERE / "results"
 LOCAL_RESULTS = RESULTS / "local"
-REQUIREMENTS = ["twisted>=23.10", "prometheus_client", "uvloop", "matplotlib"]
+PEERS = ["uvloop", "matplotlib"]
+"""What the peers and the charts need besides echotw's own dependencies."""
 OLDEST_TWISTED = (23, 10)
 
 
@@ -49,6 +51,17 @@ def _twistedRecentEnough() -> bool:
         return False
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     return parts >= OLDEST_TWISTED
+
+
+def requirements() -> list[str]:
+    """
+    echotw's run-time dependencies, as pyproject.toml names them (echotw runs
+    from this checkout), and the peers'.
+    """
+    text = (HERE.parent / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.M | re.S)
+    assert block, "pyproject.toml names no dependencies"
+    return [*re.findall(r'"([^"]+)"', block.group(1)), *PEERS]
 
 
 def _lacking(modules: tuple[str, ...]) -> list[str]:
@@ -62,7 +75,7 @@ def ensureInterpreter(argv: list[str]) -> None:
     """
     if Path(sys.prefix).resolve() == VENV.resolve():
         return
-    lacking = _lacking(("twisted", "uvloop"))
+    lacking = _lacking(("twisted", "prometheus_client", "wsproto", "uvloop"))
     if "--no-venv" in argv:
         if lacking or not _twistedRecentEnough():
             missing = ", ".join(lacking) or "twisted>=23.10"
@@ -71,12 +84,14 @@ def ensureInterpreter(argv: list[str]) -> None:
     if not lacking and not _lacking(("matplotlib",)) and _twistedRecentEnough():
         return
     python = VENV / "bin" / "python"
-    if not (VENV / ".complete").exists():
-        print(f"== creating {VENV} ({', '.join(REQUIREMENTS)})", file=sys.stderr, flush=True)
+    wanted = requirements()
+    complete = VENV / ".complete"
+    if not complete.exists() or complete.read_text().split() != wanted:
+        print(f"== making {VENV} ({', '.join(wanted)})", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True, timeout=300)
-        pip = [str(python), "-m", "pip", "install", "-q", *REQUIREMENTS]
+        pip = [str(python), "-m", "pip", "install", "-q", *wanted]
         subprocess.run(pip, check=True, timeout=900)
-        (VENV / ".complete").write_text("ok\n")
+        complete.write_text("\n".join(wanted) + "\n")
     script = Path(sys.argv[0]).resolve()
     os.execv(str(python), [str(python), str(script), *argv])
 
