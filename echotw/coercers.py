@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_ranges -*-
 """
 Option values: each function turns one command-line string into a checked
 value or raises L{ValueError} with a short reason, and its C{coerceDoc}

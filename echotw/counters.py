@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_counters -*-
 """
 The counters metrics report, as one value that can cross a process
 boundary, and their sum over the workers of C{--workers N}.

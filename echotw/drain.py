@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_drain -*-
 """
 Closing connections once they are quiet: the shutdown drain and the
 connections a rule reload denies.

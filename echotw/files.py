@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_tlsfilecheck -*-
 """
 Files the operator names (rule files, TLS keys and certificates), checked
 before they are read: a device such as C{/dev/zero} would be read for ever,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_impairment,tests.integration.test_impairment -*-
 """
 The echo of a slow, jittery or narrow peer on purpose: C{--delay},
 C{--jitter} and C{--bandwidth} on stream listeners (TCP, TLS, Unix, PROXY).

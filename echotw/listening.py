@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_listening -*-
 """
 Starting and stopping listening ports, for every kind of listener (TCP,
 Unix, UDP, the metrics server, the supervisor's shared sockets): bind at

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_logs -*-
 """
 One JSON object per line for C{twistd}'s log, for log shippers.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_options -*-
 """
 The options of C{twistd echo}: the command line, checked and turned into
 one L{EchoConfig}.  It is long because every option's row and help text

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_protocol -*-
 """
 The echo handler: one L{EchoProtocol} per connection.
 """

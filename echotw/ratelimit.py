@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_ratelimit,tests.properties.test_ratelimit -*-
 """
 Limits over time: token buckets per source for rates, which keep bounded
 memory whatever a flood of (possibly forged) source addresses does, and a

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_service -*-
 """
 The service tree: one L{ListenerService} per listening endpoint under an
 L{EchoService} that reloads rules, sweeps idle connections and drains open

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_shaping -*-
 """
 Delaying and throttling echoes on purpose (C{--delay}, C{--jitter},
 C{--bandwidth}), as pure pieces driven by a clock: nothing here touches a

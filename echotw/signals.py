@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_signals -*-
 """
 The process's signals, for a real C{twistd echo} process (and each worker):
 SIGHUP asks for a rule reload, and a second SIGTERM or SIGINT during a

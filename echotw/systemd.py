@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_systemd -*-
 """
 Sockets inherited through systemd's socket activation protocol
 (C{sd_listen_fds}): C{LISTEN_PID}, C{LISTEN_FDS}, C{LISTEN_FDNAMES} and

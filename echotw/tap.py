@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_tap -*-
 """
 The C{twistd echo} subcommand: its options and the service they build
 (see L{echotw.options} and L{echotw.build}).

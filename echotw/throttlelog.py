@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_throttlelog -*-
 """
 Keeping a flood out of the log: L{LogThrottle} (one line per source per
 interval, at most so many a second over all sources, what is held back

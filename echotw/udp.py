@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_udp,tests.integration.test_udp -*-
 """
 Echo over UDP (RFC 862): each datagram is sent back, whole, to its source.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_probe_clients -*-
 """
 The probe's Twisted protocols: one per TCP or TLS connection
 (L{StreamProbe}) and one per UDP flow (L{DatagramProbe}).

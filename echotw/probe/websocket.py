@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_probe_websocket -*-
 """
 The probe over WebSocket (RFC 6455): L{WebSocketProbe}, one verified
 connection that carries the probe's stream as binary messages.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_proxyprotocol -*-
 """
 The PROXY protocol (versions 1 and 2): the real client address that a load
 balancer such as HAProxy sends at the start of each connection it relays.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.properties.test_addresses -*-
 """
 Client addresses as the access rules and per-source limits see them.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_rulefiles -*-
 """
 Allow and deny lists kept in files (C{--allow-file}, C{--deny-file}), in the
 spirit of tcpserver's rules files and ncat's C{--allowfile}: one address or

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_policy -*-
 """
 Connection verification: the asyncore original's C{verify_request}, as data.
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_fastpath -*-
 """
 Send echoed bytes at once instead of on the reactor's next turn.
 

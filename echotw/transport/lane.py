@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_nativelane -*-
 """
 The native echo lane: plain TCP and Unix echo connections served by
 compiled code (C{echotw/transport/_lane.c}), so that the interpreter no longer runs

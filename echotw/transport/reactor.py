@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_reactor -*-
 """
 An epoll reactor that dispatches echo connections' events without Twisted's
 legacy log context.

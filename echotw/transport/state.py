@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_idleoutput,tests.integration.test_tcpport -*-
 """
 What a Twisted transport has accepted but not yet handed to the kernel, what
 the kernel itself still holds to send, and whether it can half-close: the

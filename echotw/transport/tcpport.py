@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_tcpport -*-
 """
 Accepting TCP connections with less Python per connection, for the churn
 of short connections (connect, echo a little, close).

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_webguard -*-
 """
 One connection of echotw's guarded HTTP listeners (L{echotw.web.guard}): an
 L{http.HTTPChannel} handed one complete request head at a time, never a

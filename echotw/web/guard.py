@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_webguard -*-
 """
 Limits for echotw's own small HTTP listeners (C{--metrics}, C{--health}).
 

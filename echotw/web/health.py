@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_health -*-
 """
 Health and readiness over HTTP, for Kubernetes probes and balancers:
 C{GET /healthz} answers 200 while the process runs its event loop (an

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_webstate -*-
 """
 Where one connection of the guarded HTTP listeners
 (L{echotw.web.channel.GuardedChannel}) is in its request-and-answer cycle:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_websocket -*-
 """
 permessage-deflate (RFC 7692) for the WebSocket echo: wsproto's extension,
 with the negotiation and the inflating made strict and bounded.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_websocket -*-
 """
 A WebSocket listener's factory: the TCP listeners' admission (rules,
 limits, verifiers, counts), building L{WebSocketProtocol}s.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_websocket -*-
 """
 One WebSocket echo connection: the HTTP request that opens it, then the
 echo of every message (L{WebSocketProtocol}).

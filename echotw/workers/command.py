@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_workerpath -*-
 """
 The command that starts a worker process of C{--workers N}, built so that
 the worker imports nothing from the directory the server was started in:

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_workercontract -*-
 """
 What the supervisor of C{--workers N} (L{echotw.workers.supervisor}) and a worker
 process (L{echotw.workers.main}) agree on, kept in one place that both import.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_workerlog -*-
 """
 How the workers of C{--workers N} log: straight to the supervisor's output
 where they can, through the supervisor where they cannot.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_workerpool -*-
 """
 One worker process of C{--workers N} as its supervisor sees it: the
 signals it is sent (held until it is ready for them), its counter reports,

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.integration.test_reuseport -*-
 """
 Listening sockets for several workers: one C{SO_REUSEPORT} group per TCP
 listener, a socket per worker, bound by the supervisor.

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_rulesnapshot -*-
 """
 The rules in force, written down by the supervisor of C{--workers N} for
 its workers: one file in memory that every worker inherits, rewritten in

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_sharedcount -*-
 """
 The open-connection count of the whole server, shared by its worker
 processes, for C{--max-connections} with C{--workers}.

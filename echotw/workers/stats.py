@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_workerstats -*-
 """
 The worker processes' own resource use, for C{--metrics} with C{--workers}:
 read from C{/proc} when Prometheus scrapes, for the workers running then;

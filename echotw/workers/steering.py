@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_steering -*-
 """
 Steering connections to workers by their source address: a classic BPF
 program for a C{SO_REUSEPORT} group (C{SO_ATTACH_REUSEPORT_CBPF}), and the

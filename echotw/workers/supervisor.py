@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_workerpool -*-
 """
 The supervisor of C{--workers N}: it holds the listening sockets
 (L{echotw.workers.listeners}) while worker processes serve them, starts each

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.unit.test_watchdog -*-
 """
 C{--worker-timeout}: notice a worker process that has stopped reporting.
 """

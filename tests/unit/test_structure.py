@@ -1,12 +1,15 @@
 """
 Tests of the package's shape: imports between echotw's modules go one way
 (no cycle, counting imports inside functions), modules stay small, and
-re-exported names are the very objects they re-export.
+re-exported names are the very objects they re-export, and each
+C{test-case-name} header names test modules that exist.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
@@ -150,6 +153,30 @@ class LayeringTests(SynchronousTestCase):
             if lines > MAX_LINES:
                 docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
                 self.assertIn("long because", docstring, f"{path}: {lines} lines")
+
+
+TEST_CASE_NAME = re.compile(r"^# -\*- test-case-name: (.+) -\*-$")
+
+
+class TestCaseNameTests(SynchronousTestCase):
+    def test_testCaseNamesExist(self) -> None:
+        """
+        Every C{test-case-name} header (Twisted's first-line convention, which
+        C{trial --testmodule} and editors follow to a module's tests) names
+        test modules that exist.
+        """
+        headers = 0
+        for path in sorted(PACKAGE.rglob("*.py")):
+            first = path.read_text().split("\n", 1)[0]
+            match = TEST_CASE_NAME.match(first)
+            if match is None:
+                self.assertNotIn("test-case-name", first, path)
+                continue
+            headers += 1
+            for name in match.group(1).split(","):
+                self.assertTrue(name.startswith("tests."), f"{path}: {name}")
+                importlib.import_module(name)
+        self.assertGreater(headers, 0)
 
 
 class ExportTests(SynchronousTestCase):
