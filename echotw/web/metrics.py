@@ -1,54 +1,9 @@
+# -*- test-case-name: tests.unit.test_metrics -*-
 """
 Prometheus metrics for C{--metrics ENDPOINT}: an HTTP listener serving the
-text exposition format at C{/metrics}.
-
-Nothing here runs per connection.  L{EchoFactory} and L{UDPEchoProtocol}
-already keep plain integer counters (they need them for limits and logs);
-L{EchoCollector} reads those counters when Prometheus scrapes, so turning
-metrics on adds no work to the echo path, and turning them off costs nothing.
-
-The scrape is rendered in the reactor thread (L{MetricsResource}), not in a
-thread pool as C{prometheus_client.twisted.MetricsResource} does: the
-counters are ordinary dicts and sets that the reactor thread mutates, and
-iterating them from another thread can fail with "changed size during
-iteration".  A scrape reads a few dozen numbers and C{/proc/self}, well
-under a millisecond, so it does not stall the echo connections.
-
-Metrics (all prefixed C{echotw_}):
-
-  - C{connections_open{listener}}: gauge, TCP connections open now (every
-    configured listener from start-up, at 0 until its first connection);
-  - C{connections_total{listener}}: counter, TCP connections accepted;
-  - C{connections_refused_total{reason}}: counter, TCP connections refused
-    at accept time (access rules, limits, verifiers);
-  - C{bytes_echoed_total}: counter, bytes echoed over TCP (handed to the
-    kernel; bytes an aborted connection still had queued are not counted),
-    including what open connections have echoed so far;
-  - C{bytes_discarded_total}: counter, bytes received over TCP and not
-    echoed, because the server was closing the connection (a lingering
-    close reads and discards until the client closes its side);
-  - C{connection_duration_seconds}: histogram of closed TCP connections'
-    lifetimes, buckets L{echotw.counters.DURATION_BUCKETS};
-  - C{udp_datagrams_echoed_total{listener}},
-    C{udp_bytes_echoed_total{listener}}: counters, UDP replies sent;
-  - C{udp_dropped_total{listener, reason}}: counter, datagrams not answered
-    (reasons in L{echotw.udp.DROP_REASONS});
-  - C{http_rejected_total{reason}}: counter, connections to this metrics
-    listener closed by its limits (see L{echotw.web.guard});
-
-with C{--workers}, served by the supervisor and summed over the workers
-(see L{echotw.counters}), and also per worker:
-
-  - C{worker_connections_open{worker}}: gauge, TCP connections open in
-    each worker;
-  - C{worker_connections_total{worker}}: counter, TCP connections each
-    worker accepted (whichever process held that worker's place);
-  - C{worker_restarts_total{worker}}: counter, times a worker died and
-    was started again;
-
-plus C{process_*}, C{python_info} and C{python_gc_*} from
-C{prometheus_client}'s own collectors (with C{--workers}, the supervisor's
-process; the workers' are C{worker_process_*}, see L{echotw.workers.stats}).
+text exposition format at C{/metrics}, whose collector reads the counters the
+echo path already keeps when Prometheus scrapes, so that metrics add nothing
+per connection.
 """
 
 from __future__ import annotations
@@ -106,6 +61,47 @@ class EchoCollector:
     """
     A C{prometheus_client} collector reading the TCP counters and UDP echo
     protocols' counters at scrape time.
+
+    Nothing here runs per connection.  L{EchoFactory} and L{UDPEchoProtocol}
+    already keep plain integer counters (they need them for limits and logs);
+    L{EchoCollector} reads those counters when Prometheus scrapes, so turning
+    metrics on adds no work to the echo path, and turning them off costs nothing.
+
+    Metrics (all prefixed C{echotw_}):
+
+      - C{connections_open{listener}}: gauge, TCP connections open now (every
+        configured listener from start-up, at 0 until its first connection);
+      - C{connections_total{listener}}: counter, TCP connections accepted;
+      - C{connections_refused_total{reason}}: counter, TCP connections refused
+        at accept time (access rules, limits, verifiers);
+      - C{bytes_echoed_total}: counter, bytes echoed over TCP (handed to the
+        kernel; bytes an aborted connection still had queued are not counted),
+        including what open connections have echoed so far;
+      - C{bytes_discarded_total}: counter, bytes received over TCP and not
+        echoed, because the server was closing the connection (a lingering
+        close reads and discards until the client closes its side);
+      - C{connection_duration_seconds}: histogram of closed TCP connections'
+        lifetimes, buckets L{echotw.counters.DURATION_BUCKETS};
+      - C{udp_datagrams_echoed_total{listener}},
+        C{udp_bytes_echoed_total{listener}}: counters, UDP replies sent;
+      - C{udp_dropped_total{listener, reason}}: counter, datagrams not answered
+        (reasons in L{echotw.udp.DROP_REASONS});
+      - C{http_rejected_total{reason}}: counter, connections to this metrics
+        listener closed by its limits (see L{echotw.web.guard});
+
+    with C{--workers}, served by the supervisor and summed over the workers
+    (see L{echotw.counters}), and also per worker:
+
+      - C{worker_connections_open{worker}}: gauge, TCP connections open in
+        each worker;
+      - C{worker_connections_total{worker}}: counter, TCP connections each
+        worker accepted (whichever process held that worker's place);
+      - C{worker_restarts_total{worker}}: counter, times a worker died and
+        was started again;
+
+    plus C{process_*}, C{python_info} and C{python_gc_*} from
+    C{prometheus_client}'s own collectors (with C{--workers}, the supervisor's
+    process; the workers' are C{worker_process_*}, see L{echotw.workers.stats}).
 
     @param source: the TCP echo factory shared by every TCP listener, or,
         in a supervisor, the sum of its workers' counters.
@@ -289,6 +285,13 @@ class MetricsResource(Page):
     asks for (Prometheus text, or OpenMetrics if its C{Accept} header says
     so).  C{?name[]=...} restricts the output to those metric names, as
     C{prometheus_client}'s own servers allow.
+
+    The scrape is rendered in the reactor thread (L{MetricsResource}), not in a
+    thread pool as C{prometheus_client.twisted.MetricsResource} does: the
+    counters are ordinary dicts and sets that the reactor thread mutates, and
+    iterating them from another thread can fail with "changed size during
+    iteration".  A scrape reads a few dozen numbers and C{/proc/self}, well
+    under a millisecond, so it does not stall the echo connections.
     """
 
     isLeaf = True
