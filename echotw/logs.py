@@ -1,45 +1,10 @@
 # -*- test-case-name: tests.unit.test_logs -*-
 """
-One JSON object per line for C{twistd}'s log, for log shippers.
-
-Every echotw event is a C{twisted.logger} event with named fields (C{event},
-C{client_host}, C{client_port}, C{listener}, C{bytes}, C{duration},
-C{reason}, ...).  L{jsonObserver} writes each as one flat JSON object::
-
-    {"time": "2024-05-01T12:00:00.123456Z", "level": "info",
-     "namespace": "echotw.factory.EchoFactory",
-     "message": "Connection from 10.0.0.1:50000 on tcp:7 closed ...",
-     "event": "closed", "client_host": "10.0.0.1", "client_port": 50000,
-     "listener": "tcp:7", "bytes": 2, "duration": 0.0041,
-     "reason": "client closed"}
-
-(on one line).  C{message} is the formatted text a human log would show.
-Each named field that is not a C{log_*} key is copied: strings, numbers,
-booleans and C{null} as they are, anything else as its C{str()} (so a log
-line is never lost to an unserialisable value).  A field named C{time},
-C{level}, C{namespace} or C{message} gives way to the one above.  An event
-carrying a failure gets a C{traceback} string.  Each line is flushed as it
-is written, so C{tail -f} and a pipe see events at once.
-
-With twistd, name the factory with C{--logger}, a twistd option (so before
-the plugin name)::
-
-    twistd --nodaemon --pidfile= --logger echotw.logs.jsonObserver echo --port tcp:7
-
-C{--logger} takes precedence over C{--logfile}; the lines go to the
-process's standard output, which suits C{--nodaemon} under a supervisor
-(systemd, a container runtime) that collects it.
-
-Twisted's own alternative is the C{twist} runner's JSON format,
-C{twist --log-format=json echo ...} (its default when standard output is
-not a terminal).  That is Twisted's serialisation for reading events back
-with C{eventsFromJSONLogFile}: each record starts with a record separator
-(U+001E), keeps the C{log_*} keys and the format string rather than the
-formatted message, and nests failures as objects; general log shippers
-handle the flat lines here more easily.
-
-For library use, L{jsonFileObserver} writes to any text or binary file,
-and L{formatEventAsJSON} formats a single event.
+One JSON object per line for C{twistd}'s log, for log shippers:
+L{jsonObserver} is the C{twistd --logger} factory, L{jsonFileObserver}
+writes to any text or binary file, and L{formatEventAsJSON} formats a
+single event as the flat line general log shippers handle more easily than
+Twisted's own JSON format.
 """
 
 from __future__ import annotations
@@ -67,9 +32,35 @@ _RESERVED = ("time", "level", "namespace", "message")
 
 def formatEventAsJSON(event: LogEvent) -> str:
     """
-    One event as one line of JSON, newline included; see the module
-    docstring for its keys.  Never raises for an odd field value: a log
-    line must not be lost because some field cannot be serialised.
+    One event as one line of JSON, newline included, with the keys below.
+    Never raises for an odd field value: a log line must not be lost
+    because some field cannot be serialised.
+
+    Every echotw event is a C{twisted.logger} event with named fields (C{event},
+    C{client_host}, C{client_port}, C{listener}, C{bytes}, C{duration},
+    C{reason}, ...).  L{jsonObserver} writes each as one flat JSON object::
+
+        {"time": "2024-05-01T12:00:00.123456Z", "level": "info",
+         "namespace": "echotw.factory.EchoFactory",
+         "message": "Connection from 10.0.0.1:50000 on tcp:7 closed ...",
+         "event": "closed", "client_host": "10.0.0.1", "client_port": 50000,
+         "listener": "tcp:7", "bytes": 2, "duration": 0.0041,
+         "reason": "client closed"}
+
+    (on one line).  C{message} is the formatted text a human log would show.
+    Each named field that is not a C{log_*} key is copied: strings, numbers,
+    booleans and C{null} as they are, anything else as its C{str()} (so a log
+    line is never lost to an unserialisable value).  A field named C{time},
+    C{level}, C{namespace} or C{message} gives way to the one above.  An event
+    carrying a failure gets a C{traceback} string.
+
+    Twisted's own alternative is the C{twist} runner's JSON format,
+    C{twist --log-format=json echo ...} (its default when standard output is
+    not a terminal).  That is Twisted's serialisation for reading events back
+    with C{eventsFromJSONLogFile}: each record starts with a record separator
+    (U+001E), keeps the C{log_*} keys and the format string rather than the
+    formatted message, and nests failures as objects; general log shippers
+    handle the flat lines here more easily.
     """
     when = event.get("log_time")
     if not isinstance(when, int | float):
@@ -116,6 +107,9 @@ def jsonFileObserver(outFile: IO[Any]) -> ILogObserver:
     """
     An observer writing L{formatEventAsJSON} lines to C{outFile} (text, or
     binary as UTF-8), flushing after each.
+
+    Each line is flushed as it is written, so C{tail -f} and a pipe see events
+    at once.
     """
     observer: ILogObserver = FileLogObserver(outFile, formatEventAsJSON)
     return observer
@@ -130,6 +124,15 @@ def jsonObserver() -> ILogObserver:
     already a L{LoggingFile} (logging began before), the interpreter's
     original standard output is used: writing log lines into the log would
     loop.
+
+    With twistd, name the factory with C{--logger}, a twistd option (so before
+    the plugin name)::
+
+        twistd --nodaemon --pidfile= --logger echotw.logs.jsonObserver echo --port tcp:7
+
+    C{--logger} takes precedence over C{--logfile}; the lines go to the
+    process's standard output, which suits C{--nodaemon} under a supervisor
+    (systemd, a container runtime) that collects it.
     """
     out: IO[Any] | None = sys.stdout
     if isinstance(out, LoggingFile) or out is None:
