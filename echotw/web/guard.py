@@ -1,67 +1,12 @@
 # -*- test-case-name: tests.unit.test_webguard -*-
 """
 Limits for echotw's own small HTTP listeners (C{--metrics}, C{--health}).
-
 They serve a few hundred bytes to Prometheus and to Kubernetes or balancer
 probes, on ports any peer may reach; twisted.web alone lets one peer hold
 them, and the process, without bound: a pipelining client that never reads
 piles up responses in memory, a header sent a byte at a time resets the idle
 timeout with each byte, a request body is spooled to disk whatever its
-announced size, and connections are not capped.  L{GuardedSite} keeps
-twisted.web's parsing and resources and adds, per listener:
-
-  - at most L{MAX_CONNECTIONS} connections hold a place at once, and a
-    new one always finds one unless every place has an answer being sent
-    at that very moment: at the cap, the connection that costs most gives
-    up its place (L{GuardedSite._victim}), from the source holding the most
-    places, first one whose answer has not left since an earlier turn of
-    the reactor (its client does not read), then the oldest that never
-    completed a request (idle, or slow to send one), then the one served
-    least recently, so a scraper's keep-alive connection outlasts a flood;
-  - while every place is taken, a connection accepted with no complete
-    request waiting on it is closed before anything is built for it
-    (L{GuardedSite.screenAccepted}, where the port asks, as
-    L{echotw.transport.tcpport.EchoPort} does): a few system calls each, so that the
-    listen queue moves fast enough under a flood of thousands of
-    connections for a probe queued behind them to be answered in time; a
-    probe's request is usually there when it is accepted, and is read and
-    answered at once, before it needs a place;
-  - a request head (request line and headers) of at most L{MAX_HEAD} bytes,
-    else C{431} and the connection closes;
-  - no request body: a request announcing one (a C{Content-Length} above 0,
-    or a C{Transfer-Encoding} of any value) gets C{413} and the connection
-    closes;
-  - each request complete within L{REQUEST_TIMEOUT} seconds of the
-    connection opening or of the previous answer leaving (the idle
-    keep-alive timeout and the deadline for a slow request in one, not
-    reset by each byte, nor by answers the client does not read), else the
-    connection closes;
-  - one request at a time: the next one is read only once the answer to
-    the one before has left for the kernel, so a client that does not read
-    stops being read;
-  - at most L{MAX_PIPELINED} requests sent before the client could have
-    read the answer before (pipelined: scrapers and probes never do) and
-    L{MAX_REQUESTS} in all per connection; the answer past either says
-    C{Connection: close}, so a client that pipelines without reading has
-    at most a handful of answers made for it;
-  - a backlog of C{SOMAXCONN} unless the endpoint sets one (see
-    L{echotw.web.health.WebService}).
-
-The channel sees one complete request head at a time
-(L{echotw.web.channel.GuardedChannel} frames them on the blank line that ends
-a head, its lines ended by CRLF or a bare LF: with no bodies allowed, it
-ends the request too).  The path C{*} is looked up as any other, so
-C{OPTIONS *} gets 501 as C{OPTIONS} on any path does.  Closing the
-connection flushes what was written, closes the sending side and reads and
-discards (a few kilobytes at most) for up to L{LINGER} seconds, so the
-client reads a C{413} rather than a reset; then it aborts.  A closing
-connection holds no place; past L{CLOSING_PER_SLOT} per place, the oldest
-is aborted.  Every refusal is counted by reason (L{GuardedSite.rejected},
-served as a metric) and logged at most once a second per reason.
-
-A client that half-closes after its requests (C{printf ... | nc -N}, some
-probe scripts) gets its answers, then the end of the stream: twisted.web
-alone would drop them when the client's side closes.
+announced size, and connections are not capped.  L{GuardedSite} bounds each of these.
 """
 
 from __future__ import annotations
@@ -145,9 +90,65 @@ def deferAccepts(port: Any, seconds: float = REQUEST_TIMEOUT) -> bool:
 
 class GuardedSite(Site):
     """
-    A L{Site} for echotw's own HTTP listeners, with the limits of this
-    module, and no access log: a probe or a scrape every few seconds would
-    otherwise put a line in the server's log for each one.
+    A L{Site} for echotw's own HTTP listeners, with the limits below and
+    no access log: a probe or a scrape every few seconds would otherwise put
+    a line in the server's log for each one.
+
+    It keeps twisted.web's parsing and resources and adds, per
+    listener:
+
+      - at most L{MAX_CONNECTIONS} connections hold a place at once, and a
+        new one always finds one unless every place has an answer being sent
+        at that very moment: at the cap, the connection that costs most gives
+        up its place (L{GuardedSite._victim}), from the source holding the most
+        places, first one whose answer has not left since an earlier turn of
+        the reactor (its client does not read), then the oldest that never
+        completed a request (idle, or slow to send one), then the one served
+        least recently, so a scraper's keep-alive connection outlasts a flood;
+      - while every place is taken, a connection accepted with no complete
+        request waiting on it is closed before anything is built for it
+        (L{GuardedSite.screenAccepted}, where the port asks, as
+        L{echotw.transport.tcpport.EchoPort} does): a few system calls each, so that the
+        listen queue moves fast enough under a flood of thousands of
+        connections for a probe queued behind them to be answered in time; a
+        probe's request is usually there when it is accepted, and is read and
+        answered at once, before it needs a place;
+      - a request head (request line and headers) of at most L{MAX_HEAD} bytes,
+        else C{431} and the connection closes;
+      - no request body: a request announcing one (a C{Content-Length} above 0,
+        or a C{Transfer-Encoding} of any value) gets C{413} and the connection
+        closes;
+      - each request complete within L{REQUEST_TIMEOUT} seconds of the
+        connection opening or of the previous answer leaving (the idle
+        keep-alive timeout and the deadline for a slow request in one, not
+        reset by each byte, nor by answers the client does not read), else the
+        connection closes;
+      - one request at a time: the next one is read only once the answer to
+        the one before has left for the kernel, so a client that does not read
+        stops being read;
+      - at most L{MAX_PIPELINED} requests sent before the client could have
+        read the answer before (pipelined: scrapers and probes never do) and
+        L{MAX_REQUESTS} in all per connection; the answer past either says
+        C{Connection: close}, so a client that pipelines without reading has
+        at most a handful of answers made for it;
+      - a backlog of C{SOMAXCONN} unless the endpoint sets one (see
+        L{echotw.web.health.WebService}).
+
+    The channel sees one complete request head at a time
+    (L{echotw.web.channel.GuardedChannel} frames them on the blank line that ends
+    a head, its lines ended by CRLF or a bare LF: with no bodies allowed, it
+    ends the request too).  The path C{*} is looked up as any other, so
+    C{OPTIONS *} gets 501 as C{OPTIONS} on any path does.  Closing the
+    connection flushes what was written, closes the sending side and reads and
+    discards (a few kilobytes at most) for up to L{LINGER} seconds, so the
+    client reads a C{413} rather than a reset; then it aborts.  A closing
+    connection holds no place; past L{CLOSING_PER_SLOT} per place, the oldest
+    is aborted.  Every refusal is counted by reason (L{GuardedSite.rejected},
+    served as a metric) and logged at most once a second per reason.
+
+    A client that half-closes after its requests (C{printf ... | nc -N}, some
+    probe scripts) gets its answers, then the end of the stream: twisted.web
+    alone would drop them when the client's side closes.
 
     @param listener: the listener's endpoint description, for log lines.
     @ivar rejected: connections closed by a limit, by reason.
