@@ -1,38 +1,8 @@
 # -*- test-case-name: tests.integration.test_tcpport -*-
 """
 Accepting TCP connections with less Python per connection, for the churn
-of short connections (connect, echo a little, close).
-
-For every connection it accepts, Twisted's L{tcp.Port.doRead} goes through
-C{socket.accept()}'s Python wrapper (which converts the listening socket's
-family and type to enums to build the new socket object), and the
-transport's constructor asks zope whether the protocol provides
-C{ILoggingContext} and formats its log prefix and its C{repr}, strings an
-echo connection never uses; each batch of accepts also sets up a log
-buffer and a generator, and is dispatched inside the legacy log context.
-Together that was about a tenth of echotw's CPU per connection under churn.
-
-L{EchoPort} accepts with the listening socket's own C{_accept} in a plain
-loop and builds L{EchoServer} transports, which are Twisted's
-L{tcp.Server} with the log prefix and C{repr} computed when asked for
-(about 3 of 37 µs of server CPU per connection in the benchmark's churn,
-measured on 2 shared vCPUs).
-Whatever is not the common case goes to Twisted's own C{doRead}, which
-knows how to handle it: an error from C{accept} other than "nothing more
-to accept" (running out of descriptors, buffers, an aborted handshake) is
-left for it to meet again.  The port sets C{dispatchWithoutLogContext}, so
-L{echotw.transport.reactor.EchoReactor} dispatches it without the legacy log
-context, as it does echo connections.
-
-L{EchoServer} also reads and closes with less Python than Twisted's
-transport: a read is one C{recv} and the protocol's C{dataReceived}, and a
-closing connection leaves the reactor in one step (see
-L{EchoServer.connectionLost}).  Together with the reactor's direct dispatch
-of its reads, that took the server's user-space CPU per connection in the
-benchmark's churn from 12.5 to 10.4 µs (2 shared vCPUs, medians of 3) and
-its instructions per connection, counted by callgrind, from 123,000 to
-90,000; the kernel's part, the larger one, is unchanged.
-
+of short connections (connect, echo a little, close): L{EchoPort} and the
+L{EchoServer} transports it builds.
 L{echotw.transport.reactor.EchoReactor} listens and adopts TCP sockets with
 L{EchoPort}; other reactors use Twisted's port unchanged.
 """
@@ -54,11 +24,20 @@ class EchoServer(tcp.Server):
     """
     Twisted's server-side TCP transport, whose log prefix and C{repr} are
     made when asked for rather than for every connection, and whose reads
-    and close take fewer steps (see the module docstring).
+    and close take fewer steps (see below).
 
     Its constructor is Twisted's, inline and less those two strings; that
     it sets the same attributes as Twisted's is tested against the Twisted
     installed, and how it ends a connection against Twisted's behaviour.
+
+    It also reads and closes with less Python than Twisted's
+    transport: a read is one C{recv} and the protocol's C{dataReceived}, and a
+    closing connection leaves the reactor in one step (see
+    L{EchoServer.connectionLost}).  Together with the reactor's direct dispatch
+    of its reads, that took the server's user-space CPU per connection in the
+    benchmark's churn from 12.5 to 10.4 µs (2 shared vCPUs, medians of 3) and
+    its instructions per connection, counted by callgrind, from 123,000 to
+    90,000; the kernel's part, the larger one, is unchanged.
     """
 
     def __init__(
@@ -185,8 +164,29 @@ class EchoServer(tcp.Server):
 
 class EchoPort(tcp.Port):
     """
-    A TCP listening port that accepts in a plain loop (see the module
-    docstring); everything else is Twisted's L{tcp.Port}.
+    A TCP listening port that accepts in a plain loop (see below);
+    everything else is Twisted's L{tcp.Port}.
+
+    For every connection it accepts, Twisted's L{tcp.Port.doRead} goes through
+    C{socket.accept()}'s Python wrapper (which converts the listening socket's
+    family and type to enums to build the new socket object), and the
+    transport's constructor asks zope whether the protocol provides
+    C{ILoggingContext} and formats its log prefix and its C{repr}, strings an
+    echo connection never uses; each batch of accepts also sets up a log
+    buffer and a generator, and is dispatched inside the legacy log context.
+    Together that was about a tenth of echotw's CPU per connection under churn.
+
+    L{EchoPort} accepts with the listening socket's own C{_accept} in a plain
+    loop and builds L{EchoServer} transports, which are Twisted's
+    L{tcp.Server} with the log prefix and C{repr} computed when asked for
+    (about 3 of 37 µs of server CPU per connection in the benchmark's churn,
+    measured on 2 shared vCPUs).
+    Whatever is not the common case goes to Twisted's own C{doRead}, which
+    knows how to handle it: an error from C{accept} other than "nothing more
+    to accept" (running out of descriptors, buffers, an aborted handshake) is
+    left for it to meet again.  The port sets C{dispatchWithoutLogContext}, so
+    L{echotw.transport.reactor.EchoReactor} dispatches it without the legacy log
+    context, as it does echo connections.
     """
 
     transport = EchoServer
