@@ -1,36 +1,10 @@
 # -*- test-case-name: tests.unit.test_udp,tests.integration.test_udp -*-
 """
-Echo over UDP (RFC 862): each datagram is sent back, whole, to its source.
-
-A UDP echo server answers packets whose source address nobody checked, so
-unlike the TCP one it can be aimed at third parties and at other servers
-that answer automatically.  L{UDPEchoProtocol} therefore refuses to be part
-of a loop or a reflection, in the spirit of OpenBSD inetd's C{dg_badinput}
-(CERT CA-1996-01, the echo/chargen loop):
-
-  - datagrams from privileged source ports (below 1024, where echo, chargen,
-    daytime, time, qotd, DNS, NTP, SNMP, NetBIOS, CLDAP and the other
-    auto-answering services live, and port 0) or from a few well-known
-    auto-answering services on higher ports (L{LOOP_PORTS}) are dropped:
-    they are answers from a service, or forged to look like one, and never a
-    client's ephemeral port;
-  - datagrams from sources that are not one unicast host (multicast,
-    limited broadcast, the unspecified address) are dropped;
-  - datagrams from the listener's own port number are dropped too: they
-    come from this very server (a source forged to name it) or from another
-    echo server on the same port, such as the rest of a fleet;
-  - replies to each source are capped by a token bucket (L{TokenBuckets}).
-    A loop with an echo server on another port that answers faster than the
-    cap spends the bucket, then a datagram is dropped and the loop is over;
-    a slower one (a distant peer, or one delaying on purpose) is held to
-    the cap for as long as it answers;
-  - a reply is the request itself, so never larger than it.
-
-Impairment on purpose (C{--udp-loss}, C{--bandwidth}, C{--delay},
-C{--jitter}) applies after all of these, to replies that would be sent
-(L{echotw.shaping.DatagramImpairment}).
-
-C{--udp} values are parsed by L{echotw.endpoints.parseUDPListener}.
+Echo over UDP (RFC 862): each datagram is sent back, whole, to its source,
+by L{UDPEchoProtocol}, which refuses to be part of a loop or a reflection
+because a UDP echo server answers packets whose source address nobody
+checked.  C{--udp} values are parsed by
+L{echotw.endpoints.parseUDPListener}.
 """
 
 from __future__ import annotations
@@ -144,8 +118,36 @@ def isUnicastSource(ip: tuple[int, int]) -> bool:
 
 class UDPEchoProtocol(DatagramProtocol):
     """
-    Send each datagram back to its source, unless it is refused (see the
-    module docstring); count what was echoed and what was dropped, and why.
+    Send each datagram back to its source, unless it is refused (see
+    below); count what was echoed and what was dropped, and why.
+
+    A UDP echo server answers packets whose source address nobody checked, so
+    unlike the TCP one it can be aimed at third parties and at other servers
+    that answer automatically.  L{UDPEchoProtocol} therefore refuses to be part
+    of a loop or a reflection, in the spirit of OpenBSD inetd's C{dg_badinput}
+    (CERT CA-1996-01, the echo/chargen loop):
+
+      - datagrams from privileged source ports (below 1024, where echo, chargen,
+        daytime, time, qotd, DNS, NTP, SNMP, NetBIOS, CLDAP and the other
+        auto-answering services live, and port 0) or from a few well-known
+        auto-answering services on higher ports (L{LOOP_PORTS}) are dropped:
+        they are answers from a service, or forged to look like one, and never a
+        client's ephemeral port;
+      - datagrams from sources that are not one unicast host (multicast,
+        limited broadcast, the unspecified address) are dropped;
+      - datagrams from the listener's own port number are dropped too: they
+        come from this very server (a source forged to name it) or from another
+        echo server on the same port, such as the rest of a fleet;
+      - replies to each source are capped by a token bucket (L{TokenBuckets}).
+        A loop with an echo server on another port that answers faster than the
+        cap spends the bucket, then a datagram is dropped and the loop is over;
+        a slower one (a distant peer, or one delaying on purpose) is held to
+        the cap for as long as it answers;
+      - a reply is the request itself, so never larger than it.
+
+    Impairment on purpose (C{--udp-loss}, C{--bandwidth}, C{--delay},
+    C{--jitter}) applies after all of these, to replies that would be sent
+    (L{echotw.shaping.DatagramImpairment}).
 
     Refused datagrams are dropped silently: telling a forged source "no"
     would be a reflection too.  Drops are logged at most once per source per
