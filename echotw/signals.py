@@ -3,29 +3,6 @@
 The process's signals, for a real C{twistd echo} process (and each worker):
 SIGHUP asks for a rule reload, and a second SIGTERM or SIGINT during a
 shutdown stops at once.
-
-L{STOP_NOW_SIGNAL} (SIGUSR2) stops at once in any process, shutting down
-first if need be (its default action would kill the process outright).
-
-A worker of C{--workers} counts no second signal: a SIGTERM or SIGINT sent
-to the whole process group (systemd's default C{KillMode=control-group},
-Ctrl-C in a terminal) reaches it directly and again through its
-supervisor, and those two must not add up to "stop now".  Its supervisor
-sends L{STOP_NOW_SIGNAL} instead when the user asks it to stop at once.
-
-Twisted handles the first SIGTERM or SIGINT itself: it stops the reactor and
-remembers the signal, so that twistd ends by the same signal (status 143 for
-SIGTERM).  A second one would make Twisted stop a reactor that is already
-stopping, which only logs a C{ReactorNotRunning} traceback while the drain
-goes on.  L{ProcessSignals} wraps Twisted's handlers once the reactor runs:
-the first signal still goes to Twisted, any later one (or one that arrives
-after a shutdown began some other way) calls C{onStopNow} instead.
-
-SIGHUP's default action ends the process.  A runner's process holds it from
-the moment its options are parsed (L{holdHangups}), before any listener is
-bound: a SIGHUP that comes before L{ProcessSignals} starts is remembered
-and becomes one reload then, so a reload sent as soon as the server says it
-listens never kills it.
 """
 
 from __future__ import annotations
@@ -41,7 +18,12 @@ from echotw.interfaces import IServerReactor
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 STOP_NOW_SIGNAL = signal.SIGUSR2
-"""What a supervisor sends its workers to make them stop at once."""
+"""
+What a supervisor sends its workers to make them stop at once.
+
+L{STOP_NOW_SIGNAL} (SIGUSR2) stops at once in any process, shutting down
+first if need be (its default action would kill the process outright).
+"""
 
 
 _hangupHeld = False
@@ -51,6 +33,12 @@ def holdHangups() -> None:
     """
     Remember SIGHUP instead of dying of it, until L{ProcessSignals} starts
     and asks for the reload it stands for.
+
+    SIGHUP's default action ends the process.  A runner's process holds it from
+    the moment its options are parsed (L{holdHangups}), before any listener is
+    bound: a SIGHUP that comes before L{ProcessSignals} starts is remembered
+    and becomes one reload then, so a reload sent as soon as the server says it
+    listens never kills it.
     """
     signal.signal(signal.SIGHUP, _holdHangup)
 
@@ -75,6 +63,20 @@ class ProcessSignals(Service):
     SIGTERM or SIGINT, further ones to C{onStopNow(signal name)} (in a
     C{worker}, those are ignored and L{STOP_NOW_SIGNAL} goes there
     instead).  Both are called in the reactor thread, on its next turn.
+
+    Twisted handles the first SIGTERM or SIGINT itself: it stops the reactor and
+    remembers the signal, so that twistd ends by the same signal (status 143 for
+    SIGTERM).  A second one would make Twisted stop a reactor that is already
+    stopping, which only logs a C{ReactorNotRunning} traceback while the drain
+    goes on.  L{ProcessSignals} wraps Twisted's handlers once the reactor runs:
+    the first signal still goes to Twisted, any later one (or one that arrives
+    after a shutdown began some other way) calls C{onStopNow} instead.
+
+    A worker of C{--workers} counts no second signal: a SIGTERM or SIGINT sent
+    to the whole process group (systemd's default C{KillMode=control-group},
+    Ctrl-C in a terminal) reaches it directly and again through its
+    supervisor, and those two must not add up to "stop now".  Its supervisor
+    sends L{STOP_NOW_SIGNAL} instead when the user asks it to stop at once.
     """
 
     def __init__(
