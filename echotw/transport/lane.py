@@ -3,28 +3,6 @@
 The native echo lane: plain TCP and Unix echo connections served by
 compiled code (C{echotw/transport/_lane.c}), so that the interpreter no longer runs
 once per read.
-
-A connection is admitted, counted and logged in Python as before; then,
-if it is a plain one (its transport is Twisted's TCP or Unix server
-transport, with no TLS, no PROXY wrapper and no impairment), its socket
-leaves the reactor and joins the lane's epoll set.  The lane's own epoll
-descriptor is one reader in the reactor (L{LaneReader}): each time it is
-readable the lane serves every ready connection in a loop (read, send back,
-keep what the kernel did not take, at most one read of 64 KiB, and stop
-reading while it holds anything), and comes back to Python only for a
-connection that needs it.
-
-A connection leaves the lane, and from then on is the Python path's again,
-when its client half-closes or resets it, when it reaches
-C{--max-session-bytes} (the lane reads no byte past the limit), and before
-Python itself ends it (L{LaneEchoProtocol.finish}, L{LaneEchoProtocol.abort}:
-the drain, a reload's deny, the idle sweep, C{--max-session-seconds}).
-Leaving, whatever the lane had not sent yet goes to the transport's buffer,
-so the lingering close, the half-close and the counts of unsent bytes work
-exactly as on the Python path.  While in the lane, the counts the idle sweep,
-the drain and C{/metrics} read (L{LaneEchoProtocol.bytesReceived},
-L{LaneEchoProtocol.pendingBytes}) come from the lane.
-
 C{--native auto|on|off} (default: the C{ECHOTW_NATIVE} environment variable,
 else C{auto}) chooses; see L{laneServes}.
 """
@@ -246,6 +224,27 @@ class LaneEchoProtocol(EchoProtocol):
     L{EchoProtocol} that hands its connection to the lane once connected,
     if it is a plain one (L{canJoin}); otherwise, and once it has left the
     lane, it is L{EchoProtocol} unchanged.
+
+    A connection is admitted, counted and logged in Python as before; then,
+    if it is a plain one (its transport is Twisted's TCP or Unix server
+    transport, with no TLS, no PROXY wrapper and no impairment), its socket
+    leaves the reactor and joins the lane's epoll set.  The lane's own epoll
+    descriptor is one reader in the reactor (L{LaneReader}): each time it is
+    readable the lane serves every ready connection in a loop (read, send back,
+    keep what the kernel did not take, at most one read of 64 KiB, and stop
+    reading while it holds anything), and comes back to Python only for a
+    connection that needs it.
+
+    A connection leaves the lane, and from then on is the Python path's again,
+    when its client half-closes or resets it, when it reaches
+    C{--max-session-bytes} (the lane reads no byte past the limit), and before
+    Python itself ends it (L{LaneEchoProtocol.finish}, L{LaneEchoProtocol.abort}:
+    the drain, a reload's deny, the idle sweep, C{--max-session-seconds}).
+    Leaving, whatever the lane had not sent yet goes to the transport's buffer,
+    so the lingering close, the half-close and the counts of unsent bytes work
+    exactly as on the Python path.  While in the lane, the counts the idle sweep,
+    the drain and C{/metrics} read (L{LaneEchoProtocol.bytesReceived},
+    L{LaneEchoProtocol.pendingBytes}) come from the lane.
     """
 
     startsReadingItself = True
