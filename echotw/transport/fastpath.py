@@ -1,26 +1,9 @@
 # -*- test-case-name: tests.integration.test_fastpath -*-
 """
-Send echoed bytes at once instead of on the reactor's next turn.
-
-C{transport.write} only buffers: the bytes go out when the reactor next finds
-the socket writable, which costs an extra epoll registration, loop iteration
-and deregistration for every chunk echoed.  When nothing is queued, sending
-straight away is equivalent and about twice as fast; whatever the kernel does
-not take goes through C{transport.write} as usual, so ordering, backpressure
-and error handling stay Twisted's.
-
-This reads private state of L{twisted.internet.tcp.Connection} (its socket
-and write buffers), so it is confined to this module, checked once per
-transport class by L{canWriteDirectly}, and anything unexpected (TLS,
-another reactor's transports, a Twisted whose internals moved) just takes
-the ordinary path.
-
-Unix-socket connections take the fast path too: Twisted's Unix server
-transport is its TCP connection plus the passing of file descriptors, which
-it sends ahead of the buffered bytes; an echo never passes any, so with
-nothing buffered a direct send is what Twisted itself would do.  It halves
-the server's CPU per round trip there as over TCP (about 5 against 11 us
-per 1 KiB round trip on 20 Unix connections).
+Send echoed bytes at once instead of on the reactor's next turn
+(L{writeDirectly}), for TCP and Unix-socket connections alike: when nothing
+is queued, sending straight away is equivalent to C{transport.write} and
+about twice as fast.
 """
 
 from __future__ import annotations
@@ -56,6 +39,19 @@ def canWriteDirectly(transport: Any) -> bool:
     Whether L{writeDirectly} may be used on C{transport}: a plain TCP
     connection whose internals look as this module expects.  Decided once
     per transport class, since that is what fixes its internals.
+
+    This reads private state of L{twisted.internet.tcp.Connection} (its socket
+    and write buffers), so it is confined to this module, checked once per
+    transport class by L{canWriteDirectly}, and anything unexpected (TLS,
+    another reactor's transports, a Twisted whose internals moved) just takes
+    the ordinary path.
+
+    Unix-socket connections take the fast path too: Twisted's Unix server
+    transport is its TCP connection plus the passing of file descriptors, which
+    it sends ahead of the buffered bytes; an echo never passes any, so with
+    nothing buffered a direct send is what Twisted itself would do.  It halves
+    the server's CPU per round trip there as over TCP (about 5 against 11 us
+    per 1 KiB round trip on 20 Unix connections).
     """
     kind = type(transport)
     verdict = _verdicts.get(kind)
@@ -79,6 +75,13 @@ def writeDirectly(transport: Any, data: bytes) -> None:
     """
     Write C{data} to a transport that passed L{canWriteDirectly}: send what
     the kernel takes now if nothing is queued, queue the rest.
+
+    C{transport.write} only buffers: the bytes go out when the reactor next finds
+    the socket writable, which costs an extra epoll registration, loop iteration
+    and deregistration for every chunk echoed.  When nothing is queued, sending
+    straight away is equivalent and about twice as fast; whatever the kernel does
+    not take goes through C{transport.write} as usual, so ordering, backpressure
+    and error handling stay Twisted's.
     """
     if transport.dataBuffer or transport._tempDataLen or not transport.connected:
         transport.write(data)
