@@ -1,26 +1,10 @@
 # -*- test-case-name: tests.unit.test_impairment,tests.integration.test_impairment -*-
 """
 The echo of a slow, jittery or narrow peer on purpose: C{--delay},
-C{--jitter} and C{--bandwidth} on stream listeners (TCP, TLS, Unix, PROXY).
-
-L{ImpairedEchoProtocol} is what the factory builds instead of
-L{EchoProtocol} when any of those is set (see L{echotw.build}); the plain
-echo is untouched, so with impairment off nothing costs more.  Each read is
-put in the connection's L{StreamShaper}, which hands it back, in order, when
-its time has come and the bandwidth allows.
-
-Memory stays bounded as without impairment: a L{ReadGate} is the
-transport's producer, and reading pauses while the transport's write buffer
-is full (what the plain echo does) or while more than L{PAUSE_ABOVE} bytes
-wait in the shaper, and resumes only when neither holds.  The transport
-alone cannot be its own producer here: draining its write buffer would
-resume reading while the shaper is still full.
-
-Closing waits for the shaper: a close the server starts (L{finish}: the
-drain, a reload, a session limit) or the client's half-close stops reading
-at once, lets every byte already received leave at its time, then closes as
-the plain echo does.  While bytes wait on a delay the connection is busy,
-not idle.  UDP's side is L{echotw.shaping.DatagramImpairment}.
+C{--jitter} and C{--bandwidth} on stream listeners (TCP, TLS, Unix, PROXY),
+by L{ImpairedEchoProtocol}, which the factory builds instead of the plain
+echo only when one of those is set.  UDP's side is
+L{echotw.shaping.DatagramImpairment}.
 """
 
 from __future__ import annotations
@@ -57,6 +41,13 @@ class ReadGate:
     says its write buffer is full (L{pauseProducing}), while the shaper is
     full (L{holdForQueue}), and for good once the connection is closing
     (L{close}).
+
+    Memory stays bounded as without impairment: a L{ReadGate} is the
+    transport's producer, and reading pauses while the transport's write buffer
+    is full (what the plain echo does) or while more than L{PAUSE_ABOVE} bytes
+    wait in the shaper, and resumes only when neither holds.  The transport
+    alone cannot be its own producer here: draining its write buffer would
+    resume reading while the shaper is still full.
     """
 
     __slots__ = ("closed", "consumerFull", "queueFull", "reading", "transport")
@@ -108,12 +99,25 @@ class ReadGate:
 class ImpairedEchoProtocol(EchoProtocol):
     """
     The echo with C{delay}, C{jitter} and a C{bandwidth} cap (bytes a
-    second, 0 for none) on what it sends back; see the module docstring.
+    second, 0 for none) on what it sends back.
 
     Its overrides of L{EchoProtocol} are few on purpose: L{dataReceived}
     queues instead of writing (L{_echo}), L{pendingBytes} and L{isIdle} count what
     waits in the shaper, and L{finish} and L{readConnectionLost} run the
     plain echo's own close once the shaper is empty.
+
+    L{ImpairedEchoProtocol} is what the factory builds instead of
+    L{EchoProtocol} when any of C{--delay}, C{--jitter} and C{--bandwidth}
+    is set (see L{echotw.build}); the plain
+    echo is untouched, so with impairment off nothing costs more.  Each read is
+    put in the connection's L{StreamShaper}, which hands it back, in order, when
+    its time has come and the bandwidth allows.
+
+    Closing waits for the shaper: a close the server starts (L{finish}: the
+    drain, a reload, a session limit) or the client's half-close stops reading
+    at once, lets every byte already received leave at its time, then closes as
+    the plain echo does.  While bytes wait on a delay the connection is busy,
+    not idle.
     """
 
     def __init__(
