@@ -1,26 +1,8 @@
 # -*- test-case-name: tests.unit.test_drain -*-
 """
-Closing connections once they are quiet: the shutdown drain and the
-connections a rule reload denies.
-
-A connection the server wants gone may still have bytes in flight: in
-Twisted's buffer, in the kernel's buffers both ways, or unread because its
-client stopped reading for a while (backpressure then pauses the server's
-reading too).  Closing it at once would lose them.  L{QuietCloser} keeps
-echoing it until it is quiet, then closes it gracefully (a lingering close,
-see L{echotw.protocol.EchoProtocol.finish}), so a client that has stopped
-sending gets every byte back, then EOF.
-
-Quiet means: at two consecutive ticks nothing was queued to send (so
-reading was not paused by backpressure) and no byte arrived in between.
-One tick is not enough: the tick that sees an emptied buffer can run just
-before the reactor reads what the resumed socket holds.
-
-A client that never goes quiet (it keeps sending) is closed gracefully
-anyway once its C{graceUntil} time passes: it stops being echoed, gets what
-was echoed so far, then EOF.  What happens after that, if it also never
-reads or never closes, is the lingering close's business (and the drain's
-deadline, which aborts whatever is still open).
+Closing connections once they are quiet, for the shutdown drain and the
+connections a rule reload denies: a connection the server wants gone may
+still have bytes in flight, and L{QuietCloser} closes it without losing them.
 """
 
 from __future__ import annotations
@@ -48,8 +30,27 @@ class _Closing:
 
 class QuietCloser:
     """
-    Close connections gracefully as soon as each is quiet (see the module
-    docstring), or once its grace period is over.
+    Close connections gracefully as soon as each is quiet (see below), or
+    once its grace period is over.
+
+    A connection the server wants gone may still have bytes in flight: in
+    Twisted's buffer, in the kernel's buffers both ways, or unread because its
+    client stopped reading for a while (backpressure then pauses the server's
+    reading too).  Closing it at once would lose them.  L{QuietCloser} keeps
+    echoing it until it is quiet, then closes it gracefully (a lingering close,
+    see L{echotw.protocol.EchoProtocol.finish}), so a client that has stopped
+    sending gets every byte back, then EOF.
+
+    Quiet means: at two consecutive ticks nothing was queued to send (so
+    reading was not paused by backpressure) and no byte arrived in between.
+    One tick is not enough: the tick that sees an emptied buffer can run just
+    before the reactor reads what the resumed socket holds.
+
+    A client that never goes quiet (it keeps sending) is closed gracefully
+    anyway once its C{graceUntil} time passes: it stops being echoed, gets what
+    was echoed so far, then EOF.  What happens after that, if it also never
+    reads or never closes, is the lingering close's business (and the drain's
+    deadline, which aborts whatever is still open).
     """
 
     def __init__(self, clock: IReactorTime) -> None:
