@@ -3,18 +3,14 @@
 Delaying and throttling echoes on purpose (C{--delay}, C{--jitter},
 C{--bandwidth}), as pure pieces driven by a clock: nothing here touches a
 socket, so all of it is tested with L{twisted.internet.task.Clock}.
-
-Both queues keep one timer for everything they hold, re-armed for whatever
-is due first, never one per chunk or datagram: thousands of delayed
+L{StreamShaper} is one per connection (chunks leave in the order they came,
+each no sooner than its own release time, at most C{rate} bytes a second),
+L{DatagramDelay} one for all UDP listeners (each datagram leaves at its own
+time, jitter may reorder them, with a bound on what waits), and
+L{DatagramImpairment} puts together what UDP replies go through.  Both
+queues keep one timer for everything they hold, re-armed for whatever is
+due first, never one per chunk or datagram: thousands of delayed
 connections cost thousands of timers at most, however much each holds.
-
-  - L{StreamShaper}, one per connection: chunks leave in the order they
-    came, each no sooner than its own release time, at most C{rate} bytes a
-    second.
-  - L{DatagramDelay}, one for all UDP listeners: each datagram leaves at its
-    own time (jitter may reorder them), with a bound on what waits.
-
-L{DatagramImpairment} puts together what UDP replies go through.
 """
 
 from __future__ import annotations
