@@ -1,19 +1,7 @@
 """
-The bytes C{echotw-probe} sends and how it checks what comes back.
-
-Each connection (or UDP flow) sends its own stream: a seeded pseudo-random
-byte sequence that can be computed at any offset, so the probe keeps no copy
-of what it sent.  Two streams differ, so bytes crossing from one connection
-into another are caught like any other corruption.
-
-Every byte at an even offset has its top bit clear and every byte at an odd
-offset has it set.  Two neighbouring bytes therefore always differ, so a
-dropped or duplicated byte is caught at exactly the offset where the echo
-first departs from what was sent, not some way after it (with plain random
-bytes, a byte dropped from a run of equal bytes shows only at the run's
-end).  The other seven bits are random.
-
-Nothing here does I/O: the Twisted protocols feed it bytes.
+The bytes C{echotw-probe} sends (L{Pattern}) and how it checks what comes
+back (L{StreamCheck}, L{DatagramCheck}).  Nothing here does I/O: the Twisted
+protocols feed it bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +24,18 @@ class Pattern:
     The last C{keep} blocks computed are kept: a connection's sender and
     verifier share one pattern, and while less than a block is in flight
     the verifier reads the block the sender just computed.
+
+    Each connection (or UDP flow) sends its own stream: a seeded pseudo-random
+    byte sequence that can be computed at any offset, so the probe keeps no copy
+    of what it sent.  Two streams differ, so bytes crossing from one connection
+    into another are caught like any other corruption.
+
+    Every byte at an even offset has its top bit clear and every byte at an odd
+    offset has it set.  Two neighbouring bytes therefore always differ, so a
+    dropped or duplicated byte is caught at exactly the offset where the echo
+    first departs from what was sent, not some way after it (with plain random
+    bytes, a byte dropped from a run of equal bytes shows only at the run's
+    end).  The other seven bits are random.
     """
 
     def __init__(self, seed: int, stream: int, keep: int = 2) -> None:
