@@ -1,31 +1,9 @@
 # -*- test-case-name: tests.integration.test_reactor -*-
 """
 An epoll reactor that dispatches echo connections' events without Twisted's
-legacy log context.
-
-For every ready descriptor, Twisted's epoll reactor calls
-C{log.callWithLogger}: it asks the descriptor for its log prefix, copies the
-current log context twice and pushes and pops it on a thread-local stack, so
-that an old-style C{log.msg} made while handling the event is tagged with
-the connection.  Under echo load that bookkeeping cost more than everything
-else echotw does in Python (about 1.4 of 2.5 µs of user CPU per round trip,
-measured with 50 connections x 1 KiB), and echotw logs through
-C{twisted.logger} with explicit fields, so the context tags nothing.
-
-L{EchoReactor} skips it only for connections whose protocol sets
-C{dispatchWithoutLogContext}, and for listening ports that set it
-themselves (L{echotw.transport.tcpport.EchoPort}); every other descriptor (TLS and
-PROXY-protocol connections, the metrics server's connections, UDP) is
-dispatched exactly as Twisted does.  Its TCP listening ports, bound or
-adopted, are L{echotw.transport.tcpport.EchoPort}s, which accept with less Python
-per connection.  Their echo connections' reads are dispatched straight to
-C{doRead}, and a closing one goes straight to its own C{connectionLost},
-which leaves the reactor in one step (L{EchoReactor.forgetDescriptor}).
-The subclass overrides the loop and the disconnection, and uses the
-reactor's own C{_poller}, C{_selectables}, C{_reads}, C{_writes} and
-C{_doReadOrWrite}; if a Twisted release lacks them it falls back to its
-parent's loop.  When the
-user picked a reactor (C{twistd -r NAME}), that reactor runs unchanged.
+legacy log context (L{EchoReactor}), which under echo load cost more than
+everything else echotw does in Python.  When the user picked a reactor
+(C{twistd -r NAME}), that reactor runs unchanged.
 """
 
 from __future__ import annotations
@@ -65,6 +43,29 @@ if EPollReactor is not None:
         L{EPollReactor} whose event loop leaves out the log context for
         connections that asked for that.  If this Twisted's epoll reactor
         lacks the internals it uses, it behaves exactly as its parent.
+
+        For every ready descriptor, Twisted's epoll reactor calls
+        C{log.callWithLogger}: it asks the descriptor for its log prefix, copies the
+        current log context twice and pushes and pops it on a thread-local stack, so
+        that an old-style C{log.msg} made while handling the event is tagged with
+        the connection.  Under echo load that bookkeeping cost more than everything
+        else echotw does in Python (about 1.4 of 2.5 µs of user CPU per round trip,
+        measured with 50 connections x 1 KiB), and echotw logs through
+        C{twisted.logger} with explicit fields, so the context tags nothing.
+
+        L{EchoReactor} skips it only for connections whose protocol sets
+        C{dispatchWithoutLogContext}, and for listening ports that set it
+        themselves (L{echotw.transport.tcpport.EchoPort}); every other descriptor (TLS and
+        PROXY-protocol connections, the metrics server's connections, UDP) is
+        dispatched exactly as Twisted does.  Its TCP listening ports, bound or
+        adopted, are L{echotw.transport.tcpport.EchoPort}s, which accept with less Python
+        per connection.  Their echo connections' reads are dispatched straight to
+        C{doRead}, and a closing one goes straight to its own C{connectionLost},
+        which leaves the reactor in one step (L{EchoReactor.forgetDescriptor}).
+        The subclass overrides the loop and the disconnection, and uses the
+        reactor's own C{_poller}, C{_selectables}, C{_reads}, C{_writes} and
+        C{_doReadOrWrite}; if a Twisted release lacks them it falls back to its
+        parent's loop.
         """
 
         def __init__(self) -> None:
