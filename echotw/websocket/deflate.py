@@ -1,26 +1,9 @@
 # -*- test-case-name: tests.unit.test_websocket -*-
 """
 permessage-deflate (RFC 7692) for the WebSocket echo: wsproto's extension,
-with the negotiation and the inflating made strict and bounded.
-
-wsproto's own L{PerMessageDeflate} falls short of what a server facing any
-client needs, in three places this module takes over:
-
-  - negotiation: it lets every offer in the header overwrite the previous
-    one (the last wins, where RFC 7692 section 5 picks the first it can
-    accept), takes C{*_no_context_takeover} settings from offers it then
-    declines, raises on a non-numeric window size, and accepts parameters
-    it does not know or ones given twice.  L{BoundedDeflate.accept} takes
-    the first offer it can honour and declines the others whole.
-  - window sizes: zlib cannot deflate with an 8-bit window (it silently
-    uses 9), so an offer that demands C{server_max_window_bits=8} is
-    declined; and inflating always uses a 15-bit window, which reads any
-    smaller window's output, so a client that asks for 8 bits is served.
-  - deflating: at zlib's fastest level (L{COMPRESSION_LEVEL}), not its
-    default.
-  - inflating: wsproto inflates a frame whatever it expands to, so a few
-    kilobytes can become gigabytes.  Here each message's inflated size is
-    capped at C{maxMessage}: past it the connection fails with 1009.
+with the negotiation and the inflating made strict and bounded
+(L{BoundedDeflate}), because wsproto's own falls short of what a server
+facing any client needs.
 """
 
 from __future__ import annotations
@@ -74,8 +57,26 @@ def parseOffer(offer: str) -> dict[str, int | None] | None:
 
 class BoundedDeflate(PerMessageDeflate):
     """
-    wsproto's permessage-deflate, negotiated and inflated as the module
-    docstring says.
+    wsproto's permessage-deflate, negotiated and inflated as below.
+
+    wsproto's own L{PerMessageDeflate} falls short of what a server facing any
+    client needs, in three places this module takes over:
+
+      - negotiation: it lets every offer in the header overwrite the previous
+        one (the last wins, where RFC 7692 section 5 picks the first it can
+        accept), takes C{*_no_context_takeover} settings from offers it then
+        declines, raises on a non-numeric window size, and accepts parameters
+        it does not know or ones given twice.  L{BoundedDeflate.accept} takes
+        the first offer it can honour and declines the others whole.
+      - window sizes: zlib cannot deflate with an 8-bit window (it silently
+        uses 9), so an offer that demands C{server_max_window_bits=8} is
+        declined; and inflating always uses a 15-bit window, which reads any
+        smaller window's output, so a client that asks for 8 bits is served.
+      - deflating: at zlib's fastest level (L{COMPRESSION_LEVEL}), not its
+        default.
+      - inflating: wsproto inflates a frame whatever it expands to, so a few
+        kilobytes can become gigabytes.  Here each message's inflated size is
+        capped at C{maxMessage}: past it the connection fails with 1009.
     """
 
     def __init__(self, maxMessage: int) -> None:
