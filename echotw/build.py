@@ -97,7 +97,7 @@ def makeEndpoint(
 ) -> IStreamServerEndpoint:
     """
     The endpoint for one listener; C{haproxy:} listeners use echotw's own
-    PROXY protocol support (see L{echotw.proxyprotocol}), not Twisted's,
+    PROXY protocol support (see L{echotw.proxyprotocol.ProxyProtocolFactory}), not Twisted's,
     counting and logging their refusals with C{factory}'s.  A worker
     listens on the socket it C{inherited} instead; the supervisor binds
     without the PROXY wrapper (no C{factory}).

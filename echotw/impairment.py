@@ -138,7 +138,7 @@ class ImpairedEchoProtocol(EchoProtocol):
         if transport is None or self.finishing:
             return
         # The plain echo registered the transport as its own producer;
-        # this one needs the gate in between (see the module docstring).
+        # this one needs the gate in between (see L{ReadGate}).
         transport.unregisterProducer()  # type: ignore[attr-defined]
         self.gate = ReadGate(transport)  # type: ignore[arg-type]
         transport.registerProducer(self.gate, True)  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ from echotw.web.state import ChannelState, Event, after
 class GuardedChannel(http.HTTPChannel):
     """
     An L{http.HTTPChannel} fed one complete request head at a time, never a
-    body, and only while no response is pending (see L{echotw.web.guard}).
+    body, and only while no response is pending (see L{echotw.web.guard.GuardedSite}).
 
     Bytes read but not yet handed on wait in C{_pending}; reading stops
     while C{_pending} holds a complete request that cannot be handled yet,

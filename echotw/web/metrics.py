@@ -87,7 +87,7 @@ class EchoCollector:
       - C{udp_dropped_total{listener, reason}}: counter, datagrams not answered
         (reasons in L{echotw.udp.DROP_REASONS});
       - C{http_rejected_total{reason}}: counter, connections to this metrics
-        listener closed by its limits (see L{echotw.web.guard});
+        listener closed by its limits (see L{echotw.web.guard.GuardedSite});
 
     with C{--workers}, served by the supervisor and summed over the workers
     (see L{echotw.counters}), and also per worker:
