@@ -82,6 +82,20 @@ lookup(Lane *self, long fd)
     return self->table[fd];
 }
 
+/* The connection a Python argument names by its descriptor, or NULL with
+ * KeyError (or the conversion's error) set. */
+static Conn *
+conn_arg(Lane *self, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    Conn *c = lookup(self, fd);
+    if (c == NULL)
+        PyErr_Format(PyExc_KeyError, "descriptor %ld is not in the lane", fd);
+    return c;
+}
+
 static int
 lane_check(Lane *self)
 {
@@ -365,14 +379,9 @@ Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Lane_remove(Lane *self, PyObject *arg)
 {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
+    Conn *c = conn_arg(self, arg);
+    if (c == NULL)
         return NULL;
-    Conn *c = lookup(self, fd);
-    if (c == NULL) {
-        PyErr_Format(PyExc_KeyError, "descriptor %ld is not in the lane", fd);
-        return NULL;
-    }
     if (c->state == ACTIVE && self->epfd >= 0)
         /* ENOENT or EBADF if Python closed it first: nothing to undo. */
         epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
@@ -382,7 +391,7 @@ Lane_remove(Lane *self, PyObject *arg)
     PyObject *result = Py_BuildValue("(KN)", c->received, unsent);
     if (result == NULL)
         return NULL;
-    self->table[fd] = NULL;
+    self->table[c->fd] = NULL;
     self->count--;
     conn_free(c);
     return result;
@@ -391,28 +400,18 @@ Lane_remove(Lane *self, PyObject *arg)
 static PyObject *
 Lane_received(Lane *self, PyObject *arg)
 {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
+    Conn *c = conn_arg(self, arg);
+    if (c == NULL)
         return NULL;
-    Conn *c = lookup(self, fd);
-    if (c == NULL) {
-        PyErr_Format(PyExc_KeyError, "descriptor %ld is not in the lane", fd);
-        return NULL;
-    }
     return PyLong_FromUnsignedLongLong(c->received);
 }
 
 static PyObject *
 Lane_pending(Lane *self, PyObject *arg)
 {
-    long fd = PyLong_AsLong(arg);
-    if (fd == -1 && PyErr_Occurred())
+    Conn *c = conn_arg(self, arg);
+    if (c == NULL)
         return NULL;
-    Conn *c = lookup(self, fd);
-    if (c == NULL) {
-        PyErr_Format(PyExc_KeyError, "descriptor %ld is not in the lane", fd);
-        return NULL;
-    }
     return PyLong_FromSize_t(c->len - c->off);
 }
 
