@@ -27,15 +27,19 @@ def maskedFrame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     A client frame with an all-zero mask (legal, and the payload needs no
     masking: fast for big frames).
     """
-    first = (0x80 if fin else 0) | opcode
-    n = len(payload)
+    return maskedHeader((0x80 if fin else 0) | opcode, len(payload)) + b"\0\0\0\0" + payload
+
+
+def maskedHeader(first: int, n: int) -> bytes:
+    """
+    A client frame's header up to its mask: the first byte (FIN, RSV bits,
+    opcode) and the masked length C{n} in its shortest form.
+    """
     if n < 126:
-        header = struct.pack("!BB", first, 0x80 | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", first, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", first, 0x80 | 127, n)
-    return header + b"\0\0\0\0" + payload
+        return struct.pack("!BB", first, 0x80 | n)
+    if n < 65536:
+        return struct.pack("!BBH", first, 0x80 | 126, n)
+    return struct.pack("!BBQ", first, 0x80 | 127, n)
 
 
 class WebSocketClient:

@@ -5,7 +5,6 @@ transports, driven by wsproto's own client.
 
 from __future__ import annotations
 
-import struct
 import zlib
 
 from twisted.internet.address import IPv4Address
@@ -33,6 +32,7 @@ from echotw.web.guard import MAX_HEAD, REQUEST_TIMEOUT
 from echotw.websocket.deflate import BoundedDeflate, parseOffer
 from echotw.websocket.listener import WebSocketListenerFactory
 from echotw.websocket.protocol import WebSocketProtocol
+from tests.support.wsclient import maskedHeader
 
 
 def frame(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> bytes:
@@ -42,13 +42,7 @@ def frame(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> 
     """
     first = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
     mask = b"\x01\x02\x03\x04"
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", first, 0x80 | n)
-    elif n < 65536:
-        header = struct.pack("!BBH", first, 0x80 | 126, n)
-    else:
-        header = struct.pack("!BBQ", first, 0x80 | 127, n)
+    header = maskedHeader(first, len(payload))
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     return header + mask + masked
 
