@@ -17,7 +17,7 @@ from typing import Any, Union
 
 from twisted.internet.interfaces import IAddress
 
-from echotw.rules.addresses import IPNetwork, NetworkSet, clientIP
+from echotw.rules.addresses import IPNetwork, NetworkSet, ipFromText
 
 Verdict = Union[None, bool, str]  # noqa: UP007 (a runtime alias on 3.10)
 """C{None}/C{True}: accept; a string: refuse with that reason; C{False}: refuse."""
@@ -49,14 +49,39 @@ class AccessRules:
         # makes new ones).
         self._denies = bool(self.deny)
         self._active = self.restrict or self._denies
+        self._verdicts: dict[str, str | None] = {}
 
     def __bool__(self) -> bool:
         return self._active
 
-    def __call__(self, address: IAddress, listener: str = "") -> str | None:
+    def reasonFor(self, address: IAddress, listener: str = "") -> str | None:
+        """
+        The reason to refuse a client at C{address}, or L{None} (also the
+        rules' C{__call__}, as every L{Verifier}'s; a method is the cheaper
+        call, made for every connection).  The answer
+        for each host is remembered (the rules never change), for up to
+        L{VERDICTS_KEPT} hosts at a time: most connections come from a few
+        hosts (a balancer's), and then cost one lookup.
+        """
         if not self._active:
             return None
-        ip = clientIP(address)
+        host = getattr(address, "host", None)
+        if not isinstance(host, str):
+            return None  # no IP (a Unix socket): not subject to IP rules
+        verdicts = self._verdicts
+        try:
+            return verdicts[host]
+        except KeyError:
+            pass
+        if len(verdicts) >= VERDICTS_KEPT:
+            verdicts.clear()  # a flood from many hosts: bounded, never slower
+        verdict = verdicts[host] = self._judge(host)
+        return verdict
+
+    __call__ = reasonFor
+
+    def _judge(self, host: str) -> str | None:
+        ip = ipFromText(host)
         if ip is None:
             return None
         if self._denies and ip in self.deny:
@@ -64,6 +89,10 @@ class AccessRules:
         if self.restrict and ip not in self.allow:
             return "not allowed"
         return None
+
+
+VERDICTS_KEPT = 4096
+"""Hosts whose verdict an L{AccessRules} remembers at a time."""
 
 
 def refusalReason(verdict: Verdict, default: str = "refused") -> str | None:
