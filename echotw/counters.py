@@ -209,9 +209,10 @@ class ConnectionStats:
         Release a closed connection's counts; return the bytes it sent and
         how long it lasted, or L{None} if it was not counted as open.
         """
-        if p not in self.protocols:
+        try:
+            self.protocols.remove(p)
+        except KeyError:
             return None
-        self.protocols.discard(p)
         self.openConnections -= 1
         self.openByListener[p.listener] -= 1
         source = p.source
