@@ -195,16 +195,23 @@ class EchoProtocol(Protocol):
         if received == self._idleMark and buffered == self._idleBuffered:
             # Nothing was read, nor handed to the kernel: only the kernel's
             # queue may have moved, and an empty one cannot have.
-            inKernel = self._idleInKernel and kernelPendingBytes(self.transport)
+            inKernel = self._idleInKernel and self.queuedInKernel()
             if inKernel == self._idleInKernel:
                 return now - self._idleSince >= timeout
         else:
-            inKernel = kernelPendingBytes(self.transport)
+            inKernel = self.queuedInKernel()
         self._idleMark = received
         self._idleBuffered = buffered
         self._idleInKernel = inKernel
         self._idleSince = now
         return False
+
+    def queuedInKernel(self) -> int:
+        """
+        Bytes the kernel still holds to send (L{kernelPendingBytes}): one
+        system call, for periodic checks.
+        """
+        return kernelPendingBytes(self.transport)
 
     def connectionMade(self) -> None:
         self.startedAt = monotonic()

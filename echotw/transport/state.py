@@ -58,12 +58,22 @@ def kernelPendingBytes(transport: Any) -> int:
             return 0
         transport = transport.transport  # TLS: its ciphertext goes out below
     sock = getattr(transport, "socket", None)
-    if sock is None or not sys.platform.startswith("linux"):
+    if sock is None:
+        return 0
+    return kernelPendingBytesOf(sock.fileno())
+
+
+def kernelPendingBytesOf(fd: int) -> int:
+    """
+    L{kernelPendingBytes} of the socket C{fd} (a connection served by the
+    native lane has no transport while it is in it).
+    """
+    if fd < 0 or not sys.platform.startswith("linux"):
         return 0
     try:
-        queued = ioctl(sock.fileno(), _SIOCOUTQ, _QUEUE_BUFFER)
-    except (OSError, ValueError):
-        return 0  # closed (fileno -1 or a stale descriptor)
+        queued = ioctl(fd, _SIOCOUTQ, _QUEUE_BUFFER)
+    except OSError:
+        return 0  # a stale descriptor
     return int.from_bytes(queued, sys.byteorder, signed=True)
 
 
