@@ -6,7 +6,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase
 
 from echotw.rules.addresses import NetworkSet, clientIP, parseNetwork, sourceKey
-from echotw.rules.policy import AccessRules, refusalReason
+from echotw.rules.policy import VERDICTS_KEPT, AccessRules, refusalReason
 
 
 def v4(host: str) -> IPv4Address:
@@ -149,6 +149,19 @@ class AccessRulesTests(SynchronousTestCase):
         rules = AccessRules(allow=[parseNetwork("10.0.0.0/8")], deny=[parseNetwork("10.6.6.0/24")])
         self.assertEqual(rules(v4("10.6.6.6"), "l"), "denied")
         self.assertIsNone(rules(v4("10.6.7.6"), "l"))
+
+    def test_verdictsRemembered(self) -> None:
+        """Each host's verdict is asked again and again with the same answer,
+        and what is remembered stays bounded however many hosts come: a
+        flood from many addresses neither grows memory nor changes a verdict."""
+        rules = AccessRules(allow=[parseNetwork("10.0.0.0/16")], deny=[parseNetwork("10.0.6.0/24")])
+        for i in range(VERDICTS_KEPT * 2 + 7):
+            host = f"10.0.{i >> 8}.{i & 255}"
+            expected = "denied" if i >> 8 == 6 else None
+            self.assertEqual(rules.reasonFor(v4(host), "l"), expected, host)
+            self.assertEqual(rules(v4(host), "l"), expected, host)
+            self.assertLessEqual(len(rules._verdicts), VERDICTS_KEPT)
+        self.assertEqual(rules(v4("10.1.0.1"), "l"), "not allowed")
 
     def test_mappedClientMatchesIPv4Rules(self) -> None:
         """A dual-stack listener's mapped client neither slips past a deny nor
