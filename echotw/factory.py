@@ -6,6 +6,7 @@ accept each of them (the asyncore original's C{verify_request}).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -21,6 +22,7 @@ from echotw.rules.addresses import clientFields, describeAddress, sourceKey
 from echotw.rules.policy import AccessRules, Verifier, refusalReason
 from echotw.throttlelog import LINES_PER_SECOND, RefusalLog, logVerifierFailure
 from echotw.transport.lane import defaultProtocol
+from echotw.transport.laneport import LaneListener, laneListener
 from echotw.workers.sharedcount import ServerCount
 
 Maker = Callable[[], EchoProtocol]
@@ -147,7 +149,8 @@ class EchoFactory(ServerFactory):
         Verify a new connection; return its protocol (made by C{protocol},
         if given: a listener's own kind), or L{None} to refuse it.
         """
-        reason = self.rules(addr, listener) if self.rules else None
+        # The rules answer None at once when there are none.
+        reason = self.rules.reasonFor(addr, listener)
         source = None
         rate = self.connectionRate
         if reason is None and (self.maxPerSource or rate is not None):
@@ -380,6 +383,16 @@ class ListenerFactory(Factory):
 
     def buildProtocol(self, addr: IAddress) -> EchoProtocol | None:  # type: ignore[override]
         return self.echo.buildProtocolFor(addr, self.listener, not self.noDelayOnListener)
+
+    def laneListener(self, port: Any) -> LaneListener | None:
+        """
+        What accepts C{port}'s connections in the native lane, admitting
+        them with L{EchoFactory.buildProtocolFor}, where they may go
+        (L{echotw.transport.laneport}); asked by the port once.
+        """
+        if type(self).buildProtocol is not ListenerFactory.buildProtocol:
+            return None  # a listener of its own kind (WebSocket)
+        return laneListener(port, self)
 
     def buildHealthCheckProtocol(self, addr: IAddress) -> EchoProtocol:
         return self.echo.buildHealthCheckProtocol(addr, self.listener, not self.noDelayOnListener)

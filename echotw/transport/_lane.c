@@ -17,6 +17,26 @@
  * Python calls at once.  Python also calls remove(fd) before it closes a
  * descriptor itself, so a number the kernel reuses is never served by mistake.
  *
+ * A connection added with LANE_OWNED is the lane's to close when it ends:
+ * at the client's end of stream, everything echoed (the lane reads nothing
+ * while it holds unsent bytes, so at an end of stream none are held), it
+ * closes it (a FIN) and reports (fd, CLOSED, bytes received, 0); at an error
+ * (a reset) it closes it and reports (fd, RESET, bytes received, bytes
+ * unsent).  Either way it has forgotten it, so a short connection costs
+ * Python nothing between its admission and that report.  Python holds no
+ * socket object for such a descriptor while it is in the lane.  Every other
+ * report is (fd, kind, errno, 0).
+ *
+ * A listening socket added with listen() is served too: each time it is
+ * ready, the lane accepts up to LANE_ACCEPTS connections (non-blocking,
+ * close-on-exec) and reports each as (fd,
+ * ACCEPTED, listening fd, address), the address as Python's accept() gives
+ * it; Python decides whether to admit it (add(fd, ..., OWNED)) or close it.
+ * An accept that fails other than for want of a waiting connection (EMFILE,
+ * ENOBUFS...) takes the listener out of the set and is reported as (its fd,
+ * ACCEPT_FAILED, errno, 0): Python's own accept loop then meets the error
+ * and knows how to back off.  The listening descriptor stays Python's.
+ *
  * Every call is made with the GIL held: the system calls made are
  * non-blocking (epoll_wait with a zero timeout, recv and send on
  * non-blocking sockets), so holding it stalls no other thread for long, and
@@ -31,9 +51,13 @@
 #endif
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -44,9 +68,22 @@
  * reactor's Python loop; bounded, so timers and new connections wait for
  * at most this many passes. */
 #define LANE_PASSES 8
+/* Connections accepted from one listener in one pass, at most: the rest
+ * wait for the next pass (epoll is level-triggered). */
+#define LANE_ACCEPTS 64
 
 enum { ACTIVE = 0, LEFT = 1 };
-enum { KIND_EOF = 1, KIND_ERROR = 2, KIND_LIMIT = 3 };
+enum {
+    KIND_EOF = 1,
+    KIND_ERROR = 2,
+    KIND_LIMIT = 3,
+    KIND_CLOSED = 4,
+    KIND_RESET = 5,
+    KIND_ACCEPTED = 6,
+    KIND_ACCEPT_FAILED = 7
+};
+/* add()'s flags */
+enum { LANE_NODELAY = 1, LANE_OWNED = 2 };
 
 typedef struct {
     int fd;
@@ -54,6 +91,8 @@ typedef struct {
     unsigned long long received; /* bytes read and accepted for the echo */
     unsigned long long remaining; /* of the session byte limit, if limited */
     int limited;
+    int owned;                    /* LANE_OWNED: closed here when it ends */
+    int listening;                /* a listening socket (listen()), not a connection */
     char *buf;                    /* unsent echo, buf[off:len] */
     size_t off, len;
 } Conn;
@@ -91,8 +130,10 @@ conn_arg(Lane *self, PyObject *arg)
     if (fd == -1 && PyErr_Occurred())
         return NULL;
     Conn *c = lookup(self, fd);
-    if (c == NULL)
+    if (c == NULL || c->listening) {
         PyErr_Format(PyExc_KeyError, "descriptor %ld is not in the lane", fd);
+        return NULL;
+    }
     return c;
 }
 
@@ -134,8 +175,12 @@ static void
 lane_clear(Lane *self)
 {
     for (size_t i = 0; i < self->size; i++) {
-        if (self->table[i] != NULL) {
-            conn_free(self->table[i]);
+        Conn *c = self->table[i];
+        if (c != NULL) {
+            /* An owned connection's descriptor is the lane's alone. */
+            if (c->owned)
+                close(c->fd);
+            conn_free(c);
             self->table[i] = NULL;
         }
     }
@@ -145,8 +190,8 @@ lane_clear(Lane *self)
 static void
 Lane_dealloc(Lane *self)
 {
-    /* The descriptors are Python's (their sockets'): only the lane's own
-     * memory and epoll descriptor are released here. */
+    /* The descriptors are Python's (their sockets'), but for owned ones:
+     * only those, the lane's own memory and epoll descriptor are released. */
     lane_clear(self);
     free(self->table);
     free(self->scratch);
@@ -165,33 +210,70 @@ watch(Lane *self, Conn *c, int op, uint32_t events)
     return epoll_ctl(self->epfd, op, c->fd, &ev);
 }
 
-static PyObject *
-Lane_add(Lane *self, PyObject *args)
+/* Room in the table for descriptor fd; 0, or -1 with MemoryError set. */
+static int
+make_room(Lane *self, int fd)
 {
-    int fd;
-    unsigned long long limit = 0;
-    if (!PyArg_ParseTuple(args, "i|K", &fd, &limit))
+    if ((size_t)fd < self->size)
+        return 0;
+    size_t size = self->size ? self->size : 64;
+    while (size <= (size_t)fd)
+        size *= 2;
+    Conn **table = realloc(self->table, size * sizeof(Conn *));
+    if (table == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(table + self->size, 0, (size - self->size) * sizeof(Conn *));
+    self->table = table;
+    self->size = size;
+    return 0;
+}
+
+static PyObject *
+Lane_add(Lane *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    /* Called for every connection: its arguments read without a format. */
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "add(fd, limit=0, flags=0)");
         return NULL;
+    }
+    long fdArg = PyLong_AsLong(args[0]);
+    if (fdArg == -1 && PyErr_Occurred())
+        return NULL;
+    if (fdArg > INT_MAX || fdArg < INT_MIN) {
+        PyErr_SetString(PyExc_OverflowError, "descriptor out of range");
+        return NULL;
+    }
+    int fd = (int)fdArg;
+    unsigned long long limit = 0;
+    if (nargs > 1) {
+        limit = PyLong_AsUnsignedLongLong(args[1]);
+        if (limit == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    long flags = 0;
+    if (nargs > 2) {
+        flags = PyLong_AsLong(args[2]);
+        if (flags == -1 && PyErr_Occurred())
+            return NULL;
+    }
     if (lane_check(self) < 0)
         return NULL;
     if (fd < 0) {
         PyErr_SetString(PyExc_ValueError, "negative descriptor");
         return NULL;
     }
-    if ((size_t)fd >= self->size) {
-        size_t size = self->size ? self->size : 64;
-        while (size <= (size_t)fd)
-            size *= 2;
-        Conn **table = realloc(self->table, size * sizeof(Conn *));
-        if (table == NULL)
-            return PyErr_NoMemory();
-        memset(table + self->size, 0, (size - self->size) * sizeof(Conn *));
-        self->table = table;
-        self->size = size;
-    }
+    if (make_room(self, fd) < 0)
+        return NULL;
     if (self->table[fd] != NULL) {
         PyErr_Format(PyExc_ValueError, "descriptor %d is in the lane already", fd);
         return NULL;
+    }
+    if (flags & LANE_NODELAY) {
+        int one = 1;
+        /* Not TCP after all (a Unix socket): nothing to set. */
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
     Conn *c = calloc(1, sizeof(Conn));
     if (c == NULL)
@@ -199,6 +281,7 @@ Lane_add(Lane *self, PyObject *args)
     c->fd = fd;
     c->limited = limit > 0;
     c->remaining = limit;
+    c->owned = (flags & LANE_OWNED) != 0;
     if (watch(self, c, EPOLL_CTL_ADD, EPOLLIN) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         free(c);
@@ -209,23 +292,88 @@ Lane_add(Lane *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Leave the epoll set and tell Python why; 0, or -1 with an exception set. */
+/* Append the item (stolen) to the report; 0, or -1 with an exception set. */
 static int
-leave(Lane *self, Conn *c, int kind, int err, PyObject **report)
+report_item(PyObject **report, PyObject *item)
 {
-    epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
-    c->state = LEFT;
-    if (*report == NULL) {
-        *report = PyList_New(0);
-        if (*report == NULL)
-            return -1;
-    }
-    PyObject *item = Py_BuildValue("(iii)", c->fd, kind, err);
     if (item == NULL)
         return -1;
+    if (*report == NULL) {
+        *report = PyList_New(0);
+        if (*report == NULL) {
+            Py_DECREF(item);
+            return -1;
+        }
+    }
     int r = PyList_Append(*report, item);
     Py_DECREF(item);
     return r;
+}
+
+/* A 4-tuple of fd, kind, a and b (both stolen, and released on failure),
+ * built directly: Py_BuildValue's format parsing costs more than the rest of a
+ * short connection's report; NULL with an exception set. */
+static PyObject *
+report_tuple(int fd, int kind, PyObject *a, PyObject *b)
+{
+    PyObject *item = PyTuple_New(4);
+    PyObject *f = PyLong_FromLong(fd);
+    PyObject *k = PyLong_FromLong(kind);
+    if (item == NULL || f == NULL || k == NULL || a == NULL || b == NULL) {
+        Py_XDECREF(item);
+        Py_XDECREF(f);
+        Py_XDECREF(k);
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(item, 0, f);
+    PyTuple_SET_ITEM(item, 1, k);
+    PyTuple_SET_ITEM(item, 2, a);
+    PyTuple_SET_ITEM(item, 3, b);
+    return item;
+}
+
+/* Append (fd, kind, value, unsent) to the report; 0, or -1 with an
+ * exception set. */
+static int
+report_append(PyObject **report, int fd, int kind, unsigned long long value, size_t unsent)
+{
+    return report_item(report, report_tuple(fd, kind, PyLong_FromUnsignedLongLong(value),
+                                            PyLong_FromSize_t(unsent)));
+}
+
+static int end_owned(Lane *self, Conn *c, int kind, PyObject **report);
+
+/* Leave the epoll set and tell Python why; 0, or -1 with an exception set.
+ * An owned connection's end or error closes it instead (end_owned). */
+static int
+leave(Lane *self, Conn *c, int kind, int err, PyObject **report)
+{
+    if (c->owned && kind == KIND_EOF)
+        return end_owned(self, c, KIND_CLOSED, report);
+    if (c->owned && kind == KIND_ERROR)
+        return end_owned(self, c, KIND_RESET, report);
+    epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    c->state = LEFT;
+    return report_append(report, c->fd, kind, (unsigned long long)err, 0);
+}
+
+/* An owned connection's end: close it, forget it, report it. */
+static int
+end_owned(Lane *self, Conn *c, int kind, PyObject **report)
+{
+    int fd = c->fd;
+    unsigned long long received = c->received;
+    size_t unsent = c->len - c->off;
+    /* Out of the set first: a child forked meanwhile may still hold the
+     * socket, and the set must not. */
+    epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL);
+    close(fd);
+    self->table[fd] = NULL;
+    self->count--;
+    conn_free(c);
+    return report_append(report, fd, kind, received, unsent);
 }
 
 /* Send c's unsent bytes: 1 if all went, 0 if some wait, -errno on error. */
@@ -307,6 +455,107 @@ echo(Lane *self, Conn *c, PyObject **report)
     return 0;
 }
 
+/* An IPv4 address in dotted decimal, as inet_ntop writes it (without its
+ * formatted printing): out has room for 16 bytes; the length written. */
+static int
+format_ipv4(const unsigned char *a, char *out)
+{
+    int n = 0;
+    for (int i = 0; i < 4; i++) {
+        unsigned v = a[i];
+        if (v >= 100)
+            out[n++] = (char)('0' + v / 100);
+        if (v >= 10)
+            out[n++] = (char)('0' + v / 10 % 10);
+        out[n++] = (char)('0' + v % 10);
+        if (i < 3)
+            out[n++] = '.';
+    }
+    return n;
+}
+
+/* The address accept() gave, as Python's socket.accept() gives it:
+ * (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6, None
+ * for any other family; NULL with an exception set. */
+static PyObject *
+peer_address(const struct sockaddr_storage *ss)
+{
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
+        char host[16];
+        int n = format_ipv4((const unsigned char *)&in->sin_addr, host);
+        PyObject *peer = PyTuple_New(2);
+        PyObject *h = PyUnicode_FromStringAndSize(host, n);
+        PyObject *port = PyLong_FromLong(ntohs(in->sin_port));
+        if (peer == NULL || h == NULL || port == NULL) {
+            Py_XDECREF(peer);
+            Py_XDECREF(h);
+            Py_XDECREF(port);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(peer, 0, h);
+        PyTuple_SET_ITEM(peer, 1, port);
+        return peer;
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+        char host[INET6_ADDRSTRLEN];
+        if (inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, ntohs(in6->sin6_port),
+                             (unsigned int)ntohl(in6->sin6_flowinfo),
+                             (unsigned int)in6->sin6_scope_id);
+    }
+    Py_RETURN_NONE;
+}
+
+/* Accept what waits on listener c, up to LANE_ACCEPTS; 0, or -1 with an
+ * exception set. */
+static int
+accept_some(Lane *self, Conn *c, PyObject **report)
+{
+    for (int i = 0; i < LANE_ACCEPTS; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = accept4(c->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            switch (errno) {
+            case EAGAIN:
+#if EWOULDBLOCK != EAGAIN
+            case EWOULDBLOCK:
+#endif
+                return 0;
+            case EINTR:
+            case ECONNABORTED: /* gone before it was accepted */
+            case EPROTO:
+            case EPERM: /* a firewall's refusal */
+            case ENETDOWN:
+            case ENOPROTOOPT:
+            case EHOSTDOWN:
+            case ENONET:
+            case EHOSTUNREACH:
+            case EOPNOTSUPP:
+            case ENETUNREACH:
+                /* Network errors of the new connection, which Linux
+                 * passes on through accept(): try the next one (still
+                 * within this pass's bound). */
+                continue;
+            default:
+                epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+                c->state = LEFT;
+                return report_append(report, c->fd, KIND_ACCEPT_FAILED,
+                                     (unsigned long long)errno, 0);
+            }
+        }
+        PyObject *peer = peer_address(&ss);
+        if (report_item(report, report_tuple(fd, KIND_ACCEPTED, PyLong_FromLong(c->fd), peer)) < 0) {
+            close(fd);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* One pass over the ready connections: how many there were, or -1 with an
  * exception set (or, with errno set and no exception, epoll_wait failed). */
 static int
@@ -323,6 +572,11 @@ serve_once(Lane *self, struct epoll_event *events, PyObject **report)
         uint32_t ev = events[i].events;
         if (c->state != ACTIVE)
             continue;
+        if (c->listening) {
+            if (accept_some(self, c, report) < 0)
+                return -1;
+            continue;
+        }
         if (c->len > c->off) {
             int f = flush(c);
             if (f < 0) {
@@ -374,6 +628,61 @@ Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
     if (report == NULL)
         Py_RETURN_NONE;
     return report;
+}
+
+static PyObject *
+Lane_listen(Lane *self, PyObject *args)
+{
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    if (lane_check(self) < 0)
+        return NULL;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return NULL;
+    }
+    if (make_room(self, fd) < 0)
+        return NULL;
+    Conn *c = self->table[fd];
+    if (c != NULL && !(c->listening && c->state == LEFT)) {
+        PyErr_Format(PyExc_ValueError, "descriptor %d is in the lane already", fd);
+        return NULL;
+    }
+    if (c == NULL) {
+        c = calloc(1, sizeof(Conn));
+        if (c == NULL)
+            return PyErr_NoMemory();
+        c->fd = fd;
+        c->listening = 1;
+    }
+    if (watch(self, c, EPOLL_CTL_ADD, EPOLLIN) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        if (self->table[fd] == NULL)
+            free(c);
+        return NULL;
+    }
+    c->state = ACTIVE;
+    self->table[fd] = c;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Lane_unlisten(Lane *self, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    Conn *c = lookup(self, fd);
+    if (c == NULL || !c->listening) {
+        PyErr_Format(PyExc_KeyError, "descriptor %ld is not listening in the lane", fd);
+        return NULL;
+    }
+    if (c->state == ACTIVE && self->epfd >= 0)
+        epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    self->table[fd] = NULL;
+    conn_free(c);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -439,12 +748,19 @@ Lane_len(Lane *self)
 }
 
 static PyMethodDef Lane_methods[] = {
-    {"add", (PyCFunction)Lane_add, METH_VARARGS,
-     "add(fd, limit=0): serve this connected, non-blocking socket; echo at most "
-     "limit bytes (0: no limit)."},
+    {"add", (PyCFunction)(void (*)(void))Lane_add, METH_FASTCALL,
+     "add(fd, limit=0, flags=0): serve this connected socket; echo at most "
+     "limit bytes (0: no limit).  flags: NODELAY (set TCP_NODELAY), OWNED (the "
+     "lane closes it when it ends)."},
     {"serve", (PyCFunction)Lane_serve, METH_NOARGS,
-     "Serve every ready connection once; a list of (fd, kind, errno) for those "
-     "that left the lane, or None."},
+     "Serve every ready connection once; a list of (fd, kind, value, unsent) "
+     "for those that left the lane (value: errno; for CLOSED and RESET, the bytes "
+     "received, and unsent the bytes not sent), or None."},
+    {"listen", (PyCFunction)Lane_listen, METH_VARARGS,
+     "listen(fd): accept the connections of this listening, non-blocking socket "
+     "(each reported as ACCEPTED)."},
+    {"unlisten", (PyCFunction)Lane_unlisten, METH_O,
+     "unlisten(fd): stop accepting on this listening socket (which stays open)."},
     {"remove", (PyCFunction)Lane_remove, METH_O,
      "remove(fd): forget a connection; (bytes received, unsent bytes)."},
     {"received", (PyCFunction)Lane_received, METH_O,
@@ -493,6 +809,12 @@ PyInit__lane(void)
         || PyModule_AddIntConstant(m, "EOF", KIND_EOF) < 0
         || PyModule_AddIntConstant(m, "ERROR", KIND_ERROR) < 0
         || PyModule_AddIntConstant(m, "LIMIT", KIND_LIMIT) < 0
+        || PyModule_AddIntConstant(m, "CLOSED", KIND_CLOSED) < 0
+        || PyModule_AddIntConstant(m, "RESET", KIND_RESET) < 0
+        || PyModule_AddIntConstant(m, "ACCEPTED", KIND_ACCEPTED) < 0
+        || PyModule_AddIntConstant(m, "ACCEPT_FAILED", KIND_ACCEPT_FAILED) < 0
+        || PyModule_AddIntConstant(m, "NODELAY", LANE_NODELAY) < 0
+        || PyModule_AddIntConstant(m, "OWNED", LANE_OWNED) < 0
         || PyModule_AddIntConstant(m, "MAX_PENDING", LANE_MAX) < 0) {
         Py_DECREF(&LaneType);
         Py_DECREF(m);

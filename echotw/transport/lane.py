@@ -9,8 +9,9 @@ else C{auto}) chooses; see L{laneServes}.
 
 from __future__ import annotations
 
+import socket
+from time import monotonic
 from typing import Any
-from weakref import WeakKeyDictionary
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -23,19 +24,17 @@ from echotw import loglevel
 from echotw.coercers import nativeSetting
 from echotw.config import nativeDefault
 from echotw.protocol import EchoProtocol
-from echotw.transport.state import pendingBytes
+from echotw.transport.fastpath import canWriteDirectly
+from echotw.transport.lanereader import NOT_BUILT, LaneReader, readerFor
+from echotw.transport.lanereader import native as _lane
+from echotw.transport.state import kernelPendingBytesOf, pendingBytes
 from echotw.transport.tcpport import EchoServer
 
+_unavailable = NOT_BUILT
+_OWNED = _lane.OWNED if _lane is not None else 0
+_NODELAY_OWNED = _OWNED | _lane.NODELAY if _lane is not None else 0
 _DONE = Failure(ConnectionDone())
 _LOST = Failure(ConnectionLost())
-
-try:
-    from echotw.transport import _lane
-except ImportError as e:  # not built: no compiler, or not Linux
-    _lane = None  # type: ignore[assignment]
-    _unavailable = f"the native lane is not built ({e})"
-else:
-    _unavailable = ""
 
 try:
     from twisted.internet import unix
@@ -107,100 +106,6 @@ def logLane(setting: str, impaired: bool) -> None:
 _log = Logger(observer=loglevel.observer)
 
 
-class LaneReader:
-    """
-    The lane of one reactor: its epoll descriptor as a reader there (while
-    it serves any connection), and which protocol each descriptor in it is.
-    """
-
-    dispatchWithoutLogContext = True
-
-    def __init__(self, reactor: Any) -> None:
-        assert _lane is not None
-        self.reactor = reactor
-        self.lane = _lane.Lane()
-        self.members: dict[int, LaneEchoProtocol] = {}
-        self._watched = False
-
-    def fileno(self) -> int:
-        return self.lane.fileno()
-
-    def logPrefix(self) -> str:
-        return "echotw-lane"
-
-    def join(self, fd: int, protocol: LaneEchoProtocol, limit: int) -> None:
-        """
-        Serve C{fd}, C{protocol}'s connection, which the reactor no longer
-        watches; echo at most C{limit} bytes (0: no limit).
-        """
-        self.lane.add(fd, limit)
-        self.members[fd] = protocol
-        if not self._watched:
-            self._watched = True
-            self.reactor.addReader(self)
-
-    def leave(self, fd: int) -> tuple[int, bytes]:
-        """
-        Stop serving C{fd}: the bytes it received, and those not sent back.
-        """
-        del self.members[fd]
-        result = self.lane.remove(fd)
-        if not self.members and self._watched:
-            # An idle lane is not watched: nothing of it outlives its
-            # connections (a test's clean reactor, a stopping server).
-            self._watched = False
-            self.reactor.removeReader(self)
-        return result
-
-    def doRead(self) -> None:
-        """
-        Serve the ready connections; hand those that need Python back.
-        """
-        report = self.lane.serve()
-        if report is None:
-            return
-        members = self.members
-        for fd, kind, err in report:
-            protocol = members.get(fd)
-            if protocol is not None:
-                protocol.laneEnded(kind, err)
-            else:  # never expected: forget it rather than hold its number
-                self.lane.remove(fd)
-
-    def connectionLost(self, reason: Failure) -> None:
-        """
-        The reactor is stopping (or the lane's descriptor failed): every
-        connection still in the lane is lost with it, as the reactor does
-        with the ones it watches itself.
-        """
-        self._watched = False
-        for protocol in list(self.members.values()):
-            protocol.laneLost(reason)
-
-
-_readers: WeakKeyDictionary[Any, LaneReader] = WeakKeyDictionary()
-_last: list[Any] = [None, None]
-"""The reactor last asked about, and its lane: nearly always the one."""
-
-
-def readerFor(reactor: Any) -> LaneReader | None:
-    """
-    C{reactor}'s lane, made when first needed; L{None} if there can be none
-    (not built, or no descriptor left for its epoll set).
-    """
-    if _last[0] is reactor:
-        reader: LaneReader | None = _last[1]
-        return reader
-    reader = _readers.get(reactor)
-    if reader is None and _lane is not None:
-        try:
-            reader = _readers[reactor] = LaneReader(reactor)
-        except OSError:
-            return None
-    _last[:] = [reactor, reader]
-    return reader
-
-
 def canJoin(protocol: EchoProtocol, transport: Any) -> bool:
     """
     Whether C{protocol}'s connection may be served by the lane: a plain
@@ -252,6 +157,49 @@ class LaneEchoProtocol(EchoProtocol):
     _fd = -1
     _counted = 0
     _leftUnsent = 0
+    _port: Any = None
+    _client: Any = None
+
+    def startInLane(self, reader: LaneReader, fd: int, client: Any, port: Any) -> None:
+        """
+        Start as a connection accepted straight into the lane
+        (L{echotw.transport.laneport}): C{fd}, just accepted by C{port} from
+        C{client} (its address as C{accept} gave it), is counted and logged
+        as connected, then served by the lane without a transport; one is
+        made (L{_materialize}) only if the connection ever leaves the lane
+        other than by its clean end.
+        """
+        self._port = port
+        self._client = client
+        self._fd = fd
+        self.startedAt = monotonic()
+        self.factory.connectionOpened(self)
+        try:
+            # LaneReader.join, less a call: the reader is watched already,
+            # as its listening socket is in it.
+            reader.lane.add(fd, self.byteLimit, _NODELAY_OWNED if self.noDelay else _OWNED)
+        except (OSError, ValueError):
+            self._materialize().startReading()
+            return
+        reader.members[fd] = self
+        self._reader = reader
+
+    def _materialize(self) -> Any:
+        """
+        Give a connection accepted into the lane the transport it was
+        spared, as its port would have built it; not reading yet.
+        """
+        port = self._port
+        sock = socket.socket(port.addressFamily, socket.SOCK_STREAM, 0, self._fd)
+        session = port.sessionno
+        port.sessionno = session + 1
+        transport = port.transport(sock, self, self._client, port, session, port.reactor)
+        transport.__dict__.pop("readingWithheld", None)
+        self.transport = transport
+        self.connected = 1
+        transport.registerProducer(transport, True)
+        self.direct = canWriteDirectly(transport)
+        return transport
 
     @property
     def inLane(self) -> bool:
@@ -313,6 +261,8 @@ class LaneEchoProtocol(EchoProtocol):
         self._reader = None
         received, unsent = reader.leave(self._fd)
         self._counted = received
+        if self.transport is None:
+            self._materialize()
         return unsent
 
     def _resume(self, unsent: bytes) -> None:
@@ -343,6 +293,29 @@ class LaneEchoProtocol(EchoProtocol):
             if unsent:
                 transport.write(unsent)  # counted as unsent when it closes
             transport.connectionLost(_LOST)
+
+    def laneClosed(self, reset: bool, received: int, unsent: int) -> None:
+        """
+        The lane closed this connection (accepted into it) when it ended:
+        the client's end of stream, everything echoed; or a reset, with
+        C{unsent} bytes never sent.
+        """
+        self._reader = None
+        self._counted = received
+        timer = self._sessionTimer
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.closed = True
+        if reset:
+            self._leftUnsent = self.bytesUnsent = unsent
+            self.factory.connectionClosed(self, _LOST)
+        else:
+            self.factory.connectionClosed(self, _DONE)
+
+    def queuedInKernel(self) -> int:
+        if self.transport is None:
+            return kernelPendingBytesOf(self._fd)
+        return super().queuedInKernel()
 
     def laneLost(self, reason: Failure) -> None:
         """

@@ -191,6 +191,46 @@ class EchoPort(tcp.Port):
 
     transport = EchoServer
     dispatchWithoutLogContext = True
+    _lane: Any = None
+    """What accepts in the native lane instead of this port's loop, if its
+    factory's C{laneListener} offers one; C{False} once it said none."""
+
+    reading = False
+    """Whether the port accepts (it is listening and not backing off)."""
+
+    def _laneListener(self) -> Any:
+        lane = self._lane
+        if lane is None:
+            offer = getattr(self.factory, "laneListener", None)
+            lane = self._lane = (offer(self) if offer is not None else None) or False
+        return lane
+
+    def startReading(self) -> None:
+        """
+        Accept: in the native lane where the factory offers it, else as
+        Twisted's port does, through the reactor.
+        """
+        self.reading = True
+        lane = self._laneListener()
+        if lane:
+            lane.start()
+        else:
+            super().startReading()
+
+    def stopReading(self) -> None:
+        self.reading = False
+        lane = self._lane
+        if lane:
+            lane.stop()
+        else:
+            super().stopReading()
+
+    def acceptHere(self) -> None:
+        """
+        Accept once with this port's own loop (the lane's accept failed:
+        this loop knows what each error means).
+        """
+        EchoPort.doRead(self)
 
     def doRead(self) -> None:
         accept = self.socket._accept  # type: ignore[union-attr]

@@ -206,6 +206,14 @@ class UnixBackpressureTests(BackpressureTestsMixin):
 class TCPLaneBackpressureTests(TCPBackpressureTests):
     protocolClass = LaneEchoProtocol
 
+    async def test_fastPathUsed(self) -> None:
+        """Echoes are sent at once by the lane itself (a connection echotw's
+        reactor accepted into the lane has no transport to write to)."""
+        protocol, sock = await self.connected()
+        self.assertTrue(protocol.inLane)
+        sock.send(b"direct")
+        self.assertEqual(await self.receive(sock, 6, eof=False), b"direct")
+
 
 class UnixLaneBackpressureTests(UnixBackpressureTests):
     protocolClass = LaneEchoProtocol

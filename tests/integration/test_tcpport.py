@@ -26,6 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
 from echotw.factory import EchoFactory
+from echotw.protocol import EchoProtocol
 from echotw.transport.state import kernelPendingBytes
 from echotw.transport.tcpport import EchoPort, EchoServer
 from tests.integration.test_reactor import newReactor
@@ -378,7 +379,8 @@ class EchoServerEndingTests(SynchronousTestCase):
         """An echo connection whose client half-closes with everything echoed
         is closed in the same turn, without waiting to be writable; the
         client reads its echo, then the end of the stream."""
-        factory = EchoFactory(logConnections=0)
+        # The Python path's transport: the native lane closes in C.
+        factory = EchoFactory(logConnections=0, protocol=EchoProtocol)
         port = self.reactor.listenTCP(0, factory.forListener("l"), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         writers: list[object] = []
@@ -403,7 +405,8 @@ class EchoServerEndingTests(SynchronousTestCase):
         until it reads, then gets every byte and the end of the stream."""
         if not sys.platform.startswith("linux"):
             raise SkipTest("the kernel's send queue is read on Linux only")
-        factory = EchoFactory(logConnections=0)
+        # The Python path's transport: the native lane closes in C.
+        factory = EchoFactory(logConnections=0, protocol=EchoProtocol)
         port = self.reactor.listenTCP(0, factory.forListener("l"), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         client = socket.socket()
