@@ -226,6 +226,111 @@ class InternalsCheckTests(SynchronousTestCase):
         self.assertEqual(reader.systems, ["reader-prefix"])
 
 
+class LoopTests(SynchronousTestCase):
+    """
+    L{EchoReactor}'s loop runs Twisted's timed calls only when something is
+    for them to do, and still runs each of them, on time: due calls, calls
+    from threads, the stop, and the clean-up of cancelled calls.
+    """
+
+    def runLoop(self, reactor: Any, limit: float = 10.0) -> float:
+        """Run C{reactor} until it stops (at most C{limit} seconds): how long it ran."""
+        guard = reactor.callLater(limit, reactor.stop)
+        started = time.monotonic()
+        reactor.startRunning(installSignalHandlers=False)
+        reactor.mainLoop()
+        if guard.active():
+            guard.cancel()
+        return time.monotonic() - started
+
+    def test_timedCallsOnTime(self) -> None:
+        """Calls run in their order, none before its time, and the stop
+        ends the loop."""
+        reactor = newReactor(self)
+        self.assertTrue(reactor.quietTimers)
+        ran: list[tuple[str, float]] = []
+        start = time.monotonic()
+        reactor.callLater(0.05, lambda: ran.append(("later", time.monotonic() - start)))
+        reactor.callLater(0, lambda: ran.append(("now", time.monotonic() - start)))
+        reactor.callLater(0.1, reactor.stop)
+        took = self.runLoop(reactor)
+        self.assertEqual([name for name, _ in ran], ["now", "later"])
+        self.assertGreaterEqual(ran[1][1], 0.05)
+        self.assertLess(took, 5)
+
+    def test_callFromThread(self) -> None:
+        """A call from another thread wakes the loop and runs in it."""
+        import threading
+
+        reactor = newReactor(self)
+        ran: list[bool] = []
+
+        def fromThread() -> None:
+            reactor.callFromThread(lambda: (ran.append(True), reactor.stop()))
+
+        reactor.callLater(0, lambda: threading.Thread(target=fromThread).start())
+        self.assertLess(self.runLoop(reactor), 5)
+        self.assertEqual(ran, [True])
+
+    def test_cancelledCallsCleanedUp(self) -> None:
+        """Calls cancelled outside any timed call (here, by a read) are
+        dropped at the next turn, as Twisted's loop drops them, though no
+        call is due: the timer heap does not grow with calls made and
+        cancelled."""
+        reactor = newReactor(self)
+        calls = [reactor.callLater(3600, lambda: None) for _ in range(200)]
+        self.addCleanup(lambda: [c.cancel() for c in calls if c.active()])
+        seen: list[int] = []
+        first, firstPeer = socket.socketpair()
+        second, secondPeer = socket.socketpair()
+        for s in (first, firstPeer, second, secondPeer):
+            self.addCleanup(s.close)
+
+        class Once:
+            def __init__(self, sock: socket.socket, then: Any) -> None:
+                self.sock, self.then = sock, then
+
+            def fileno(self) -> int:
+                return self.sock.fileno()
+
+            def logPrefix(self) -> str:
+                return "once"
+
+            def doRead(self) -> None:
+                self.sock.recv(1)
+                reactor.removeReader(self)
+                self.then()
+
+            def connectionLost(self, reason: object) -> None:
+                pass
+
+        def cancelMost() -> None:
+            for call in calls[:150]:
+                call.cancel()
+            secondPeer.send(b"x")  # read at the next turn
+
+        def look() -> None:
+            seen.append(len(reactor._pendingTimedCalls))
+            reactor.stop()
+
+        reactor.addReader(Once(first, cancelMost))
+        reactor.addReader(Once(second, look))
+        firstPeer.send(b"x")
+        self.runLoop(reactor)
+        [pending] = seen
+        self.assertLessEqual(pending, 60)
+
+    def test_parentsLoopWithoutTheInternals(self) -> None:
+        """Without the timer internals it reads, the reactor runs its
+        parent's loop, which still runs every call."""
+        reactor = newReactor(self)
+        reactor.quietTimers = False
+        ran: list[bool] = []
+        reactor.callLater(0.01, lambda: (ran.append(True), reactor.stop()))
+        self.assertLess(self.runLoop(reactor), 5)
+        self.assertEqual(ran, [True])
+
+
 class EchoThroughEchoReactorTests(SynchronousTestCase):
     def test_byteExactEchoAndClose(self) -> None:
         """The whole service, run by an L{EchoReactor}, echoes 4 MiB of random
