@@ -185,6 +185,8 @@ class LaneListenerTests(SynchronousTestCase):
         self.reactor = newReactor(self)
 
     def listen(self, **kw: Any) -> tuple[EchoFactory, Any]:
+        # The lane's protocol, whatever ECHOTW_NATIVE says the default is.
+        kw.setdefault("protocol", LaneEchoProtocol)
         factory = EchoFactory(logConnections=0, **kw)
         port = self.reactor.listenTCP(0, factory.forListener("l"), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
