@@ -12,7 +12,7 @@
  *
  * No parsing happens here, only moving bytes and counting them.  Whatever
  * needs Python (end of stream, an error, the session byte limit reached) is
- * reported by serve() as (fd, kind, errno); the connection has then left the
+ * reported by serve() as (fd, kind, errno, 0); the connection has then left the
  * epoll set, and its counts and unsent bytes wait for remove(fd), which
  * Python calls at once.  Python also calls remove(fd) before it closes a
  * descriptor itself, so a number the kernel reuses is never served by mistake.
@@ -29,9 +29,8 @@
  *
  * A listening socket added with listen() is served too: each time it is
  * ready, the lane accepts up to LANE_ACCEPTS connections (non-blocking,
- * close-on-exec) and reports each as (fd,
- * ACCEPTED, listening fd, address), the address as Python's accept() gives
- * it; Python decides whether to admit it (add(fd, ..., OWNED)) or close it.
+ * close-on-exec) and reports each as (fd, ACCEPTED, listening fd,
+ * address), the address as Python's accept() gives it; Python decides whether to admit it (add(fd, ..., OWNED)) or close it.
  * An accept that fails other than for want of a waiting connection (EMFILE,
  * ENOBUFS...) takes the listener out of the set and is reported as (its fd,
  * ACCEPT_FAILED, errno, 0): Python's own accept loop then meets the error
@@ -540,11 +539,12 @@ accept_some(Lane *self, Conn *c, PyObject **report)
                  * passes on through accept(): try the next one (still
                  * within this pass's bound). */
                 continue;
-            default:
+            default: {
+                int err = errno; /* before epoll_ctl can change it */
                 epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
                 c->state = LEFT;
-                return report_append(report, c->fd, KIND_ACCEPT_FAILED,
-                                     (unsigned long long)errno, 0);
+                return report_append(report, c->fd, KIND_ACCEPT_FAILED, (unsigned long long)err, 0);
+            }
             }
         }
         PyObject *peer = peer_address(&ss);
