@@ -30,7 +30,8 @@
  * A listening socket added with listen() is served too: each time it is
  * ready, the lane accepts up to LANE_ACCEPTS connections (non-blocking,
  * close-on-exec) and reports each as (fd, ACCEPTED, listening fd,
- * address), the address as Python's accept() gives it; Python decides whether to admit it (add(fd, ..., OWNED)) or close it.
+ * address), the address as Python's accept() gives it; Python decides
+ * whether to admit it (add(fd, ..., OWNED)) or close it.
  * An accept that fails other than for want of a waiting connection (EMFILE,
  * ENOBUFS...) takes the listener out of the set and is reported as (its fd,
  * ACCEPT_FAILED, errno, 0): Python's own accept loop then meets the error
@@ -211,6 +212,30 @@ watch(Lane *self, Conn *c, int op, uint32_t events)
 
 /* Room in the table for descriptor fd; 0, or -1 with MemoryError set. */
 static int
+make_room(Lane *self, int fd);
+
+/* Whether fd may join the lane (add() or listen()): the lane is open, fd is
+ * a descriptor not in it yet, and the table has room for it; 0, or -1 with
+ * an exception set. */
+static int
+can_join(Lane *self, int fd)
+{
+    if (lane_check(self) < 0)
+        return -1;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative descriptor");
+        return -1;
+    }
+    if (make_room(self, fd) < 0)
+        return -1;
+    if (self->table[fd] != NULL) {
+        PyErr_Format(PyExc_ValueError, "descriptor %d is in the lane already", fd);
+        return -1;
+    }
+    return 0;
+}
+
+static int
 make_room(Lane *self, int fd)
 {
     if ((size_t)fd < self->size)
@@ -257,18 +282,8 @@ Lane_add(Lane *self, PyObject *const *args, Py_ssize_t nargs)
         if (flags == -1 && PyErr_Occurred())
             return NULL;
     }
-    if (lane_check(self) < 0)
+    if (can_join(self, fd) < 0)
         return NULL;
-    if (fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative descriptor");
-        return NULL;
-    }
-    if (make_room(self, fd) < 0)
-        return NULL;
-    if (self->table[fd] != NULL) {
-        PyErr_Format(PyExc_ValueError, "descriptor %d is in the lane already", fd);
-        return NULL;
-    }
     if (flags & LANE_NODELAY) {
         int one = 1;
         /* Not TCP after all (a Unix socket): nothing to set. */
@@ -309,28 +324,35 @@ report_item(PyObject **report, PyObject *item)
     return r;
 }
 
-/* A 4-tuple of fd, kind, a and b (both stolen, and released on failure),
- * built directly: Py_BuildValue's format parsing costs more than the rest of a
- * short connection's report; NULL with an exception set. */
+/* A tuple of the n items (stolen, and released on failure; any may be NULL
+ * after a failed conversion), built directly: Py_BuildValue's format parsing
+ * costs more than the rest of a short connection's report; NULL with an
+ * exception set. */
+static PyObject *
+tuple_of(Py_ssize_t n, PyObject **items)
+{
+    PyObject *tuple = PyTuple_New(n);
+    int complete = tuple != NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        complete = complete && items[i] != NULL;
+    if (!complete) {
+        Py_XDECREF(tuple);
+        for (Py_ssize_t i = 0; i < n; i++)
+            Py_XDECREF(items[i]);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(tuple, i, items[i]);
+    return tuple;
+}
+
+/* The report entry (fd, kind, a, b), a and b stolen; NULL with an exception
+ * set. */
 static PyObject *
 report_tuple(int fd, int kind, PyObject *a, PyObject *b)
 {
-    PyObject *item = PyTuple_New(4);
-    PyObject *f = PyLong_FromLong(fd);
-    PyObject *k = PyLong_FromLong(kind);
-    if (item == NULL || f == NULL || k == NULL || a == NULL || b == NULL) {
-        Py_XDECREF(item);
-        Py_XDECREF(f);
-        Py_XDECREF(k);
-        Py_XDECREF(a);
-        Py_XDECREF(b);
-        return NULL;
-    }
-    PyTuple_SET_ITEM(item, 0, f);
-    PyTuple_SET_ITEM(item, 1, k);
-    PyTuple_SET_ITEM(item, 2, a);
-    PyTuple_SET_ITEM(item, 3, b);
-    return item;
+    PyObject *items[4] = {PyLong_FromLong(fd), PyLong_FromLong(kind), a, b};
+    return tuple_of(4, items);
 }
 
 /* Append (fd, kind, value, unsent) to the report; 0, or -1 with an
@@ -483,18 +505,9 @@ peer_address(const struct sockaddr_storage *ss)
         const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
         char host[16];
         int n = format_ipv4((const unsigned char *)&in->sin_addr, host);
-        PyObject *peer = PyTuple_New(2);
-        PyObject *h = PyUnicode_FromStringAndSize(host, n);
-        PyObject *port = PyLong_FromLong(ntohs(in->sin_port));
-        if (peer == NULL || h == NULL || port == NULL) {
-            Py_XDECREF(peer);
-            Py_XDECREF(h);
-            Py_XDECREF(port);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(peer, 0, h);
-        PyTuple_SET_ITEM(peer, 1, port);
-        return peer;
+        PyObject *items[2] = {PyUnicode_FromStringAndSize(host, n),
+                              PyLong_FromLong(ntohs(in->sin_port))};
+        return tuple_of(2, items);
     }
     if (ss->ss_family == AF_INET6) {
         const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
@@ -636,33 +649,20 @@ Lane_listen(Lane *self, PyObject *args)
     int fd;
     if (!PyArg_ParseTuple(args, "i", &fd))
         return NULL;
-    if (lane_check(self) < 0)
+    /* A listener whose accept failed stays in the table, out of the set,
+     * until Python unlistens it: only then may it listen again. */
+    if (can_join(self, fd) < 0)
         return NULL;
-    if (fd < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative descriptor");
-        return NULL;
-    }
-    if (make_room(self, fd) < 0)
-        return NULL;
-    Conn *c = self->table[fd];
-    if (c != NULL && !(c->listening && c->state == LEFT)) {
-        PyErr_Format(PyExc_ValueError, "descriptor %d is in the lane already", fd);
-        return NULL;
-    }
-    if (c == NULL) {
-        c = calloc(1, sizeof(Conn));
-        if (c == NULL)
-            return PyErr_NoMemory();
-        c->fd = fd;
-        c->listening = 1;
-    }
+    Conn *c = calloc(1, sizeof(Conn));
+    if (c == NULL)
+        return PyErr_NoMemory();
+    c->fd = fd;
+    c->listening = 1;
     if (watch(self, c, EPOLL_CTL_ADD, EPOLLIN) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
-        if (self->table[fd] == NULL)
-            free(c);
+        free(c);
         return NULL;
     }
-    c->state = ACTIVE;
     self->table[fd] = c;
     Py_RETURN_NONE;
 }

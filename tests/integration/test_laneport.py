@@ -113,8 +113,10 @@ class CLaneAcceptTests(SynchronousTestCase):
             self.serveUntil(), [(notListening.fileno(), _lane.ACCEPT_FAILED, errno.EINVAL, 0)]
         )
         self.assertIsNone(self.lane.serve())
+        self.assertRaises(ValueError, self.lane.listen, notListening.fileno())
         self.lane.unlisten(notListening.fileno())
         self.assertRaises(KeyError, self.lane.unlisten, notListening.fileno())
+        self.lane.listen(notListening.fileno())  # again, once unlistened
 
     def test_listenerIsNotAConnection(self) -> None:
         """A listening socket is not a connection: it cannot be removed as
