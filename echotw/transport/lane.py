@@ -191,9 +191,7 @@ class LaneEchoProtocol(EchoProtocol):
         """
         port = self._port
         sock = socket.socket(port.addressFamily, socket.SOCK_STREAM, 0, self._fd)
-        session = port.sessionno
-        port.sessionno = session + 1
-        transport = port.transport(sock, self, self._client, port, session, port.reactor)
+        transport = port.transportFor(sock, self, self._client)
         transport.__dict__.pop("readingWithheld", None)
         self.transport = transport
         self.connected = 1

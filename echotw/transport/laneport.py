@@ -26,8 +26,8 @@ from twisted.internet import address
 
 from echotw.transport.lane import LaneEchoProtocol
 from echotw.transport.lanereader import LaneReader, native, readerFor
+from echotw.transport.tcpport import scopedPeer
 
-_NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
 _new = object.__new__
 
 
@@ -73,8 +73,7 @@ class LaneListener:
         """
         try:
             if self.ipv6:
-                # The scope id belongs in the host, as Twisted writes it.
-                client = (socket.getnameinfo(client, _NUMERIC)[0], *client[1:])
+                client = scopedPeer(client)
             # The address as addressType("TCP", host, port) makes it, less
             # its attrs validator (which checks the constant "TCP").
             peer = _new(self.addressType)

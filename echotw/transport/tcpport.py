@@ -20,6 +20,14 @@ from twisted.python.failure import Failure
 _NUMERIC = socket.NI_NUMERICHOST | socket.NI_NUMERICSERV
 
 
+def scopedPeer(addr: Any) -> Any:
+    """
+    An IPv6 peer as C{accept} gives it, with its scope id in the host, as
+    Twisted writes it.
+    """
+    return (socket.getnameinfo(addr, _NUMERIC)[0], *addr[1:])
+
+
 class EchoServer(tcp.Server):
     """
     Twisted's server-side TCP transport, whose log prefix and C{repr} are
@@ -225,6 +233,15 @@ class EchoPort(tcp.Port):
         else:
             super().stopReading()
 
+    def transportFor(self, skt: socket.socket, protocol: Any, addr: Any) -> Any:
+        """
+        The transport of C{protocol}'s accepted socket C{skt}, from C{addr},
+        with the port's next session number.
+        """
+        session = self.sessionno
+        self.sessionno = session + 1
+        return self.transport(skt, protocol, addr, self, session, self.reactor)
+
     def acceptHere(self) -> None:
         """
         Accept once with this port's own loop (the lane's accept failed:
@@ -238,8 +255,6 @@ class EchoPort(tcp.Port):
         ipv6 = family == socket.AF_INET6
         addressType: Any = address.IPv6Address if ipv6 else address.IPv4Address
         factory: Any = self.factory
-        transport = self.transport
-        reactor = self.reactor
         limit = self.numberAccepts
         # A factory may turn a socket away before anything is built for it
         # (echotw.web.guard.GuardedSite, when its connections are all taken).
@@ -261,16 +276,12 @@ class EchoPort(tcp.Port):
                 skt.close()
                 continue
             if ipv6:
-                # The scope id belongs in the host, as Twisted writes it.
-                host = socket.getnameinfo(addr, _NUMERIC)[0]
-                addr = (host, *addr[1:])
+                addr = scopedPeer(addr)
             protocol = factory.buildProtocol(addressType("TCP", addr[0], addr[1]))
             if protocol is None:
                 skt.close()
                 continue
-            session = self.sessionno
-            self.sessionno = session + 1
-            protocol.makeConnection(transport(skt, protocol, addr, self, session, reactor))
+            protocol.makeConnection(self.transportFor(skt, protocol, addr))
         if accepted == limit:
             self.numberAccepts = limit + 20
         else:
