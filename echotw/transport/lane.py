@@ -175,13 +175,10 @@ class LaneEchoProtocol(EchoProtocol):
         self.startedAt = monotonic()
         self.factory.connectionOpened(self)
         try:
-            # LaneReader.join, less a call: the reader is watched already,
-            # as its listening socket is in it.
-            reader.lane.add(fd, self.byteLimit, _NODELAY_OWNED if self.noDelay else _OWNED)
+            reader.join(fd, self, self.byteLimit, _NODELAY_OWNED if self.noDelay else _OWNED)
         except (OSError, ValueError):
             self._materialize().startReading()
             return
-        reader.members[fd] = self
         self._reader = reader
 
     def _materialize(self) -> Any:
