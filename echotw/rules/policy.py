@@ -58,10 +58,10 @@ class AccessRules:
         """
         The reason to refuse a client at C{address}, or L{None} (also the
         rules' C{__call__}, as every L{Verifier}'s; a method is the cheaper
-        call, made for every connection).  The answer
-        for each host is remembered (the rules never change), for up to
-        L{VERDICTS_KEPT} hosts at a time: most connections come from a few
-        hosts (a balancer's), and then cost one lookup.
+        call, made for every connection).  The answer for each host is
+        remembered (the rules never change), for up to L{VERDICTS_KEPT}
+        hosts at a time: most connections come from a few hosts (a
+        balancer's), and then cost one lookup.
         """
         if not self._active:
             return None
