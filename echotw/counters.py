@@ -156,20 +156,19 @@ class ConnectionStats:
     limits (open, pending and per-source counts) and, as a whole, by metrics
     and worker reports (L{counters}).
 
-    @ivar openConnections: connections currently open.
     @ivar pendingConnections: connections accepted but not verified yet
         (PROXY listeners waiting for the header), which count against
         C{--max-connections} too.
     @ivar perSource: open connections by source key
         (L{echotw.rules.addresses.sourceKey}).
-    @ivar connectionsTotal: connections accepted since start.
     @ivar refusals: refused connections since start, by reason.
     @ivar sentClosed: bytes echoed (handed to the kernel) by connections
         that have closed.
     @ivar discardedClosed: bytes received and not echoed by connections
         that have closed, because the server was closing them.
-    @ivar protocols: the open connections.
-    @ivar openByListener: open connections per listener name.
+    @ivar protocols: the open connections, which the open counts are read
+        from (L{openConnections}, L{openByListener}): a connection opens
+        and closes with one count fewer to keep.
     @ivar totalByListener: accepted connections per listener name.
     @ivar durationCounts: closed connections per L{DURATION_BUCKETS} bucket
         (one more for longer ones); with C{durationSum}, a histogram that
@@ -177,28 +176,47 @@ class ConnectionStats:
     """
 
     def __init__(self) -> None:
-        self.openConnections = 0
         self.pendingConnections = 0
         self.perSource: dict[str, int] = {}
-        self.connectionsTotal = 0
         self.refusals: dict[str, int] = {}
         self.sentClosed = 0
         self.discardedClosed = 0
         self.protocols: set[Any] = set()
-        self.openByListener: dict[str, int] = {}
         self.totalByListener: dict[str, int] = {}
         self.durationCounts = [0] * _BUCKETS
         self.durationSum = 0.0
+
+    @property
+    def openConnections(self) -> int:
+        """
+        Connections open now.
+        """
+        return len(self.protocols)
+
+    @property
+    def connectionsTotal(self) -> int:
+        """
+        Connections accepted since start.
+        """
+        return sum(self.totalByListener.values())
+
+    def openByListener(self) -> dict[str, int]:
+        """
+        Connections open now per listener name, every listener that has
+        accepted one included: for scrapes, it costs a step per open
+        connection.
+        """
+        counts = dict.fromkeys(self.totalByListener, 0)
+        for p in list(self.protocols):
+            counts[p.listener] += 1
+        return counts
 
     def opened(self, p: OpenConnection) -> None:
         """
         Count a connection that has just been connected.
         """
-        self.openConnections += 1
-        self.connectionsTotal += 1
         self.protocols.add(p)
         listener = p.listener
-        self.openByListener[listener] = self.openByListener.get(listener, 0) + 1
         self.totalByListener[listener] = self.totalByListener.get(listener, 0) + 1
         source = p.source
         if source is not None:
@@ -213,8 +231,6 @@ class ConnectionStats:
             self.protocols.remove(p)
         except KeyError:
             return None
-        self.openConnections -= 1
-        self.openByListener[p.listener] -= 1
         source = p.source
         if source is not None:
             left = self.perSource[source] - 1
@@ -241,7 +257,7 @@ class ConnectionStats:
         This process's connections that count against C{--max-connections}:
         open and pending.
         """
-        return self.openConnections + self.pendingConnections
+        return len(self.protocols) + self.pendingConnections
 
     def sentBytes(self) -> int:
         """
@@ -265,7 +281,7 @@ class ConnectionStats:
         scrapes and reports, not for the echo path.
         """
         return Counters(
-            openByListener=dict(self.openByListener),
+            openByListener=self.openByListener(),
             totalByListener=dict(self.totalByListener),
             refusals=dict(self.refusals),
             bytesSent=self.sentBytes(),
