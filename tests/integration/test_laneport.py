@@ -26,7 +26,7 @@ from echotw.transport.laneport import LaneListener
 from echotw.transport.lanereader import readerFor
 from echotw.transport.tcpport import EchoServer
 from tests.integration.test_nativelane import _lane, needLane
-from tests.integration.test_reactor import newReactor
+from tests.integration.test_reactor import newReactor, spinUntil
 
 
 def isOpen(fd: int) -> bool:
@@ -199,13 +199,6 @@ class LaneListenerTests(SynchronousTestCase):
         self.addCleanup(client.close)
         return client
 
-    def spinUntil(self, condition: Any) -> None:
-        for _ in range(400):
-            if condition():
-                return
-            self.reactor.iterate(0.01)
-        self.fail("the reactor never got there")
-
     def test_servedWithoutTransport(self) -> None:
         """A connection is accepted in the lane, admitted and counted,
         echoed with no transport and no reader of its own, and counted
@@ -217,7 +210,7 @@ class LaneListenerTests(SynchronousTestCase):
         self.assertNotIn(port, self.reactor.getReaders())
         self.assertIn(reader, self.reactor.getReaders())
         client = self.connect(port)
-        self.spinUntil(lambda: factory.protocols)
+        spinUntil(self.reactor, lambda: factory.protocols)
         [protocol] = factory.protocols
         self.assertIsInstance(protocol, LaneEchoProtocol)
         self.assertIsNone(protocol.transport)
@@ -231,7 +224,7 @@ class LaneListenerTests(SynchronousTestCase):
             received += client.recv(4000)
         self.assertEqual(received, b"x" * 3000)
         client.shutdown(socket.SHUT_WR)
-        self.spinUntil(lambda: not factory.protocols)
+        spinUntil(self.reactor, lambda: not factory.protocols)
         self.assertEqual(client.recv(10), b"")
         self.assertTrue(protocol.closed)
         self.assertEqual(factory.stats.sentClosed, 3000)
@@ -242,7 +235,7 @@ class LaneListenerTests(SynchronousTestCase):
         refused; nothing of it stays."""
         factory, port = self.listen(rules=AccessRules(deny=[parseNetwork("127.0.0.1")]))
         client = self.connect(port)
-        self.spinUntil(lambda: factory.stats.refusals)
+        spinUntil(self.reactor, lambda: factory.stats.refusals)
         self.assertEqual(factory.stats.refusals, {"denied": 1})
         self.assertEqual(client.recv(10), b"")
         self.assertFalse(factory.protocols)
@@ -250,7 +243,7 @@ class LaneListenerTests(SynchronousTestCase):
     def accepted(self, **kw: Any) -> tuple[EchoFactory, LaneEchoProtocol, socket.socket]:
         factory, port = self.listen(**kw)
         client = self.connect(port)
-        self.spinUntil(lambda: factory.protocols)
+        spinUntil(self.reactor, lambda: factory.protocols)
         [protocol] = factory.protocols
         assert isinstance(protocol, LaneEchoProtocol)
         return factory, protocol, client
@@ -260,7 +253,7 @@ class LaneListenerTests(SynchronousTestCase):
         transport: what was echoed comes back, then the end of the stream."""
         _, protocol, client = self.accepted()
         client.sendall(b"abc")
-        self.spinUntil(lambda: protocol.bytesReceived == 3)
+        spinUntil(self.reactor, lambda: protocol.bytesReceived == 3)
         protocol.finish("shutdown")
         self.assertIsInstance(protocol.transport, EchoServer)
         self.assertFalse(protocol.inLane)
@@ -277,7 +270,7 @@ class LaneListenerTests(SynchronousTestCase):
             received += chunk
         self.assertEqual(received, b"abc")
         client.close()
-        self.spinUntil(lambda: protocol.closed)
+        spinUntil(self.reactor, lambda: protocol.closed)
         self.assertEqual(protocol.closeReason, "shutdown")
 
     def test_abortGivesTransport(self) -> None:
@@ -285,7 +278,7 @@ class LaneListenerTests(SynchronousTestCase):
         lane at once, through the transport it is given."""
         factory, protocol, client = self.accepted()
         protocol.abort("idle")
-        self.spinUntil(lambda: protocol.closed)
+        spinUntil(self.reactor, lambda: protocol.closed)
         self.assertEqual(protocol.closeReason, "idle")
         self.assertFalse(factory.protocols)
         client.settimeout(5)
@@ -299,9 +292,9 @@ class LaneListenerTests(SynchronousTestCase):
         into the lane: the bytes up to the limit come back, then the end."""
         _, protocol, client = self.accepted(maxSessionBytes=10)
         client.sendall(b"0123456789abc")
-        self.spinUntil(lambda: not protocol.inLane)
+        spinUntil(self.reactor, lambda: not protocol.inLane)
         client.shutdown(socket.SHUT_WR)
-        self.spinUntil(lambda: protocol.closed)
+        spinUntil(self.reactor, lambda: protocol.closed)
         self.assertEqual(protocol.closeReason, "max-session-bytes")
         self.assertEqual(client.recv(100), b"0123456789")
 
@@ -310,10 +303,10 @@ class LaneListenerTests(SynchronousTestCase):
         bytes it sent."""
         factory, protocol, client = self.accepted()
         client.sendall(b"abcd")
-        self.spinUntil(lambda: protocol.bytesReceived == 4)
+        spinUntil(self.reactor, lambda: protocol.bytesReceived == 4)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
         client.close()
-        self.spinUntil(lambda: protocol.closed)
+        spinUntil(self.reactor, lambda: protocol.closed)
         self.assertEqual(protocol.bytesReceived, 4)
         self.assertFalse(factory.protocols)
 

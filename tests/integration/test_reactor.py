@@ -10,6 +10,7 @@ import random
 import socket
 import time
 from collections import UserDict
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import main
@@ -60,6 +61,18 @@ def newReactor(test: SynchronousTestCase) -> Any:
     reactor = echoreactor.EchoReactor()
     test.addCleanup(closeReactor, reactor)
     return reactor
+
+
+def spinUntil(reactor: Any, condition: Callable[[], Any], turns: int = 1000) -> None:
+    """
+    Run C{reactor} until C{condition()} holds: at most C{turns} turns of
+    up to 10 ms each, then fail.
+    """
+    for _ in range(turns):
+        if condition():
+            return
+        reactor.iterate(0.01)
+    raise AssertionError("the reactor never got there")
 
 
 def closeReactor(reactor: Any) -> None:

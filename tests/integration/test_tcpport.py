@@ -29,7 +29,7 @@ from echotw.factory import EchoFactory
 from echotw.protocol import EchoProtocol
 from echotw.transport.state import kernelPendingBytes
 from echotw.transport.tcpport import EchoPort, EchoServer
-from tests.integration.test_reactor import newReactor
+from tests.integration.test_reactor import newReactor, spinUntil
 
 
 class Recorder(Protocol):
@@ -286,18 +286,11 @@ class EchoServerEndingTests(SynchronousTestCase):
     def connected(self) -> tuple[socket.socket, Ending, EchoServer]:
         client = socket.create_connection(("127.0.0.1", self.port.getHost().port), timeout=5)
         self.addCleanup(client.close)
-        self.spinUntil(lambda: self.protocols)
+        spinUntil(self.reactor, lambda: self.protocols)
         protocol = self.protocols[-1]
         transport = protocol.transport
         assert isinstance(transport, EchoServer)
         return client, protocol, transport
-
-    def spinUntil(self, condition: Any) -> None:
-        for _ in range(200):
-            if condition():
-                return
-            self.reactor.iterate(0.05)
-        self.fail("the reactor never got there")
 
     def assertForgotten(self, fd: int) -> None:
         """The reactor watches the descriptor no more."""
@@ -312,7 +305,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         fd = transport.fileno()
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
-        self.spinUntil(lambda: protocol.lost)
+        spinUntil(self.reactor, lambda: protocol.lost)
         [reason] = protocol.lost
         self.assertIsInstance(reason.value, ConnectionLost)
         self.assertTrue(transport.disconnected)
@@ -327,7 +320,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         fd = transport.fileno()
         protocol.onData = lambda p: (p.transport.write(p.received), p.transport.loseConnection())
         client.sendall(b"x" * 1000)
-        self.spinUntil(lambda: protocol.lost)
+        spinUntil(self.reactor, lambda: protocol.lost)
         self.assertIsInstance(protocol.lost[0].value, ConnectionDone)
         got = b""
         while chunk := client.recv(4096):
@@ -340,7 +333,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         client, protocol, _ = self.connected()
         protocol.onData = lambda p: p.transport.abortConnection()
         client.sendall(b"x")
-        self.spinUntil(lambda: protocol.lost)
+        spinUntil(self.reactor, lambda: protocol.lost)
         self.assertIsInstance(protocol.lost[0].value, ConnectionAborted)
         self.assertRaises(ConnectionResetError, client.recv, 10)
 
@@ -355,23 +348,23 @@ class EchoServerEndingTests(SynchronousTestCase):
 
         protocol.onData = broken
         client.sendall(b"x")
-        self.spinUntil(lambda: protocol.lost)
+        spinUntil(self.reactor, lambda: protocol.lost)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertIsInstance(protocol.lost[0].value, ZeroDivisionError)
         self.assertEqual(client.recv(10), b"")
         other.sendall(b"still here")
-        self.spinUntil(lambda: self.protocols[1].received == b"still here")
+        spinUntil(self.reactor, lambda: self.protocols[1].received == b"still here")
 
     def test_halfClose(self) -> None:
         """The client's half-close goes to the protocol and leaves the
         connection open for the rest of the echo."""
         client, protocol, transport = self.connected()
         client.shutdown(socket.SHUT_WR)
-        self.spinUntil(lambda: protocol.readLost)
+        spinUntil(self.reactor, lambda: protocol.readLost)
         self.assertEqual(protocol.lost, [])
         transport.write(b"late")
         transport.loseConnection()
-        self.spinUntil(lambda: protocol.lost)
+        spinUntil(self.reactor, lambda: protocol.lost)
         self.assertEqual(client.recv(10), b"late")
         self.assertEqual(client.recv(10), b"")
 
@@ -389,11 +382,13 @@ class EchoServerEndingTests(SynchronousTestCase):
         client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
         self.addCleanup(client.close)
         client.sendall(b"hello")
-        self.spinUntil(lambda: factory.stats.openConnections and factory.stats.sentBytes() == 5)
+        spinUntil(
+            self.reactor, lambda: factory.stats.openConnections and factory.stats.sentBytes() == 5
+        )
         [protocol] = factory.protocols
         fd = protocol.transport.fileno()  # type: ignore[union-attr]
         client.shutdown(socket.SHUT_WR)
-        self.spinUntil(lambda: not factory.stats.openConnections)
+        spinUntil(self.reactor, lambda: not factory.stats.openConnections)
         self.assertEqual(writers, [])
         self.assertForgotten(fd)
         self.assertEqual(client.recv(10), b"hello")
@@ -414,7 +409,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         client.settimeout(5)
         client.connect(("127.0.0.1", port.getHost().port))
-        self.spinUntil(lambda: factory.protocols)
+        spinUntil(self.reactor, lambda: factory.protocols)
         [protocol] = factory.protocols
         server = protocol.transport.socket  # type: ignore[union-attr]
         server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
@@ -422,7 +417,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         for _ in range(200):
             client.sendall(b"e" * 500)
             sent += 500
-            self.spinUntil(lambda target=sent: protocol.bytesReceived == target)
+            spinUntil(self.reactor, lambda target=sent: protocol.bytesReceived == target)
             writable = select.select([], [server], [], 0)[1]
             if not protocol.pendingBytes() and kernelPendingBytes(protocol.transport):
                 if not writable:
@@ -431,7 +426,7 @@ class EchoServerEndingTests(SynchronousTestCase):
         else:
             self.fail("the kernel never held echo that Twisted did not")
         client.shutdown(socket.SHUT_WR)
-        self.spinUntil(lambda: protocol.finishing)
+        spinUntil(self.reactor, lambda: protocol.finishing)
         for _ in range(5):
             self.reactor.iterate(0.01)
         self.assertEqual(factory.stats.openConnections, 1)
