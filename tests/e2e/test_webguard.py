@@ -94,7 +94,7 @@ class MetricsGuardTests(ServerTestCase):
 
     def test_connectionFloodLeavesEchoServed(self) -> None:
         """Hundreds of half-sent requests on the metrics port hold at most
-        its connection cap of descriptors; echo clients are served and a
+        its connection cap of descriptors once settled; echo clients are served and a
         health probe still gets its answer."""
         server = self.start("--port", LOOPBACK, "--metrics", LOOPBACK)
         port = metricsPort(server)
@@ -114,7 +114,9 @@ class MetricsGuardTests(ServerTestCase):
         url = f"http://127.0.0.1:{port}/healthz"
         with urllib.request.urlopen(url, timeout=10) as response:
             self.assertEqual(response.status, 200)
-        self.assertLessEqual(openDescriptors(server), baseline + 64 + 2)
+        # The probe's connection and the one it displaced close a turn or two
+        # after the answer arrives, so the bound is checked once they have.
+        waitUntil(lambda: openDescriptors(server) <= baseline + 64 + 2, "descriptors to settle")
         server.waitFor(r"too many connections")
 
     def test_halfClosedRequestsAnswered(self) -> None:
