@@ -170,14 +170,8 @@ class EchoFactory(ServerFactory):
             self.refuse(addr, listener, reason, source)
             return None
         p = (protocol or self.protocol)()
-        p.admit(
-            self,
-            listener,
-            addr,
-            source=source if self.maxPerSource else None,
-            byteLimit=self.maxSessionBytes,
-            noDelay=noDelay,
-        )
+        counted = source if self.maxPerSource else None
+        p.admit(self, listener, addr, counted, self.maxSessionBytes, noDelay)
         return p
 
     def checkAddress(self, addr: IAddress, listener: str) -> str | None:

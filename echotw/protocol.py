@@ -144,15 +144,15 @@ class EchoProtocol(Protocol):
         factory: ConnectionTracker,
         listener: str,
         peer: IAddress,
-        *,
         source: str | None = None,
         byteLimit: int = 0,
-        healthCheck: bool = False,
         noDelay: bool = True,
+        healthCheck: bool = False,
     ) -> None:
         """
         Set up an accepted connection, before it is connected: who counts it,
-        where it came from, and its limits.
+        where it came from, and its limits.  Called for every connection, so
+        its arguments may be positional (keywords cost more per call).
         """
         self.factory = factory
         self.listener = listener
