@@ -115,7 +115,10 @@ def clientIP(address: IAddress) -> tuple[int, int] | None:
     The client's IP as C{(version, integer)}, IPv4-mapped addresses folded to
     IPv4; L{None} for addresses without an IP (Unix sockets).
     """
-    host = getattr(address, "host", None)
+    try:
+        host = address.host  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
     if not isinstance(host, str):
         return None
     return ipFromText(host)
@@ -142,7 +145,10 @@ def sourceKey(address: IAddress, ipv6Prefix: int = 64) -> str | None:
     address truncated to C{ipv6Prefix} bits (one IPv6 client usually owns a
     whole /64); L{None} for clients without an IP.
     """
-    host = getattr(address, "host", None)
+    try:
+        host = address.host  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
     if not isinstance(host, str):
         return None
     if ":" not in host:

@@ -65,9 +65,12 @@ class AccessRules:
         """
         if not self._active:
             return None
-        host = getattr(address, "host", None)
-        if not isinstance(host, str):
+        try:
+            host = address.host  # type: ignore[attr-defined]
+        except AttributeError:
             return None  # no IP (a Unix socket): not subject to IP rules
+        if not isinstance(host, str):
+            return None
         verdicts = self._verdicts
         try:
             return verdicts[host]
