@@ -37,6 +37,14 @@
  * ACCEPT_FAILED, errno, 0): Python's own accept loop then meets the error
  * and knows how to back off.  The listening descriptor stays Python's.
  *
+ * Nothing done goes unreported: each report is made before what it tells
+ * (the close, the leaving), so one that fails (out of memory) leaves that
+ * connection as it was, to be met again on the next pass, and serve()
+ * returns what it had reported so far.  Only a failure before anything
+ * was reported raises.  A connection whose echo lost bytes (no memory for
+ * what the kernel did not take) echoes nothing more and leaves with ENOMEM;
+ * its socket is set to reset when closed, so it cannot end cleanly.
+ *
  * Every call is made with the GIL held: the system calls made are
  * non-blocking (epoll_wait with a zero timeout, recv and send on
  * non-blocking sockets), so holding it stalls no other thread for long, and
@@ -93,6 +101,7 @@ typedef struct {
     int limited;
     int owned;                    /* LANE_OWNED: closed here when it ends */
     int listening;                /* a listening socket (listen()), not a connection */
+    int broken;                   /* errno: bytes were lost, it must leave (echo()) */
     char *buf;                    /* unsent echo, buf[off:len] */
     size_t off, len;
 } Conn;
@@ -375,18 +384,20 @@ leave(Lane *self, Conn *c, int kind, int err, PyObject **report)
         return end_owned(self, c, KIND_CLOSED, report);
     if (c->owned && kind == KIND_ERROR)
         return end_owned(self, c, KIND_RESET, report);
+    if (report_append(report, c->fd, kind, (unsigned long long)err, 0) < 0)
+        return -1;
     epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     c->state = LEFT;
-    return report_append(report, c->fd, kind, (unsigned long long)err, 0);
+    return 0;
 }
 
-/* An owned connection's end: close it, forget it, report it. */
+/* An owned connection's end: report it, close it, forget it. */
 static int
 end_owned(Lane *self, Conn *c, int kind, PyObject **report)
 {
     int fd = c->fd;
-    unsigned long long received = c->received;
-    size_t unsent = c->len - c->off;
+    if (report_append(report, fd, kind, c->received, c->len - c->off) < 0)
+        return -1;
     /* Out of the set first: a child forked meanwhile may still hold the
      * socket, and the set must not. */
     epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL);
@@ -394,7 +405,7 @@ end_owned(Lane *self, Conn *c, int kind, PyObject **report)
     self->table[fd] = NULL;
     self->count--;
     conn_free(c);
-    return report_append(report, fd, kind, received, unsent);
+    return 0;
 }
 
 /* Send c's unsent bytes: 1 if all went, 0 if some wait, -errno on error. */
@@ -422,6 +433,8 @@ flush(Conn *c)
 static int
 echo(Lane *self, Conn *c, PyObject **report)
 {
+    if (c->limited && c->remaining == 0) /* its report failed earlier */
+        return leave(self, c, KIND_LIMIT, 0, report);
     size_t want = LANE_MAX;
     if (c->limited && c->remaining < want)
         want = (size_t)c->remaining;
@@ -457,8 +470,13 @@ echo(Lane *self, Conn *c, PyObject **report)
          * unsent if the connection ends now. */
         c->buf = malloc((size_t)r - sent);
         if (c->buf == NULL) {
-            PyErr_NoMemory();
-            return -1;
+            /* Those bytes are lost: the connection must not end cleanly
+             * (a reset, whoever closes it) nor echo anything more. */
+            struct linger abort = {1, 0};
+            (void)setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &abort, sizeof abort);
+            c->received -= (unsigned long long)r - sent; /* never echoed */
+            c->broken = ENOMEM;
+            return leave(self, c, KIND_ERROR, ENOMEM, report);
         }
         memcpy(c->buf, self->scratch + sent, (size_t)r - sent);
         c->off = 0;
@@ -552,12 +570,12 @@ accept_some(Lane *self, Conn *c, PyObject **report)
                  * passes on through accept(): try the next one (still
                  * within this pass's bound). */
                 continue;
-            default: {
-                int err = errno; /* before epoll_ctl can change it */
+            default:
+                if (report_append(report, c->fd, KIND_ACCEPT_FAILED, (unsigned long long)errno, 0) < 0)
+                    return -1;
                 epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
                 c->state = LEFT;
-                return report_append(report, c->fd, KIND_ACCEPT_FAILED, (unsigned long long)err, 0);
-            }
+                return 0;
             }
         }
         PyObject *peer = peer_address(&ss);
@@ -587,6 +605,11 @@ serve_once(Lane *self, struct epoll_event *events, PyObject **report)
             continue;
         if (c->listening) {
             if (accept_some(self, c, report) < 0)
+                return -1;
+            continue;
+        }
+        if (c->broken) { /* its report failed earlier */
+            if (leave(self, c, KIND_ERROR, c->broken, report) < 0)
                 return -1;
             continue;
         }
@@ -630,8 +653,15 @@ Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
     for (int pass = 0; pass < LANE_PASSES; pass++) {
         int n = serve_once(self, events, &report);
         if (n < 0 && PyErr_Occurred()) {
-            Py_XDECREF(report);
-            return NULL;
+            if (report == NULL || PyList_GET_SIZE(report) == 0) {
+                Py_XDECREF(report);
+                return NULL;
+            }
+            /* What was done is reported; what failed was not done (or was
+             * closed: a connection just accepted), and is met again on the
+             * next call (epoll is level-triggered). */
+            PyErr_Clear();
+            return report;
         }
         if (n < 0 && pass == 0)
             return PyErr_SetFromErrno(PyExc_OSError);

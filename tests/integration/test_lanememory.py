@@ -1,0 +1,136 @@
+"""
+The C lane out of memory: with each allocation of one C{serve()} failing
+in turn (CPython's C{_testcapi.set_nomemory}), nothing the lane did goes
+unreported.  Every connection it accepted is reported, or closed; every
+end is reported exactly once, over the calls that follow; and no
+descriptor is left open that nobody knows of.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+try:
+    from echotw.transport import _lane
+except ImportError:
+    _lane = None  # type: ignore[assignment]
+
+try:
+    import _testcapi
+except ImportError:
+    _testcapi = None
+
+CLIENTS = 3
+"""Connections waiting on the listening socket."""
+
+FAILURE_POINTS = 80
+"""Allocations made to fail in turn: more than one C{serve()} of the
+scenario makes, so that the last ones make none fail."""
+
+
+def openDescriptors() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+class Scenario:
+    """
+    One lane with something of every kind to report: connections waiting
+    to be accepted, an owned connection whose client sent and half-closed
+    (the lane echoes, closes and forgets it), a connection whose client
+    half-closed (it leaves for Python), and one that reaches its byte limit.
+    """
+
+    def __init__(self) -> None:
+        self.lane = _lane.Lane()
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=CLIENTS)
+        self.listener.setblocking(False)
+        self.lane.listen(self.listener.fileno())
+        self.clients = [
+            socket.create_connection(self.listener.getsockname(), timeout=5) for _ in range(CLIENTS)
+        ]
+        owned, self.ownedClient = socket.socketpair()
+        owned.setblocking(False)
+        self.owned = owned.detach()  # the lane's to close
+        self.lane.add(self.owned, 0, _lane.OWNED)
+        self.ownedClient.sendall(b"x" * 10)
+        self.ownedClient.shutdown(socket.SHUT_WR)
+        self.ending, self.endingClient = socket.socketpair()
+        self.lane.add(self.ending.fileno())
+        self.endingClient.shutdown(socket.SHUT_WR)
+        self.limited, self.limitedClient = socket.socketpair()
+        self.lane.add(self.limited.fileno(), 5)
+        self.limitedClient.sendall(b"y" * 10)
+
+    def serveFailing(self, allocation: int) -> list[Any] | None:
+        """
+        One C{serve()} whose allocation number C{allocation} fails; its
+        report, or L{None} if it raised L{MemoryError}.
+        """
+        serve = self.lane.serve
+        _testcapi.set_nomemory(allocation, allocation + 1)
+        try:
+            return serve()  # type: ignore[no-any-return]
+        except MemoryError:
+            return None
+        finally:
+            _testcapi.remove_mem_hooks()
+
+    def close(self) -> None:
+        self.lane.close()
+        for sock in [self.listener, self.ownedClient, self.ending, self.endingClient]:
+            sock.close()
+        for sock in [self.limited, self.limitedClient, *self.clients]:
+            sock.close()
+
+
+class OutOfMemoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if _lane is None:
+            raise SkipTest("the native lane is not built")
+        if _testcapi is None:
+            raise SkipTest("this Python has no _testcapi to make allocations fail")
+
+    def test_nothingDoneGoesUnreported(self) -> None:
+        """
+        Whichever allocation fails, the reports of that call and the next
+        ones together name each end once, and each accepted descriptor at
+        most once; the accepted ones not reported were closed.
+        """
+        outcomes = Counter[str]()
+        for allocation in range(FAILURE_POINTS):
+            before = openDescriptors()
+            scenario = Scenario()
+            try:
+                first = scenario.serveFailing(allocation)
+                outcomes["raised" if first is None else "reported"] += 1
+                reports = list(first or [])
+                for _ in range(5):
+                    reports.extend(scenario.lane.serve() or [])
+                self.check(scenario, reports, allocation)
+            finally:
+                scenario.close()
+            self.assertEqual(openDescriptors(), before, f"allocation {allocation}")
+        self.assertGreater(outcomes["raised"], 0, "no serve() failed: the test is void")
+        self.assertGreater(outcomes["reported"], 0)
+
+    def check(self, scenario: Scenario, reports: list[Any], allocation: int) -> None:
+        kinds = Counter((fd, kind) for fd, kind, _, _ in reports)
+        why = f"allocation {allocation}: {reports}"
+        self.assertEqual(kinds[(scenario.owned, _lane.CLOSED)], 1, why)
+        self.assertEqual(kinds[(scenario.ending.fileno(), _lane.EOF)], 1, why)
+        self.assertEqual(kinds[(scenario.limited.fileno(), _lane.LIMIT)], 1, why)
+        self.assertEqual(scenario.ownedClient.recv(100), b"x" * 10)
+        self.assertEqual(scenario.ownedClient.recv(100), b"")
+        accepted = [fd for fd, kind, _, _ in reports if kind == _lane.ACCEPTED]
+        self.assertEqual(len(accepted), len(set(accepted)), why)
+        self.assertLessEqual(len(accepted), CLIENTS, why)
+        for fd in accepted:
+            os.close(fd)
+        for client in scenario.clients:
+            # Each was accepted: reported (closed just now) or closed by the lane.
+            self.assertEqual(client.recv(1), b"", why)
