@@ -132,10 +132,7 @@ class EchoProtocol(Protocol):
     bytesUnsent = 0
     _sessionTimer: IDelayedCall | None = None
     _linger: _Linger | None = None
-    _idleMark = -1
-    _idleBuffered = 0
-    _idleInKernel = 0
-    _idleSince = 0.0
+    _idleSeen: tuple[int, int, int, float] = (-1, 0, 0, 0.0)
     dispatchWithoutLogContext = True
     startsReadingItself = False
 
@@ -192,18 +189,17 @@ class EchoProtocol(Protocol):
             return False
         received = self.bytesReceived
         buffered = self.pendingBytes()
-        if received == self._idleMark and buffered == self._idleBuffered:
+        # What the last sweep saw, and when.
+        seenReceived, seenBuffered, seenInKernel, seenAt = self._idleSeen
+        if received == seenReceived and buffered == seenBuffered:
             # Nothing was read, nor handed to the kernel: only the kernel's
             # queue may have moved, and an empty one cannot have.
-            inKernel = self._idleInKernel and self.queuedInKernel()
-            if inKernel == self._idleInKernel:
-                return now - self._idleSince >= timeout
+            inKernel = seenInKernel and self.queuedInKernel()
+            if inKernel == seenInKernel:
+                return now - seenAt >= timeout
         else:
             inKernel = self.queuedInKernel()
-        self._idleMark = received
-        self._idleBuffered = buffered
-        self._idleInKernel = inKernel
-        self._idleSince = now
+        self._idleSeen = (received, buffered, inKernel, now)
         return False
 
     def queuedInKernel(self) -> int:

@@ -157,8 +157,7 @@ class LaneEchoProtocol(EchoProtocol):
     _fd = -1
     _counted = 0
     _leftUnsent = 0
-    _port: Any = None
-    _client: Any = None
+    _accepted: tuple[Any, Any] = (None, None)
 
     def startInLane(self, reader: LaneReader, fd: int, client: Any, port: Any) -> None:
         """
@@ -169,8 +168,7 @@ class LaneEchoProtocol(EchoProtocol):
         made (L{_materialize}) only if the connection ever leaves the lane
         other than by its clean end.
         """
-        self._port = port
-        self._client = client
+        self._accepted = (port, client)
         self._fd = fd
         self.startedAt = monotonic()
         self.factory.connectionOpened(self)
@@ -186,9 +184,9 @@ class LaneEchoProtocol(EchoProtocol):
         Give a connection accepted into the lane the transport it was
         spared, as its port would have built it; not reading yet.
         """
-        port = self._port
+        port, client = self._accepted
         sock = socket.socket(port.addressFamily, socket.SOCK_STREAM, 0, self._fd)
-        transport = port.transportFor(sock, self, self._client)
+        transport = port.transportFor(sock, self, client)
         transport.__dict__.pop("readingWithheld", None)
         self.transport = transport
         self.connected = 1
