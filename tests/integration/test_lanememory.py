@@ -82,9 +82,14 @@ class Scenario:
 
     def close(self) -> None:
         self.lane.close()
-        for sock in [self.listener, self.ownedClient, self.ending, self.endingClient]:
-            sock.close()
-        for sock in [self.limited, self.limitedClient, *self.clients]:
+        others = [
+            self.ownedClient,
+            self.ending,
+            self.endingClient,
+            self.limited,
+            self.limitedClient,
+        ]
+        for sock in [self.listener, *others, *self.clients]:
             sock.close()
 
 
