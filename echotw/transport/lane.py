@@ -158,6 +158,14 @@ class LaneEchoProtocol(EchoProtocol):
     _counted = 0
     _leftUnsent = 0
     _accepted: tuple[Any, Any] = (None, None)
+    instanceNames = (
+        *EchoProtocol.instanceNames,
+        "_reader",
+        "_fd",
+        "_counted",
+        "_leftUnsent",
+        "_accepted",
+    )
 
     def startInLane(self, reader: LaneReader, fd: int, client: Any, port: Any) -> None:
         """

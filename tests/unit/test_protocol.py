@@ -8,6 +8,9 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import sys
+import tracemalloc
+from unittest import skipIf
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -285,11 +288,10 @@ class EchoFactoryTests(SynchronousTestCase):
         self.assertEqual(formatAddress(UNIXAddress(b"/tmp/s")), "/tmp/s")
 
 
-SHARED_NAMES = 27
-"""Instance attributes a connection's protocol may have, at most: CPython
-3.11 shares one table of attribute names among a class's instances for up
-to about 28 names (measured here); past it, each new connection builds a
-dictionary of its own, about 2,900 instructions more per connection."""
+SHARED_NAMES = 29
+"""Attribute names CPython (3.11 on) enters, at most, in the table a class's
+instances share (measured: a 30th makes each instance build a dictionary of
+its own)."""
 
 
 def attributesSet(cls: type) -> set[str]:
@@ -315,14 +317,62 @@ def attributesSet(cls: type) -> set[str]:
     return names
 
 
+def dictionaryGrowth(cls: type[EchoProtocol]) -> int:
+    """
+    Bytes allocated when a protocol made after 40 others sets every name
+    in C{cls.instanceNames}: none while all are in the shared table.
+    """
+    others = [cls() for _ in range(40)]
+    sample = cls()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for name in cls.instanceNames:
+            if not hasattr(getattr(cls, name, None), "__set__"):
+                setattr(sample, name, None)
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del others
+    return after - before
+
+
 class ProtocolShapeTests(SynchronousTestCase):
-    def test_attributesShareOneTable(self) -> None:
+    def test_namesDeclared(self) -> None:
         """
-        Every connection's protocol keeps its state in few enough attribute
-        names for its instances to share one table of them: a state that
-        few connections need goes into one attribute (a tuple, an object of
-        its own, as the idle sweep's and the lingering close's do).
+        Every name a protocol's methods set on C{self} is in its
+        C{instanceNames}, so that it is in the shared table before the first
+        connection (L{echotw.protocol.enterInstanceNames}).
         """
-        names = attributesSet(EchoProtocol) | attributesSet(LaneEchoProtocol)
-        names |= {"transport", "connected"}  # Twisted's makeConnection
-        self.assertLessEqual(len(names), SHARED_NAMES, sorted(names))
+        for cls in (EchoProtocol, LaneEchoProtocol):
+            assigned = set().union(
+                *(
+                    attributesSet(base)
+                    for base in cls.__mro__
+                    if base.__module__.startswith("echotw.")
+                )
+            )
+            self.assertLessEqual(assigned, set(cls.instanceNames), cls.__name__)
+
+    def test_fewEnoughNames(self) -> None:
+        """
+        A connection's protocol keeps its state in few enough names for the
+        shared table: a state that few connections need goes into one
+        attribute (a tuple, an object of its own, as the idle sweep's and
+        the lingering close's do).
+        """
+        self.assertLessEqual(len(set(LaneEchoProtocol.instanceNames)), SHARED_NAMES)
+
+    @skipIf(sys.version_info < (3, 11), "instances share a table of names from CPython 3.11")
+    def test_lateNamesBuildNoDictionary(self) -> None:
+        """
+        A protocol class, once 40 connections have been made, still takes
+        every one of its names into the shared table: no connection builds a
+        dictionary of its own, whichever names it sets first and when.
+        """
+
+        class Subclass(LaneEchoProtocol):
+            pass
+
+        self.assertEqual(dictionaryGrowth(EchoProtocol), 0)
+        self.assertEqual(dictionaryGrowth(Subclass), 0)
