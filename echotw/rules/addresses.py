@@ -147,12 +147,10 @@ def sourceKey(address: IAddress, ipv6Prefix: int = 64) -> str | None:
     """
     try:
         host = address.host  # type: ignore[attr-defined]
-    except AttributeError:
+        if ":" not in host:  # a TypeError where the host is not text
+            return host
+    except (AttributeError, TypeError):
         return None
-    if not isinstance(host, str):
-        return None
-    if ":" not in host:
-        return host
     ip = ipFromText(host)
     if ip is None:
         return host

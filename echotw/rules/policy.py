@@ -69,8 +69,6 @@ class AccessRules:
             host = address.host  # type: ignore[attr-defined]
         except AttributeError:
             return None  # no IP (a Unix socket): not subject to IP rules
-        if not isinstance(host, str):
-            return None
         verdicts = self._verdicts
         try:
             return verdicts[host]
@@ -84,6 +82,8 @@ class AccessRules:
     __call__ = reasonFor
 
     def _judge(self, host: str) -> str | None:
+        if not isinstance(host, str):
+            return None
         ip = ipFromText(host)
         if ip is None:
             return None

@@ -74,6 +74,13 @@ class ClientIPTests(SynchronousTestCase):
         self.assertEqual(clientIP(v6("fe80::1%eth0")), clientIP(v6("fe80::1")))
 
 
+class HostOnly:
+    """An address with a host that is not text."""
+
+    def __init__(self, host: object) -> None:
+        self.host = host
+
+
 class SourceKeyTests(SynchronousTestCase):
     def test_ipv4(self) -> None:
         """IPv4 clients count by address; mapped ones are the same source."""
@@ -93,6 +100,11 @@ class SourceKeyTests(SynchronousTestCase):
     def test_unix(self) -> None:
         """Unix-socket clients have no source key."""
         self.assertIsNone(sourceKey(UNIXAddress(b"/tmp/sock")))
+
+    def test_hostNotText(self) -> None:
+        """An address whose host is not text (no IP) has no source key."""
+        self.assertIsNone(sourceKey(HostOnly(b"127.0.0.1")))
+        self.assertIsNone(sourceKey(HostOnly(None)))
 
 
 class NetworkSetTests(SynchronousTestCase):
@@ -195,6 +207,13 @@ class AccessRulesTests(SynchronousTestCase):
         """IP rules do not apply to Unix-socket clients."""
         rules = AccessRules(allow=[parseNetwork("10.0.0.0/8")], deny=[parseNetwork("0.0.0.0/0")])
         self.assertIsNone(rules(UNIXAddress(b"/tmp/s"), "unix:/tmp/s"))
+
+    def test_hostNotTextUntouched(self) -> None:
+        """Nor to an address whose host is not text, twice (remembered)."""
+        rules = AccessRules(allow=[parseNetwork("10.0.0.0/8")], deny=[parseNetwork("0.0.0.0/0")])
+        for _ in range(2):
+            self.assertIsNone(rules(HostOnly(b"127.0.0.1"), "l"))
+            self.assertIsNone(rules(HostOnly(None), "l"))
 
 
 class RefusalReasonTests(SynchronousTestCase):
