@@ -124,6 +124,23 @@ def canJoin(protocol: EchoProtocol, transport: Any) -> bool:
     )
 
 
+class _CountedInLane:
+    """
+    L{LaneEchoProtocol.bytesReceived} while the lane serves the connection:
+    the lane's count.  Once the connection has left the lane, the count is
+    the protocol's own attribute, which hides this one (this is a
+    non-data descriptor), so that reading it costs no call.
+    """
+
+    def __get__(self, protocol: LaneEchoProtocol | None, owner: type) -> Any:
+        if protocol is None:
+            return self
+        reader = protocol._reader
+        if reader is None:
+            return 0  # not joined yet
+        return reader.lane.received(protocol._fd)
+
+
 class LaneEchoProtocol(EchoProtocol):
     """
     L{EchoProtocol} that hands its connection to the lane once connected,
@@ -155,14 +172,13 @@ class LaneEchoProtocol(EchoProtocol):
     startsReadingItself = True
     _reader: LaneReader | None = None
     _fd = -1
-    _counted = 0
+    bytesReceived = _CountedInLane()
     _leftUnsent = 0
     _accepted: tuple[Any, Any] = (None, None)
     instanceNames = (
         *EchoProtocol.instanceNames,
         "_reader",
         "_fd",
-        "_counted",
         "_leftUnsent",
         "_accepted",
     )
@@ -209,20 +225,6 @@ class LaneEchoProtocol(EchoProtocol):
         """
         return self._reader is not None
 
-    @property
-    def bytesReceived(self) -> int:
-        """
-        Bytes received and accepted for the echo (see L{EchoProtocol}).
-        """
-        reader = self._reader
-        if reader is None:
-            return self._counted
-        return reader.lane.received(self._fd)
-
-    @bytesReceived.setter
-    def bytesReceived(self, value: int) -> None:
-        self._counted = value
-
     def connectionMade(self) -> None:
         super().connectionMade()
         transport: Any = self.transport
@@ -240,7 +242,7 @@ class LaneEchoProtocol(EchoProtocol):
         if reader is None:
             return False
         fd = transport.fileno()
-        limit = self.byteLimit - self._counted if self.byteLimit else 0
+        limit = self.byteLimit - self.bytesReceived if self.byteLimit else 0
         if not withheld:
             transport.stopReading()
         try:
@@ -261,7 +263,7 @@ class LaneEchoProtocol(EchoProtocol):
         assert reader is not None
         self._reader = None
         received, unsent = reader.leave(self._fd)
-        self._counted = received
+        self.bytesReceived = received
         if self.transport is None:
             self._materialize()
         return unsent
@@ -302,7 +304,7 @@ class LaneEchoProtocol(EchoProtocol):
         C{unsent} bytes never sent.
         """
         self._reader = None
-        self._counted = received
+        self.bytesReceived = received
         timer = self._sessionTimer
         if timer is not None and timer.active():
             timer.cancel()
