@@ -222,10 +222,11 @@ class ConnectionStats:
         if source is not None:
             self.perSource[source] = self.perSource.get(source, 0) + 1
 
-    def closed(self, p: OpenConnection) -> tuple[int, float] | None:
+    def closed(self, p: OpenConnection, now: float | None = None) -> tuple[int, float] | None:
         """
         Release a closed connection's counts; return the bytes it sent and
-        how long it lasted, or L{None} if it was not counted as open.
+        how long it lasted (until C{now}, by C{time.monotonic}; by default,
+        now), or L{None} if it was not counted as open.
         """
         try:
             self.protocols.remove(p)
@@ -241,7 +242,7 @@ class ConnectionStats:
         sent = p.bytesReceived - p.bytesUnsent
         self.sentClosed += sent
         self.discardedClosed += p.bytesDiscarded
-        duration = monotonic() - p.startedAt
+        duration = (monotonic() if now is None else now) - p.startedAt
         self.durationCounts[bisect_left(DURATION_BUCKETS, duration)] += 1
         self.durationSum += duration
         return sent, duration

@@ -298,11 +298,12 @@ class EchoFactory(ServerFactory):
             limit=self.connectionLog.limit,
         )
 
-    def connectionClosed(self, p: EchoProtocol, why: Failure) -> None:
+    def connectionClosed(self, p: EchoProtocol, why: Failure, now: float | None = None) -> None:
         """
-        Release a closed connection's counts and log how it ended.
+        Release a closed connection's counts and log how it ended; C{now}:
+        when it ended (C{time.monotonic}), if the caller knows.
         """
-        counted = self.stats.closed(p)
+        counted = self.stats.closed(p, now)
         if counted is None:
             return
         if self.serverCount is not None:

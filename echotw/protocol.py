@@ -45,7 +45,9 @@ class ConnectionTracker(TypingProtocol):
 
     def connectionOpened(self, connection: EchoProtocol) -> None: ...
 
-    def connectionClosed(self, connection: EchoProtocol, why: Failure) -> None: ...
+    def connectionClosed(
+        self, connection: EchoProtocol, why: Failure, now: float | None = None
+    ) -> None: ...
 
 
 class Connection(TypingProtocol):

@@ -10,7 +10,6 @@ else C{auto}) chooses; see L{laneServes}.
 from __future__ import annotations
 
 import socket
-from time import monotonic
 from typing import Any
 
 from twisted.internet import tcp
@@ -194,7 +193,7 @@ class LaneEchoProtocol(EchoProtocol):
         """
         self._accepted = (port, client)
         self._fd = fd
-        self.startedAt = monotonic()
+        self.startedAt = reader.servedAt
         self.factory.connectionOpened(self)
         try:
             reader.join(fd, self, self.byteLimit, _NODELAY_OWNED if self.noDelay else _OWNED)
@@ -303,6 +302,8 @@ class LaneEchoProtocol(EchoProtocol):
         the client's end of stream, everything echoed; or a reset, with
         C{unsent} bytes never sent.
         """
+        reader = self._reader
+        assert reader is not None
         self._reader = None
         self.bytesReceived = received
         timer = self._sessionTimer
@@ -311,9 +312,9 @@ class LaneEchoProtocol(EchoProtocol):
         self.closed = True
         if reset:
             self._leftUnsent = self.bytesUnsent = unsent
-            self.factory.connectionClosed(self, _LOST)
+            self.factory.connectionClosed(self, _LOST, reader.servedAt)
         else:
-            self.factory.connectionClosed(self, _DONE)
+            self.factory.connectionClosed(self, _DONE, reader.servedAt)
 
     def queuedInKernel(self) -> int:
         if self.transport is None:

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import socket
+import time
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -229,6 +230,26 @@ class LaneListenerTests(SynchronousTestCase):
         self.assertTrue(protocol.closed)
         self.assertEqual(factory.stats.sentClosed, 3000)
         self.assertEqual(factory.stats.openConnections, 0)
+
+    def test_durationFromWakeUps(self) -> None:
+        """A connection the lane accepted and closed lasted from the wake-up
+        that accepted it to the one that saw its end (the lane's time of
+        each, C{servedAt}), and is counted in the duration histogram."""
+        factory, port = self.listen()
+        reader = readerFor(self.reactor)
+        assert reader is not None
+        before = time.monotonic()
+        client = self.connect(port)
+        spinUntil(self.reactor, lambda: factory.protocols)
+        [protocol] = factory.protocols
+        accepted = reader.servedAt
+        self.assertEqual(protocol.startedAt, accepted)
+        self.assertGreaterEqual(accepted, before)
+        client.shutdown(socket.SHUT_WR)
+        spinUntil(self.reactor, lambda: not factory.protocols)
+        self.assertGreater(reader.servedAt, accepted)
+        self.assertEqual(factory.stats.durationSum, reader.servedAt - accepted)
+        self.assertEqual(sum(factory.stats.durationCounts), 1)
 
     def test_refusedClosed(self) -> None:
         """A connection the rules refuse is closed at once and counted as

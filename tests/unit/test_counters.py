@@ -118,6 +118,19 @@ class ConnectionStatsTests(SynchronousTestCase):
             (stats.openConnections, stats.perSource, sum(stats.durationCounts)), (1, {}, 1)
         )
 
+    def test_durationUntilGivenTime(self) -> None:
+        """A connection's duration runs from its start to the end its
+        caller gives (the lane's time of the wake-up that saw it end), and
+        lands in the histogram's bucket for it."""
+        stats = ConnectionStats()
+        p = EchoFactory().protocol()
+        p.startedAt = 100.0
+        stats.opened(p)
+        closed = stats.closed(p, 100.5)
+        self.assertEqual(closed, (0, 0.5))
+        self.assertEqual(stats.durationSum, 0.5)
+        self.assertEqual(stats.durationCounts[DURATION_BUCKETS.index(1.0)], 1)
+
 
 class WorkerCountersTests(SynchronousTestCase):
     def test_sumOfWorkers(self) -> None:
