@@ -721,15 +721,17 @@ Lane_remove(Lane *self, PyObject *arg)
     Conn *c = conn_arg(self, arg);
     if (c == NULL)
         return NULL;
-    if (c->state == ACTIVE && self->epfd >= 0)
-        /* ENOENT or EBADF if Python closed it first: nothing to undo. */
-        epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    /* The result first: if it cannot be made, the connection stays
+     * served, in the set and the table, as if never asked. */
     PyObject *unsent = PyBytes_FromStringAndSize(c->buf + c->off, (Py_ssize_t)(c->len - c->off));
     if (unsent == NULL)
         return NULL;
     PyObject *result = Py_BuildValue("(KN)", c->received, unsent);
     if (result == NULL)
         return NULL;
+    if (c->state == ACTIVE && self->epfd >= 0)
+        /* ENOENT or EBADF if Python closed it first: nothing to undo. */
+        epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
     self->table[c->fd] = NULL;
     self->count--;
     conn_free(c);

@@ -260,8 +260,8 @@ class LaneEchoProtocol(EchoProtocol):
         """
         reader = self._reader
         assert reader is not None
+        received, unsent = reader.leave(self._fd)  # if this fails, still in the lane
         self._reader = None
-        received, unsent = reader.leave(self._fd)
         self.bytesReceived = received
         if self.transport is None:
             self._materialize()

@@ -110,8 +110,8 @@ class LaneReader:
         """
         Stop serving C{fd}: the bytes it received, and those not sent back.
         """
+        result = self.lane.remove(fd)  # if this fails, still served
         del self.members[fd]
-        result = self.lane.remove(fd)
         self._unwatchIfIdle()
         return result
 

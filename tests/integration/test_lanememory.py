@@ -3,7 +3,8 @@ The C lane out of memory: with each allocation of one C{serve()} failing
 in turn (CPython's C{_testcapi.set_nomemory}), nothing the lane did goes
 unreported.  Every connection it accepted is reported, or closed; every
 end is reported exactly once, over the calls that follow; and no
-descriptor is left open that nobody knows of.
+descriptor is left open that nobody knows of.  A connection leaving the
+lane whose C{remove()} fails stays in it, served, as if never asked.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import socket
 from collections import Counter
 from typing import Any
 
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from echotw.transport.lanereader import LaneReader
 
 try:
     from echotw.transport import _lane
@@ -139,3 +143,80 @@ class OutOfMemoryTests(SynchronousTestCase):
         for client in scenario.clients:
             # Each was accepted: reported (closed just now) or closed by the lane.
             self.assertEqual(client.recv(1), b"", why)
+
+
+class RemoveOutOfMemoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if _lane is None:
+            raise SkipTest("the native lane is not built")
+        if _testcapi is None:
+            raise SkipTest("this Python has no _testcapi to make allocations fail")
+
+    def test_failedRemoveLeavesItServed(self) -> None:
+        """
+        A C{remove()} that cannot make its result leaves the connection as
+        it was: still in the lane's set, echoed, and removable later.
+        """
+        failed = 0
+        for allocation in range(10):
+            lane = _lane.Lane()
+            server, client = socket.socketpair()
+            try:
+                client.settimeout(5)
+                lane.add(server.fileno())
+                client.sendall(b"a" * 1000)  # a count past the small integers
+                lane.serve()
+                self.assertEqual(client.recv(2000), b"a" * 1000)
+                _testcapi.set_nomemory(allocation, allocation + 1)
+                try:
+                    result = lane.remove(server.fileno())
+                except MemoryError:
+                    result = None
+                finally:
+                    _testcapi.remove_mem_hooks()
+                if result is None:
+                    failed += 1
+                    client.sendall(b"b")
+                    lane.serve()
+                    self.assertEqual(client.recv(10), b"b", f"allocation {allocation}")
+                    result = lane.remove(server.fileno())
+                    self.assertEqual(result, (1001, b""))
+                else:
+                    self.assertEqual(result, (1000, b""))
+                self.assertRaises(KeyError, lane.remove, server.fileno())
+            finally:
+                lane.close()
+                server.close()
+                client.close()
+        self.assertGreater(failed, 0, "no remove() failed: the test is void")
+
+    def test_failedLeaveKeepsItAMember(self) -> None:
+        """
+        A reader whose C{leave()} fails still knows the connection as its
+        member, so that its end is still told to its protocol.
+        """
+        reader = LaneReader(MemoryReactor())
+        server, client = socket.socketpair()
+        self.addCleanup(client.close)
+        self.addCleanup(server.close)
+        self.addCleanup(reader.lane.close)
+        member = object()
+        reader.join(server.fileno(), member, 0)  # type: ignore[arg-type]
+        client.settimeout(5)
+        client.sendall(b"a" * 1000)  # a count past the small integers
+        reader.lane.serve()
+        self.assertEqual(client.recv(2000), b"a" * 1000)
+        failed = 0
+        for allocation in range(10):
+            _testcapi.set_nomemory(allocation, allocation + 1)
+            try:
+                reader.leave(server.fileno())
+            except MemoryError:
+                failed += 1
+                self.assertIs(reader.members[server.fileno()], member)
+            else:
+                break
+            finally:
+                _testcapi.remove_mem_hooks()
+        self.assertGreater(failed, 0, "no leave() failed: the test is void")
+        self.assertEqual(reader.members, {})
