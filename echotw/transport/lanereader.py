@@ -31,6 +31,9 @@ native = _lane
 
 _log = Logger()
 
+REST_WITHOUT_MEMORY = 0.1
+"""Seconds the lane rests after a wake-up it could not serve for want of memory."""
+
 
 class LaneMember(Protocol):
     """
@@ -65,6 +68,7 @@ class LaneReader:
 
     dispatchWithoutLogContext = True
     servedAt = 0.0
+    _failures = 0
     """When the lane last served (C{time.monotonic}): the time of every
     accept and end it reported then, so that a connection's start and end
     cost no clock reading of their own."""
@@ -137,7 +141,18 @@ class LaneReader:
         Serve the ready connections and listening sockets; hand what needs
         Python to it: connections that ended or left, connections accepted.
         """
-        report = self.lane.serve()
+        try:
+            report = self.lane.serve()
+        except MemoryError:
+            self._rest()
+            return
+        if self._failures:
+            _log.info(
+                "The native lane serves again after {failures} wake-ups without memory",
+                event="lane-memory-back",
+                failures=self._failures,
+            )
+            self._failures = 0
         if report is None:
             return
         self.servedAt = monotonic()
@@ -173,6 +188,30 @@ class LaneReader:
                 # report (nor the lane, which the reactor would drop).
                 _log.failure("The native lane's report on descriptor {fd}", fd=fd)
         self._unwatchIfIdle()
+
+    def _rest(self) -> None:
+        """
+        C{serve()} found no memory to report in, and did nothing (it reports
+        whatever it did): rather than fail, which would make the reactor
+        drop the lane and every connection in it, or be called again at
+        once while memory is short, the lane is not watched for a moment.
+        What was ready stays ready (epoll is level-triggered).
+        """
+        self._failures += 1
+        if self._failures == 1:
+            _log.warn(
+                "The native lane is out of memory: it tries again every {seconds}s",
+                event="lane-no-memory",
+                seconds=REST_WITHOUT_MEMORY,
+            )
+        if self._watched:
+            self._watched = False
+            self.reactor.removeReader(self)
+            self.reactor.callLater(REST_WITHOUT_MEMORY, self._rested)
+
+    def _rested(self) -> None:
+        if self.members or self.listeners:
+            self._watch()
 
     def connectionLost(self, reason: Failure) -> None:
         """

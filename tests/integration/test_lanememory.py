@@ -14,10 +14,11 @@ import socket
 from collections import Counter
 from typing import Any
 
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from echotw.transport.lanereader import LaneReader
+from echotw.transport.lanereader import REST_WITHOUT_MEMORY, LaneReader
 
 try:
     from echotw.transport import _lane
@@ -220,3 +221,52 @@ class RemoveOutOfMemoryTests(SynchronousTestCase):
                 _testcapi.remove_mem_hooks()
         self.assertGreater(failed, 0, "no leave() failed: the test is void")
         self.assertEqual(reader.members, {})
+
+
+class Ending:
+    """A lane member that records how it left."""
+
+    def __init__(self) -> None:
+        self.ends: list[int] = []
+
+    def laneEnded(self, kind: int, err: int) -> None:
+        self.ends.append(kind)
+
+
+class ReaderOutOfMemoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if _lane is None:
+            raise SkipTest("the native lane is not built")
+        if _testcapi is None:
+            raise SkipTest("this Python has no _testcapi to make allocations fail")
+
+    def test_restsAndServesAgain(self) -> None:
+        """
+        A wake-up the lane cannot serve for want of memory does not fail
+        (the reactor would drop the lane and every connection in it): the
+        lane rests a moment, unwatched, says so once, then serves what was
+        ready, and says that too.
+        """
+        reactor = MemoryReactorClock()
+        reader = LaneReader(reactor)
+        self.addCleanup(reader.lane.close)
+        server, client = socket.socketpair()
+        self.addCleanup(client.close)
+        self.addCleanup(server.close)
+        member = Ending()
+        reader.join(server.fileno(), member, 0)  # type: ignore[arg-type]
+        self.assertIn(reader, reactor.readers)
+        client.shutdown(socket.SHUT_WR)  # an end to report, which takes memory
+        with capturedLogs() as events:
+            _testcapi.set_nomemory(0, 1)
+            try:
+                reader.doRead()
+            finally:
+                _testcapi.remove_mem_hooks()
+            self.assertEqual(member.ends, [])
+            self.assertNotIn(reader, reactor.readers)
+            reactor.advance(REST_WITHOUT_MEMORY)
+            self.assertIn(reader, reactor.readers)
+            reader.doRead()
+        self.assertEqual(member.ends, [_lane.EOF])
+        self.assertEqual([e.get("event") for e in events], ["lane-no-memory", "lane-memory-back"])
