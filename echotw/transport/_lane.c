@@ -113,6 +113,8 @@ typedef struct {
     size_t size;
     Py_ssize_t count;
     char *scratch;
+    PyObject *last_host; /* the text of the last IPv4 peer's address, */
+    uint32_t last_ipv4;  /* which was this one (network order) */
 } Lane;
 
 static void
@@ -204,6 +206,7 @@ Lane_dealloc(Lane *self)
     lane_clear(self);
     free(self->table);
     free(self->scratch);
+    Py_CLEAR(self->last_host);
     if (self->epfd >= 0)
         close(self->epfd);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -516,14 +519,33 @@ format_ipv4(const unsigned char *a, char *out)
 /* The address accept() gave, as Python's socket.accept() gives it:
  * (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6, None
  * for any other family; NULL with an exception set. */
+/* An IPv4 peer's address as text.  Most connections come from a few
+ * hosts (a balancer's, a load client's): the last one's text is kept and
+ * given again, so that Python hashes it once, not once per connection. */
 static PyObject *
-peer_address(const struct sockaddr_storage *ss)
+ipv4_host(Lane *self, const struct in_addr *addr)
+{
+    if (self->last_host != NULL && self->last_ipv4 == addr->s_addr) {
+        Py_INCREF(self->last_host);
+        return self->last_host;
+    }
+    char host[16];
+    int n = format_ipv4((const unsigned char *)addr, host);
+    PyObject *text = PyUnicode_FromStringAndSize(host, n);
+    if (text == NULL)
+        return NULL;
+    Py_INCREF(text);
+    Py_XSETREF(self->last_host, text);
+    self->last_ipv4 = addr->s_addr;
+    return text;
+}
+
+static PyObject *
+peer_address(Lane *self, const struct sockaddr_storage *ss)
 {
     if (ss->ss_family == AF_INET) {
         const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
-        char host[16];
-        int n = format_ipv4((const unsigned char *)&in->sin_addr, host);
-        PyObject *items[2] = {PyUnicode_FromStringAndSize(host, n),
+        PyObject *items[2] = {ipv4_host(self, &in->sin_addr),
                               PyLong_FromLong(ntohs(in->sin_port))};
         return tuple_of(2, items);
     }
@@ -578,7 +600,7 @@ accept_some(Lane *self, Conn *c, PyObject **report)
                 return 0;
             }
         }
-        PyObject *peer = peer_address(&ss);
+        PyObject *peer = peer_address(self, &ss);
         if (report_item(report, report_tuple(fd, KIND_ACCEPTED, PyLong_FromLong(c->fd), peer)) < 0) {
             close(fd);
             return -1;

@@ -77,6 +77,25 @@ class CLaneAcceptTests(SynchronousTestCase):
         self.assertTrue(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
         self.assertTrue(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
 
+    def test_hostTextShared(self) -> None:
+        """Connections in a row from one IPv4 host are given one and the
+        same text of its address (Python hashes it once); another host's
+        is its own."""
+        self.lane.listen(self.server.fileno())
+        hosts = []
+        for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.1"):
+            client = socket.socket()
+            self.addCleanup(client.close)
+            client.bind((source, 0))
+            client.connect(self.server.getsockname())
+            [(fd, _, _, peer)] = self.serveUntil()
+            self.addCleanup(os.close, fd)
+            self.assertEqual(peer, client.getsockname())
+            hosts.append(peer[0])
+        self.assertIs(hosts[0], hosts[1])
+        self.assertIsNot(hosts[1], hosts[2])
+        self.assertEqual(hosts[3], "127.0.0.1")
+
     def test_acceptsIPv6(self) -> None:
         """An IPv6 peer comes as (host, port, flowinfo, scope id)."""
         try:
