@@ -143,17 +143,23 @@ class EchoFactory(ServerFactory):
         return p
 
     def buildProtocolFor(
-        self, addr: IAddress, listener: str, noDelay: bool = True, protocol: Maker | None = None
+        self,
+        addr: IAddress,
+        listener: str,
+        noDelay: bool = True,
+        protocol: Maker | None = None,
+        source: str | None = None,
     ) -> EchoProtocol | None:
         """
         Verify a new connection; return its protocol (made by C{protocol},
         if given: a listener's own kind), or L{None} to refuse it.
+        C{source}: its L{sourceKey}, where the caller knows it already (an
+        IPv4 listener: the host); else it is worked out when needed.
         """
         # The rules answer None at once when there are none.
         reason = self.rules.reasonFor(addr, listener)
-        source = None
         rate = self.connectionRate
-        if reason is None and (self.maxPerSource or rate is not None):
+        if reason is None and source is None and (self.maxPerSource or rate is not None):
             source = sourceKey(addr, self.ipv6Prefix)
         if reason is None and source is not None and rate is not None:
             if not rate.allow(source):

@@ -74,13 +74,17 @@ class LaneListener:
         try:
             if self.ipv6:
                 client = scopedPeer(client)
+                source = None
+            else:
+                source = client[0]  # what sourceKey makes of an IPv4 address
             # The address as addressType("TCP", host, port) makes it, less
             # its attrs validator (which checks the constant "TCP").
             peer = _new(self.addressType)
             peer.type = "TCP"
             peer.host = client[0]
             peer.port = client[1]
-            protocol = self.admit(peer, self.listener, not self.factory.noDelayOnListener)
+            noDelay = not self.factory.noDelayOnListener
+            protocol = self.admit(peer, self.listener, noDelay, None, source)
         except BaseException:
             os.close(fd)  # no socket object owns it yet
             raise

@@ -270,6 +270,18 @@ class LaneListenerTests(SynchronousTestCase):
         self.assertEqual(factory.stats.durationSum, reader.servedAt - accepted)
         self.assertEqual(sum(factory.stats.durationCounts), 1)
 
+    def test_countedBySource(self) -> None:
+        """A connection the lane accepted counts under its host for
+        C{--max-per-ip}, which refuses the one past the limit."""
+        factory, port = self.listen(maxPerSource=1)
+        self.connect(port)
+        spinUntil(self.reactor, lambda: factory.protocols)
+        self.assertEqual(factory.stats.perSource, {"127.0.0.1": 1})
+        second = self.connect(port)
+        spinUntil(self.reactor, lambda: factory.stats.refusals)
+        self.assertEqual(factory.stats.refusals, {"max-per-ip": 1})
+        self.assertEqual(second.recv(1), b"")
+
     def test_refusedClosed(self) -> None:
         """A connection the rules refuse is closed at once and counted as
         refused; nothing of it stays."""

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from echotw.factory import EchoFactory
 from echotw.ratelimit import TokenBuckets
 from echotw.service import EchoService
+from tests.support.fakes import AbortableTransport
 from tests.unit.test_housekeeping import client, connect
 
 
@@ -67,6 +68,21 @@ class ConnectionRateTests(SynchronousTestCase):
         clock.advance(0.5)
         self.assertIsNotNone(factory.buildProtocolFor(client(), "l"))
         self.assertIsNone(factory.buildProtocolFor(client(), "l"))
+
+    def test_givenSourceCounted(self) -> None:
+        """A source key the caller gives (the lane's IPv4 listener gives the
+        peer's host) is the one the rate and the per-source limit count."""
+        clock = Clock()
+        rate = TokenBuckets(1, 2, clock)
+        factory = EchoFactory(maxPerSource=1, connectionRate=rate, clock=clock)
+        first = factory.buildProtocolFor(client("10.0.0.1"), "l", source="shared")
+        assert first is not None
+        first.makeConnection(AbortableTransport())
+        self.assertEqual(factory.stats.perSource, {"shared": 1})
+        self.assertIsNone(factory.buildProtocolFor(client("10.0.0.2"), "l", source="shared"))
+        self.assertIsNone(factory.buildProtocolFor(client("10.0.0.3"), "l", source="shared"))
+        self.assertEqual(factory.stats.refusals, {"max-per-ip": 1, "rate": 1})
+        self.assertIsNotNone(factory.buildProtocolFor(client("10.0.0.2"), "l"))
 
     def test_ipv6ByPrefixAndMappedAsIPv4(self) -> None:
         """IPv6 sources share a bucket per /64; ::ffff:127.0.0.1 and
