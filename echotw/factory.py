@@ -366,11 +366,13 @@ class ListenerFactory(Factory):
     """
 
     noisy = False
-    noDelayOnListener = False
 
     def __init__(self, echo: EchoFactory, listener: str) -> None:
         self.echo = echo
         self.listener = listener
+        # An instance's own attribute, which CPython reads faster than a
+        # class's on every connection.
+        self.noDelayOnListener = False
 
     def logPrefix(self) -> str:
         return "echotw"

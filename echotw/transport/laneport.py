@@ -84,7 +84,8 @@ class LaneListener:
             peer.host = client[0]
             peer.port = client[1]
             noDelay = not self.factory.noDelayOnListener
-            protocol = self.admit(peer, self.listener, noDelay, None, source)
+            admit = self.admit  # a method kept on the instance: read, then called
+            protocol = admit(peer, self.listener, noDelay, None, source)
         except BaseException:
             os.close(fd)  # no socket object owns it yet
             raise
