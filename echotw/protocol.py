@@ -173,6 +173,12 @@ class EchoProtocol(Protocol):
         self.byteLimit = byteLimit
         self.healthCheck = healthCheck
         self.noDelay = noDelay
+        # Read at every close: as the instance's own values, not the class
+        # defaults, they are read the fast way (CPython 3.11 cannot
+        # specialize reading a class's value through an instance).
+        self.logged = False
+        self.bytesDiscarded = self.bytesUnsent = 0
+        self._sessionTimer = None
 
     def limitDuration(self, clock: IReactorTime, seconds: float) -> None:
         """

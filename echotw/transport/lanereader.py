@@ -68,7 +68,6 @@ class LaneReader:
 
     dispatchWithoutLogContext = True
     servedAt = 0.0
-    _failures = 0
     """When the lane last served (C{time.monotonic}): the time of every
     accept and end it reported then, so that a connection's start and end
     cost no clock reading of their own."""
@@ -80,6 +79,7 @@ class LaneReader:
         self.members: dict[int, LaneMember] = {}
         self.listeners: dict[int, LaneListening] = {}
         self._watched = False
+        self._failures = 0  # serve() calls in a row that found no memory
 
     def fileno(self) -> int:
         return self.lane.fileno()

@@ -101,7 +101,6 @@ if EPollReactor is not None:
                 return
             events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
             selectables = self._selectables
-            dispatch = self._doReadOrWrite
             for fd, event in events:
                 selectable = selectables.get(fd)
                 if selectable is None:
@@ -118,7 +117,7 @@ if EPollReactor is not None:
                 # A connection's protocol, or the listening port itself.
                 owner = getattr(selectable, "protocol", selectable)
                 if not getattr(owner, "dispatchWithoutLogContext", False):
-                    log.callWithLogger(selectable, dispatch, selectable, fd, event)
+                    log.callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)
                 elif selectable.__class__ is EchoServer and event & _IN and not event & _OUT:
                     # An echo connection with input, or its end, to read:
                     # what _doReadOrWrite does, less its checks for cases
@@ -133,7 +132,7 @@ if EPollReactor is not None:
                     if why:
                         self._disconnectSelectable(selectable, why, True)
                 else:
-                    dispatch(selectable, fd, event)
+                    self._doReadOrWrite(selectable, fd, event)
 
         doIteration = doPoll
 
