@@ -222,10 +222,13 @@ class ConnectionStats:
         if source is not None:
             self.perSource[source] = self.perSource.get(source, 0) + 1
 
-    def closed(self, p: OpenConnection, now: float | None = None) -> tuple[int, float] | None:
+    def closed(
+        self, p: OpenConnection, now: float | None = None, sent: int | None = None
+    ) -> tuple[int, float] | None:
         """
-        Release a closed connection's counts; return the bytes it sent and
-        how long it lasted (until C{now}, by C{time.monotonic}; by default,
+        Release a closed connection's counts; return the bytes it sent
+        (C{sent}, by default its bytes received less those unsent) and how
+        long it lasted (until C{now}, by C{time.monotonic}; by default,
         now), or L{None} if it was not counted as open.
         """
         try:
@@ -239,7 +242,8 @@ class ConnectionStats:
                 self.perSource[source] = left
             else:
                 del self.perSource[source]
-        sent = p.bytesReceived - p.bytesUnsent
+        if sent is None:
+            sent = p.bytesReceived - p.bytesUnsent
         self.sentClosed += sent
         self.discardedClosed += p.bytesDiscarded
         duration = (monotonic() if now is None else now) - p.startedAt

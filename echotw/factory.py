@@ -304,12 +304,15 @@ class EchoFactory(ServerFactory):
             limit=self.connectionLog.limit,
         )
 
-    def connectionClosed(self, p: EchoProtocol, why: Failure, now: float | None = None) -> None:
+    def connectionClosed(
+        self, p: EchoProtocol, why: Failure, now: float | None = None, sent: int | None = None
+    ) -> None:
         """
-        Release a closed connection's counts and log how it ended; C{now}:
-        when it ended (C{time.monotonic}), if the caller knows.
+        Release a closed connection's counts and log how it ended; C{now}
+        and C{sent}: when it ended (C{time.monotonic}) and the bytes it
+        echoed, where the caller knows them (see L{ConnectionStats.closed}).
         """
-        counted = self.stats.closed(p, now)
+        counted = self.stats.closed(p, now, sent)
         if counted is None:
             return
         if self.serverCount is not None:

@@ -46,7 +46,11 @@ class ConnectionTracker(TypingProtocol):
     def connectionOpened(self, connection: EchoProtocol) -> None: ...
 
     def connectionClosed(
-        self, connection: EchoProtocol, why: Failure, now: float | None = None
+        self,
+        connection: EchoProtocol,
+        why: Failure,
+        now: float | None = ...,
+        sent: int | None = ...,
     ) -> None: ...
 
 
@@ -173,9 +177,8 @@ class EchoProtocol(Protocol):
         self.byteLimit = byteLimit
         self.healthCheck = healthCheck
         self.noDelay = noDelay
-        # Read at every close: as the instance's own values, not the class
-        # defaults, they are read the fast way (CPython 3.11 cannot
-        # specialize reading a class's value through an instance).
+        # Read at every close: CPython 3.11 reads an instance's own value
+        # faster than its class's default.
         self.logged = False
         self.bytesDiscarded = self.bytesUnsent = 0
         self._sessionTimer = None

@@ -125,10 +125,10 @@ def canJoin(protocol: EchoProtocol, transport: Any) -> bool:
 
 class _CountedInLane:
     """
-    L{LaneEchoProtocol.bytesReceived} while the lane serves the connection:
-    the lane's count.  Once the connection has left the lane, the count is
-    the protocol's own attribute, which hides this one (this is a
-    non-data descriptor), so that reading it costs no call.
+    L{LaneEchoProtocol.bytesReceived}: the lane's count while it serves the
+    connection, and what it had counted once it let go of it (C{_counted}).
+    A connection that left the lane for the Python path counts on in an
+    attribute of its own, which hides this one (a non-data descriptor).
     """
 
     def __get__(self, protocol: LaneEchoProtocol | None, owner: type) -> Any:
@@ -136,7 +136,7 @@ class _CountedInLane:
             return self
         reader = protocol._reader
         if reader is None:
-            return 0  # not joined yet
+            return protocol._counted
         return reader.lane.received(protocol._fd)
 
 
@@ -172,12 +172,14 @@ class LaneEchoProtocol(EchoProtocol):
     _reader: LaneReader | None = None
     _fd = -1
     bytesReceived = _CountedInLane()
+    _counted = 0
     _leftUnsent = 0
     _accepted: tuple[Any, Any] = (None, None)
     instanceNames = (
         *EchoProtocol.instanceNames,
         "_reader",
         "_fd",
+        "_counted",
         "_leftUnsent",
         "_accepted",
     )
@@ -262,7 +264,7 @@ class LaneEchoProtocol(EchoProtocol):
         assert reader is not None
         received, unsent = reader.leave(self._fd)  # if this fails, still in the lane
         self._reader = None
-        self.bytesReceived = received
+        self._counted = received
         if self.transport is None:
             self._materialize()
         return unsent
@@ -305,16 +307,16 @@ class LaneEchoProtocol(EchoProtocol):
         reader = self._reader
         assert reader is not None
         self._reader = None
-        self.bytesReceived = received
+        self._counted = received
         timer = self._sessionTimer
         if timer is not None and timer.active():
             timer.cancel()
         self.closed = True
         if reset:
             self._leftUnsent = self.bytesUnsent = unsent
-            self.factory.connectionClosed(self, _LOST, reader.servedAt)
+            self.factory.connectionClosed(self, _LOST, reader.servedAt, received - unsent)
         else:
-            self.factory.connectionClosed(self, _DONE, reader.servedAt)
+            self.factory.connectionClosed(self, _DONE, reader.servedAt, received)
 
     def queuedInKernel(self) -> int:
         if self.transport is None:

@@ -247,6 +247,7 @@ class LaneListenerTests(SynchronousTestCase):
         spinUntil(self.reactor, lambda: not factory.protocols)
         self.assertEqual(client.recv(10), b"")
         self.assertTrue(protocol.closed)
+        self.assertEqual(protocol.bytesReceived, 3000)
         self.assertEqual(factory.stats.sentClosed, 3000)
         self.assertEqual(factory.stats.openConnections, 0)
 

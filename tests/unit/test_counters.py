@@ -121,13 +121,16 @@ class ConnectionStatsTests(SynchronousTestCase):
     def test_durationUntilGivenTime(self) -> None:
         """A connection's duration runs from its start to the end its
         caller gives (the lane's time of the wake-up that saw it end), and
-        lands in the histogram's bucket for it."""
+        lands in the histogram's bucket for it; the bytes it sent are those
+        the caller gives (the lane's count), not worked out again."""
         stats = ConnectionStats()
         p = EchoFactory().protocol()
         p.startedAt = 100.0
         stats.opened(p)
-        closed = stats.closed(p, 100.5)
-        self.assertEqual(closed, (0, 0.5))
+        p.bytesReceived = 9
+        closed = stats.closed(p, 100.5, 7)
+        self.assertEqual(closed, (7, 0.5))
+        self.assertEqual(stats.sentClosed, 7)
         self.assertEqual(stats.durationSum, 0.5)
         self.assertEqual(stats.durationCounts[DURATION_BUCKETS.index(1.0)], 1)
 
