@@ -4,13 +4,20 @@ in turn (CPython's C{_testcapi.set_nomemory}), nothing the lane did goes
 unreported.  Every connection it accepted is reported, or closed; every
 end is reported exactly once, over the calls that follow; and no
 descriptor is left open that nobody knows of.  A connection leaving the
-lane whose C{remove()} fails stays in it, served, as if never asked.
+lane whose C{remove()} fails stays in it, served, as if never asked.  An
+echo whose unsent part finds no memory (C{malloc}, which C{set_nomemory}
+does not reach: a library loaded first makes it fail) ends in a reset,
+never in a clean end with a gap.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from typing import Any
 
@@ -270,3 +277,77 @@ class ReaderOutOfMemoryTests(SynchronousTestCase):
             reader.doRead()
         self.assertEqual(member.ends, [_lane.EOF])
         self.assertEqual([e.get("event") for e in events], ["lane-no-memory", "lane-memory-back"])
+
+
+ECHO_WITHOUT_MEMORY = """
+import errno, socket
+from echotw.transport import _lane
+lane = _lane.Lane()  # its scratch buffer: the one malloc that succeeds
+listener = socket.create_server(("127.0.0.1", 0))
+client = socket.socket()
+client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+client.connect(listener.getsockname())
+server, _ = listener.accept()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+server.setblocking(False)
+client.setblocking(False)
+lane.add(server.fileno())
+data = bytes(range(256)) * 1024
+sent, reports = 0, []
+for _ in range(10000):  # until the echo no longer fits and its rest finds no memory
+    try:
+        sent += client.send(data[sent : sent + 65536])
+    except BlockingIOError:
+        pass
+    reports += lane.serve() or []
+    if reports:
+        break
+[(fd, kind, err, _)] = reports
+received, unsent = lane.remove(fd)
+server.close()
+client.setblocking(True)
+client.settimeout(5)
+echoed = b""
+try:
+    while chunk := client.recv(65536):
+        echoed += chunk
+    end = "end of stream"
+except ConnectionResetError:
+    end = "reset"
+print(kind == _lane.ERROR, errno.errorcode.get(err), echoed == data[: len(echoed)],
+      0 < len(echoed) <= received <= sent, unsent, end)
+"""
+
+
+class EchoMallocFailsTests(SynchronousTestCase):
+    def test_lostBytesEndInAReset(self) -> None:
+        """
+        When what the kernel did not take of an echo finds no memory to
+        wait in, those bytes are lost: the lane reports the connection as
+        failed (C{ENOMEM}), counts only what it handed to the kernel, and
+        the connection resets when closed, so that its client, having
+        read a byte-exact part of its echo, sees no clean end.
+        """
+        if _lane is None:
+            raise SkipTest("the native lane is not built")
+        if os.environ.get("LD_PRELOAD"):
+            raise SkipTest("a library is preloaded already (the sanitizers' runtime)")
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise SkipTest("no C compiler to build the failing malloc")
+        here = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, here)
+        shim = os.path.join(here, "lanemalloc.so")
+        source = os.path.join(os.path.dirname(__file__), os.pardir, "support", "lanemalloc.c")
+        subprocess.run([compiler, "-shared", "-fPIC", "-o", shim, source, "-ldl"], check=True)
+        package = os.path.dirname(os.path.dirname(os.path.abspath(_lane.__file__)))
+        env = {**os.environ, "LD_PRELOAD": shim, "PYTHONPATH": os.path.dirname(package)}
+        done = subprocess.run(
+            [sys.executable, "-c", ECHO_WITHOUT_MEMORY],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.split(), ["True", "ENOMEM", "True", "True", "b''", "reset"])
