@@ -419,7 +419,7 @@ def enterInstanceNames(cls: type[EchoProtocol]) -> None:
     """
     sample = object.__new__(cls)
     for name in cls.instanceNames:
-        # A property (LaneEchoProtocol.bytesReceived) stores under names of its own.
+        # A property (a data descriptor) stores under names of its own.
         if not hasattr(getattr(cls, name, None), "__set__"):
             setattr(sample, name, None)
 
