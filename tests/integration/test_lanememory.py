@@ -19,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
@@ -43,6 +45,19 @@ CLIENTS = 3
 FAILURE_POINTS = 80
 """Allocations made to fail in turn: more than one C{serve()} of the
 scenario makes, so that the last ones make none fail."""
+
+
+@contextmanager
+def failingAllocation(number: int) -> Iterator[None]:
+    """
+    Within the block, CPython's allocation number C{number} (counted from
+    its start) fails, and no other.
+    """
+    _testcapi.set_nomemory(number, number + 1)
+    try:
+        yield
+    finally:
+        _testcapi.remove_mem_hooks()
 
 
 def openDescriptors() -> set[int]:
@@ -84,13 +99,11 @@ class Scenario:
         report, or L{None} if it raised L{MemoryError}.
         """
         serve = self.lane.serve
-        _testcapi.set_nomemory(allocation, allocation + 1)
-        try:
-            return serve()  # type: ignore[no-any-return]
-        except MemoryError:
-            return None
-        finally:
-            _testcapi.remove_mem_hooks()
+        with failingAllocation(allocation):
+            try:
+                return serve()  # type: ignore[no-any-return]
+            except MemoryError:
+                return None
 
     def close(self) -> None:
         self.lane.close()
@@ -105,13 +118,20 @@ class Scenario:
             sock.close()
 
 
-class OutOfMemoryTests(SynchronousTestCase):
+class FailingAllocationsTestCase(SynchronousTestCase):
+    """
+    Tests that make the lane's allocations fail: skipped where the lane is
+    not built or Python cannot make allocations fail.
+    """
+
     def setUp(self) -> None:
         if _lane is None:
             raise SkipTest("the native lane is not built")
         if _testcapi is None:
             raise SkipTest("this Python has no _testcapi to make allocations fail")
 
+
+class OutOfMemoryTests(FailingAllocationsTestCase):
     def test_nothingDoneGoesUnreported(self) -> None:
         """
         Whichever allocation fails, the reports of that call and the next
@@ -153,13 +173,7 @@ class OutOfMemoryTests(SynchronousTestCase):
             self.assertEqual(client.recv(1), b"", why)
 
 
-class RemoveOutOfMemoryTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        if _lane is None:
-            raise SkipTest("the native lane is not built")
-        if _testcapi is None:
-            raise SkipTest("this Python has no _testcapi to make allocations fail")
-
+class RemoveOutOfMemoryTests(FailingAllocationsTestCase):
     def test_failedRemoveLeavesItServed(self) -> None:
         """
         A C{remove()} that cannot make its result leaves the connection as
@@ -175,13 +189,11 @@ class RemoveOutOfMemoryTests(SynchronousTestCase):
                 client.sendall(b"a" * 1000)  # a count past the small integers
                 lane.serve()
                 self.assertEqual(client.recv(2000), b"a" * 1000)
-                _testcapi.set_nomemory(allocation, allocation + 1)
-                try:
-                    result = lane.remove(server.fileno())
-                except MemoryError:
-                    result = None
-                finally:
-                    _testcapi.remove_mem_hooks()
+                with failingAllocation(allocation):
+                    try:
+                        result = lane.remove(server.fileno())
+                    except MemoryError:
+                        result = None
                 if result is None:
                     failed += 1
                     client.sendall(b"b")
@@ -216,16 +228,14 @@ class RemoveOutOfMemoryTests(SynchronousTestCase):
         self.assertEqual(client.recv(2000), b"a" * 1000)
         failed = 0
         for allocation in range(10):
-            _testcapi.set_nomemory(allocation, allocation + 1)
-            try:
-                reader.leave(server.fileno())
-            except MemoryError:
-                failed += 1
-                self.assertIs(reader.members[server.fileno()], member)
-            else:
-                break
-            finally:
-                _testcapi.remove_mem_hooks()
+            with failingAllocation(allocation):
+                try:
+                    reader.leave(server.fileno())
+                except MemoryError:
+                    failed += 1
+                else:
+                    break
+            self.assertIs(reader.members[server.fileno()], member)
         self.assertGreater(failed, 0, "no leave() failed: the test is void")
         self.assertEqual(reader.members, {})
 
@@ -240,13 +250,7 @@ class Ending:
         self.ends.append(kind)
 
 
-class ReaderOutOfMemoryTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        if _lane is None:
-            raise SkipTest("the native lane is not built")
-        if _testcapi is None:
-            raise SkipTest("this Python has no _testcapi to make allocations fail")
-
+class ReaderOutOfMemoryTests(FailingAllocationsTestCase):
     def test_restsAndServesAgain(self) -> None:
         """
         A wake-up the lane cannot serve for want of memory does not fail
@@ -265,11 +269,8 @@ class ReaderOutOfMemoryTests(SynchronousTestCase):
         self.assertIn(reader, reactor.readers)
         client.shutdown(socket.SHUT_WR)  # an end to report, which takes memory
         with capturedLogs() as events:
-            _testcapi.set_nomemory(0, 1)
-            try:
+            with failingAllocation(0):
                 reader.doRead()
-            finally:
-                _testcapi.remove_mem_hooks()
             self.assertEqual(member.ends, [])
             self.assertNotIn(reader, reactor.readers)
             reactor.advance(REST_WITHOUT_MEMORY)
