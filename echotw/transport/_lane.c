@@ -1,9 +1,13 @@
 /*
  * echotw.transport._lane: the native echo lane (see echotw/transport/lane.py).
  *
- * A Lane owns an epoll set of admitted echo connections.  Its own epoll
- * descriptor is one reader in Twisted's reactor; each time it is readable,
- * serve() goes over every ready connection: recv into one shared scratch
+ * A Lane serves an epoll set of admitted echo connections.  Either the set
+ * is its own, whose descriptor is one reader in Twisted's reactor, and each
+ * time it is readable serve() goes over every ready connection; or it is
+ * the reactor's own set (Lane(epfd), echotw's reactor), and poll() is the
+ * reactor's wait: one epoll_wait per turn, the lane's connections served
+ * here, the reactor's other descriptors handed back for Python to dispatch.
+ * Either way, each ready connection is served alike: recv into one shared scratch
  * buffer, send it straight back, and keep what the kernel did not take in a
  * buffer of that connection's own (at most one read's worth, LANE_MAX bytes).
  * While that buffer holds anything the connection is not read (only
@@ -48,7 +52,9 @@
  * Every call is made with the GIL held: the system calls made are
  * non-blocking (epoll_wait with a zero timeout, recv and send on
  * non-blocking sockets), so holding it stalls no other thread for long, and
- * no other thread can touch the lane's tables while they change.
+ * no other thread can touch the lane's tables while they change.  Only
+ * poll()'s epoll_wait with a timeout releases it, as epoll.poll does; it
+ * touches nothing of the lane's meanwhile.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -59,6 +65,7 @@
 #endif
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,6 +116,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     int epfd;
+    int shared; /* epfd is a duplicate of the reactor's own set's: poll() waits on it */
     Conn **table; /* indexed by descriptor */
     size_t size;
     Py_ssize_t count;
@@ -161,8 +169,9 @@ lane_check(Lane *self)
 static PyObject *
 Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "", kwlist))
+    static char *kwlist[] = {"epfd", NULL};
+    int shared = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|i", kwlist, &shared))
         return NULL;
     Lane *self = (Lane *)type->tp_alloc(type, 0);
     if (self == NULL)
@@ -173,7 +182,14 @@ Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(self);
         return PyErr_NoMemory();
     }
-    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (shared >= 0) {
+        /* A descriptor of its own for the reactor's set: the set stays
+         * while the lane holds it, and the number cannot be reused under it. */
+        self->epfd = fcntl(shared, F_DUPFD_CLOEXEC, 0);
+        self->shared = 1;
+    } else {
+        self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    }
     if (self->epfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         Py_DECREF(self);
@@ -218,7 +234,9 @@ watch(Lane *self, Conn *c, int op, uint32_t events)
     struct epoll_event ev;
     memset(&ev, 0, sizeof ev);
     ev.events = events;
-    ev.data.ptr = c;
+    /* The descriptor, as Python's epoll.register gives it: in a shared set
+     * an event is the lane's if its descriptor is an active one here. */
+    ev.data.fd = c->fd;
     return epoll_ctl(self->epfd, op, c->fd, &ev);
 }
 
@@ -609,22 +627,31 @@ accept_some(Lane *self, Conn *c, PyObject **report)
     return 0;
 }
 
-/* One pass over the ready connections: how many there were, or -1 with an
- * exception set (or, with errno set and no exception, epoll_wait failed). */
+/* Append (fd, events) for a descriptor of the reactor's in a shared set,
+ * as Python's epoll.poll gives it; 0, or -1 with an exception set. */
 static int
-serve_once(Lane *self, struct epoll_event *events, PyObject **report)
+report_other(PyObject **others, int fd, uint32_t events)
 {
-    int n;
-    do {
-        n = epoll_wait(self->epfd, events, LANE_EVENTS, 0);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0)
-        return -1;
+    PyObject *items[2] = {PyLong_FromLong(fd), PyLong_FromUnsignedLong(events)};
+    return report_item(others, tuple_of(2, items));
+}
+
+/* Serve the lane's events among events[0:n]; with others, every other
+ * event (the reactor's, in a shared set) is appended to it.  0, or -1 with
+ * an exception set. */
+static int
+serve_events(Lane *self, struct epoll_event *events, int n, PyObject **report,
+             PyObject **others)
+{
     for (int i = 0; i < n; i++) {
-        Conn *c = events[i].data.ptr;
+        int fd = events[i].data.fd;
         uint32_t ev = events[i].events;
-        if (c->state != ACTIVE)
+        Conn *c = lookup(self, fd);
+        if (c == NULL || c->state != ACTIVE) {
+            if (others != NULL && report_other(others, fd, ev) < 0)
+                return -1;
             continue;
+        }
         if (c->listening) {
             if (accept_some(self, c, report) < 0)
                 return -1;
@@ -662,6 +689,23 @@ serve_once(Lane *self, struct epoll_event *events, PyObject **report)
         if (echo(self, c, report) < 0)
             return -1;
     }
+    return 0;
+}
+
+/* One pass over the ready connections of the lane's own set: how many
+ * there were, or -1 with an exception set (or, with errno set and no
+ * exception, epoll_wait failed). */
+static int
+serve_once(Lane *self, struct epoll_event *events, PyObject **report)
+{
+    int n;
+    do {
+        n = epoll_wait(self->epfd, events, LANE_EVENTS, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -1;
+    if (serve_events(self, events, n, report, NULL) < 0)
+        return -1;
     return n;
 }
 
@@ -672,6 +716,10 @@ Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
     PyObject *report = NULL;
     if (lane_check(self) < 0)
         return NULL;
+    if (self->shared) {
+        PyErr_SetString(PyExc_ValueError, "a lane in the reactor's set is served by poll()");
+        return NULL;
+    }
     for (int pass = 0; pass < LANE_PASSES; pass++) {
         int n = serve_once(self, events, &report);
         if (n < 0 && PyErr_Occurred()) {
@@ -693,6 +741,82 @@ Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
     if (report == NULL)
         Py_RETURN_NONE;
     return report;
+}
+
+/* poll()'s timeout in milliseconds, as Python's epoll.poll reads it: None
+ * or a negative number waits for ever, a fraction of a millisecond is
+ * rounded up; -2 with an exception set. */
+static int
+timeout_ms(PyObject *arg)
+{
+    if (arg == Py_None)
+        return -1;
+    double t = PyFloat_AsDouble(arg);
+    if (t == -1.0 && PyErr_Occurred())
+        return -2;
+    if (t < 0)
+        return -1;
+    double ms = t * 1e3;
+    if (ms >= (double)INT_MAX)
+        return INT_MAX;
+    int whole = (int)ms;
+    return whole < ms ? whole + 1 : whole;
+}
+
+static PyObject *
+Lane_poll(Lane *self, PyObject *arg)
+{
+    if (lane_check(self) < 0)
+        return NULL;
+    if (!self->shared) {
+        PyErr_SetString(PyExc_ValueError, "a lane with a set of its own is served by serve()");
+        return NULL;
+    }
+    int ms = timeout_ms(arg);
+    if (ms == -2)
+        return NULL;
+    /* Made before the wait: once events are served, a result that could
+     * not be made would lose their reports. */
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL)
+        return NULL;
+    struct epoll_event events[LANE_EVENTS];
+    int n, err = 0;
+    if (ms == 0) {
+        n = epoll_wait(self->epfd, events, LANE_EVENTS, 0);
+        err = errno;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(self->epfd, events, LANE_EVENTS, ms);
+        err = errno;
+        Py_END_ALLOW_THREADS
+    }
+    if (n < 0) {
+        if (err != EINTR) {
+            Py_DECREF(result);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        /* A signal: its Python handler runs now, as after epoll.poll. */
+        if (PyErr_CheckSignals() < 0) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        n = 0;
+    }
+    PyObject *report = NULL, *others = NULL;
+    if (serve_events(self, events, n, &report, &others) < 0) {
+        if (report == NULL && others == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        /* What was done is reported; the rest is met again at the next
+         * wait (the set is level-triggered). */
+        PyErr_Clear();
+    }
+    PyTuple_SET_ITEM(result, 0, others != NULL ? others : Py_NewRef(Py_None));
+    PyTuple_SET_ITEM(result, 1, report != NULL ? report : Py_NewRef(Py_None));
+    return result;
 }
 
 static PyObject *
@@ -787,11 +911,18 @@ Lane_fileno(Lane *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 Lane_close(Lane *self, PyObject *Py_UNUSED(ignored))
 {
-    lane_clear(self);
-    if (self->epfd >= 0) {
-        close(self->epfd);
-        self->epfd = -1;
+    if (self->shared && self->epfd >= 0) {
+        /* The set goes on serving the reactor: leave it. */
+        for (size_t i = 0; i < self->size; i++) {
+            Conn *c = self->table[i];
+            if (c != NULL && c->state == ACTIVE)
+                epoll_ctl(self->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+        }
     }
+    lane_clear(self);
+    if (self->epfd >= 0)
+        close(self->epfd);
+    self->epfd = -1;
     Py_RETURN_NONE;
 }
 
@@ -810,6 +941,12 @@ static PyMethodDef Lane_methods[] = {
      "Serve every ready connection once; a list of (fd, kind, value, unsent) "
      "for those that left the lane (value: errno; for CLOSED and RESET, the bytes "
      "received, and unsent the bytes not sent), or None."},
+    {"poll", (PyCFunction)Lane_poll, METH_O,
+     "poll(timeout): for a lane in the reactor's epoll set (Lane(epfd)), wait "
+     "up to timeout seconds (None: for ever), serve the lane's ready "
+     "connections, and return (events, report): the reactor's other ready "
+     "descriptors as [(fd, events)] (as epoll.poll gives them) or None, and "
+     "serve()'s report."},
     {"listen", (PyCFunction)Lane_listen, METH_VARARGS,
      "listen(fd): accept the connections of this listening, non-blocking socket "
      "(each reported as ACCEPTED)."},

@@ -1,13 +1,17 @@
 # -*- test-case-name: tests.integration.test_nativelane -*-
 """
 The native lane as one reactor sees it: the C extension (if it was built),
-and L{LaneReader}, a reactor's one lane, whose epoll descriptor is a single
-reader there while it serves any connection.
+and L{LaneReader}, a reactor's one lane.  In echotw's reactor the lane's
+connections are in the reactor's own epoll set, and the lane's C{poll} is
+that reactor's one wait per turn; in any other reactor the lane has a set
+of its own, whose descriptor is a single reader there while it serves any
+connection.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from time import monotonic
 from typing import Any, Protocol
 from weakref import WeakKeyDictionary
@@ -61,9 +65,15 @@ class LaneListening(Protocol):
 
 class LaneReader:
     """
-    The lane of one reactor: its epoll descriptor as a reader there (while
-    it serves any connection or listening socket), which protocol each
-    connection in it is, and which listener each listening socket.
+    The lane of one reactor: which protocol each connection in it is, and
+    which listener each listening socket; and how the reactor waits on it.
+
+    A reactor that offers its epoll set (C{shareEpoll}: echotw's reactor)
+    gets the lane's connections in that set, and waits through L{poll}:
+    one system call per turn, as a loop of its own would make, where a lane
+    with a set of its own costs that wait and the lane's own.  Any other
+    reactor watches the lane's own set as a reader (L{doRead}) while it
+    serves any connection or listening socket.
     """
 
     dispatchWithoutLogContext = True
@@ -75,11 +85,15 @@ class LaneReader:
     def __init__(self, reactor: Any) -> None:
         assert _lane is not None
         self.reactor = reactor
-        self.lane = _lane.Lane()
         self.members: dict[int, LaneMember] = {}
         self.listeners: dict[int, LaneListening] = {}
-        self._watched = False
         self._failures = 0  # serve() calls in a row that found no memory
+        share = getattr(reactor, "shareEpoll", None)
+        epfd = share(self) if share is not None else None
+        self.shared = epfd is not None
+        """Whether the lane is in the reactor's own set (see L{poll})."""
+        self.lane = _lane.Lane() if epfd is None else _lane.Lane(epfd)
+        self._watched = self.shared  # a shared set is the reactor's wait
 
     def fileno(self) -> int:
         return self.lane.fileno()
@@ -95,7 +109,7 @@ class LaneReader:
     def _unwatchIfIdle(self) -> None:
         # An idle lane is not watched: nothing of it outlives its
         # connections and listeners (a test's clean reactor, a stopping server).
-        if self._watched and not self.members and not self.listeners:
+        if self._watched and not self.members and not self.listeners and not self.shared:
             self._watched = False
             self.reactor.removeReader(self)
 
@@ -138,8 +152,8 @@ class LaneReader:
 
     def doRead(self) -> None:
         """
-        Serve the ready connections and listening sockets; hand what needs
-        Python to it: connections that ended or left, connections accepted.
+        Serve the ready connections and listening sockets of the lane's own
+        set; hand what needs Python to it (L{_handle}).
         """
         try:
             report = self.lane.serve()
@@ -147,14 +161,42 @@ class LaneReader:
             self._rest()
             return
         if self._failures:
-            _log.info(
-                "The native lane serves again after {failures} wake-ups without memory",
-                event="lane-memory-back",
-                failures=self._failures,
-            )
-            self._failures = 0
-        if report is None:
-            return
+            self._memoryBack()
+        if report is not None:
+            self._handle(report)
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]] | None:
+        """
+        The reactor's wait, where the lane is in its set: wait up to
+        C{timeout} seconds (L{None}: until something is ready), serve the
+        lane's ready connections and listening sockets, hand what needs
+        Python to it (L{_handle}), and return the reactor's other ready
+        descriptors as C{[(fd, events)]}, or L{None}.
+        """
+        try:
+            events, report = self.lane.poll(timeout)
+        except MemoryError:
+            self._rest()
+            return None
+        if self._failures:
+            self._memoryBack()
+        if report is not None:
+            self._handle(report)
+        return events
+
+    def _memoryBack(self) -> None:
+        _log.info(
+            "The native lane serves again after {failures} wake-ups without memory",
+            event="lane-memory-back",
+            failures=self._failures,
+        )
+        self._failures = 0
+
+    def _handle(self, report: list[tuple[int, int, int, Any]]) -> None:
+        """
+        Hand each entry of a report to what it concerns: connections that
+        ended or left, connections accepted, a listener that failed.
+        """
         self.servedAt = monotonic()
         members = self.members
         listeners = self.listeners
@@ -191,11 +233,13 @@ class LaneReader:
 
     def _rest(self) -> None:
         """
-        C{serve()} found no memory to report in, and did nothing (it reports
-        whatever it did): rather than fail, which would make the reactor
-        drop the lane and every connection in it, or be called again at
-        once while memory is short, the lane is not watched for a moment.
-        What was ready stays ready (epoll is level-triggered).
+        C{serve()} or C{poll()} found no memory to report in, and did
+        nothing (they report whatever they did): rather than fail, which
+        would make the reactor drop the lane and every connection in it, or
+        be called again at once while memory is short, the lane is not
+        watched for a moment.  What was ready stays ready (epoll is
+        level-triggered).  A lane in the reactor's set cannot be left out
+        of its wait: there the reactor itself rests.
         """
         self._failures += 1
         if self._failures == 1:
@@ -204,7 +248,9 @@ class LaneReader:
                 event="lane-no-memory",
                 seconds=REST_WITHOUT_MEMORY,
             )
-        if self._watched:
+        if self.shared:
+            time.sleep(REST_WITHOUT_MEMORY)
+        elif self._watched:
             self._watched = False
             self.reactor.removeReader(self)
             self.reactor.callLater(REST_WITHOUT_MEMORY, self._rested)
@@ -219,7 +265,7 @@ class LaneReader:
         connection still in the lane is lost with it, as the reactor does
         with the ones it watches itself; listening sockets stay their ports'.
         """
-        self._watched = False
+        self._watched = self.shared
         for fd in list(self.listeners):
             self.unlisten(fd)
         for protocol in list(self.members.values()):

@@ -13,13 +13,13 @@ import socket
 import sys
 from typing import Any
 
+from twisted.internet import main
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import log
 from twisted.python.failure import Failure
 
-from echotw.transport.lanereader import LaneReader
 from echotw.transport.tcpport import EchoPort, EchoServer
 
 try:
@@ -83,7 +83,15 @@ if EPollReactor is not None:
         C{_newTimedCalls}, C{_cancellations}, C{_justStopped} and
         C{threadCallQueue}; if a Twisted release lacks them it falls back to
         its parent's loop.
+
+        The native lane's connections are in this reactor's own epoll set
+        (L{shareEpoll}), and the lane's C{poll} is the loop's wait: each
+        turn makes one C{epoll_wait}, serves the lane's ready connections in
+        C, and dispatches the other ready descriptors here.
         """
+
+        laneReader: Any = None
+        """The native lane in this reactor's set, once one asked (L{shareEpoll})."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -92,6 +100,24 @@ if EPollReactor is not None:
             )
             self.quietTimers = all(hasattr(self, name) for name in _TIMER_INTERNALS)
 
+        def shareEpoll(self, reader: Any) -> int | None:
+            """
+            The descriptor of this reactor's epoll set, for the native lane
+            C{reader} (L{echotw.transport.lanereader.LaneReader}) to put its
+            connections in; from now on the loop waits through its C{poll},
+            and its connections are lost with the reactor's own at shutdown.
+            L{None} (the lane keeps a set of its own) where the loop is its
+            parent's.
+            """
+            if not self.quietDispatch or self.laneReader is not None:
+                return None
+            self.laneReader = reader
+            self.addSystemEventTrigger(
+                "during", "shutdown", reader.connectionLost, Failure(main.CONNECTION_LOST)
+            )
+            fd: int = self._poller.fileno()
+            return fd
+
         def doPoll(self, timeout: float | None) -> None:
             """
             Wait for events and dispatch each ready descriptor.
@@ -99,20 +125,19 @@ if EPollReactor is not None:
             if not self.quietDispatch:
                 super().doPoll(timeout)
                 return
-            events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
+            lane = self.laneReader
+            if lane is None:
+                events = self._poller.poll(
+                    -1 if timeout is None else timeout, len(self._selectables)
+                )
+            else:
+                events = lane.poll(timeout)
+                if events is None:
+                    return
             selectables = self._selectables
             for fd, event in events:
                 selectable = selectables.get(fd)
                 if selectable is None:
-                    continue
-                if selectable.__class__ is LaneReader:
-                    # The native lane: its epoll descriptor is only ever
-                    # readable, and it logs with explicit fields.
-                    try:
-                        selectable.doRead()
-                    except BaseException as e:
-                        log.err()
-                        self._disconnectSelectable(selectable, e, True)
                     continue
                 # A connection's protocol, or the listening port itself.
                 owner = getattr(selectable, "protocol", selectable)

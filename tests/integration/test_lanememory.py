@@ -1,7 +1,7 @@
 """
-The C lane out of memory: with each allocation of one C{serve()} failing
-in turn (CPython's C{_testcapi.set_nomemory}), nothing the lane did goes
-unreported.  Every connection it accepted is reported, or closed; every
+The C lane out of memory: with each allocation of one C{serve()} (or, in
+a shared set, one C{poll()}) failing in turn (CPython's
+C{_testcapi.set_nomemory}), nothing the lane did goes unreported.  Every connection it accepted is reported, or closed; every
 end is reported exactly once, over the calls that follow; and no
 descriptor is left open that nobody knows of.  A connection leaving the
 lane whose C{remove()} fails stays in it, served, as if never asked.  An
@@ -13,6 +13,7 @@ never in a clean end with a gap.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -20,14 +21,16 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from echotw.transport import lanereader
 from echotw.transport.lanereader import REST_WITHOUT_MEMORY, LaneReader
+from tests.integration.test_reactor import newReactor
 
 try:
     from echotw.transport import _lane
@@ -70,10 +73,20 @@ class Scenario:
     to be accepted, an owned connection whose client sent and half-closed
     (the lane echoes, closes and forgets it), a connection whose client
     half-closed (it leaves for Python), and one that reaches its byte limit.
+    C{shared}: the lane is in an epoll set it shares with a descriptor of
+    the reactor's, which has input waiting.
     """
 
-    def __init__(self) -> None:
-        self.lane = _lane.Lane()
+    def __init__(self, shared: bool = False) -> None:
+        self.shared = shared
+        self.events: list[tuple[int, int]] = []
+        """What C{poll()} handed back as the reactor's."""
+        self.set = select.epoll()
+        self.other, self.otherClient = socket.socketpair()
+        self.otherClient.sendall(b"z")
+        if shared:
+            self.set.register(self.other.fileno(), select.EPOLLIN)
+        self.lane = _lane.Lane(self.set.fileno()) if shared else _lane.Lane()
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=CLIENTS)
         self.listener.setblocking(False)
         self.lane.listen(self.listener.fileno())
@@ -93,21 +106,31 @@ class Scenario:
         self.lane.add(self.limited.fileno(), 5)
         self.limitedClient.sendall(b"y" * 10)
 
-    def serveFailing(self, allocation: int) -> list[Any] | None:
+    def serve(self, allocation: int = -1) -> list[Any] | None:
         """
-        One C{serve()} whose allocation number C{allocation} fails; its
-        report, or L{None} if it raised L{MemoryError}.
+        One C{serve()}, or in a shared set one C{poll(0)}, whose allocation
+        number C{allocation} fails (if not -1): its report, or L{None} if it
+        raised L{MemoryError}.
         """
-        serve = self.lane.serve
-        with failingAllocation(allocation):
+        call: Any = self.lane.poll if self.shared else self.lane.serve
+        args = (0,) if self.shared else ()
+        with failingAllocation(allocation) if allocation >= 0 else nullcontext():
             try:
-                return serve()  # type: ignore[no-any-return]
+                result = call(*args)
             except MemoryError:
                 return None
+        if not self.shared:
+            return result
+        events, report = result
+        self.events += events or []
+        return report
 
     def close(self) -> None:
         self.lane.close()
+        self.set.close()
         others = [
+            self.other,
+            self.otherClient,
             self.ownedClient,
             self.ending,
             self.endingClient,
@@ -138,17 +161,29 @@ class OutOfMemoryTests(FailingAllocationsTestCase):
         ones together name each end once, and each accepted descriptor at
         most once; the accepted ones not reported were closed.
         """
+        self.nothingUnreported(shared=False)
+
+    def test_nothingDoneGoesUnreportedInASharedSet(self) -> None:
+        """
+        The same, for a lane in the reactor's set (C{poll()}), whose
+        descriptor with input waiting is handed back, and only it.
+        """
+        self.nothingUnreported(shared=True)
+
+    def nothingUnreported(self, shared: bool) -> None:
         outcomes = Counter[str]()
         for allocation in range(FAILURE_POINTS):
             before = openDescriptors()
-            scenario = Scenario()
+            scenario = Scenario(shared)
             try:
-                first = scenario.serveFailing(allocation)
+                first = scenario.serve(allocation)
                 outcomes["raised" if first is None else "reported"] += 1
                 reports = list(first or [])
                 for _ in range(5):
-                    reports.extend(scenario.lane.serve() or [])
+                    reports.extend(scenario.serve() or [])
                 self.check(scenario, reports, allocation)
+                expected = {(scenario.other.fileno(), select.EPOLLIN)} if shared else set()
+                self.assertEqual(set(scenario.events), expected)
             finally:
                 scenario.close()
             self.assertEqual(openDescriptors(), before, f"allocation {allocation}")
@@ -240,6 +275,26 @@ class RemoveOutOfMemoryTests(FailingAllocationsTestCase):
         self.assertEqual(reader.members, {})
 
 
+class NoMemoryOnce:
+    """
+    A lane whose first C{poll()} finds no memory, as the C lane's does
+    when it could report nothing (see L{Scenario}); the rest is C{lane}'s.
+    """
+
+    def __init__(self, lane: Any) -> None:
+        self.lane = lane
+        self.failed = False
+
+    def poll(self, timeout: float) -> Any:
+        if not self.failed:
+            self.failed = True
+            raise MemoryError()
+        return self.lane.poll(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lane, name)
+
+
 class Ending:
     """A lane member that records how it left."""
 
@@ -248,6 +303,9 @@ class Ending:
 
     def laneEnded(self, kind: int, err: int) -> None:
         self.ends.append(kind)
+
+    def laneLost(self, reason: object) -> None:
+        self.ends.append(-1)
 
 
 class ReaderOutOfMemoryTests(FailingAllocationsTestCase):
@@ -276,6 +334,32 @@ class ReaderOutOfMemoryTests(FailingAllocationsTestCase):
             reactor.advance(REST_WITHOUT_MEMORY)
             self.assertIn(reader, reactor.readers)
             reader.doRead()
+        self.assertEqual(member.ends, [_lane.EOF])
+        self.assertEqual([e.get("event") for e in events], ["lane-no-memory", "lane-memory-back"])
+
+    def test_sharedSetRestsTheLoop(self) -> None:
+        """
+        In the reactor's own set the lane cannot be left out of the wait:
+        a C{poll()} that finds no memory makes the loop rest a moment (no
+        spinning on what stays ready), says so once, and the next serves.
+        """
+        reactor = newReactor(self)
+        reader = LaneReader(reactor)
+        self.assertTrue(reader.shared)
+        rests: list[float] = []
+        self.patch(lanereader.time, "sleep", rests.append)
+        server, client = socket.socketpair()
+        self.addCleanup(client.close)
+        self.addCleanup(server.close)
+        member = Ending()
+        reader.join(server.fileno(), member, 0)  # type: ignore[arg-type]
+        client.shutdown(socket.SHUT_WR)
+        lane = reader.lane
+        reader.lane = NoMemoryOnce(lane)  # type: ignore[assignment]
+        with capturedLogs() as events:
+            self.assertIsNone(reader.poll(0))
+            self.assertEqual((member.ends, rests), ([], [REST_WITHOUT_MEMORY]))
+            reader.poll(0)
         self.assertEqual(member.ends, [_lane.EOF])
         self.assertEqual([e.get("event") for e in events], ["lane-no-memory", "lane-memory-back"])
 

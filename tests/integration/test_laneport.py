@@ -26,7 +26,7 @@ from echotw.transport.lane import LaneEchoProtocol
 from echotw.transport.laneport import LaneListener
 from echotw.transport.lanereader import readerFor
 from echotw.transport.tcpport import EchoServer
-from tests.integration.test_nativelane import _lane, needLane
+from tests.integration.test_nativelane import _lane, laneWatched, needLane
 from tests.integration.test_reactor import newReactor, spinUntil
 
 
@@ -228,7 +228,9 @@ class LaneListenerTests(SynchronousTestCase):
         reader = readerFor(self.reactor)
         assert reader is not None
         self.assertNotIn(port, self.reactor.getReaders())
-        self.assertIn(reader, self.reactor.getReaders())
+        # echotw's reactor waits on the lane as its own set.
+        self.assertTrue(reader.shared)
+        self.assertTrue(laneWatched(self.reactor, reader))
         client = self.connect(port)
         spinUntil(self.reactor, lambda: factory.protocols)
         [protocol] = factory.protocols
@@ -364,17 +366,26 @@ class LaneListenerTests(SynchronousTestCase):
         self.assertFalse(factory.protocols)
 
     def test_stopListening(self) -> None:
-        """A port that stops listening leaves the lane, which the reactor
-        no longer watches once nothing is in it."""
+        """A port that stops listening leaves the lane, and its descriptor
+        the reactor's epoll set, which the lane shares."""
         _, port = self.listen()
         reader = readerFor(self.reactor)
         assert reader is not None
         self.assertIn(port.fileno(), reader.listeners)
         fd = port.fileno()
+        # The listening socket, kept open once the port closes its own.
+        listening = socket.socket(fileno=os.dup(fd))
+        self.addCleanup(listening.close)
         port.stopListening()
         self.reactor.iterate(0)
         self.assertNotIn(fd, reader.listeners)
         self.assertNotIn(reader, self.reactor.getReaders())
+        # Listening again (the port shut it), a connection waiting on it,
+        # and the set does not report it.
+        listening.listen(1)
+        client = socket.create_connection(listening.getsockname()[:2], timeout=5)
+        self.addCleanup(client.close)
+        self.assertNotIn(fd, dict(self.reactor._poller.poll(0.1)))
 
     def test_notForOtherProtocols(self) -> None:
         """A factory whose connections do not go to the lane (the Python

@@ -77,12 +77,17 @@ def spinUntil(reactor: Any, condition: Callable[[], Any], turns: int = 1000) -> 
 
 def closeReactor(reactor: Any) -> None:
     """
-    Release what a reactor made for a test holds: its waker and its poller.
+    Release what a reactor made for a test holds: its waker, its poller,
+    and the native lane in its set, if one joined it.
     """
     for reader in list(reactor._internalReaders):
         reactor.removeReader(reader)
         reader.connectionLost(None)
     reactor.disconnectAll()
+    lane = reactor.laneReader
+    if lane is not None:
+        lane.connectionLost(Failure(main.CONNECTION_LOST))
+        lane.lane.close()
     reactor._poller.close()
 
 
