@@ -108,6 +108,21 @@ def exitOnSigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def epollEchoBinary() -> Path:
+    """
+    bench/build/epoll_echo, the C epoll echo (the floor any server can
+    reach), compiled from peers/epoll_echo.c whenever that is newer.
+    """
+    src, out = HERE / "peers" / "epoll_echo.c", BUILD / "epoll_echo"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        if shutil.which("gcc") is None:
+            sys.exit("gcc is not installed: the C epoll echo cannot be built")
+        BUILD.mkdir(exist_ok=True)
+        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)]
+        subprocess.run(cmd, check=True, timeout=120)
+    return out
+
+
 def loadgenBinary(path: str | None) -> Path:
     """
     The load client: PATH when given; else bench/build/loadgen, rebuilt with

@@ -161,18 +161,6 @@ def selectWorks(args: argparse.Namespace) -> list[Work]:
     return [w for w in WORKS if w.name in names]
 
 
-def buildPeer() -> Path:
-    """bench/build/epoll_echo, compiled from peers/epoll_echo.c whenever that is newer."""
-    src, out = HERE / "peers" / "epoll_echo.c", harness.BUILD / "epoll_echo"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        if shutil.which("gcc") is None:
-            sys.exit("gcc is not installed: the C epoll echo cannot be built")
-        harness.BUILD.mkdir(exist_ok=True)
-        cmd = ["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)]
-        subprocess.run(cmd, check=True, timeout=120)
-    return out
-
-
 def pinned(cpu: int, argv: list[str]) -> tuple[list[str], Any]:
     """ARGV pinned to CPU: through taskset where installed, else sched_setaffinity."""
     from servers import pinnedTo
@@ -411,7 +399,7 @@ def main(argv: list[str]) -> int:
     if not peers or not works:
         sys.exit("nothing selected")
     if any(p.name == "epoll_echo" for p in peers):
-        buildPeer()
+        harness.epollEchoBinary()
     loadgen = harness.loadgenBinary(args.loadgen)
     prefix = harness.outputPrefix(args)
     jsonl = Path(f"{prefix}.jsonl")

@@ -214,6 +214,8 @@ def main(argv: list[str]) -> int:
     if nofile < 10100 and any(w.name == "idle10k" for w in wls):
         notes.append(f"- fd limit is {nofile}: idle10k needs more than 10,000")
     loadgen = harness.loadgenBinary(args.loadgen)
+    if any(s.name == "epoll_echo" for s in specs):
+        harness.epollEchoBinary()
     prefix = harness.outputPrefix(args)
     info = report.machine(sys.executable)
     results = runAll(specs, wls, loadgen, args, Path(f"{prefix}.jsonl"))

@@ -54,6 +54,8 @@ SPECS = [
     Spec("asyncio_proto", "python asyncio_proto.py {port}"),
     Spec("asyncio_streams", "python asyncio_streams.py {port}"),
     Spec("uvloop_proto", "python uvloop_proto.py {port}"),
+    # The floor: built by run.py when chosen (bench/build/, beside peers/).
+    Spec("epoll_echo", "../build/epoll_echo {port}"),
     Spec("asyncore_echo", "python asyncore_echo.py {port}"),
     Spec(
         "socat",
