@@ -68,7 +68,7 @@ class LaneReader:
     The lane of one reactor: which protocol each connection in it is, and
     which listener each listening socket; and how the reactor waits on it.
 
-    A reactor that offers its epoll set (C{shareEpoll}: echotw's reactor)
+    A reactor that offers its epoll set (C{epollForLane}: echotw's reactor)
     gets the lane's connections in that set, and waits through L{poll}:
     one system call per turn, as a loop of its own would make, where a lane
     with a set of its own costs that wait and the lane's own.  Any other
@@ -88,12 +88,16 @@ class LaneReader:
         self.members: dict[int, LaneMember] = {}
         self.listeners: dict[int, LaneListening] = {}
         self._failures = 0  # serve() calls in a row that found no memory
-        share = getattr(reactor, "shareEpoll", None)
-        epfd = share(self) if share is not None else None
+        offer = getattr(reactor, "epollForLane", None)
+        epfd = offer() if offer is not None else None
+        self.lane = _lane.Lane() if epfd is None else _lane.Lane(epfd)
         self.shared = epfd is not None
         """Whether the lane is in the reactor's own set (see L{poll})."""
-        self.lane = _lane.Lane() if epfd is None else _lane.Lane(epfd)
         self._watched = self.shared  # a shared set is the reactor's wait
+        if self.shared:
+            # Only once the lane is made: a reactor must never wait through
+            # a lane that failed to be.
+            reactor.waitThroughLane(self)
 
     def fileno(self) -> int:
         return self.lane.fileno()

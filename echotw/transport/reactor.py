@@ -85,13 +85,13 @@ if EPollReactor is not None:
         its parent's loop.
 
         The native lane's connections are in this reactor's own epoll set
-        (L{shareEpoll}), and the lane's C{poll} is the loop's wait: each
+        (L{epollForLane}), and the lane's C{poll} is the loop's wait: each
         turn makes one C{epoll_wait}, serves the lane's ready connections in
         C, and dispatches the other ready descriptors here.
         """
 
         laneReader: Any = None
-        """The native lane in this reactor's set, once one asked (L{shareEpoll})."""
+        """The native lane in this reactor's set, once one joined it (L{waitThroughLane})."""
 
         def __init__(self) -> None:
             super().__init__()
@@ -100,23 +100,29 @@ if EPollReactor is not None:
             )
             self.quietTimers = all(hasattr(self, name) for name in _TIMER_INTERNALS)
 
-        def shareEpoll(self, reader: Any) -> int | None:
+        def epollForLane(self) -> int | None:
             """
-            The descriptor of this reactor's epoll set, for the native lane
-            C{reader} (L{echotw.transport.lanereader.LaneReader}) to put its
-            connections in; from now on the loop waits through its C{poll},
-            and its connections are lost with the reactor's own at shutdown.
-            L{None} (the lane keeps a set of its own) where the loop is its
-            parent's.
+            The descriptor of this reactor's epoll set, for a native lane
+            to put its connections in (L{waitThroughLane}); L{None} (the
+            lane keeps a set of its own) where the loop is its parent's or
+            a lane has the set already.
             """
             if not self.quietDispatch or self.laneReader is not None:
                 return None
+            fd: int = self._poller.fileno()
+            return fd
+
+        def waitThroughLane(self, reader: Any) -> None:
+            """
+            From now on the loop waits through the C{poll} of C{reader}
+            (L{echotw.transport.lanereader.LaneReader}), whose lane is in
+            this reactor's set, and loses its connections with its own at
+            shutdown.
+            """
             self.laneReader = reader
             self.addSystemEventTrigger(
                 "during", "shutdown", reader.connectionLost, Failure(main.CONNECTION_LOST)
             )
-            fd: int = self._poller.fileno()
-            return fd
 
         def doPoll(self, timeout: float | None) -> None:
             """

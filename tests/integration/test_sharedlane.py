@@ -1,7 +1,7 @@
 """
 The native lane in the reactor's own epoll set: C{Lane(epfd)} and its
 C{poll()}, which is echotw's reactor's one wait per turn; the reactor
-that offers its set (L{EchoReactor.shareEpoll}).
+that offers its set (L{EchoReactor.epollForLane}).
 """
 
 from __future__ import annotations
@@ -196,6 +196,17 @@ class ReactorSharesItsSetTests(SynchronousTestCase):
         self.addCleanup(third.lane.close)
         self.assertFalse(third.shared)
         self.assertIsNone(other.laneReader)
+
+    def test_laneThatCannotBeMade(self) -> None:
+        """A lane that cannot be made in the reactor's set (no descriptor
+        left for it, say) is none: the reactor goes on waiting itself."""
+        closed, other = os.pipe()
+        os.close(closed)
+        os.close(other)
+        self.reactor.epollForLane = lambda: closed
+        self.assertIsNone(readerFor(self.reactor))
+        self.assertIsNone(self.reactor.laneReader)
+        self.reactor.doIteration(0)
 
     def test_connectionsLostAtShutdown(self) -> None:
         """The reactor's shutdown loses the lane's connections with its own."""
