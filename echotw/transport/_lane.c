@@ -745,7 +745,7 @@ Lane_serve(Lane *self, PyObject *Py_UNUSED(ignored))
 
 /* poll()'s timeout in milliseconds, as Python's epoll.poll reads it: None
  * or a negative number waits for ever, a fraction of a millisecond is
- * rounded up; -2 with an exception set. */
+ * rounded up, NaN is refused; -2 with an exception set. */
 static int
 timeout_ms(PyObject *arg)
 {
@@ -754,6 +754,10 @@ timeout_ms(PyObject *arg)
     double t = PyFloat_AsDouble(arg);
     if (t == -1.0 && PyErr_Occurred())
         return -2;
+    if (t != t) {
+        PyErr_SetString(PyExc_ValueError, "timeout is not a number");
+        return -2;
+    }
     if (t < 0)
         return -1;
     double ms = t * 1e3;

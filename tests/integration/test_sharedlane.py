@@ -79,6 +79,8 @@ class SharedSetTests(SynchronousTestCase):
         started = time.monotonic()
         self.assertEqual(self.lane.poll(0.05), (None, None))
         self.assertGreaterEqual(time.monotonic() - started, 0.04)
+        self.assertRaises(ValueError, self.lane.poll, float("nan"))
+        self.assertRaises(TypeError, self.lane.poll, "1")
 
     def test_signalHandlerRunsDuringTheWait(self) -> None:
         """A signal during a long wait runs its Python handler at once (the
