@@ -18,7 +18,6 @@ measured.  The scaling benchmark (--workers N) is bench/scaling.py.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import shutil
 import subprocess
@@ -86,26 +85,9 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
 
 def selectServers(args: argparse.Namespace) -> tuple[list[Any], list[str]]:
     """The specs to run, and notes on those skipped (not installed)."""
-    from servers import SPECS, Spec, missing
+    from servers import selectSpecs
 
-    specs = {s.name: s for s in SPECS}
-    specs["echotw"] = Spec("echotw", args.echotw)
-    for item in args.server:
-        name, sep, template = item.partition("=")
-        if not sep or "{port}" not in template:
-            sys.exit(f"--server wants NAME=TEMPLATE with {{port}}: {item!r}")
-        specs[name] = Spec(name, template)
-    if args.only:
-        patterns = args.only.split(",")
-        specs = {n: s for n, s in specs.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
-    chosen, notes = [], []
-    for spec in specs.values():
-        why = missing(spec)
-        if why:
-            notes.append(f"- {spec.name} skipped: {why}")
-        else:
-            chosen.append(spec)
-    return chosen, notes
+    return selectSpecs(args.echotw, args.server, args.only)
 
 
 def selectWorkloads(args: argparse.Namespace) -> list[Any]:

@@ -13,6 +13,7 @@ not start.
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import os
 import shlex
 import shutil
@@ -150,6 +151,33 @@ def missing(spec: Spec) -> str | None:
     if spec.needs and shutil.which(spec.needs) is None:
         return f"{spec.needs} is not installed"
     return None
+
+
+def selectSpecs(echotw: str, extra: list[str], only: str) -> tuple[list[Spec], list[str]]:
+    """
+    The servers to run: the peers, echotw from its template ECHOTW, and each
+    of EXTRA's NAME=TEMPLATE, narrowed to ONLY's names or globs (all when
+    empty); and notes on those skipped (not installed).  A malformed EXTRA
+    item ends the run with one line.
+    """
+    specs = {s.name: s for s in SPECS}
+    specs["echotw"] = Spec("echotw", echotw)
+    for item in extra:
+        name, sep, template = item.partition("=")
+        if not sep or "{port}" not in template:
+            sys.exit(f"--server wants NAME=TEMPLATE with {{port}}: {item!r}")
+        specs[name] = Spec(name, template)
+    if only:
+        patterns = only.split(",")
+        specs = {n: s for n, s in specs.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
+    chosen, notes = [], []
+    for spec in specs.values():
+        why = missing(spec)
+        if why:
+            notes.append(f"- {spec.name} skipped: {why}")
+        else:
+            chosen.append(spec)
+    return chosen, notes
 
 
 @dataclass

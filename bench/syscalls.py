@@ -58,7 +58,9 @@ def parseArgs(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--only", default="echotw,uvloop_proto,epoll_echo", help="servers, by name")
+    ap.add_argument(
+        "--only", default="echotw,uvloop_proto,epoll_echo", help="servers, by name or glob"
+    )
     ap.add_argument("--workloads", default="pp50x1k,st10x64k,pp1000x64,churn32x64")
     ap.add_argument("--echotw", default=ECHOTW, help="echotw's command template ({port})")
     ap.add_argument(
@@ -151,20 +153,15 @@ def markdown(results: list[dict[str, Any]], command: str) -> str:
 def main(argv: list[str]) -> int:
     harness.ensureInterpreter(argv)
     harness.exitOnSigterm()
-    from servers import SPECS, Server, Spec, missing
+    from servers import Server, selectSpecs
     from workloads import parseWorkload
 
     args = parseArgs(argv)
     if shutil.which("perf") is None:
         sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
-    specs = {s.name: s for s in SPECS}
-    specs["echotw"] = Spec("echotw", args.echotw)
-    for item in args.server:
-        name, sep, template = item.partition("=")
-        if not sep or "{port}" not in template:
-            sys.exit(f"--server wants NAME=TEMPLATE with {{port}}: {item!r}")
-        specs[name] = Spec(name, template)
-    chosen = [specs[n] for n in args.only.split(",") if n in specs and not missing(specs[n])]
+    chosen, notes = selectSpecs(args.echotw, args.server, args.only)
+    for note in notes:
+        print(note, file=sys.stderr)
     try:
         wls = [parseWorkload(n) for n in args.workloads.split(",")]
     except ValueError as e:
