@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import reactor
@@ -38,6 +39,45 @@ except ImportError:
 def needLane() -> None:
     if _lane is None:
         raise SkipTest(nativelane.unavailableBecause())
+
+
+def checkPartialWriteKeptThenDrained(
+    test: SynchronousTestCase,
+    lane: Any,
+    a: socket.socket,
+    b: socket.socket,
+    serve: Callable[[], object],
+) -> None:
+    """
+    With C{a} (non-blocking) in C{lane} and served by C{serve}, and C{b} its
+    client, which sends until the kernel refuses and does not read: what
+    the kernel does not take is kept (at most one read) and C{a} is not read
+    until it has gone; then reading resumes, and the echo is exact.
+    """
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    lane.add(a.fileno())
+    data = os.urandom(60000)
+    sent = 0
+    while sent < len(data):
+        try:
+            sent += b.send(data[sent:])
+        except BlockingIOError:
+            break
+    for _ in range(5):
+        serve()
+    pending = lane.pending(a.fileno())
+    test.assertGreater(pending, 0)
+    test.assertLessEqual(pending, _lane.MAX_PENDING)
+    received = bytearray()
+    for _ in range(10000):
+        if len(received) >= sent:
+            break
+        try:
+            received += b.recv(65536)
+        except BlockingIOError:
+            serve()
+    test.assertEqual(bytes(received), data[:sent])
+    test.assertEqual(lane.pending(a.fileno()), 0)
 
 
 def laneWatched(reactor: Any, reader: Any) -> bool:
@@ -81,30 +121,7 @@ class CLaneTests(SynchronousTestCase):
     def test_partialWriteKeptThenDrained(self) -> None:
         """What the kernel does not take is kept (at most one read) and the
         connection is not read until it has gone; then reading resumes."""
-        self.a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        self.lane.add(self.a.fileno())
-        data = os.urandom(60000)
-        sent = 0
-        while sent < len(data):
-            try:
-                sent += self.b.send(data[sent:])
-            except BlockingIOError:
-                break
-        for _ in range(5):
-            self.lane.serve()
-        pending = self.lane.pending(self.a.fileno())
-        self.assertGreater(pending, 0)
-        self.assertLessEqual(pending, _lane.MAX_PENDING)
-        received = bytearray()
-        for _ in range(10000):
-            if len(received) >= sent:
-                break
-            try:
-                received += self.b.recv(65536)
-            except BlockingIOError:
-                self.lane.serve()
-        self.assertEqual(bytes(received), data[:sent])
-        self.assertEqual(self.lane.pending(self.a.fileno()), 0)
+        checkPartialWriteKeptThenDrained(self, self.lane, self.a, self.b, self.lane.serve)
 
     def test_limitExact(self) -> None:
         """A limited connection is read up to its limit, no further, and
